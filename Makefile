@@ -1,0 +1,48 @@
+# gpumarket: every target bootstraps what it needs into .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml contracts/package-lock.json
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# Without a CUDA GPU, pin the CPU wheel (a plain torch requirement pulls a multi-GB CUDA build).
+	@if ! command -v nvidia-smi >/dev/null 2>&1; then \
+		echo "no NVIDIA GPU found: installing the CPU build torch==2.13.0"; \
+		$(PY) -m pip install -q torch==2.13.0; \
+	fi
+	$(PY) -m pip install -q -e '.[dev]'
+	@# anvil (dev chain) and solc (compiler), pinned exactly in contracts/package.json and its
+	@# lock. `npm install`, not `npm ci`: npm 11 leaves anvil's other-platform optional
+	@# packages out of the lock, and `npm ci` then refuses the lock as out of sync.
+	cd contracts && npm install --no-audit --no-fund --loglevel=error
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m gpumarket.demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+bench: install
+	$(PY) -m bench.settlement_gas --json bench-results.json
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) contracts/node_modules .gpumarket .pytest_cache .mypy_cache .ruff_cache test-output

@@ -1,0 +1,274 @@
+"""The ``gpumarket`` command line (Typer + Rich)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from gpumarket.wallet import wallet_app
+
+if TYPE_CHECKING:
+    from contracts.chain import Chain
+    from contracts.deploy import Deployment
+
+app = typer.Typer(help="gpumarket: a decentralized GPU marketplace node.", no_args_is_help=True)
+orchestrator_app = typer.Typer(help="Run and manage an orchestrator.", no_args_is_help=True)
+app.add_typer(orchestrator_app, name="orchestrator")
+worker_app = typer.Typer(help="Run a worker on this machine.", no_args_is_help=True)
+app.add_typer(worker_app, name="worker")
+chain_app = typer.Typer(help="The local development chain (anvil).", no_args_is_help=True)
+app.add_typer(chain_app, name="chain")
+app.add_typer(wallet_app, name="wallet")
+
+DEFAULT_DEPLOYMENT = Path(".gpumarket/deployment.json")
+
+console = Console(stderr=True)
+
+
+def _orchestrator_settings(**overrides: Any) -> Any:
+    """Settings from GPUMARKET_* env, with flags given on the command line taking precedence."""
+    from orchestrator.config import Settings, describe_validation_error
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        console.print(describe_validation_error(exc), style="red", markup=False)
+        raise typer.Exit(code=2) from exc
+
+
+@orchestrator_app.command("serve")
+def orchestrator_serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind [env GPUMARKET_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port [env GPUMARKET_PORT].")] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            help="Database URL: sqlite:///file.db or postgresql://... [GPUMARKET_DB_URL]."
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="State folder [env GPUMARKET_DATA_DIR].")
+    ] = None,
+    blob_dir: Annotated[
+        Path | None, typer.Option(help="Blob folder [env GPUMARKET_BLOB_DIR].")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error.")] = None,
+) -> None:
+    """Serve the orchestrator's REST API (docs at /docs)."""
+    settings = _orchestrator_settings(
+        host=host, port=port, db_url=db, data_dir=data_dir, blob_dir=blob_dir, log_level=log_level
+    )
+    import uvicorn  # after the settings check, so a bad setting is refused at once
+
+    from orchestrator.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        application = create_app(settings)
+    except (OSError, ValueError) as exc:  # unreadable deployment file, unreachable chain, ...
+        console.print(f"cannot start: {exc}", style="red", markup=False)
+        raise typer.Exit(code=2) from exc
+    if settings.admin_token is None:
+        console.print(
+            f"operator token: {(settings.data_dir / 'admin-token').resolve()} "
+            "(set GPUMARKET_ADMIN_TOKEN to choose one)"
+        )
+    console.print(
+        f"orchestrator on http://{settings.host}:{settings.port}  "
+        f"(API docs /docs, database {settings.database_url.split('://')[0]})"
+    )
+    uvicorn.run(
+        application,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+    )
+
+
+@orchestrator_app.command("create-client")
+def orchestrator_create_client(
+    name: Annotated[str, typer.Argument(help="A label for the client, e.g. a team or app.")],
+    db: Annotated[str | None, typer.Option(help="Database URL [env GPUMARKET_DB_URL].")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="State folder.")] = None,
+) -> None:
+    """Create a client account in the orchestrator's database and print its API key."""
+    from orchestrator.services.auth import create_client
+    from orchestrator.store import Store
+
+    settings = _orchestrator_settings(db_url=db, data_dir=data_dir)
+    store = Store(settings.database_url)
+    try:
+        store.migrate()
+        client_id, key = create_client(store, name, time.time())
+    finally:
+        store.dispose()
+    console.print(f"client {client_id} created; its API key (shown once):")
+    typer.echo(key)
+
+
+def _parse_prices(values: list[str]) -> dict[str, int]:
+    prices: dict[str, int] = {}
+    for value in values:
+        key, sep, amount = value.partition("=")
+        if not sep or not key or not amount.isdigit():
+            console.print(
+                f"--price {value!r}: use TYPE_OR_MODEL=WEI, e.g. --price inference=1000 "
+                "or --price all-MiniLM-L6-v2=500",
+                style="red",
+                markup=False,
+            )
+            raise typer.Exit(code=2)
+        prices[key] = int(amount)
+    return prices
+
+
+@worker_app.command("run")
+def worker_run(
+    orchestrator: Annotated[
+        str | None, typer.Option(help="Orchestrator URL [env GPUMARKET_WORKER_ORCHESTRATOR_URL].")
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option(help="Signing key file; made on first run if missing.")
+    ] = None,
+    models_dir: Annotated[
+        Path | None, typer.Option(help="Folder of TorchScript models with JSON manifests.")
+    ] = None,
+    max_concurrency: Annotated[int | None, typer.Option(help="Jobs run at once.")] = None,
+    price: Annotated[
+        list[str] | None,
+        typer.Option(help="Price in wei per unit: TYPE_OR_MODEL=WEI (repeatable)."),
+    ] = None,
+    job_type: Annotated[
+        list[str] | None, typer.Option(help="Job types to offer: inference, transcode.")
+    ] = None,
+    carbon_intensity: Annotated[
+        float | None, typer.Option(help="Grid carbon intensity here, gCO2/kWh.")
+    ] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Scratch folder for job files.")] = None,
+    redeem_threshold: Annotated[
+        int | None, typer.Option(help="Redeem a payer's voucher once it owes this many wei.")
+    ] = None,
+    redeem_interval: Annotated[
+        float | None,
+        typer.Option(help="Redeem anything owed at least this often, seconds (0: threshold only)."),
+    ] = None,
+) -> None:
+    """Register with an orchestrator and run jobs until SIGTERM (drain) or a second SIGTERM."""
+    from worker.config import WorkerSettings
+    from worker.config import load_or_create_key as _load_key
+    from worker.main import run_worker
+
+    overrides: dict[str, Any] = {
+        "orchestrator_url": orchestrator,
+        "key_file": key_file,
+        "models_dir": models_dir,
+        "max_concurrency": max_concurrency,
+        "carbon_intensity_g_per_kwh": carbon_intensity,
+        "work_dir": work_dir,
+        "job_types": job_type,
+        "redeem_threshold_wei": redeem_threshold,
+        "redeem_interval_s": redeem_interval,
+    }
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if price:
+        given["prices_wei"] = {**WorkerSettings().prices_wei, **_parse_prices(price)}
+    try:
+        settings = WorkerSettings(**given)
+    except ValidationError as exc:
+        from orchestrator.config import describe_validation_error
+
+        message = describe_validation_error(exc, env_prefix="GPUMARKET_WORKER_")
+        console.print(message, style="red", markup=False)
+        raise typer.Exit(code=2) from exc
+    try:
+        account, created = _load_key(settings.key_file)
+    except ValueError as exc:
+        console.print(f"{exc}; move it away to make a new key", style="red", markup=False)
+        raise typer.Exit(code=2) from exc
+    if created:
+        console.print(f"new worker key written to {settings.key_file.resolve()} (keep it safe)")
+    console.print(f"worker {account.address} -> {settings.orchestrator_url}")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run_worker(settings, account)
+
+
+@chain_app.command("up")
+def chain_up(
+    port: Annotated[int, typer.Option(help="RPC port on 127.0.0.1.")] = 8545,
+    deployment: Annotated[
+        Path, typer.Option(help="Where to write the contract addresses.")
+    ] = DEFAULT_DEPLOYMENT,
+    state: Annotated[
+        Path | None,
+        typer.Option(help="Keep the chain in this file across restarts (anvil --state)."),
+    ] = None,
+) -> None:
+    """Start anvil on loopback, deploy PaymentBroker and WorkerRegistry, write the deployment
+    file the orchestrator and workers read, and run until Ctrl-C."""
+    import signal
+
+    from contracts.anvil import DEV_CHAIN_ID, DEV_PRIVATE_KEYS, Anvil, ensure_installed
+    from contracts.chain import Chain
+    from contracts.deploy import deploy, write_deployment
+
+    ensure_installed()
+    node = Anvil(port, state_file=state)
+    node.start()
+    try:
+        chain = Chain.connect(node.url, DEV_PRIVATE_KEYS[0])  # anvil's dev key, dev chain only
+        if chain.chain_id != DEV_CHAIN_ID:
+            raise typer.BadParameter(f"chain id {chain.chain_id} is not anvil's {DEV_CHAIN_ID}")
+        reused = _reusable_deployment(chain, deployment) if state is not None else None
+        if reused is None:
+            deployed = deploy(chain)
+            deployment.parent.mkdir(parents=True, exist_ok=True)
+            write_deployment(deployed, deployment)
+        else:
+            deployed = reused
+        console.print(f"anvil on {node.url} (chain id {deployed.chain_id})")
+        console.print(f"PaymentBroker  {deployed.payment_broker}")
+        console.print(f"WorkerRegistry {deployed.worker_registry}")
+        console.print(f"deployment file {deployment.resolve()}; Ctrl-C stops the chain")
+        signal.signal(signal.SIGTERM, _interrupt)
+        assert node.proc is not None
+        node.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _reusable_deployment(chain: Chain, path: Path) -> Deployment | None:
+    """With a kept chain state, the contracts from last time are still there: reuse them."""
+    from contracts.chain import ChainError
+    from contracts.deploy import check_deployment, read_deployment
+
+    if not path.exists():
+        return None
+    try:
+        found = read_deployment(path)
+        check_deployment(chain, found)
+    except (ChainError, ValueError) as exc:
+        console.print(f"not reusing {path}: {exc}")
+        return None
+    return found
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,392 @@
+"""``make demo``: a whole local marketplace in one command.
+
+Starts an orchestrator and two workers as real processes on loopback, submits embedding jobs
+and a transcoding job (its input clip made here with PyAV), shows progress, prints results,
+cost and energy per job, and stops every process it started, also on Ctrl-C or failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from eth_account import Account
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from contracts.anvil import DEV_PRIVATE_KEYS, Anvil
+from contracts.broker import PaymentBroker
+from contracts.chain import Chain
+from contracts.deploy import Deployment, deploy, write_deployment
+from contracts.registry import WorkerRegistry
+from gpumarket.sdk import FINAL_STATES, Client
+
+READY_TIMEOUT_S = 120.0
+SETTLE_TIMEOUT_S = 60.0
+MIN_STAKE_WEI = 10**17
+PAYER_DEPOSIT_WEI = 10**18
+# anvil's well-known dev accounts (the local dev chain only): 2 pays, 3 and 4 work.
+PAYER_KEY = DEV_PRIVATE_KEYS[2]
+WORKER_KEYS = (DEV_PRIVATE_KEYS[3], DEV_PRIVATE_KEYS[4])
+WORKER_OFFERS = (("800000000000000", "50"), ("1000000000000000", "400"))  # wei/item, gCO2/kWh
+TRANSCODE_PRICE_WEI = "10000000"  # per output pixel
+JOB_TIMEOUT_S = 300.0
+SENTENCES = [
+    "A worker with an idle GPU earns by running other people's jobs.",
+    "Idle graphics cards can serve inference for strangers.",
+    "The orchestrator matches each job to the best worker.",
+    "Paris is the capital of France.",
+    "Transcoding turns one video into a ladder of renditions.",
+    "Cheaters are caught by re-running a sample of jobs elsewhere.",
+    "Payment vouchers are signed off-chain and redeemed in one transaction.",
+    "The weather today is sunny with a light breeze.",
+]
+OPERATOR_TOKEN_BYTES = 24
+CLIP_FRAMES = 48
+
+console = Console()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Stack:
+    """Child processes that are always stopped: SIGTERM, then SIGKILL after a grace period."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        log = (self.root / f"{name}.log").open("ab")
+        with log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gpumarket.cli", *args],
+                env={**os.environ, **env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C reaches us; we stop the children in order
+            )
+        self.procs.append((name, proc))
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                tail = (self.root / f"{name}.log").read_text()[-1500:]
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for _, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@dataclass(frozen=True)
+class Market:
+    url: str
+    token: str
+    rpc_url: str
+    deployment: Deployment
+    workers: tuple[str, ...]
+
+
+@contextlib.contextmanager
+def local_stack(root: Path) -> Iterator[Market]:
+    """anvil with the contracts, a funded payer, an orchestrator and two staked workers."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    token = "gmo_demo_" + os.urandom(OPERATOR_TOKEN_BYTES).hex()
+    with (root / "anvil.log").open("ab") as anvil_log, Anvil(log=anvil_log) as node:
+        deployer = Chain.connect(node.url, DEV_PRIVATE_KEYS[0])  # anvil dev keys: dev chain
+        deployment = deploy(deployer, withdraw_delay_s=3600, min_stake_wei=MIN_STAKE_WEI)
+        write_deployment(deployment, root / "deployment.json")
+        payer = PaymentBroker(Chain.connect(node.url, PAYER_KEY), deployment.payment_broker)
+        payer.deposit(PAYER_DEPOSIT_WEI)
+        payer.authorize(deployer.address, PAYER_DEPOSIT_WEI)
+        stack = Stack(root)
+        try:
+            stack.spawn(
+                "orchestrator",
+                [
+                    "orchestrator",
+                    "serve",
+                    "--port",
+                    str(port),
+                    "--data-dir",
+                    str(root / "orchestrator"),
+                ],
+                {
+                    "GPUMARKET_ADMIN_TOKEN": token,
+                    "GPUMARKET_LOG_LEVEL": "warning",
+                    "GPUMARKET_DEPLOYMENT_FILE": str(root / "deployment.json"),
+                    "GPUMARKET_STAKE_CHECK_INTERVAL_S": "1",
+                    "GPUMARKET_RECONCILE_INTERVAL_S": "1",
+                },
+            )
+            _wait_ready(url, stack)
+            workers = []
+            for i, (price, intensity) in enumerate(WORKER_OFFERS):
+                key_file = root / f"worker{i + 1}.key"
+                key_file.write_text(WORKER_KEYS[i] + "\n")
+                workers.append(Account.from_key(WORKER_KEYS[i]).address)
+                stack.spawn(
+                    f"worker{i + 1}",
+                    [
+                        "worker",
+                        "run",
+                        "--orchestrator",
+                        url,
+                        "--key-file",
+                        str(key_file),
+                        "--work-dir",
+                        str(root / f"work{i + 1}"),
+                        "--price",
+                        f"inference={price}",
+                        "--price",
+                        f"transcode={TRANSCODE_PRICE_WEI}",
+                        "--carbon-intensity",
+                        intensity,
+                        "--max-concurrency",
+                        "4",
+                    ],
+                    {
+                        "GPUMARKET_WORKER_LOG_LEVEL": "warning",
+                        "GPUMARKET_WORKER_STAKE_WEI": str(MIN_STAKE_WEI),
+                        "GPUMARKET_WORKER_REDEEM_THRESHOLD_WEI": "1",
+                        "GPUMARKET_WORKER_REDEEM_POLL_S": "1",
+                    },
+                )
+            yield Market(url, token, node.url, deployment, tuple(workers))
+            stack.check_alive()
+        finally:
+            stack.stop()
+
+
+def _wait_ready(url: str, stack: Stack) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"orchestrator not ready after {READY_TIMEOUT_S:.0f}s")
+
+
+def _wait_workers(url: str, token: str, count: int) -> list[dict[str, object]]:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as http:
+        while time.monotonic() < deadline:
+            workers: list[dict[str, object]] = http.get("/v1/workers").json()
+            if len(workers) >= count:
+                return workers
+            time.sleep(0.5)
+    raise RuntimeError(f"{count} workers did not register within {READY_TIMEOUT_S:.0f}s")
+
+
+def _track(client: Client, job_ids: list[str]) -> dict[str, dict[str, object]]:
+    """Poll until every job is final, with a progress bar; returns the final job views."""
+    final: dict[str, dict[str, object]] = {}
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("jobs finished", total=len(job_ids))
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while len(final) < len(job_ids):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"jobs not finished after {JOB_TIMEOUT_S:.0f}s")
+            for job_id in job_ids:
+                if job_id not in final:
+                    job = client.get(job_id)
+                    if job["state"] in FINAL_STATES:
+                        final[job_id] = job
+            progress.update(bar, completed=len(final))
+            time.sleep(0.2)
+    return final
+
+
+def _report(client: Client, jobs: dict[str, dict[str, object]], labels: dict[str, str]) -> None:
+    table = Table(title="Jobs")
+    for column in ("job", "state", "worker", "units", "cost (wei)", "s", "J", "result"):
+        table.add_column(column, overflow="fold")
+    for job_id, job in jobs.items():
+        summary = "-"
+        if job["state"] == "succeeded":
+            result = client.result(job_id)
+            if result.get("output"):
+                vector = result["output"]["embeddings"][0]
+                summary = f"{len(vector)}-d [{vector[0]:+.2f}, ...]"
+            else:
+                summary = " ".join(f"{b['height']}p" for b in result["output_blobs"])
+        worker = str(job.get("worker_address") or "-")
+        table.add_row(
+            labels[job_id],
+            str(job["state"]),
+            worker[:8],
+            str(job.get("units")),
+            str(job.get("cost_wei")),
+            f"{job.get('duration_s') or 0:.2f}",
+            f"{job.get('energy_j') or 0:.2f}",
+            summary,
+        )
+    console.print(table)
+    sources = {str(j.get("energy_source")) for j in jobs.values()}
+    console.print(
+        f"energy source: {', '.join(sorted(sources))} (nvml/rapl measured, else estimate)"
+    )
+
+
+def _wait_staked(market: Market) -> None:
+    registry = WorkerRegistry(Chain.connect(market.rpc_url), market.deployment.worker_registry)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not all(registry.is_eligible(w) for w in market.workers):
+        if time.monotonic() > deadline:
+            raise RuntimeError("workers did not stake in time")
+        time.sleep(0.3)
+
+
+def _wait_settled(market: Market) -> dict[str, object]:
+    """Until every worker has redeemed what the ledger owes it (read back from the chain)."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    with httpx.Client(
+        base_url=market.url, headers={"Authorization": f"Bearer {market.token}"}
+    ) as http:
+        while True:
+            report: dict[str, object] = http.get("/v1/settlement").json()
+            pairs = report["pairs"]
+            assert isinstance(pairs, list)
+            if pairs and all(p["redeemed_wei"] == p["ledger_wei"] for p in pairs):
+                return report
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redemptions incomplete after {SETTLE_TIMEOUT_S:.0f}s")
+            time.sleep(0.5)
+
+
+def _balances(market: Market, payer: str) -> dict[str, int]:
+    chain = Chain.connect(market.rpc_url)
+    broker = PaymentBroker(chain, market.deployment.payment_broker)
+    found = {w: chain.balance_wei(w) for w in market.workers}
+    found["payer deposit"] = broker.balance_of(payer)
+    return found
+
+
+def _report_money(
+    before: dict[str, int], after: dict[str, int], settled: dict[str, object]
+) -> None:
+    table = Table(title="On chain (wei)")
+    for column in ("account", "before", "after", "change"):
+        table.add_column(column, overflow="fold")
+    for account, was in before.items():
+        table.add_row(account[:12], str(was), str(after[account]), f"{after[account] - was:+d}")
+    console.print(table)
+    pairs = settled["pairs"]
+    assert isinstance(pairs, list)
+    for p in pairs:
+        console.print(
+            f"worker {p['payee'][:10]}: ledger {p['ledger_wei']} wei = voucher "
+            f"{p['voucher_wei']} = redeemed on chain {p['redeemed_wei']}"
+        )
+    console.print(
+        f"{settled['ledger_entries']} paid jobs settled in {len(pairs)} redemption(s); "
+        "worker balances rise by what they earned minus the fee and their gas"
+    )
+
+
+def _submit_all(client: Client, clip: Path) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for i, sentence in enumerate(SENTENCES):
+        job = client.submit(
+            {
+                "type": "inference",
+                "model": "all-MiniLM-L6-v2",
+                "input": {"texts": [sentence]},
+                "max_price_wei_per_unit": "1000000000000000",
+                "preference": ["cost", "speed", "green", "balanced"][i % 4],
+            }
+        )
+        labels[job["id"]] = f"embed {i + 1} {job['preference']}"
+    blob = client.upload_blob(clip)
+    job = client.submit(
+        {
+            "type": "transcode",
+            "input_blob": blob,
+            "max_price_wei_per_unit": TRANSCODE_PRICE_WEI,
+            # what the client authorises: 48 frames of 1280x720 + 854x480 + 640x360
+            "max_units": CLIP_FRAMES * (1280 * 720 + 854 * 480 + 640 * 360),
+        }
+    )
+    labels[job["id"]] = "transcode 720p"
+    return labels
+
+
+def main() -> int:
+    from worker.executors.transcode import make_test_clip
+
+    with tempfile.TemporaryDirectory(prefix="gpumarket-demo-") as tmp:
+        root = Path(tmp)
+        console.rule("gpumarket demo")
+        with local_stack(root) as market:
+            console.print(
+                f"anvil {market.rpc_url}; PaymentBroker {market.deployment.payment_broker}"
+            )
+            console.print(f"orchestrator {market.url} (API docs {market.url}/docs)")
+            for w in _wait_workers(market.url, market.token, 2):
+                console.print(f"  worker {w['address']} registered")
+            _wait_staked(market)
+            console.print("  both workers staked in WorkerRegistry")
+            key = httpx.post(
+                f"{market.url}/v1/clients",
+                json={"name": "demo"},
+                headers={"Authorization": f"Bearer {market.token}"},
+            ).json()["api_key"]
+            with Client(market.url, key) as client:
+                payer = client.link_payer(PAYER_KEY)["payer_address"]
+                console.print(f"client pays from {payer} (deposit 1 ETH, authorised 1 ETH)")
+                before = _balances(market, payer)
+                clip = make_test_clip(root / "clip.mp4", width=1280, height=720, frames=CLIP_FRAMES)
+                labels = _submit_all(client, clip)
+                jobs = _track(client, list(labels))
+                _report(client, jobs, labels)
+            failed = [j for j in jobs.values() if j["state"] != "succeeded"]
+            if failed:
+                console.print(f"[red]{len(failed)} job(s) did not succeed[/red]")
+                return 1
+            settled = _wait_settled(market)
+            _report_money(before, _balances(market, payer), settled)
+        console.print(
+            "[green]demo finished: every job succeeded and was paid; all processes stopped[/green]"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        console.print("interrupted; every process was stopped")
+        sys.exit(130)

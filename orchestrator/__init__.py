@@ -1,0 +1,1 @@
+"""gpumarket orchestrator: REST API, matching, leases, store, blob store."""

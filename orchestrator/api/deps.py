@@ -1,0 +1,51 @@
+"""Typed dependencies shared by the routes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from orchestrator.exceptions import Unauthorized
+from orchestrator.services.auth import Principal
+from orchestrator.wiring import Services
+
+_bearer = HTTPBearer(auto_error=False, description="API key, worker session or operator token")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized("missing credentials: send 'Authorization: Bearer <token>'")
+    return credentials.credentials
+
+
+def require_client(credentials: BearerDep, services: ServicesDep) -> Principal:
+    return services.auth.client(_token(credentials))
+
+
+def require_worker(credentials: BearerDep, services: ServicesDep) -> Principal:
+    return services.auth.worker(_token(credentials))
+
+
+def require_operator(credentials: BearerDep, services: ServicesDep) -> Principal:
+    return services.auth.operator(_token(credentials))
+
+
+def require_client_or_worker(credentials: BearerDep, services: ServicesDep) -> Principal:
+    return services.auth.any(_token(credentials))
+
+
+ClientDep = Annotated[Principal, Depends(require_client)]
+WorkerDep = Annotated[Principal, Depends(require_worker)]
+OperatorDep = Annotated[Principal, Depends(require_operator)]
+AnyPrincipalDep = Annotated[Principal, Depends(require_client_or_worker)]

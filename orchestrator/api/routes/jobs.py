@@ -1,0 +1,67 @@
+"""Client job routes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+
+from orchestrator.api.deps import ClientDep, ServicesDep
+from orchestrator.api.strict_json import StrictJSONRoute
+from protocol import JobSpec, JobState, JobView, ResultView
+from protocol.jobs import JobList
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictJSONRoute)
+
+
+@router.post(
+    "",
+    status_code=201,
+    responses={200: {"model": JobView, "description": "Same idempotency key: the existing job"}},
+)
+def submit_job(
+    spec: JobSpec,
+    client: ClientDep,
+    services: ServicesDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=128)
+    ] = None,
+) -> JobView:
+    """Submit a job. Prices are wei per unit (input item for inference, output pixel for
+    transcode); the job never costs more than ``max_price_wei_per_unit`` per unit."""
+    job, created = services.jobs.submit(client, spec, services.now(), idempotency_key)
+    if created:
+        services.leases.dispatch(services.now())
+    else:
+        response.status_code = 200
+    return job
+
+
+@router.get("")
+def list_jobs(
+    client: ClientDep,
+    services: ServicesDep,
+    state: JobState | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=256)] = None,
+) -> JobList:
+    """Your jobs, newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    return services.jobs.list(client, state=state, limit=limit, cursor=cursor)
+
+
+@router.get("/{job_id}")
+def get_job(job_id: str, client: ClientDep, services: ServicesDep) -> JobView:
+    return services.jobs.get(client, job_id)
+
+
+@router.get("/{job_id}/result")
+def get_result(job_id: str, client: ClientDep, services: ServicesDep) -> ResultView:
+    """The signed result of a succeeded job; 409 while it is not finished."""
+    return services.jobs.result(client, job_id)
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(job_id: str, client: ClientDep, services: ServicesDep) -> JobView:
+    """Cancel a job that has not finished; a running worker is told at its next heartbeat."""
+    return services.jobs.cancel(client, job_id, services.now())

@@ -1,0 +1,125 @@
+"""Worker routes: registration, heartbeats, the lease long-poll, and job outcomes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+
+from orchestrator.api.deps import ServicesDep, WorkerDep
+from orchestrator.api.strict_json import StrictJSONRoute
+from protocol import (
+    ChallengeRequest,
+    ChallengeResponse,
+    CompleteRequest,
+    FailRequest,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    LeaseRequest,
+    LeaseResponse,
+    RegisterRequest,
+    RegisterResponse,
+    ResultView,
+)
+from protocol.workers import (
+    DeregisterResponse,
+    FailResponse,
+    SignedVoucherView,
+    StartRequest,
+    VoucherList,
+)
+
+router = APIRouter(prefix="/v1/workers", tags=["workers"], route_class=StrictJSONRoute)
+
+
+@router.post("/challenge")
+def challenge(req: ChallengeRequest, services: ServicesDep) -> ChallengeResponse:
+    """Step 1 of registration: a one-time message to sign with the worker's key (EIP-191)."""
+    return services.workers.challenge(req.address, services.now())
+
+
+@router.post("/register", status_code=201)
+def register(req: RegisterRequest, services: ServicesDep) -> RegisterResponse:
+    """Step 2: the signed challenge, hardware and offers; returns a session token."""
+    return services.workers.register(req, services.now())
+
+
+@router.post("/heartbeat")
+def heartbeat(req: HeartbeatRequest, worker: WorkerDep, services: ServicesDep) -> HeartbeatResponse:
+    """Extend the leases of the listed jobs; the answer lists jobs to stop (cancelled or lost)."""
+    return services.workers.heartbeat(worker, req.jobs, services.now())
+
+
+@router.post("/lease")
+async def lease(req: LeaseRequest, worker: WorkerDep, services: ServicesDep) -> LeaseResponse:
+    """Long-poll for work: returns as soon as jobs are assigned, or empty after ``wait_s``."""
+    now = services.now()
+    deadline = now + min(req.wait_s, services.settings.long_poll_max_s)
+    leases = services.leases
+    try:
+        await run_in_threadpool(leases.open_poll, worker, req.max_jobs, deadline, now)
+        await run_in_threadpool(leases.dispatch, services.now())
+        while True:
+            jobs = await run_in_threadpool(leases.claim, worker, req.max_jobs, services.now())
+            remaining = deadline - services.now()
+            if jobs or remaining <= 0:
+                return LeaseResponse(jobs=jobs)
+            # Woken by an assignment to us, or after a second to look again (jobs assigned by
+            # another replica); dispatch itself runs on submit, on poll start and in the sweeper.
+            await services.hub.wait(worker.id, remaining)
+    finally:
+        await run_in_threadpool(leases.close_poll, worker, services.now())
+
+
+@router.post("/jobs/{job_id}/start", status_code=204)
+def start_job(job_id: str, req: StartRequest, worker: WorkerDep, services: ServicesDep) -> None:
+    """The worker began executing this attempt (ASSIGNED -> RUNNING)."""
+    services.leases.start(worker, job_id, req.attempt, services.now())
+
+
+@router.post("/jobs/{job_id}/complete")
+def complete_job(
+    job_id: str, req: CompleteRequest, worker: WorkerDep, services: ServicesDep
+) -> ResultView:
+    """Report a signed result. Idempotent for the same attempt and output; 409 if stale."""
+    return services.leases.complete(worker, job_id, req, services.now())
+
+
+@router.post("/jobs/{job_id}/fail")
+def fail_job(
+    job_id: str, req: FailRequest, worker: WorkerDep, services: ServicesDep
+) -> FailResponse:
+    """Give a job up: ``retryable`` sends it to another worker, otherwise it FAILS."""
+    state = services.leases.fail(worker, job_id, req, services.now())
+    return FailResponse(job_id=job_id, state=state)
+
+
+@router.post("/drain", status_code=204)
+def drain(worker: WorkerDep, services: ServicesDep) -> None:
+    """Take no new jobs; jobs in hand may still complete."""
+    services.workers.drain(worker, services.now())
+
+
+@router.post("/deregister")
+def deregister(worker: WorkerDep, services: ServicesDep) -> DeregisterResponse:
+    """Leave: the session ends and any jobs still held go back to the queue."""
+    return DeregisterResponse(requeued_jobs=services.workers.deregister(worker, services.now()))
+
+
+@router.get("/vouchers")
+def vouchers(worker: WorkerDep, services: ServicesDep) -> VoucherList:
+    """Your latest cumulative voucher from each payer, ready to redeem on PaymentBroker."""
+    deployment = services.payments.deployment
+    if deployment is None:
+        return VoucherList(vouchers=[])
+    signed = services.workers.vouchers(worker, services.now())
+    return VoucherList(
+        vouchers=[
+            SignedVoucherView(
+                voucher=v.voucher.model_dump(mode="json"),
+                signature=v.signature,
+                chain_id=deployment.chain_id,
+                payment_broker=deployment.payment_broker,
+            )
+            for v in signed
+        ]
+    )

@@ -1,0 +1,82 @@
+"""The FastAPI application: wiring of settings, store, services, routes and the sweeper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from orchestrator.api.problems import install_problem_handlers
+from orchestrator.api.routes import accounts, blobs, health, jobs, operator, workers
+from orchestrator.config import Settings
+from orchestrator.wiring import Services, build_services
+
+log = logging.getLogger("gpumarket.orchestrator")
+
+
+async def _sweep_forever(services: Services) -> None:
+    """Expire leases and deadlines, then dispatch, every ``sweep_interval_s``; with payments,
+    also read redemptions from the chain and refresh stakes every ``reconcile_interval_s``."""
+    next_settle = 0.0
+    while True:
+        await asyncio.sleep(services.settings.sweep_interval_s)
+        try:
+            report = await run_in_threadpool(services.leases.sweep, services.now())
+            if report.leases_expired or report.deadlines_passed:
+                log.info(
+                    "sweep: %d leases expired, %d deadlines passed",
+                    report.leases_expired,
+                    report.deadlines_passed,
+                )
+            await run_in_threadpool(services.leases.dispatch, services.now())
+            if services.payments.enabled and services.now() >= next_settle:
+                next_settle = services.now() + services.settings.reconcile_interval_s
+                await run_in_threadpool(services.payments.reconcile)
+                await run_in_threadpool(services.workers.refresh_stakes, services.now())
+        except Exception:  # the sweeper must outlive a failed round (e.g. a DB or RPC restart)
+            log.exception(
+                "sweep round failed; retrying in %.1fs", services.settings.sweep_interval_s
+            )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    services: Services | None = None,
+    run_sweeper: bool = True,
+) -> FastAPI:
+    settings = settings or (services.settings if services else Settings())
+    svc = services or build_services(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.auto_migrate:
+            await run_in_threadpool(svc.store.migrate)
+        svc.hub.bind(asyncio.get_running_loop())
+        sweeper = asyncio.create_task(_sweep_forever(svc)) if run_sweeper else None
+        try:
+            yield
+        finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+
+    app = FastAPI(
+        title="gpumarket orchestrator",
+        version="0.1.0",
+        description=(
+            "Submit inference and transcoding jobs; workers register, lease jobs and report "
+            "signed results. Errors are RFC 9457 problem documents."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.services = svc
+    install_problem_handlers(app)
+    for module in (jobs, blobs, workers, accounts, operator, health):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,105 @@
+"""Orchestrator settings: one pydantic-settings ``Settings``, from GPUMARKET_* env and CLI flags."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path(".gpumarket")
+PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "admin", "password", "test"})
+MIN_PROD_TOKEN_CHARS = 32
+
+
+class Settings(BaseSettings):
+    """Everything the orchestrator process can be told. Times in seconds, sizes in bytes."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUMARKET_", extra="ignore")
+
+    env: Literal["dev", "prod"] = "dev"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    data_dir: Path = DEFAULT_DATA_DIR
+    db_url: str | None = None
+    blob_dir: Path | None = None
+    admin_token: SecretStr | None = None
+    max_blob_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
+    lease_ttl_s: float = Field(default=30.0, gt=0, le=3600)
+    heartbeat_interval_s: float = Field(default=10.0, gt=0, le=600)
+    long_poll_max_s: float = Field(default=30.0, gt=0, le=120)
+    sweep_interval_s: float = Field(default=1.0, gt=0, le=60)
+    challenge_ttl_s: float = Field(default=300.0, gt=0, le=3600)
+    dispatch_batch: int = Field(default=256, ge=1, le=10_000)
+    auto_migrate: bool = True
+    # Payments: on when a deployment file (from `gpumarket chain up`) is given.
+    deployment_file: Path | None = None
+    signer_key: SecretStr | None = None
+    voucher_ttl_s: int = Field(default=30 * 24 * 3600, gt=0)
+    reconcile_interval_s: float = Field(default=5.0, gt=0)
+    stake_check_interval_s: float = Field(default=60.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("db_url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("sqlite:", "postgresql", "postgres:")):
+            raise ValueError("use sqlite:///path/to/file.db or postgresql://user@host:port/db")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.heartbeat_interval_s >= self.lease_ttl_s:
+            raise ValueError(
+                f"GPUMARKET_HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s:g} s) must be "
+                f"shorter than GPUMARKET_LEASE_TTL_S ({self.lease_ttl_s:g} s), or every lease "
+                "expires between heartbeats"
+            )
+        if self.env == "prod":
+            token = self.admin_token.get_secret_value() if self.admin_token else ""
+            if len(token) < MIN_PROD_TOKEN_CHARS or token.lower() in PLACEHOLDER_SECRETS:
+                raise ValueError(
+                    f"GPUMARKET_ADMIN_TOKEN must be set to a random value of at least "
+                    f"{MIN_PROD_TOKEN_CHARS} characters when env=prod"
+                )
+        return self
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{(self.data_dir / 'orchestrator.db').resolve()}"
+
+    @property
+    def blob_path(self) -> Path:
+        return self.blob_dir or self.data_dir / "blobs"
+
+    def resolve_admin_token(self) -> str:
+        """The operator token; in dev, one is made once and kept in ``data_dir/admin-token``."""
+        if self.admin_token is not None:
+            return self.admin_token.get_secret_value()
+        path = self.data_dir / "admin-token"
+        if path.exists():
+            kept = path.read_text().strip()
+            if kept:  # an empty file would make "" the token and lock the operator out
+                return kept
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        token = "gmo_" + secrets.token_urlsafe(32)
+        # Written aside (0600 from the start) and renamed, so no reader ever sees a half file.
+        fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".admin-token.")
+        with os.fdopen(fd, "w") as out:
+            out.write(token + "\n")
+        os.replace(tmp, path)
+        return token
+
+
+def describe_validation_error(exc: ValidationError, env_prefix: str = "GPUMARKET_") -> str:
+    """One line per bad setting, naming its environment variable."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"])
+        where = f"setting {env_prefix}{loc.upper()}" if loc else "settings"
+        lines.append(f"invalid {where}: {err['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Domain services: jobs, workers, leases and dispatch, matching, blobs. Routes call these."""

@@ -1,0 +1,93 @@
+"""Credentials: API keys for clients, session tokens for workers, one token for the operator.
+
+Only sha256 hashes of tokens are stored; a leaked database does not leak credentials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import select
+
+from orchestrator.exceptions import Forbidden, Unauthorized
+from orchestrator.store import Store
+from orchestrator.store.models import Client, Worker
+
+CLIENT_KEY_PREFIX = "gmk_"
+WORKER_TOKEN_PREFIX = "gmw_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    kind: Literal["client", "worker", "operator"]
+    id: str
+
+    @property
+    def grant(self) -> str:
+        return f"{self.kind}:{self.id}"
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(32)
+
+
+def create_client(store: Store, name: str, now: float) -> tuple[str, str]:
+    """Make a client account; returns (client id, API key). The key is shown only once."""
+    key = new_token(CLIENT_KEY_PREFIX)
+    client_id = new_id()
+    with store.transaction() as s:
+        s.add(Client(id=client_id, name=name, api_key_hash=token_hash(key), created_at=now))
+    return client_id, key
+
+
+class Authenticator:
+    def __init__(self, store: Store, operator_token: str) -> None:
+        self._store = store
+        self._operator_hash = token_hash(operator_token)
+
+    def create_client(self, name: str, now: float) -> tuple[str, str]:
+        return create_client(self._store, name, now)
+
+    def client(self, token: str) -> Principal:
+        if not token.startswith(CLIENT_KEY_PREFIX):
+            raise Unauthorized("expected a client API key (gmk_...) as the bearer token")
+        with self._store.read() as s:
+            row = s.scalar(select(Client).where(Client.api_key_hash == token_hash(token)))
+        if row is None:
+            raise Unauthorized("unknown API key; ask the operator for one")
+        if row.disabled:
+            raise Forbidden("this API key is disabled")
+        return Principal("client", row.id)
+
+    def worker(self, token: str) -> Principal:
+        if not token.startswith(WORKER_TOKEN_PREFIX):
+            raise Unauthorized("expected a worker session token (gmw_...); register first")
+        with self._store.read() as s:
+            row = s.scalar(select(Worker).where(Worker.session_token_hash == token_hash(token)))
+        if row is None:
+            raise Unauthorized("unknown or replaced session token; register again")
+        return Principal("worker", row.id)
+
+    def operator(self, token: str) -> Principal:
+        if not hmac.compare_digest(token_hash(token), self._operator_hash):
+            raise Unauthorized("operator endpoints need the operator token (GPUMARKET_ADMIN_TOKEN)")
+        return Principal("operator", "operator")
+
+    def any(self, token: str) -> Principal:
+        """Client or worker, told apart by the token's prefix (for the shared blob routes)."""
+        if token.startswith(WORKER_TOKEN_PREFIX):
+            return self.worker(token)
+        return self.client(token)

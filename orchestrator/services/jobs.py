@@ -1,0 +1,361 @@
+"""Client-facing job operations: submit (idempotent), read, list, cancel, result."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from orchestrator.exceptions import Conflict, InvalidInput, NotFound
+from orchestrator.services.auth import Principal, new_id
+from orchestrator.services.lifecycle import transition
+from orchestrator.services.settlement import Payments
+from orchestrator.store import Store
+from orchestrator.store.models import BlobGrant, Client, Job, JobEvent, Worker
+from protocol import (
+    BUILTIN_MODELS,
+    FINAL_STATES,
+    JobEventView,
+    JobList,
+    JobSpec,
+    JobState,
+    JobType,
+    JobView,
+    Offer,
+    OutputBlob,
+    Rendition,
+    ResultView,
+)
+from protocol.signing import canonical_json
+
+MAX_LIST_LIMIT = 200
+PAID_DEADLINE_SHARE = 0.5  # of the payer's withdrawal delay
+
+
+def ts(value: float) -> datetime:
+    return datetime.fromtimestamp(value, tz=UTC)
+
+
+def maybe_ts(value: float | None) -> datetime | None:
+    return None if value is None else ts(value)
+
+
+def job_view(job: Job, events: list[JobEvent], worker_address: str | None) -> JobView:
+    renditions = job.spec.get("renditions")
+    return JobView(
+        id=job.id,
+        type=JobType(job.type),
+        model=job.model,
+        precision=job.precision,
+        state=JobState(job.state),
+        attempt=job.attempt,
+        max_attempts=job.max_attempts,
+        preference=job.preference,
+        max_price_wei_per_unit=job.max_price_wei_per_unit,
+        max_units=job.max_units,
+        price_wei_per_unit=job.price_wei_per_unit,
+        units=job.units,
+        cost_wei=job.cost_wei,
+        worker_address=worker_address,
+        idempotency_key=job.idempotency_key,
+        input_blob=job.input_blob,
+        renditions=[Rendition.model_validate(r) for r in renditions] if renditions else None,
+        container=job.spec.get("container"),
+        created_at=ts(job.created_at),
+        updated_at=ts(job.updated_at),
+        deadline_at=ts(job.deadline_at),
+        started_at=maybe_ts(job.started_at),
+        finished_at=maybe_ts(job.finished_at),
+        failure_reason=job.failure_reason,
+        waiting_reason=job.waiting_reason if job.state == JobState.QUEUED else None,
+        duration_s=job.duration_s,
+        energy_j=job.energy_j,
+        energy_source=job.energy_source,
+        history=[
+            JobEventView(at=ts(e.at), attempt=e.attempt, state=JobState(e.state), detail=e.detail)
+            for e in events
+        ],
+    )
+
+
+def result_view(job: Job, worker_address: str) -> ResultView:
+    assert job.output_sha256 and job.signature and job.units is not None
+    return ResultView(
+        job_id=job.id,
+        attempt=job.attempt,
+        state=JobState(job.state),
+        output=job.output,
+        output_blobs=[OutputBlob.model_validate(b) for b in job.output_blobs]
+        if job.output_blobs
+        else None,
+        output_sha256=job.output_sha256,
+        signature=job.signature,
+        worker_address=worker_address,
+        units=job.units,
+        cost_wei=job.cost_wei or 0,
+        duration_s=job.duration_s or 0.0,
+        energy_j=job.energy_j or 0.0,
+        energy_source=job.energy_source or "estimate",
+    )
+
+
+def _encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"{job.created_at!r}|{job.id}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return float(created), job_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput("cursor is malformed; pass next_cursor from the last page") from exc
+
+
+def known_models(session: Session, job_type: JobType) -> set[str]:
+    """Built-in models plus whatever registered workers offer for this job type."""
+    models = {name for name, meta in BUILTIN_MODELS.items() if meta["type"] is job_type}
+    offers = session.scalars(select(Worker.offers).where(Worker.status != "deregistered"))
+    for worker_offers in offers:
+        for raw in worker_offers:
+            offer = Offer.model_validate(raw)
+            if offer.job_type is job_type:
+                models.add(offer.model)
+    return models
+
+
+class JobService:
+    def __init__(self, store: Store, payments: Payments) -> None:
+        self._store = store
+        self._payments = payments
+
+    def _request_hash(self, spec: JobSpec) -> str:
+        body = spec.model_dump(mode="json", exclude={"idempotency_key"})
+        return hashlib.sha256(canonical_json(body)).hexdigest()
+
+    def _validate(self, session: Session, client: Principal, spec: JobSpec) -> None:
+        assert spec.model is not None
+        models = known_models(session, spec.type)
+        if spec.model not in models:
+            raise InvalidInput(
+                f"unknown {spec.type} model {spec.model!r}; available: {', '.join(sorted(models))}"
+            )
+        if spec.input_blob is not None:
+            grant = session.get(BlobGrant, (spec.input_blob, client.grant))
+            if grant is None:
+                raise InvalidInput(
+                    f"input_blob {spec.input_blob} is not among your blobs; "
+                    "upload it first with POST /v1/blobs"
+                )
+
+    def submit(
+        self, client: Principal, spec: JobSpec, now: float, header_key: str | None = None
+    ) -> tuple[JobView, bool]:
+        """Create a job; returns (job, created). A repeated idempotency key returns the same job."""
+        key = spec.idempotency_key
+        if header_key is not None:
+            if key is not None and key != header_key:
+                raise InvalidInput("the Idempotency-Key header and body idempotency_key differ")
+            key = header_key
+        spec = self._within_withdraw_delay(spec)
+        if self._payments.enabled and spec.max_units is None:
+            raise InvalidInput(
+                f"{spec.type} jobs here need max_units, the most units you will pay for "
+                "(transcode: output pixels, e.g. frames x the sum of width x height)"
+            )
+        request_hash = self._request_hash(spec)
+        if key is not None:
+            existing = self._find_by_key(client, key, request_hash)
+            if existing is not None:
+                return existing, False
+        job_id = new_id()
+        try:
+            with self._store.transaction() as s:
+                self._validate(s, client, spec)
+                job = self._new_job(job_id, client, spec, key, request_hash, now)
+                job.payer_address = self._admit(s, client, spec, now)
+                if key is not None and self._payments.enabled:
+                    # A concurrent retry with this key may have won while we waited for the
+                    # payer lock: hand back its job instead of charging the budget twice.
+                    raced = s.scalar(
+                        select(Job.id).where(Job.client_id == client.id, Job.idempotency_key == key)
+                    )
+                    if raced is not None:
+                        raise IntegrityError("idempotency key taken", None, ValueError(key))
+                s.add(job)
+                s.flush()
+                transition_queued(s, job, now)
+        except IntegrityError:
+            # Two submits raced with one idempotency key: the other one won; return its job.
+            if key is None:
+                raise
+            existing = self._find_by_key(client, key, request_hash)
+            if existing is None:
+                raise
+            return existing, False
+        return self.get(client, job_id), True
+
+    def _new_job(
+        self,
+        job_id: str,
+        client: Principal,
+        spec: JobSpec,
+        key: str | None,
+        request_hash: str,
+        now: float,
+    ) -> Job:
+        assert spec.model is not None
+        job_spec: dict[str, Any] = {
+            "input": spec.input.model_dump(mode="json", exclude_none=True) if spec.input else None,
+            "container": spec.container.value,
+        }
+        if spec.type is JobType.TRANSCODE:
+            job_spec["renditions"] = [r.model_dump(mode="json") for r in spec.ladder]
+        return Job(
+            id=job_id,
+            client_id=client.id,
+            idempotency_key=key,
+            request_hash=request_hash,
+            type=spec.type,
+            model=spec.model,
+            precision=spec.precision,
+            preference=spec.preference,
+            spec=job_spec,
+            input_blob=spec.input_blob,
+            max_price_wei_per_unit=spec.max_price_wei_per_unit,
+            min_vram_mb=spec.min_vram_mb,
+            max_units=spec.max_units,
+            state=JobState.QUEUED,
+            attempt=1,
+            max_attempts=spec.max_attempts,
+            excluded_workers=[],
+            deadline_at=now + spec.deadline_s,
+            created_at=now,
+            updated_at=now,
+            units=spec.input.item_count if spec.input is not None else None,
+        )
+
+    def _within_withdraw_delay(self, spec: JobSpec) -> JobSpec:
+        """A paid job must finish well inside the payer's withdrawal delay, or the payer could
+        unlock, withdraw, and leave the worker holding a voucher nothing backs."""
+        deployment = self._payments.deployment
+        if deployment is None:
+            return spec
+        limit = deployment.withdraw_delay_s * PAID_DEADLINE_SHARE
+        if spec.deadline_s <= limit:
+            return spec
+        if "deadline_s" in spec.model_fields_set:
+            raise InvalidInput(
+                f"deadline_s is {spec.deadline_s:g} s; paid jobs here must finish within "
+                f"{limit:g} s (half the payer's withdrawal delay)"
+            )
+        return spec.model_copy(update={"deadline_s": limit})
+
+    def _admit(self, s: Session, client: Principal, spec: JobSpec, now: float) -> str | None:
+        """The payer to charge; the client row is locked so two submits cannot both spend
+        the same headroom."""
+        if not self._payments.enabled:
+            return None
+        assert spec.max_units is not None  # checked in submit
+        row = s.get(Client, client.id)
+        assert row is not None
+        if row.payer_address is not None:
+            # The budget is the payer's, and several clients may share a payer: lock them all
+            # (in id order), so no two submits spend the same headroom.
+            s.scalars(
+                select(Client.id)
+                .where(Client.payer_address == row.payer_address)
+                .order_by(Client.id)
+                .with_for_update()
+            ).all()
+        return self._payments.admit(s, row, spec.max_price_wei_per_unit * spec.max_units, now)
+
+    def _find_by_key(self, client: Principal, key: str, request_hash: str) -> JobView | None:
+        with self._store.read() as s:
+            job = s.scalar(
+                select(Job).where(Job.client_id == client.id, Job.idempotency_key == key)
+            )
+            if job is None:
+                return None
+            if job.request_hash != request_hash:
+                raise Conflict(
+                    f"idempotency key {key!r} was already used for a different job ({job.id}); "
+                    "use a new key for a new job"
+                )
+            return self._view(s, job)
+
+    def _owned(self, session: Session, client: Principal, job_id: str, *, lock: bool) -> Job:
+        job = session.get(Job, job_id, with_for_update=lock)
+        if job is None or job.client_id != client.id:
+            # Someone else's job is reported as missing, so ids cannot be probed.
+            raise NotFound(f"no job {job_id} among your jobs")
+        return job
+
+    def _view(self, session: Session, job: Job) -> JobView:
+        events = list(
+            session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id))
+        )
+        address = session.scalar(select(Worker.address).where(Worker.id == job.worker_id))
+        return job_view(job, events, address)
+
+    def get(self, client: Principal, job_id: str) -> JobView:
+        with self._store.read() as s:
+            return self._view(s, self._owned(s, client, job_id, lock=False))
+
+    def result(self, client: Principal, job_id: str) -> ResultView:
+        with self._store.read() as s:
+            job = self._owned(s, client, job_id, lock=False)
+            state = JobState(job.state)
+            if state is not JobState.SUCCEEDED:
+                if state in FINAL_STATES:
+                    raise Conflict(f"job is {state} ({job.failure_reason}); it has no result")
+                raise Conflict(
+                    f"job is {state}; its result is not ready yet. Poll GET /v1/jobs/{job_id}",
+                    state=state,
+                )
+            address = s.scalar(select(Worker.address).where(Worker.id == job.worker_id))
+            return result_view(job, address or "")
+
+    def cancel(self, client: Principal, job_id: str, now: float) -> JobView:
+        with self._store.transaction() as s:
+            job = self._owned(s, client, job_id, lock=True)
+            if JobState(job.state) in FINAL_STATES:
+                raise Conflict(f"job is already {job.state}; nothing to cancel")
+            # worker_id stays set: the worker learns of the cancel at its next heartbeat.
+            transition(s, job, JobState.CANCELLED, now, detail="cancelled by the client")
+        return self.get(client, job_id)
+
+    def list(
+        self,
+        client: Principal,
+        state: JobState | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JobList:
+        limit = max(1, min(limit, MAX_LIST_LIMIT))
+        query = select(Job).where(Job.client_id == client.id)
+        if state is not None:
+            query = query.where(Job.state == state)
+        if cursor:
+            created, last_id = _decode_cursor(cursor)
+            query = query.where(
+                or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
+            )
+        query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+        with self._store.read() as s:
+            rows = list(s.scalars(query))
+            page = rows[:limit]
+            views = [self._view(s, job) for job in page]
+        next_cursor = _encode_cursor(page[-1]) if len(rows) > limit else None
+        return JobList(jobs=views, next_cursor=next_cursor)
+
+
+def transition_queued(session: Session, job: Job, now: float) -> None:
+    """Record the submission itself as the first event of the job's history."""
+    session.add(
+        JobEvent(job_id=job.id, attempt=1, state=JobState.QUEUED, detail="submitted", at=now)
+    )

@@ -1,0 +1,443 @@
+"""Dispatch and leases: assigning queued jobs, handing them out, and taking them back.
+
+Dispatch is pull: a worker holds a lease long-poll open with its free slots, and only such
+workers are matched. Each assignment is a lease with a TTL that heartbeats extend; the sweeper
+re-queues jobs whose lease expired (attempt + 1) and expires jobs past their deadline.
+
+Execution is at-least-once (a slow worker may finish after losing its lease); effects are
+exactly-once: completion is keyed by (job id, attempt) and a stale attempt changes nothing.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from orchestrator.config import Settings
+from orchestrator.exceptions import BadSignature, Conflict, Forbidden, InvalidInput, NotFound
+from orchestrator.services.auth import Principal
+from orchestrator.services.jobs import result_view, ts
+from orchestrator.services.lifecycle import is_leased, requeue_or_fail, transition
+from orchestrator.services.matching import (
+    Candidate,
+    JobNeeds,
+    choose,
+    exclusion_reason,
+    offer_key,
+    reputation,
+)
+from orchestrator.services.settlement import Payments
+from orchestrator.services.workers import REGISTERED, leased_counts
+from orchestrator.store import Store
+from orchestrator.store.models import BlobGrant, Job, JobEvent, Worker
+from protocol import (
+    CompleteRequest,
+    FailRequest,
+    HardwareDescriptor,
+    JobState,
+    JobType,
+    LeasedJob,
+    Offer,
+    Precision,
+    Preference,
+    Rendition,
+    ResultView,
+)
+from protocol.signing import output_sha256, recover_result_signer
+from protocol.units import MAX_WEI
+
+PERF_EWMA_ALPHA = 0.3
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    leases_expired: int
+    deadlines_passed: int
+
+
+def _candidate(worker: Worker, running: int, needs_stake: bool) -> Candidate:
+    hardware = HardwareDescriptor.model_validate(worker.hardware)
+    return Candidate(
+        worker_id=worker.id,
+        offers=[Offer.model_validate(o) for o in worker.offers],
+        vram_mb=hardware.vram_mb,
+        has_gpu=bool(hardware.gpus),
+        free_slots=worker.free_slots,
+        running=running,
+        max_concurrency=worker.max_concurrency,
+        reputation=reputation(worker.jobs_succeeded, worker.jobs_failed, worker.leases_expired),
+        carbon_intensity_g_per_kwh=worker.carbon_intensity_g_per_kwh,
+        perf=worker.perf or {},
+        staked=not needs_stake or worker.stake_eligible is True,
+    )
+
+
+def _needs(job: Job, now: float, retry_excluded_after_s: float) -> JobNeeds:
+    return JobNeeds(
+        type=JobType(job.type),
+        model=job.model,
+        precision=Precision(job.precision),
+        max_price_wei_per_unit=job.max_price_wei_per_unit,
+        preference=Preference(job.preference),
+        min_vram_mb=job.min_vram_mb,
+        units=job.units,
+        time_left_s=job.deadline_at - now,
+        excluded=frozenset(job.excluded_workers),
+        # A worker that just lost or gave up the job gets it back only after a lease's time.
+        retry_excluded=now - job.updated_at >= retry_excluded_after_s,
+    )
+
+
+def waiting_reason(needs: JobNeeds, available: list[Candidate]) -> str:
+    """Why none of the available workers could take the job, most common reason first."""
+    reasons = Counter(exclusion_reason(needs, c) or "busy" for c in available)
+    parts = [f"{n} {reason}" for reason, n in reasons.most_common(3)]
+    return f"no available worker can take it: {'; '.join(parts)}"
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else old + PERF_EWMA_ALPHA * (new - old)
+
+
+class LeaseService:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        payments: Payments,
+        *,
+        rng: random.Random | None = None,
+        notify: Callable[[str], None] = lambda worker_id: None,
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._payments = payments
+        self._rng = rng or random.Random()
+        self._notify = notify
+        # One dispatcher per process; across replicas, row locks (SKIP LOCKED) keep them apart.
+        self._dispatch_lock = threading.Lock()
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    def dispatch(self, now: float) -> list[tuple[str, str]]:
+        """Assign queued jobs to available workers; returns (job id, worker id) pairs."""
+        with self._dispatch_lock:
+            with self._store.transaction() as s:
+                assigned = self._dispatch(s, now)
+        for _, worker_id in assigned:
+            self._notify(worker_id)
+        return assigned
+
+    def _dispatch(self, s: Session, now: float) -> list[tuple[str, str]]:
+        workers = list(
+            s.scalars(
+                select(Worker)
+                .where(
+                    Worker.status == REGISTERED,
+                    Worker.available_until >= now,
+                    Worker.free_slots > 0,
+                )
+                .order_by(Worker.id)
+                .with_for_update()
+            )
+        )
+        if not workers:
+            return []
+        running = leased_counts(s, [w.id for w in workers])
+        needs_stake = self._payments.enabled
+        candidates = {w.id: _candidate(w, running.get(w.id, 0), needs_stake) for w in workers}
+        by_id = {w.id: w for w in workers}
+        offered_models = {o.model for c in candidates.values() for o in c.offers}
+        # Only jobs someone here could run; those that failed to place last round go after the
+        # rest, so a pile of unplaceable jobs (say, priced below every offer) blocks no one.
+        jobs = s.scalars(
+            select(Job)
+            .where(Job.state == JobState.QUEUED, Job.model.in_(offered_models))
+            .order_by(Job.waiting_reason.is_not(None), Job.created_at, Job.id)
+            .limit(self._settings.dispatch_batch)
+            .with_for_update(skip_locked=True)
+        )
+        assigned: list[tuple[str, str]] = []
+        for job in jobs:
+            if job.deadline_at <= now:
+                transition(s, job, JobState.EXPIRED, now, detail="deadline passed while queued")
+                continue
+            open_slots = [c for c in candidates.values() if c.free_slots > 0]
+            if not open_slots:
+                break
+            needs = _needs(job, now, self._settings.lease_ttl_s)
+            choice = choose(needs, open_slots, self._rng)
+            if choice is None:
+                reason = waiting_reason(needs, open_slots)
+                if job.waiting_reason != reason:
+                    job.waiting_reason = reason
+                continue
+            job.waiting_reason = None
+            job.worker_id = choice.worker_id
+            job.price_wei_per_unit = choice.offer.price_wei_per_unit
+            job.lease_expires_at = now + self._settings.lease_ttl_s
+            job.delivered = False
+            transition(s, job, JobState.ASSIGNED, now, detail=f"matched (score {choice.score:.3f})")
+            chosen = candidates[choice.worker_id]
+            chosen.free_slots -= 1
+            chosen.running += 1
+            by_id[choice.worker_id].free_slots -= 1
+            assigned.append((job.id, choice.worker_id))
+        return assigned
+
+    # -- the lease long-poll -----------------------------------------------------------------
+
+    def open_poll(self, worker: Principal, free_slots: int, until: float, now: float) -> None:
+        """The worker is listening until ``until`` with ``free_slots`` free."""
+        with self._store.transaction() as s:
+            row = s.get(Worker, worker.id, with_for_update=True)
+            assert row is not None
+            row.last_seen_at = now
+            if row.status != REGISTERED:
+                return
+            held = leased_counts(s, [worker.id]).get(worker.id, 0)
+            row.free_slots = max(0, min(free_slots, row.max_concurrency - held))
+            row.available_until = until
+
+    def close_poll(self, worker: Principal, now: float) -> None:
+        with self._store.transaction() as s:
+            row = s.get(Worker, worker.id, with_for_update=True)
+            assert row is not None
+            row.available_until = 0.0
+            row.free_slots = 0
+            row.last_seen_at = now
+
+    def claim(self, worker: Principal, max_jobs: int, now: float) -> list[LeasedJob]:
+        """Hand over jobs assigned to this worker that it has not received yet."""
+        with self._store.transaction() as s:
+            jobs = list(
+                s.scalars(
+                    select(Job)
+                    .where(
+                        Job.worker_id == worker.id,
+                        Job.state == JobState.ASSIGNED,
+                        Job.delivered.is_(False),
+                    )
+                    .order_by(Job.created_at)
+                    .limit(max_jobs)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            leased = []
+            for job in jobs:
+                job.delivered = True
+                job.lease_expires_at = now + self._settings.lease_ttl_s
+                leased.append(self._leased_job(job))
+        return leased
+
+    def _leased_job(self, job: Job) -> LeasedJob:
+        assert job.price_wei_per_unit is not None and job.lease_expires_at is not None
+        renditions = job.spec.get("renditions")
+        return LeasedJob(
+            job_id=job.id,
+            attempt=job.attempt,
+            type=JobType(job.type),
+            model=job.model,
+            precision=Precision(job.precision),
+            input=job.spec.get("input"),
+            input_blob=job.input_blob,
+            renditions=[Rendition.model_validate(r) for r in renditions] if renditions else None,
+            container=job.spec.get("container") if job.type == JobType.TRANSCODE else None,
+            price_wei_per_unit=job.price_wei_per_unit,
+            lease_expires_at=ts(job.lease_expires_at),
+            deadline_at=ts(job.deadline_at),
+        )
+
+    # -- a leased job's life on the worker ------------------------------------------------------
+
+    def _held_job(self, s: Session, worker: Principal, job_id: str, attempt: int) -> Job:
+        """The job, locked, if ``worker`` holds its lease for ``attempt``; else a clear error."""
+        job = s.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        if job.worker_id != worker.id:
+            had_it = s.scalar(
+                select(JobEvent.id).where(
+                    JobEvent.job_id == job_id, JobEvent.worker_id == worker.id
+                )
+            )
+            if had_it is None:
+                raise Forbidden(f"job {job_id} is not leased to you")
+            raise Conflict(
+                f"your lease on job {job_id} (attempt {attempt}) is gone; the job is now "
+                f"attempt {job.attempt}, {job.state}",
+                current_attempt=job.attempt,
+            )
+        if attempt != job.attempt:
+            raise Conflict(
+                f"attempt {attempt} of job {job_id} is stale; the current attempt is {job.attempt}",
+                current_attempt=job.attempt,
+            )
+        if not is_leased(job):
+            raise Conflict(f"job {job_id} is {job.state}; stop working on it")
+        return job
+
+    def start(self, worker: Principal, job_id: str, attempt: int, now: float) -> None:
+        with self._store.transaction() as s:
+            job = self._held_job(s, worker, job_id, attempt)
+            job.lease_expires_at = now + self._settings.lease_ttl_s
+            if job.state == JobState.ASSIGNED:
+                job.delivered = True
+                if job.started_at is None:
+                    job.started_at = now
+                transition(s, job, JobState.RUNNING, now)
+
+    def complete(
+        self, worker: Principal, job_id: str, req: CompleteRequest, now: float
+    ) -> ResultView:
+        """Record a result once. A retry of the same completion returns the same result."""
+        with self._store.transaction() as s:
+            job = s.get(Job, job_id, with_for_update=True)
+            if (
+                job is not None
+                and job.state == JobState.SUCCEEDED
+                and job.worker_id == worker.id
+                and job.attempt == req.attempt
+            ):
+                if job.output_sha256 != req.output_sha256:
+                    raise Conflict(f"job {job_id} was already completed with another output")
+                return result_view(job, self._address(s, worker))
+            job = self._held_job(s, worker, job_id, req.attempt)
+            # Locked: its counters and perf are read, then written (lost updates otherwise).
+            row = s.get(Worker, worker.id, with_for_update=True)
+            assert row is not None
+            self._check_result(s, job, row, req, worker)
+            job.output = req.output
+            job.output_blobs = (
+                [b.model_dump(mode="json") for b in req.output_blobs] if req.output_blobs else None
+            )
+            job.output_sha256 = req.output_sha256
+            job.signature = req.signature
+            job.duration_s = req.duration_s
+            job.energy_j = req.energy_j
+            job.energy_source = req.energy_source
+            job.units = req.units
+            assert job.price_wei_per_unit is not None
+            job.cost_wei = req.units * job.price_wei_per_unit
+            job.lease_expires_at = None
+            if job.started_at is None:
+                job.started_at = now - req.duration_s
+            transition(s, job, JobState.SUCCEEDED, now)
+            for blob in req.output_blobs or []:
+                if s.get(BlobGrant, (blob.sha256, f"client:{job.client_id}")) is None:
+                    s.add(BlobGrant(sha256=blob.sha256, principal=f"client:{job.client_id}"))
+            self._payments.record(s, job, row.address, now)
+            row.jobs_succeeded += 1
+            row.last_seen_at = now
+            self._record_perf(row, job, req)
+            return result_view(job, row.address)
+
+    def _address(self, s: Session, worker: Principal) -> str:
+        return s.scalar(select(Worker.address).where(Worker.id == worker.id)) or ""
+
+    def _check_result(
+        self, s: Session, job: Job, row: Worker, req: CompleteRequest, worker: Principal
+    ) -> None:
+        if req.output is not None:
+            if job.type != JobType.INFERENCE:
+                raise InvalidInput("transcode results are files: send output_blobs")
+            digest = output_sha256(req.output)
+        else:
+            assert req.output_blobs is not None
+            for blob in req.output_blobs:
+                if s.get(BlobGrant, (blob.sha256, worker.grant)) is None:
+                    raise InvalidInput(
+                        f"output blob {blob.sha256} ({blob.name}) was not uploaded by you; "
+                        "upload it with POST /v1/blobs first"
+                    )
+            digest = output_sha256([b.model_dump(mode="json") for b in req.output_blobs])
+        if digest != req.output_sha256:
+            raise InvalidInput(
+                f"output_sha256 {req.output_sha256} does not match the output ({digest}); "
+                "hash the canonical JSON of the output"
+            )
+        try:
+            signer = recover_result_signer(job.id, req.attempt, req.output_sha256, req.signature)
+        except ValueError as exc:
+            raise BadSignature(f"result signature could not be decoded: {exc}") from exc
+        if signer != row.address:
+            raise BadSignature(
+                f"result is signed by {signer}, not by this worker's address {row.address}"
+            )
+        assert job.price_wei_per_unit is not None
+        if req.units * job.price_wei_per_unit > MAX_WEI:
+            raise InvalidInput(f"units {req.units} at the agreed price overflow 2**256 wei")
+        if job.max_units is not None and req.units > job.max_units:
+            raise InvalidInput(
+                f"units is {req.units}, above the {job.max_units} the client authorised"
+                if job.type == JobType.TRANSCODE
+                else f"units is {req.units}, but the job has {job.max_units} input items"
+            )
+        if job.type == JobType.INFERENCE and job.spec.get("input") and req.units != job.max_units:
+            raise InvalidInput(f"units is {req.units}, but the job has {job.max_units} input items")
+
+    def _record_perf(self, row: Worker, job: Job, req: CompleteRequest) -> None:
+        if req.units <= 0:
+            return
+        key = offer_key(job.type, job.model, job.precision)
+        perf = dict(row.perf or {})
+        entry = dict(perf.get(key, {}))
+        if req.duration_s > 0:
+            entry["units_per_s"] = _ewma(entry.get("units_per_s"), req.units / req.duration_s)
+        entry["energy_j_per_unit"] = _ewma(entry.get("energy_j_per_unit"), req.energy_j / req.units)
+        perf[key] = entry
+        row.perf = perf  # a new dict, so the JSON column is seen as changed
+
+    def fail(self, worker: Principal, job_id: str, req: FailRequest, now: float) -> JobState:
+        """A worker gives a job up: retryable goes back to the queue (elsewhere), else FAILED."""
+        with self._store.transaction() as s:
+            job = self._held_job(s, worker, job_id, req.attempt)
+            row = s.get(Worker, worker.id, with_for_update=True)
+            assert row is not None
+            row.last_seen_at = now
+            reason = f"worker {row.address}: {req.reason}"
+            if req.retryable:
+                requeue_or_fail(s, job, now, reason)
+            else:
+                row.jobs_failed += 1
+                transition(s, job, JobState.FAILED, now, detail=reason)
+            return JobState(job.state)
+
+    # -- the sweeper ---------------------------------------------------------------------------
+
+    def sweep(self, now: float) -> SweepReport:
+        """Re-queue jobs whose lease expired and expire jobs past their deadline."""
+        leased = [JobState.ASSIGNED.value, JobState.RUNNING.value]
+        with self._dispatch_lock, self._store.transaction() as s:
+            expired_leases = list(
+                s.scalars(
+                    select(Job)
+                    .where(Job.state.in_(leased), Job.lease_expires_at < now)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            expired_leases.sort(key=lambda j: (j.worker_id or "", j.id))  # worker lock order
+            for job in expired_leases:
+                row = s.get(Worker, job.worker_id, with_for_update=True) if job.worker_id else None
+                who = row.address if row else "unknown worker"
+                if row is not None:
+                    row.leases_expired += 1
+                requeue_or_fail(s, job, now, f"lease expired on {who} (attempt {job.attempt})")
+            overdue = list(
+                s.scalars(
+                    select(Job)
+                    .where(Job.state.in_([JobState.QUEUED.value, *leased]), Job.deadline_at < now)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            for job in overdue:
+                transition(
+                    s, job, JobState.EXPIRED, now, detail="deadline passed before completion"
+                )
+        return SweepReport(leases_expired=len(expired_leases), deadlines_passed=len(overdue))

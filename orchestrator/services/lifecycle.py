@@ -1,0 +1,93 @@
+"""The job state machine: the only place that changes ``Job.state``.
+
+    QUEUED -> ASSIGNED -> RUNNING -> SUCCEEDED
+       ^         |           |
+       +---------+-----------+   lease expired / retryable failure (attempt + 1)
+    any non-final state -> FAILED | CANCELLED | EXPIRED
+
+Every change appends a ``JobEvent`` in the same transaction.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from orchestrator.exceptions import Conflict
+from orchestrator.store.models import Job, JobEvent
+from protocol import FINAL_STATES, JobState
+from protocol.jobs import LEASED_STATES
+
+ALLOWED: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset(
+        {JobState.ASSIGNED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}
+    ),
+    JobState.ASSIGNED: frozenset(
+        {
+            JobState.RUNNING,
+            JobState.SUCCEEDED,
+            JobState.QUEUED,
+            JobState.FAILED,
+            JobState.CANCELLED,
+            JobState.EXPIRED,
+        }
+    ),
+    JobState.RUNNING: frozenset(
+        {JobState.SUCCEEDED, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}
+    ),
+}
+
+
+def transition(
+    session: Session,
+    job: Job,
+    to: JobState,
+    now: float,
+    *,
+    detail: str | None = None,
+    worker_id: str | None = None,
+) -> None:
+    current = JobState(job.state)
+    if to not in ALLOWED.get(current, frozenset()):
+        raise Conflict(f"job {job.id} is {current}; it cannot become {to}")
+    job.state = to
+    job.updated_at = now
+    if to in FINAL_STATES:
+        job.finished_at = now
+        if to is not JobState.SUCCEEDED:
+            job.failure_reason = detail
+    session.add(
+        JobEvent(
+            job_id=job.id,
+            attempt=job.attempt,
+            state=to,
+            worker_id=worker_id if worker_id is not None else job.worker_id,
+            detail=detail,
+            at=now,
+        )
+    )
+
+
+def requeue_or_fail(session: Session, job: Job, now: float, reason: str) -> None:
+    """Take a job back from its worker: a new attempt if any are left, else FAILED."""
+    lost_by = job.worker_id
+    if lost_by and lost_by not in job.excluded_workers:
+        job.excluded_workers = [*job.excluded_workers, lost_by]
+    if job.attempt >= job.max_attempts:
+        transition(
+            session,
+            job,
+            JobState.FAILED,
+            now,
+            detail=f"{reason}; all {job.max_attempts} attempts used",
+        )
+        return
+    transition(session, job, JobState.QUEUED, now, detail=reason)
+    job.attempt += 1
+    job.worker_id = None
+    job.price_wei_per_unit = None
+    job.lease_expires_at = None
+    job.delivered = False
+
+
+def is_leased(job: Job) -> bool:
+    return JobState(job.state) in LEASED_STATES

@@ -1,0 +1,341 @@
+"""Settlement: who pays, how much may still be spent, the ledger, and cumulative vouchers.
+
+Every paid completion writes, in the completing transaction itself, one ledger entry keyed by
+(job, attempt) and the new cumulative voucher for (payer, worker), signed by the orchestrator's
+key. So there is no moment at which the ledger and the voucher disagree: a crash either keeps
+both or neither. Workers redeem the latest voucher when they choose; the contract pays only
+the delta since the last redemption, so a voucher redeemed twice pays once.
+
+Admission: a job is accepted only if its most it can cost (max price x max units) fits in
+what the payer can still pay: min(authorised cap - spent, deposit) on chain, minus vouchers
+issued but not yet redeemed, minus the most the payer's unfinished jobs can cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from eth_account.signers.local import LocalAccount
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from contracts.broker import PaymentBroker
+from contracts.chain import Chain, ChainError
+from contracts.deploy import Deployment
+from contracts.events import Redeemed
+from contracts.registry import WorkerRegistry
+from orchestrator.exceptions import PaymentRequired
+from orchestrator.store import Store
+from orchestrator.store.models import ChainCursor, Client, Job, LedgerEntry, Redemption, VoucherRow
+from protocol import FINAL_STATES, JobState
+from protocol.vouchers import Voucher, sign_voucher
+
+log = logging.getLogger("gpumarket.orchestrator.settlement")
+
+REDEMPTIONS_CURSOR = "broker.redeemed"
+RESIGN_BEFORE_EXPIRY_S = 2 * 24 * 3600
+UNFINISHED = [s.value for s in JobState if s not in FINAL_STATES]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a payer can still be charged, in wei, and how that figure was reached."""
+
+    payer: str
+    deposit_wei: int
+    cap_remaining_wei: int
+    unredeemed_wei: int
+    reserved_wei: int
+    unlocking: bool
+
+    @property
+    def available_wei(self) -> int:
+        return max(
+            0,
+            min(self.deposit_wei, self.cap_remaining_wei) - self.unredeemed_wei - self.reserved_wei,
+        )
+
+
+@dataclass(frozen=True)
+class SignedVoucher:
+    voucher: Voucher
+    signature: str
+
+
+class Payments(Protocol):
+    """The settlement seam: ``NoPayments`` for a free orchestrator, ``ChainPayments`` on chain."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    @property
+    def deployment(self) -> Deployment | None: ...
+
+    def admit(self, s: Session, client: Client, max_cost_wei: int, now: float) -> str | None: ...
+
+    def record(self, s: Session, job: Job, payee: str, now: float) -> None: ...
+
+    def budget(self, s: Session, payer: str) -> Budget | None: ...
+
+    def is_eligible(self, address: str) -> bool | None: ...
+
+    def reconcile(self) -> int: ...
+
+    def vouchers(self, payee: str, now: float) -> list[SignedVoucher]: ...
+
+
+class NoPayments:
+    """Jobs cost nothing on chain: no payer, no ledger, every worker eligible."""
+
+    enabled = False
+    deployment = None
+
+    def admit(self, s: Session, client: Client, max_cost_wei: int, now: float) -> str | None:
+        return None
+
+    def record(self, s: Session, job: Job, payee: str, now: float) -> None:
+        return None
+
+    def budget(self, s: Session, payer: str) -> Budget | None:
+        return None
+
+    def is_eligible(self, address: str) -> bool | None:
+        return None
+
+    def reconcile(self) -> int:
+        return 0
+
+    def vouchers(self, payee: str, now: float) -> list[SignedVoucher]:
+        return []
+
+
+def _owed_by_payer(s: Session, payer: str) -> int:
+    """Vouchers issued to all payees minus what the chain has paid of them (wei)."""
+    issued = {
+        row.payee: row.cumulative_wei
+        for row in s.scalars(select(VoucherRow).where(VoucherRow.payer == payer))
+    }
+    redeemed: dict[str, int] = {}
+    for row in s.scalars(select(Redemption).where(Redemption.payer == payer)):
+        redeemed[row.payee] = max(redeemed.get(row.payee, 0), row.cumulative_wei)
+    return sum(max(0, total - redeemed.get(payee, 0)) for payee, total in issued.items())
+
+
+def _reserved_by_payer(s: Session, payer: str) -> int:
+    """The most the payer's unfinished jobs can still cost (wei)."""
+    rows = s.execute(
+        select(Job.max_price_wei_per_unit, Job.max_units).where(
+            Job.payer_address == payer, Job.state.in_(UNFINISHED)
+        )
+    ).all()
+    return sum(price * (units or 0) for price, units in rows)
+
+
+class ChainPayments:
+    def __init__(
+        self,
+        store: Store,
+        chain: Chain,
+        deployment: Deployment,
+        signer: LocalAccount,
+        *,
+        voucher_ttl_s: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.enabled = True
+        self.deployment = deployment
+        self._store = store
+        self._chain = chain
+        self._signer = signer
+        self._ttl_s = voucher_ttl_s
+        self._clock = clock
+        self.broker = PaymentBroker(chain, deployment.payment_broker)
+        self.registry = WorkerRegistry(chain, deployment.worker_registry)
+
+    @property
+    def signer_address(self) -> str:
+        return str(self._signer.address)
+
+    def budget(self, s: Session, payer: str) -> Budget:
+        # Reserved before owed: a completion committing in between is then counted twice
+        # (safe), never missed. Both before the chain reads, for the same reason.
+        reserved = _reserved_by_payer(s, payer)
+        unredeemed = _owed_by_payer(s, payer)
+        allowance = self.broker.allowance(payer, self.signer_address)
+        cap_wei = allowance.cap_wei
+        lower_cap, effective_at = self.broker.pending_cap(payer, self.signer_address)
+        if effective_at:  # new work must fit the lower cap the payer is moving to
+            cap_wei = min(cap_wei, lower_cap)
+        return Budget(
+            payer=payer,
+            deposit_wei=self.broker.balance_of(payer),
+            cap_remaining_wei=max(0, cap_wei - allowance.spent_wei),
+            unredeemed_wei=unredeemed,
+            reserved_wei=reserved,
+            unlocking=self.broker.unlock_at(payer) != 0,
+        )
+
+    def admit(self, s: Session, client: Client, max_cost_wei: int, now: float) -> str:
+        """The payer to charge, or PaymentRequired with the numbers."""
+        payer = client.payer_address
+        if payer is None:
+            raise PaymentRequired(
+                "this orchestrator charges on chain: link a payer account first "
+                "(POST /v1/account/payer/challenge, then POST /v1/account/payer)"
+            )
+        budget = self.budget(s, payer)
+        if budget.unlocking:
+            raise PaymentRequired(
+                f"payer {payer} has asked to withdraw its deposit (unlock); relock it to "
+                "submit jobs"
+            )
+        if max_cost_wei > budget.available_wei:
+            raise PaymentRequired(
+                f"job may cost up to {max_cost_wei} wei but payer {payer} can pay "
+                f"{budget.available_wei} more (deposit {budget.deposit_wei}, authorised to "
+                f"{self.signer_address}: {budget.cap_remaining_wei} left, unredeemed "
+                f"{budget.unredeemed_wei}, reserved by unfinished jobs {budget.reserved_wei}); "
+                "deposit or authorise more",
+                needed_wei=str(max_cost_wei),
+                available_wei=str(budget.available_wei),
+                payer=payer,
+                signer=self.signer_address,
+            )
+        return payer
+
+    def record(self, s: Session, job: Job, payee: str, now: float) -> None:
+        """Ledger entry and new cumulative voucher, in the caller's transaction."""
+        payer, amount = job.payer_address, job.cost_wei or 0
+        if payer is None or amount <= 0:
+            return
+        s.add(
+            LedgerEntry(
+                job_id=job.id,
+                attempt=job.attempt,
+                payer=payer,
+                payee=payee,
+                amount_wei=amount,
+                created_at=now,
+            )
+        )
+        self._ensure_voucher_row(s, payer, payee, now)
+        row = s.get(VoucherRow, (payer, payee), with_for_update=True)
+        assert row is not None
+        row.cumulative_wei += amount
+        self._sign(row, int(now) + self._ttl_s)
+        row.entries += 1
+        row.updated_at = now
+
+    def _sign(self, row: VoucherRow, expiry: int) -> Voucher:
+        voucher = Voucher(
+            payer=row.payer, payee=row.payee, cumulative_amount=row.cumulative_wei, expiry=expiry
+        )
+        row.expiry = expiry
+        row.signer = self.signer_address
+        row.signature = sign_voucher(
+            self._signer.key, voucher, self.deployment.chain_id, self.deployment.payment_broker
+        )
+        return voucher
+
+    def vouchers(self, payee: str, now: float) -> list[SignedVoucher]:
+        """The payee's latest vouchers; one close to expiry is signed again with the same
+        amount and a later expiry (harmless: the amount, not the voucher, is what counts), so
+        a worker that was away does not lose what it earned."""
+        out = []
+        with self._store.transaction() as s:
+            rows = s.scalars(
+                select(VoucherRow)
+                .where(VoucherRow.payee == payee, VoucherRow.entries > 0)
+                .order_by(VoucherRow.payer)
+                .with_for_update()
+            )
+            for row in rows:
+                if row.expiry < now + RESIGN_BEFORE_EXPIRY_S:
+                    self._sign(row, int(now) + self._ttl_s)
+                    row.updated_at = now
+                voucher = Voucher(
+                    payer=row.payer,
+                    payee=row.payee,
+                    cumulative_amount=row.cumulative_wei,
+                    expiry=row.expiry,
+                )
+                out.append(SignedVoucher(voucher, row.signature))
+        return out
+
+    def _ensure_voucher_row(self, s: Session, payer: str, payee: str, now: float) -> None:
+        """Create the (payer, payee) row if missing without racing a concurrent completion."""
+        insert = pg_insert if s.get_bind().dialect.name == "postgresql" else sqlite_insert
+        s.execute(
+            insert(VoucherRow)
+            .values(
+                payer=payer,
+                payee=payee,
+                cumulative_wei=0,
+                expiry=0,
+                signer=self.signer_address,
+                signature="",
+                entries=0,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing()
+        )
+
+    def is_eligible(self, address: str) -> bool | None:
+        """WorkerRegistry.isEligible, or None when the chain cannot be asked right now."""
+        try:
+            return self.registry.is_eligible(address)
+        except ChainError as exc:
+            log.warning("cannot read stake of %s: %s", address, exc)
+            return None
+
+    def reconcile(self) -> int:
+        """Record Redeemed events since the last scan; returns how many were new."""
+        latest = self._chain.block_number()
+        with self._store.transaction() as s:
+            cursor = s.get(ChainCursor, REDEMPTIONS_CURSOR, with_for_update=True)
+            start = cursor.next_block if cursor else self.deployment.deployed_at_block
+            if start > latest:
+                return 0
+            new = 0
+            for event in self.broker.events.read(Redeemed, start, latest):
+                if event.signer != self.signer_address:
+                    continue  # another orchestrator's voucher: not in our ledger
+                if s.get(Redemption, (event.tx_hash, event.log_index)) is None:
+                    s.add(
+                        Redemption(
+                            tx_hash=event.tx_hash,
+                            log_index=event.log_index,
+                            payer=event.payer,
+                            payee=event.payee,
+                            cumulative_wei=event.cumulative_amount_wei,
+                            paid_wei=event.paid_wei,
+                            fee_wei=event.fee_wei,
+                            block_number=event.block_number,
+                        )
+                    )
+                    new += 1
+            if cursor is None:
+                s.add(ChainCursor(name=REDEMPTIONS_CURSOR, next_block=latest + 1))
+            else:
+                cursor.next_block = latest + 1
+        return new
+
+
+def ledger_totals(s: Session) -> dict[tuple[str, str], int]:
+    """Sum of ledger entries per (payer, payee), in wei (exact: summed in Python)."""
+    totals: dict[tuple[str, str], int] = {}
+    for payer, payee, amount in s.execute(
+        select(LedgerEntry.payer, LedgerEntry.payee, LedgerEntry.amount_wei)
+    ).all():
+        totals[(payer, payee)] = totals.get((payer, payee), 0) + amount
+    return totals
+
+
+def ledger_count(s: Session) -> int:
+    return s.scalar(select(func.count()).select_from(LedgerEntry)) or 0

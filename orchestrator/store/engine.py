@@ -1,0 +1,150 @@
+"""The ``Store``: engines, transactions and migrations for SQLite and PostgreSQL.
+
+SQLite runs in WAL mode. Write transactions there start with ``BEGIN IMMEDIATE`` so two
+writers never deadlock upgrading a read lock (SQLite would fail one with "database is
+locked" at once instead of waiting); reads use a second engine with plain ``BEGIN``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+PG_CONNECT_TIMEOUT_S = 5
+PG_STATEMENT_TIMEOUT_MS = 30_000
+PG_MIGRATION_LOCK_ID = 0x67706D6B  # "gpmk": one migrator at a time across replicas
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Alembic keeps the running migration in module globals (alembic.context, alembic.op), so two
+# upgrades in one process must not overlap even on different databases.
+_MIGRATION_LOCK = threading.Lock()
+
+
+def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def _postgres_engine(url: str, schema: str | None) -> Engine:
+    options = f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}"
+    if schema:
+        options += f" -c search_path={schema}"
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=10,
+        connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S, "options": options},
+    )
+
+
+def normalize_db_url(url: str) -> str:
+    """Accept ``postgresql://`` and ``postgres://`` and pick the psycopg 3 driver."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    return url
+
+
+class Store:
+    """Source of truth for jobs, workers, clients and blobs' metadata.
+
+    ``schema`` (PostgreSQL only) puts every table in that schema; tests use it to isolate runs.
+    """
+
+    def __init__(self, url: str, *, schema: str | None = None) -> None:
+        self.url = normalize_db_url(url)
+        parsed = make_url(self.url)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = _sqlite_engine(self.url, immediate=True)
+            self.read_engine = _sqlite_engine(self.url, immediate=False)
+        elif self.dialect == "postgresql":
+            self.engine = _postgres_engine(self.url, schema)
+            self.read_engine = self.engine
+        else:
+            raise ValueError(
+                f"unsupported database {self.dialect!r}: use sqlite:// or postgresql://"
+            )
+        self._write = sessionmaker(self.engine, expire_on_commit=False)
+        self._read = sessionmaker(self.read_engine, expire_on_commit=False)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One write transaction: committed on success, rolled back on any exception."""
+        with self._write.begin() as session:
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._read() as session:
+            yield session
+
+    def _alembic_config(self, connection: Connection) -> Config:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.attributes["connection"] = connection
+        return cfg
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (safe with several replicas)."""
+        with _MIGRATION_LOCK, self.engine.connect() as conn:
+            if self.is_postgres:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": PG_MIGRATION_LOCK_ID})
+                conn.commit()
+            try:
+                command.upgrade(self._alembic_config(conn), "head")
+                conn.commit()
+            finally:
+                if self.is_postgres:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PG_MIGRATION_LOCK_ID})
+                    conn.commit()
+
+    def schema_is_current(self) -> bool:
+        """True when the database is at the newest migration (used by /readyz)."""
+        head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+        with self.read_engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+        return current == head
+
+    def ping(self) -> None:
+        with self.read_engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()

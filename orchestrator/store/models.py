@@ -1,0 +1,240 @@
+"""ORM tables. Instants are unix seconds (float, UTC); money is wei (see ``WeiAmount``)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+
+class WeiAmount(TypeDecorator[int]):
+    """Exact wei: NUMERIC(78, 0) on PostgreSQL, a decimal string on SQLite.
+
+    SQLite's NUMERIC affinity would turn amounts past 2**63 into floats, so it gets text.
+    """
+
+    impl = String(78)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(Numeric(78, 0))
+        return dialect.type_descriptor(String(78))
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if dialect.name == "postgresql":
+            return Decimal(int(value))
+        return str(int(value))
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> int | None:
+        return None if value is None else int(value)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Client(Base):
+    __tablename__ = "clients"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The on-chain account that pays for this client's jobs (proved by a signature).
+    payer_address: Mapped[str | None] = mapped_column(String(42), nullable=True)
+
+
+class Worker(Base):
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    address: Mapped[str] = mapped_column(String(42), unique=True)
+    hardware: Mapped[dict[str, Any]] = mapped_column(JSON)
+    offers: Mapped[list[Any]] = mapped_column(JSON)
+    max_concurrency: Mapped[int] = mapped_column(Integer)
+    carbon_intensity_g_per_kwh: Mapped[float | None] = mapped_column(Float, nullable=True)
+    version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    session_token_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    # registered | draining | deregistered; "online" is derived from last_seen_at.
+    status: Mapped[str] = mapped_column(String(16))
+    registered_at: Mapped[float] = mapped_column(Float)
+    last_seen_at: Mapped[float] = mapped_column(Float)
+    # A worker receives assignments only while it has a lease long-poll open.
+    available_until: Mapped[float] = mapped_column(Float, default=0.0)
+    free_slots: Mapped[int] = mapped_column(Integer, default=0)
+    jobs_succeeded: Mapped[int] = mapped_column(Integer, default=0)
+    jobs_failed: Mapped[int] = mapped_column(Integer, default=0)
+    leases_expired: Mapped[int] = mapped_column(Integer, default=0)
+    # Measured per offer key "type:model:precision": {"units_per_s", "energy_j_per_unit"}.
+    perf: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # WorkerRegistry.isEligible as last read from the chain (None: never read, or no chain).
+    stake_eligible: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    stake_checked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Challenge(Base):
+    __tablename__ = "challenges"
+
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    address: Mapped[str] = mapped_column(String(42))
+    message: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[float] = mapped_column(Float)
+    used: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("client_id", "idempotency_key", name="uq_jobs_client_idempotency"),
+        Index("ix_jobs_state_created", "state", "created_at"),
+        Index("ix_jobs_client_created", "client_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    client_id: Mapped[str] = mapped_column(ForeignKey("clients.id"))
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    type: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(128))
+    precision: Mapped[str] = mapped_column(String(8))
+    preference: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    input_blob: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    max_price_wei_per_unit: Mapped[int] = mapped_column(WeiAmount)
+    min_vram_mb: Mapped[int] = mapped_column(Integer, default=0)
+    # The most units the client pays for; a result claiming more is refused.
+    max_units: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Who pays (the client's payer when the job was admitted); None without payments.
+    payer_address: Mapped[str | None] = mapped_column(String(42), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    worker_id: Mapped[str | None] = mapped_column(
+        ForeignKey("workers.id"), nullable=True, index=True
+    )
+    price_wei_per_unit: Mapped[int | None] = mapped_column(WeiAmount, nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    delivered: Mapped[bool] = mapped_column(Boolean, default=False)
+    excluded_workers: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    deadline_at: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Why the last dispatch round could not place this queued job (None once placed).
+    waiting_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    units: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    cost_wei: Mapped[int | None] = mapped_column(WeiAmount, nullable=True)
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    output_blobs: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    output_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    signature: Mapped[str | None] = mapped_column(String(132), nullable=True)
+    duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    energy_j: Mapped[float | None] = mapped_column(Float, nullable=True)
+    energy_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
+
+
+class JobEvent(Base):
+    """Append-only history of a job's state changes."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    worker_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    at: Mapped[float] = mapped_column(Float)
+
+
+class Blob(Base):
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class BlobGrant(Base):
+    """Who may read a blob: ``client:<id>`` or ``worker:<id>``."""
+
+    __tablename__ = "blob_grants"
+
+    sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), primary_key=True)
+    principal: Mapped[str] = mapped_column(String(48), primary_key=True)
+
+
+class LedgerEntry(Base):
+    """Money owed for one paid attempt: payer -> payee, in wei. One row per (job, attempt)."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (UniqueConstraint("job_id", "attempt", name="uq_ledger_job_attempt"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    payer: Mapped[str] = mapped_column(String(42), index=True)
+    payee: Mapped[str] = mapped_column(String(42), index=True)
+    amount_wei: Mapped[int] = mapped_column(WeiAmount)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class VoucherRow(Base):
+    """The latest signed cumulative voucher per (payer, payee): the ledger's running total."""
+
+    __tablename__ = "vouchers"
+
+    payer: Mapped[str] = mapped_column(String(42), primary_key=True)
+    payee: Mapped[str] = mapped_column(String(42), primary_key=True)
+    cumulative_wei: Mapped[int] = mapped_column(WeiAmount)
+    expiry: Mapped[int] = mapped_column(BigInteger)
+    signer: Mapped[str] = mapped_column(String(42))
+    signature: Mapped[str] = mapped_column(String(132))
+    entries: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class Redemption(Base):
+    """A Redeemed event seen on chain; (tx hash, log index) makes reading it twice harmless."""
+
+    __tablename__ = "redemptions"
+
+    tx_hash: Mapped[str] = mapped_column(String(66), primary_key=True)
+    log_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    payer: Mapped[str] = mapped_column(String(42), index=True)
+    payee: Mapped[str] = mapped_column(String(42), index=True)
+    cumulative_wei: Mapped[int] = mapped_column(WeiAmount)
+    paid_wei: Mapped[int] = mapped_column(WeiAmount)
+    fee_wei: Mapped[int] = mapped_column(WeiAmount)
+    block_number: Mapped[int] = mapped_column(BigInteger)
+
+
+class ChainCursor(Base):
+    """How far an event scan has read, so a restart resumes instead of rescanning."""
+
+    __tablename__ = "chain_cursors"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    next_block: Mapped[int] = mapped_column(BigInteger)

@@ -1,0 +1,113 @@
+"""One process's services, built from its Settings (the object the routes reach through deps)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from orchestrator.blobs import LocalBlobStore
+from orchestrator.config import Settings
+from orchestrator.services.accounts import AccountService
+from orchestrator.services.auth import Authenticator
+from orchestrator.services.blobs import BlobService
+from orchestrator.services.jobs import JobService
+from orchestrator.services.leases import LeaseService
+from orchestrator.services.settlement import ChainPayments, NoPayments, Payments
+from orchestrator.services.wakeups import WakeHub
+from orchestrator.services.workers import WorkerService
+from orchestrator.store import Store
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    auth: Authenticator
+    jobs: JobService
+    workers: WorkerService
+    leases: LeaseService
+    blobs: BlobService
+    hub: WakeHub
+    clock: Clock
+    payments: Payments
+    accounts: AccountService
+
+    def now(self) -> float:
+        return self.clock()
+
+
+def build_services(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    clock: Clock = time.time,
+    rng: random.Random | None = None,
+    payments: Payments | None = None,
+) -> Services:
+    store = store or Store(settings.database_url)
+    hub = WakeHub()
+    payments = payments or build_payments(settings, store, clock)
+    return Services(
+        settings=settings,
+        store=store,
+        auth=Authenticator(store, settings.resolve_admin_token()),
+        jobs=JobService(store, payments),
+        workers=WorkerService(store, settings, payments),
+        leases=LeaseService(store, settings, payments, rng=rng, notify=hub.notify),
+        blobs=BlobService(store, LocalBlobStore(settings.blob_path), settings.max_blob_bytes),
+        hub=hub,
+        clock=clock,
+        payments=payments,
+        accounts=AccountService(store, settings, payments),
+    )
+
+
+def build_payments(settings: Settings, store: Store, clock: Clock) -> Payments:
+    """On-chain settlement when a deployment file is configured, else none."""
+    if settings.deployment_file is None:
+        return NoPayments()
+    from eth_account import Account
+    from pydantic import ValidationError
+
+    from contracts.anvil import DEV_CHAIN_ID, DEV_PRIVATE_KEYS
+    from contracts.chain import Chain, ChainError
+    from contracts.deploy import check_deployment, read_deployment
+
+    path = settings.deployment_file
+    try:
+        deployment = read_deployment(path)
+    except ValidationError as exc:
+        missing = ", ".join(str(e["loc"][0]) for e in exc.errors() if e["loc"])
+        raise ValueError(
+            f"GPUMARKET_DEPLOYMENT_FILE {path} is not a deployment file (bad or missing: "
+            f"{missing}); `gpumarket chain up` writes one"
+        ) from exc
+    try:
+        chain = Chain.connect(deployment.rpc_url)
+    except ChainError as exc:
+        raise ValueError(
+            f"the chain at {deployment.rpc_url} (from {path}) does not answer; start it "
+            "(`gpumarket chain up`) or fix the file"
+        ) from exc
+    if settings.signer_key is not None:
+        key = settings.signer_key.get_secret_value()
+    elif settings.env == "dev" and chain.chain_id == DEV_CHAIN_ID:
+        key = DEV_PRIVATE_KEYS[0]  # anvil's well-known deployer key: the dev chain only
+    else:
+        raise ValueError("GPUMARKET_SIGNER_KEY is required to sign vouchers on this chain")
+    try:
+        check_deployment(chain, deployment)
+    except ChainError as exc:
+        raise ValueError(f"{path} does not match the chain: {exc}") from exc
+    return ChainPayments(
+        store,
+        chain,
+        deployment,
+        Account.from_key(key),
+        voucher_ttl_s=settings.voucher_ttl_s,
+        clock=clock,
+    )

@@ -1,0 +1,254 @@
+"""Job wire types: what a client submits and what it reads back."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from protocol.units import MAX_UNITS, SHA256_PATTERN, Wei
+
+MAX_TEXTS_PER_JOB = 1024
+MAX_TEXT_CHARS = 20_000
+MAX_TENSOR_ROWS_PER_JOB = 1024
+DEFAULT_DEADLINE_S = 3600.0
+MAX_DEADLINE_S = 7 * 24 * 3600.0
+DEFAULT_MAX_ATTEMPTS = 3
+MAX_ATTEMPTS_LIMIT = 10
+TRANSCODE_MODEL = "h264"
+
+
+class JobType(StrEnum):
+    INFERENCE = "inference"
+    TRANSCODE = "transcode"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+
+FINAL_STATES = frozenset(
+    {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}
+)
+LEASED_STATES = frozenset({JobState.ASSIGNED, JobState.RUNNING})
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+    INT8 = "int8"
+
+
+class Preference(StrEnum):
+    COST = "cost"
+    SPEED = "speed"
+    BALANCED = "balanced"
+    GREEN = "green"
+
+
+class Container(StrEnum):
+    MP4 = "mp4"
+    MPEGTS = "mpegts"
+
+
+class _Strict(BaseModel):
+    # NaN and infinities are not JSON: a request must not smuggle in what no response can carry.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def check_finite(value: Any, where: str) -> None:
+    """Raise ValueError if a JSON-like value holds NaN or an infinity anywhere inside it."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where} holds {item}; numbers must be finite")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+class Rendition(_Strict):
+    """One rung of a transcoding ladder. Sizes in pixels, rate in frames/s, bitrate in kbit/s."""
+
+    name: str | None = Field(default=None, max_length=64)
+    height: int = Field(ge=16, le=4320)
+    width: int | None = Field(default=None, ge=16, le=7680)
+    fps: float | None = Field(default=None, gt=0, le=240)
+    bitrate_kbps: int = Field(gt=0, le=200_000)
+
+
+DEFAULT_LADDER: tuple[Rendition, ...] = (
+    Rendition(name="720p", height=720, bitrate_kbps=3000),
+    Rendition(name="480p", height=480, bitrate_kbps=1500),
+    Rendition(name="360p", height=360, bitrate_kbps=800),
+)
+
+
+class InferenceInput(_Strict):
+    """Inline inference input: texts for embedding models, or numeric rows for TorchScript."""
+
+    texts: list[str] | None = Field(default=None, min_length=1, max_length=MAX_TEXTS_PER_JOB)
+    tensors: list[Any] | None = Field(
+        default=None, min_length=1, max_length=MAX_TENSOR_ROWS_PER_JOB
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> InferenceInput:
+        if (self.texts is None) == (self.tensors is None):
+            raise ValueError("give exactly one of input.texts or input.tensors")
+        check_finite(self.tensors, "input.tensors")
+        for i, text in enumerate(self.texts or []):
+            if len(text) > MAX_TEXT_CHARS:
+                raise ValueError(f"input.texts[{i}] is longer than {MAX_TEXT_CHARS} characters")
+        return self
+
+    @property
+    def item_count(self) -> int:
+        return len(self.texts or self.tensors or [])
+
+
+class JobSpec(_Strict):
+    """A job as a client submits it.
+
+    Prices are wei per unit: per input item for inference, per output pixel for transcode.
+    """
+
+    type: JobType
+    model: str | None = Field(default=None, min_length=1, max_length=128)
+    precision: Precision = Precision.FP32
+    input: InferenceInput | None = None
+    input_blob: str | None = Field(default=None, pattern=SHA256_PATTERN)
+    renditions: list[Rendition] | None = Field(default=None, min_length=1, max_length=8)
+    container: Container = Container.MP4
+    max_price_wei_per_unit: Wei = Field(gt=0)
+    deadline_s: float = Field(default=DEFAULT_DEADLINE_S, gt=0, le=MAX_DEADLINE_S)
+    preference: Preference = Preference.BALANCED
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=128)
+    max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=MAX_ATTEMPTS_LIMIT)
+    min_vram_mb: int = Field(default=0, ge=0)
+    max_units: int | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_UNITS,
+        description="Most units you pay for (inline inference: the item count). Output pixels "
+        "for transcode, e.g. frames x the sum of width x height over the ladder.",
+    )
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> JobSpec:
+        if self.type is JobType.INFERENCE:
+            if self.model is None:
+                raise ValueError("inference jobs need a model, e.g. 'all-MiniLM-L6-v2'")
+            if (self.input is None) == (self.input_blob is None):
+                raise ValueError("inference jobs need exactly one of input or input_blob")
+            if self.renditions is not None:
+                raise ValueError("renditions apply to transcode jobs only")
+            if self.input is not None:
+                items = self.input.item_count
+                if self.max_units is not None and self.max_units != items:
+                    raise ValueError(f"max_units is {self.max_units}, but input has {items} items")
+                self.max_units = items
+        else:
+            if self.input_blob is None:
+                raise ValueError("transcode jobs need input_blob: upload the video to /v1/blobs")
+            if self.input is not None:
+                raise ValueError("transcode jobs take their video from input_blob, not input")
+            if self.model is None:
+                self.model = TRANSCODE_MODEL
+            if self.precision is not Precision.FP32:
+                raise ValueError("precision applies to inference jobs only")
+        return self
+
+    @property
+    def ladder(self) -> list[Rendition]:
+        return list(self.renditions or DEFAULT_LADDER)
+
+
+class JobEventView(BaseModel):
+    at: datetime
+    attempt: int
+    state: JobState
+    detail: str | None = None
+
+
+class OutputBlob(_Strict):
+    """A result file in the blob store. Sizes in bytes and pixels."""
+
+    name: str = Field(min_length=1, max_length=64)
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    size: int = Field(ge=0)
+    width: int | None = Field(default=None, ge=1)
+    height: int | None = Field(default=None, ge=1)
+    frames: int | None = Field(default=None, ge=0)
+
+
+class JobView(BaseModel):
+    id: str
+    type: JobType
+    model: str
+    precision: Precision
+    state: JobState
+    attempt: int
+    max_attempts: int
+    preference: Preference
+    max_price_wei_per_unit: Wei
+    max_units: int | None = None
+    price_wei_per_unit: Wei | None = None
+    units: int | None = None
+    cost_wei: Wei | None = None
+    worker_address: str | None = None
+    idempotency_key: str | None = None
+    input_blob: str | None = None
+    renditions: list[Rendition] | None = None
+    container: Container | None = None
+    created_at: datetime
+    updated_at: datetime
+    deadline_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    failure_reason: str | None = None
+    waiting_reason: str | None = None
+    duration_s: float | None = None
+    energy_j: float | None = None
+    energy_source: str | None = None
+    history: list[JobEventView] = Field(default_factory=list)
+
+
+class ResultView(BaseModel):
+    job_id: str
+    attempt: int
+    state: JobState
+    output: dict[str, Any] | None = None
+    output_blobs: list[OutputBlob] | None = None
+    output_sha256: str
+    signature: str
+    worker_address: str
+    units: int
+    cost_wei: Wei
+    duration_s: float
+    energy_j: float
+    energy_source: str
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+    next_cursor: str | None = None
+
+
+# Models every worker build can serve; workers may offer more (TorchScript in their models folder).
+BUILTIN_MODELS: dict[str, dict[str, Any]] = {
+    "all-MiniLM-L6-v2": {"type": JobType.INFERENCE, "task": "text-embedding", "dim": 384},
+    TRANSCODE_MODEL: {"type": JobType.TRANSCODE, "task": "h264-ladder"},
+}

@@ -1,0 +1,103 @@
+"""What gets signed, and how: registration challenges (EIP-191) and results (EIP-712).
+
+Pure functions over eth-account; no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from eth_account import Account
+from eth_account.messages import SignableMessage, encode_defunct, encode_typed_data
+from eth_keys.exceptions import BadSignature as _EthKeysBadSignature
+from eth_utils.exceptions import ValidationError as _EthValidationError
+
+RESULT_DOMAIN = {"name": "gpumarket", "version": "1"}
+RESULT_TYPES = {
+    "Result": [
+        {"name": "jobId", "type": "string"},
+        {"name": "attempt", "type": "uint32"},
+        {"name": "outputSha256", "type": "bytes32"},
+    ]
+}
+
+
+def registration_message(address: str, nonce: str, expires_at_iso: str) -> str:
+    """The text a worker signs (EIP-191 personal_sign) to prove it holds ``address``."""
+    return (
+        "gpumarket worker registration\n"
+        f"address: {address.lower()}\n"
+        f"nonce: {nonce}\n"
+        f"expires: {expires_at_iso}"
+    )
+
+
+def payer_link_message(client_id: str, address: str, nonce: str, expires_at_iso: str) -> str:
+    """The text a client's payer account signs (EIP-191) to pay for that client's jobs."""
+    return (
+        "gpumarket payer link\n"
+        f"client: {client_id}\n"
+        f"address: {address.lower()}\n"
+        f"nonce: {nonce}\n"
+        f"expires: {expires_at_iso}"
+    )
+
+
+def sign_registration(private_key: str | bytes, message: str) -> str:
+    signed = Account.sign_message(encode_defunct(text=message), private_key=private_key)
+    return "0x" + bytes(signed.signature).hex().removeprefix("0x")
+
+
+def _recover(message: SignableMessage, signature: str) -> str:
+    """Checksummed signer of ``message``; ValueError for a signature that recovers no key.
+
+    eth-keys reports out-of-range or unrecoverable (r, s, v) with its own exception types,
+    which are not ValueErrors; callers should only have to catch one.
+    """
+    try:
+        return str(Account.recover_message(message, signature=signature))
+    except (_EthKeysBadSignature, _EthValidationError) as exc:
+        raise ValueError(f"not a valid secp256k1 signature ({exc})") from exc
+
+
+def recover_registration_signer(message: str, signature: str) -> str:
+    """Address (checksummed) that signed ``message``; raises ValueError on a malformed one."""
+    return _recover(encode_defunct(text=message), signature)
+
+
+def canonical_json(value: Any) -> bytes:
+    """Deterministic JSON bytes: sorted keys, no whitespace, floats as Python repr."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def output_sha256(output: Any) -> str:
+    """sha256 (hex) of a result: canonical JSON of the inline output or of the blob list."""
+    return hashlib.sha256(canonical_json(output)).hexdigest()
+
+
+def _result_message(job_id: str, attempt: int, output_sha256_hex: str) -> dict[str, Any]:
+    return {
+        "domain": RESULT_DOMAIN,
+        "types": RESULT_TYPES,
+        "primaryType": "Result",
+        "message": {
+            "jobId": job_id,
+            "attempt": attempt,
+            "outputSha256": bytes.fromhex(output_sha256_hex),
+        },
+    }
+
+
+def sign_result(private_key: str | bytes, job_id: str, attempt: int, output_sha256_hex: str) -> str:
+    """EIP-712 signature over (job id, attempt, output sha256), as 0x-hex."""
+    encoded = encode_typed_data(full_message=_result_message(job_id, attempt, output_sha256_hex))
+    signed = Account.sign_message(encoded, private_key=private_key)
+    return "0x" + bytes(signed.signature).hex().removeprefix("0x")
+
+
+def recover_result_signer(job_id: str, attempt: int, output_sha256_hex: str, signature: str) -> str:
+    """Address (checksummed) that signed the result; raises ValueError on a malformed one."""
+    encoded = encode_typed_data(full_message=_result_message(job_id, attempt, output_sha256_hex))
+    return _recover(encoded, signature)

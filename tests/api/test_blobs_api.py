@@ -1,0 +1,317 @@
+"""Blob routes over HTTP: streamed uploads, limits, hashes, and who may read what."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from protocol import OutputBlob
+from protocol.signing import output_sha256, sign_result
+from tests.api.conftest import Api, HttpWorker, RunApi, assert_problem, bearer
+from tests.support import offer
+
+CHUNK = 64 * 1024
+LIMIT = 1024 * 1024  # the settings fixture's max_blob_bytes
+VIDEO = os.urandom(3 * CHUNK + 123)
+RENDITION = os.urandom(CHUNK + 7)
+PIXELS = 1280 * 720 * 30  # one 720p rendition of 30 frames
+WEI_PER_PIXEL = 2
+
+
+async def chunks(data: bytes, size: int = CHUNK) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def stored_files(api: Api) -> list[str]:
+    """Every file in the blob folder, temporary ones included."""
+    root = api.services.settings.blob_path
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_streamed_upload_returns_its_sha256_and_downloads_the_same_bytes(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        resp = await api.http.post("/v1/blobs", content=chunks(VIDEO), headers=client)
+        assert resp.status_code == 201, resp.text
+        sha256 = hashlib.sha256(VIDEO).hexdigest()
+        assert resp.json() == {"sha256": sha256, "size": len(VIDEO)}
+
+        resp = await api.http.get(f"/v1/blobs/{sha256}", headers=client)
+        assert resp.status_code == 200
+        assert resp.content == VIDEO
+        assert resp.headers["content-type"] == "application/octet-stream"
+        assert resp.headers["etag"] == f'"{sha256}"'
+        assert int(resp.headers["content-length"]) == len(VIDEO)
+
+        # nothing is left behind in the temporary folder
+        assert stored_files(api) == [f"{sha256[:2]}/{sha256}"]
+
+    run_api(body)
+
+
+def test_upload_with_content_length_and_declared_sha256(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        sha256 = hashlib.sha256(VIDEO).hexdigest()
+        resp = await api.http.post(
+            "/v1/blobs", content=VIDEO, headers={**client, "X-Content-SHA256": sha256}
+        )
+        assert resp.status_code == 201, resp.text
+        assert resp.json() == {"sha256": sha256, "size": len(VIDEO)}
+
+        # the same bytes again are the same blob
+        again = await api.http.post("/v1/blobs", content=chunks(VIDEO), headers=client)
+        assert again.status_code == 201 and again.json() == resp.json()
+
+        empty = await api.http.post("/v1/blobs", content=b"", headers=client)
+        assert empty.status_code == 201
+        assert empty.json() == {"sha256": hashlib.sha256(b"").hexdigest(), "size": 0}
+
+    run_api(body)
+
+
+def test_declared_sha256_mismatch_is_422_and_stores_nothing(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        wrong = hashlib.sha256(b"something else").hexdigest()
+        actual = hashlib.sha256(VIDEO).hexdigest()
+        resp = await api.http.post(
+            "/v1/blobs", content=chunks(VIDEO), headers={**client, "X-Content-SHA256": wrong}
+        )
+        assert_problem(resp, 422, "invalid_input", actual, f"not the {wrong} you declared")
+        resp = await api.http.get(f"/v1/blobs/{actual}", headers=client)
+        assert_problem(resp, 404, "not_found", actual)
+        assert stored_files(api) == []
+
+        resp = await api.http.post(
+            "/v1/blobs", content=VIDEO, headers={**client, "X-Content-SHA256": wrong.upper()}
+        )
+        assert_problem(resp, 422, "invalid_input", "x-content-sha256", "pattern")
+
+    run_api(body)
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_oversized_upload_is_413_and_stores_nothing(run_api: RunApi, declared: bool) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        data = b"x" * (LIMIT + 1)
+        content: Any = data if declared else chunks(data)
+        resp = await api.http.post("/v1/blobs", content=content, headers=client)
+        assert ("content-length" in resp.request.headers) is declared
+        problem = assert_problem(resp, 413, "payload_too_large", str(LIMIT))
+        assert problem["limit_bytes"] == LIMIT
+        assert stored_files(api) == []
+
+        # exactly the limit is fine
+        resp = await api.http.post("/v1/blobs", content=chunks(data[:LIMIT]), headers=client)
+        assert resp.status_code == 201, resp.text
+        assert resp.json()["size"] == LIMIT
+
+    run_api(body)
+
+
+def test_blob_routes_need_credentials(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        sha256 = (await api.upload(client, VIDEO))["sha256"]
+        for headers, says in [
+            ({}, "missing credentials"),
+            (bearer("gmk_unknown"), "unknown API key"),
+            (bearer("gmw_unknown"), "unknown or replaced session token"),
+            (api.operator, "expected a client API key"),
+        ]:
+            resp = await api.http.post("/v1/blobs", content=VIDEO, headers=headers)
+            assert_problem(resp, 401, "unauthorized", says)
+            resp = await api.http.get(f"/v1/blobs/{sha256}", headers=headers)
+            assert_problem(resp, 401, "unauthorized", says)
+
+    run_api(body)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["ABCDEF" + "0" * 58, "abc", "g" * 64, "0" * 65],
+    ids=["uppercase", "short", "not-hex", "too-long"],
+)
+def test_invalid_sha256_in_the_path_is_422(run_api: RunApi, path: str) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        resp = await api.http.get(f"/v1/blobs/{path}", headers=client)
+        assert_problem(resp, 422, "invalid_input", "sha256", "[0-9a-f]{64}")
+
+    run_api(body)
+
+
+def test_a_client_reads_only_its_own_blobs(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        alice, bob = await api.new_client("alice"), await api.new_client("bob")
+        sha256 = (await api.upload(bob, VIDEO))["sha256"]
+
+        resp = await api.http.get(f"/v1/blobs/{sha256}", headers=alice)
+        # the same answer as for a blob that does not exist
+        assert_problem(resp, 404, "not_found", f"no blob {sha256} among the blobs you may read")
+        resp = await api.http.get(f"/v1/blobs/{'0' * 64}", headers=alice)
+        assert_problem(resp, 404, "not_found", "among the blobs you may read")
+
+        # nor use it as the input of a job
+        spec = {"type": "transcode", "input_blob": sha256, "max_price_wei_per_unit": "1"}
+        resp = await api.http.post("/v1/jobs", json=spec, headers=alice)
+        assert_problem(
+            resp, 422, "invalid_input", f"input_blob {sha256} is not among your blobs", "POST"
+        )
+
+        # uploading the same bytes gives alice her own access to them
+        assert (await api.upload(alice, VIDEO))["sha256"] == sha256
+        resp = await api.http.get(f"/v1/blobs/{sha256}", headers=alice)
+        assert resp.status_code == 200 and resp.content == VIDEO
+
+    run_api(body)
+
+
+# -- transcode jobs: leased inputs and granted outputs -----------------------------------------
+
+
+def transcode_result(
+    worker: HttpWorker, job_id: str, blobs: list[OutputBlob], units: int = PIXELS
+) -> dict[str, Any]:
+    listed = [b.model_dump(mode="json") for b in blobs]
+    digest = output_sha256(listed)
+    return {
+        "attempt": 1,
+        "output_blobs": listed,
+        "output_sha256": digest,
+        "signature": sign_result(worker.account.key, job_id, 1, digest),
+        "duration_s": 4.0,
+        "energy_j": 120.0,
+        "energy_source": "estimate",
+        "units": units,
+    }
+
+
+async def transcode_setup(api: Api) -> tuple[dict[str, str], HttpWorker, dict[str, Any], str]:
+    """A client's transcode job leased to a transcoding worker; returns the unrelated blob too."""
+    client = await api.new_client()
+    worker = await api.register_worker(
+        offers=[offer("h264", price=WEI_PER_PIXEL, job_type="transcode")]
+    )
+    video = (await api.upload(client, VIDEO))["sha256"]
+    unrelated = (await api.upload(client, b"the client's private notes"))["sha256"]
+    spec = {"type": "transcode", "input_blob": video, "max_price_wei_per_unit": "5"}
+    resp = await api.http.post("/v1/jobs", json=spec, headers=client)
+    assert resp.status_code == 201, resp.text
+    job = resp.json()
+    assert job["type"] == "transcode" and job["model"] == "h264"
+    assert job["input_blob"] == video
+    assert [r["name"] for r in job["renditions"]] == ["720p", "480p", "360p"]
+    assert job["container"] == "mp4"
+    assert job["units"] is None  # priced per output pixel, known only at completion
+
+    leased = await api.lease(worker)
+    assert len(leased) == 1
+    assert leased[0]["job_id"] == job["id"]
+    assert leased[0]["input_blob"] == video
+    assert leased[0]["container"] == "mp4"
+    assert [r["height"] for r in leased[0]["renditions"]] == [720, 480, 360]
+    return client, worker, job, unrelated
+
+
+def test_a_worker_reads_the_input_of_its_leased_job_and_nothing_else(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client, worker, job, unrelated = await transcode_setup(api)
+        video = job["input_blob"]
+
+        resp = await api.http.get(f"/v1/blobs/{video}", headers=worker.headers)
+        assert resp.status_code == 200 and resp.content == VIDEO
+        resp = await api.http.get(f"/v1/blobs/{unrelated}", headers=worker.headers)
+        assert_problem(resp, 404, "not_found", unrelated)
+
+        bystander = await api.register_worker(offers=[offer("h264", job_type="transcode")])
+        resp = await api.http.get(f"/v1/blobs/{video}", headers=bystander.headers)
+        assert_problem(resp, 404, "not_found", video)
+
+        # once the lease is given up, the input is no longer the worker's to read
+        resp = await api.http.post(
+            f"/v1/workers/jobs/{job['id']}/fail",
+            json={"attempt": 1, "retryable": False, "reason": "unsupported codec"},
+            headers=worker.headers,
+        )
+        assert resp.status_code == 200, resp.text
+        resp = await api.http.get(f"/v1/blobs/{video}", headers=worker.headers)
+        assert_problem(resp, 404, "not_found", video)
+
+    run_api(body)
+
+
+def test_output_blobs_of_a_completed_transcode_become_the_clients(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client, worker, job, _ = await transcode_setup(api)
+        other_client = await api.new_client("other")
+
+        uploaded = await api.upload(worker.headers, RENDITION)
+        assert uploaded["sha256"] == hashlib.sha256(RENDITION).hexdigest()
+        rendition = OutputBlob(
+            name="720p",
+            sha256=uploaded["sha256"],
+            size=len(RENDITION),
+            width=1280,
+            height=720,
+            frames=30,
+        )
+        resp = await api.http.get(f"/v1/blobs/{rendition.sha256}", headers=client)
+        assert_problem(resp, 404, "not_found", rendition.sha256)  # not yet the client's
+
+        resp = await api.http.post(
+            f"/v1/workers/jobs/{job['id']}/complete",
+            json=transcode_result(worker, job["id"], [rendition]),
+            headers=worker.headers,
+        )
+        assert resp.status_code == 200, resp.text
+        result = resp.json()
+        assert result["output"] is None
+        assert result["output_blobs"] == [rendition.model_dump(mode="json")]
+        assert result["units"] == PIXELS
+        assert result["cost_wei"] == str(PIXELS * WEI_PER_PIXEL)
+
+        resp = await api.http.get(f"/v1/jobs/{job['id']}/result", headers=client)
+        assert resp.status_code == 200 and resp.json() == result
+
+        resp = await api.http.get(f"/v1/blobs/{rendition.sha256}", headers=client)
+        assert resp.status_code == 200 and resp.content == RENDITION
+        resp = await api.http.get(f"/v1/blobs/{rendition.sha256}", headers=other_client)
+        assert_problem(resp, 404, "not_found", rendition.sha256)
+
+    run_api(body)
+
+
+def test_transcode_results_must_be_blobs_the_worker_uploaded(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client, worker, job, unrelated = await transcode_setup(api)
+        url = f"/v1/workers/jobs/{job['id']}/complete"
+
+        # the client's private blob cannot be passed off as output to gain access to it
+        foreign = OutputBlob(name="720p", sha256=unrelated, size=26)
+        resp = await api.http.post(
+            url, json=transcode_result(worker, job["id"], [foreign]), headers=worker.headers
+        )
+        assert_problem(resp, 422, "invalid_input", unrelated, "was not uploaded by you")
+
+        digest = output_sha256({"frames": 1})
+        inline = {
+            **transcode_result(worker, job["id"], [foreign]),
+            "output_blobs": None,
+            "output": {"frames": 1},
+            "output_sha256": digest,
+            "signature": sign_result(worker.account.key, job["id"], 1, digest),
+        }
+        resp = await api.http.post(url, json=inline, headers=worker.headers)
+        assert_problem(resp, 422, "invalid_input", "transcode results are files", "output_blobs")
+
+        assert (await api.job(client, job["id"]))["state"] == "assigned"
+
+    run_api(body)

@@ -1,0 +1,265 @@
+"""The orchestrator's settlement against a real anvil: payer linking, 402 admission, ledger and
+vouchers written with the completion, stake-gated matching, redemption and reconciliation."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from eth_account import Account
+from sqlalchemy import select
+from web3 import Web3
+
+from contracts.anvil import DEV_PRIVATE_KEYS, Anvil
+from contracts.broker import PaymentBroker
+from contracts.chain import Chain
+from contracts.deploy import deploy, write_deployment
+from contracts.registry import WorkerRegistry
+from orchestrator.config import Settings
+from orchestrator.exceptions import InvalidInput, PaymentRequired
+from orchestrator.services.auth import Principal
+from orchestrator.store import Store
+from orchestrator.wiring import Services, build_services
+from protocol import JobSpec, JobState
+from protocol.signing import sign_registration
+from protocol.vouchers import Voucher
+from tests.conftest import FakeClock
+from tests.support import EMBED_MODEL, TestWorker, completion, offer, register_request
+
+DEPLOYER, PAYER, WORKER = DEV_PRIVATE_KEYS[0], DEV_PRIVATE_KEYS[2], DEV_PRIVATE_KEYS[3]
+PRICE = 10**12  # wei per item, the worker's ask
+MAX_PRICE = 2 * 10**12
+TEXTS = ["one", "two", "three"]
+
+
+@pytest.fixture
+def paid(anvil: Anvil, w3: Web3, tmp_path: Path, sqlite_store: Store) -> Iterator[Services]:
+    """Services with ChainPayments over a fresh deployment (the deployer signs vouchers)."""
+    chain = Chain.connect(anvil.url, DEPLOYER)
+    deployment = deploy(chain, min_stake_wei=10**17, withdraw_delay_s=3600)
+    path = tmp_path / "deployment.json"
+    write_deployment(deployment, path)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        admin_token="operator-token-for-tests-0123456789abcdef",
+        deployment_file=path,
+    )
+    clock = FakeClock(start=float(w3.eth.get_block("latest")["timestamp"]))
+    yield build_services(settings, store=sqlite_store, clock=clock, rng=random.Random(1))
+
+
+def _client(services: Services) -> Principal:
+    client_id, _ = services.auth.create_client("payer-client", services.now())
+    return Principal("client", client_id)
+
+
+def _link(services: Services, client: Principal, key: str) -> None:
+    address = Account.from_key(key).address
+    challenge = services.accounts.payer_challenge(client, address, services.now())
+    services.accounts.link_payer(
+        client, address, challenge.nonce, sign_registration(key, challenge.message), services.now()
+    )
+
+
+def _spec(**extra: object) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "type": "inference",
+            "model": EMBED_MODEL,
+            "input": {"texts": TEXTS},
+            "max_price_wei_per_unit": MAX_PRICE,
+            **extra,
+        }
+    )
+
+
+def _worker(services: Services) -> TestWorker:
+    account = Account.from_key(WORKER)
+    challenge = services.workers.challenge(account.address, services.now())
+    req = register_request(account, challenge.nonce, challenge.message, offers=[offer(price=PRICE)])
+    resp = services.workers.register(req, services.now())
+    return TestWorker(Principal("worker", resp.worker_id), account, resp.session_token)
+
+
+def _fund(anvil: Anvil, services: Services, deposit: int, cap: int) -> PaymentBroker:
+    assert services.payments.deployment is not None
+    broker = PaymentBroker(
+        Chain.connect(anvil.url, PAYER), services.payments.deployment.payment_broker
+    )
+    broker.deposit(deposit)
+    broker.authorize(Account.from_key(DEPLOYER).address, cap)
+    return broker
+
+
+def test_admission_needs_a_linked_and_funded_payer(anvil: Anvil, paid: Services) -> None:
+    client = _client(paid)
+    with pytest.raises(PaymentRequired, match="link a payer"):
+        paid.jobs.submit(client, _spec(), paid.now())
+    _link(paid, client, PAYER)
+    with pytest.raises(PaymentRequired) as refused:
+        paid.jobs.submit(client, _spec(), paid.now())
+    assert refused.value.extra["needed_wei"] == str(MAX_PRICE * len(TEXTS))
+    assert refused.value.extra["available_wei"] == "0"
+
+    _fund(anvil, paid, deposit=10**18, cap=MAX_PRICE * len(TEXTS) * 2)
+    paid.jobs.submit(client, _spec(), paid.now())
+    paid.jobs.submit(client, _spec(), paid.now())
+    # Two unfinished jobs reserve the whole cap: a third does not fit.
+    with pytest.raises(PaymentRequired, match="reserved by unfinished jobs"):
+        paid.jobs.submit(client, _spec(), paid.now())
+    account = paid.accounts.account(client)
+    assert account.budget is not None and account.budget.available_wei == 0
+    assert account.budget.reserved_wei == 2 * MAX_PRICE * len(TEXTS)
+
+
+def test_transcode_on_a_paid_orchestrator_needs_max_units(anvil: Anvil, paid: Services) -> None:
+    client = _client(paid)
+    _link(paid, client, PAYER)
+    spec = JobSpec.model_validate(
+        {"type": "transcode", "input_blob": "ab" * 32, "max_price_wei_per_unit": 1}
+    )
+    with pytest.raises(InvalidInput, match="max_units"):
+        paid.jobs.submit(client, spec, paid.now())
+
+
+def test_paid_job_end_to_end_ledger_voucher_redeem_reconcile(
+    anvil: Anvil, paid: Services, w3: Web3
+) -> None:
+    client = _client(paid)
+    _link(paid, client, PAYER)
+    _fund(anvil, paid, deposit=10**18, cap=10**18)
+    worker = _worker(paid)
+    job, _ = paid.jobs.submit(client, _spec(), paid.now())
+
+    # Not staked: the job waits and says why.
+    paid.leases.open_poll(worker.principal, 1, until=paid.now() + 10, now=paid.now())
+    assert paid.leases.dispatch(paid.now()) == []
+    assert "not staked" in (paid.jobs.get(client, job.id).waiting_reason or "")
+
+    assert paid.payments.deployment is not None
+    registry = WorkerRegistry(
+        Chain.connect(anvil.url, WORKER), paid.payments.deployment.worker_registry
+    )
+    registry.stake(10**17)
+    assert paid.workers.refresh_stakes(paid.now()) == 0  # checked at registration: not yet due
+    clock = paid.clock
+    assert isinstance(clock, FakeClock)
+    clock.advance(paid.settings.stake_check_interval_s + 1)
+    assert paid.workers.refresh_stakes(paid.now()) == 1
+    paid.leases.open_poll(worker.principal, 1, until=paid.now() + 10, now=paid.now())
+    assert paid.leases.dispatch(paid.now()) == [(job.id, worker.id)]
+    [leased] = paid.leases.claim(worker.principal, 1, paid.now())
+    output = {"embeddings": [[1.0], [2.0], [3.0]]}
+    req = completion(worker, job.id, leased.attempt, output, units=len(TEXTS))
+    result = paid.leases.complete(worker.principal, job.id, req, paid.now())
+    assert int(result.cost_wei) == PRICE * len(TEXTS)
+    paid.leases.complete(worker.principal, job.id, req, paid.now())  # a retried report
+
+    report = paid.accounts.settlement()
+    [pair] = report.pairs
+    assert (pair.ledger_wei, pair.voucher_wei, pair.redeemed_wei) == (PRICE * 3, PRICE * 3, 0)
+    assert report.ledger_entries == 1 and report.consistent
+
+    [signed] = paid.workers.vouchers(worker.principal, paid.now())
+    assert signed.voucher == Voucher(
+        payer=Account.from_key(PAYER).address,
+        payee=worker.address,
+        cumulative_amount=PRICE * 3,
+        expiry=signed.voucher.expiry,
+    )
+    # Close to expiry, serving the voucher signs it again: same amount, later expiry.
+    clock.advance(paid.settings.voucher_ttl_s - 3600)
+    [renewed] = paid.workers.vouchers(worker.principal, paid.now())
+    assert renewed.voucher.cumulative_amount == signed.voucher.cumulative_amount
+    assert renewed.voucher.expiry > signed.voucher.expiry
+    clock.advance(-(paid.settings.voucher_ttl_s - 3600))
+    broker = PaymentBroker(
+        Chain.connect(anvil.url, WORKER), paid.payments.deployment.payment_broker
+    )
+    before = w3.eth.get_balance(worker.address)
+    redeemed = broker.redeem(signed.voucher, signed.signature)
+    gas_cost = (
+        redeemed.gas_used * w3.eth.get_transaction_receipt(redeemed.tx_hash)["effectiveGasPrice"]
+    )
+    fee = PRICE * 3 * paid.payments.deployment.fee_bps // 10_000
+    assert w3.eth.get_balance(worker.address) - before == PRICE * 3 - fee - gas_cost
+
+    assert paid.payments.reconcile() == 1
+    assert paid.payments.reconcile() == 0  # reading the same events again changes nothing
+    [pair] = paid.accounts.settlement().pairs
+    assert pair.redeemed_wei == pair.ledger_wei == PRICE * 3
+    assert paid.jobs.get(client, job.id).state is JobState.SUCCEEDED
+
+
+def test_a_chain_outage_is_a_503_and_loses_nothing(tmp_path: Path, sqlite_store: Store) -> None:
+    """With the RPC gone, a submit is refused with 503 + Retry-After, and no job is made."""
+    from fastapi.testclient import TestClient
+
+    from orchestrator.app import create_app
+
+    with Anvil() as node:
+        deployment = deploy(Chain.connect(node.url, DEPLOYER))
+        write_deployment(deployment, tmp_path / "deployment.json")
+        settings = Settings(
+            data_dir=tmp_path / "data",
+            admin_token="operator-token-for-tests-0123456789abcdef",
+            deployment_file=tmp_path / "deployment.json",
+        )
+        services = build_services(settings, store=sqlite_store)
+        client = _client(services)
+        _link(services, client, PAYER)
+    # the node is stopped now
+    _, key = services.auth.create_client("other", services.now())
+    with sqlite_store.transaction() as s:
+        from orchestrator.store.models import Client
+
+        row = s.get(Client, client.id)
+        assert row is not None
+        key_row = s.scalar(select(Client).where(Client.name == "other"))
+        assert key_row is not None
+        key_row.payer_address = row.payer_address
+    app = create_app(settings, services=services, run_sweeper=False)
+    with TestClient(app) as http:
+        resp = http.post(
+            "/v1/jobs",
+            json={
+                "type": "inference",
+                "model": EMBED_MODEL,
+                "input": {"texts": TEXTS},
+                "max_price_wei_per_unit": str(MAX_PRICE),
+            },
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["code"] == "chain_unavailable"
+        assert resp.headers["Retry-After"] == "5"
+        listed = http.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).json()
+        assert listed["jobs"] == []
+
+
+def test_paid_jobs_must_finish_inside_the_withdrawal_delay(anvil: Anvil, paid: Services) -> None:
+    client = _client(paid)
+    _link(paid, client, PAYER)
+    _fund(anvil, paid, deposit=10**18, cap=10**18)
+    assert paid.payments.deployment is not None
+    limit = paid.payments.deployment.withdraw_delay_s / 2
+    with pytest.raises(InvalidInput, match="half the payer's withdrawal delay"):
+        paid.jobs.submit(client, _spec(deadline_s=limit + 1), paid.now())
+    job, _ = paid.jobs.submit(client, _spec(), paid.now())  # default deadline: clamped
+    assert (job.deadline_at - job.created_at).total_seconds() == pytest.approx(limit)
+
+
+def test_a_lowered_cap_counts_for_admission_at_once(anvil: Anvil, paid: Services) -> None:
+    """On chain a lower cap waits out the delay (signed work stays payable); admission of
+    new work must already respect it."""
+    client = _client(paid)
+    _link(paid, client, PAYER)
+    broker = _fund(anvil, paid, deposit=10**18, cap=10**18)
+    broker.authorize(Account.from_key(DEPLOYER).address, MAX_PRICE * len(TEXTS) - 1)
+    assert (
+        broker.allowance(broker.chain.address, Account.from_key(DEPLOYER).address).cap_wei == 10**18
+    )
+    with pytest.raises(PaymentRequired):
+        paid.jobs.submit(client, _spec(), paid.now())

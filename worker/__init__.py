@@ -1,0 +1,1 @@
+"""gpumarket worker daemon: hardware probe, orchestrator client, executors, batching, energy."""

@@ -1,0 +1,196 @@
+"""The worker's side of the REST API: register, heartbeat, lease, report, vouchers. Outbound only.
+
+All calls have named timeouts; the lease long-poll's read timeout is its wait plus a margin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from eth_account.signers.local import LocalAccount
+from pydantic import BaseModel, ConfigDict, Field
+
+from contracts.deploy import Deployment
+from protocol import (
+    ChallengeResponse,
+    CompleteRequest,
+    FailRequest,
+    HardwareDescriptor,
+    HeartbeatResponse,
+    JobRef,
+    LeasedJob,
+    LeaseResponse,
+    Offer,
+    RegisterRequest,
+    RegisterResponse,
+    ResultView,
+)
+from protocol.problems import ProblemError
+from protocol.signing import sign_registration
+from protocol.vouchers import ChecksumAddressStr, Voucher
+
+DEFAULT_TIMEOUT = httpx.Timeout(15.0, connect=5.0)
+LONG_POLL_MARGIN_S = 10.0
+DOWNLOAD_CHUNK_BYTES = 1 << 20
+
+
+OrchestratorError = ProblemError  # the orchestrator's problem document: status, code, detail
+
+
+class SignedVoucher(BaseModel):
+    """The latest cumulative voucher of one payer to this worker, as the orchestrator signed it
+    (EIP-712, 65 bytes as 0x-hex) for the broker ``payment_broker`` on chain ``chain_id``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    voucher: Voucher
+    signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")
+    chain_id: int = Field(ge=1)
+    payment_broker: ChecksumAddressStr
+
+
+class _VoucherList(BaseModel):
+    vouchers: list[SignedVoucher]
+
+
+def _check(response: httpx.Response) -> None:
+    if not response.is_success:
+        raise ProblemError.from_body(response.status_code, response.content)
+
+
+class OrchestratorClient:
+    def __init__(
+        self,
+        base_url: str,
+        account: LocalAccount,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.account = account
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
+        self._token: str | None = None
+        self.registration: RegisterResponse | None = None
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    @property
+    def registered(self) -> bool:
+        """A session is open: the calls that need the worker's bearer token may be made."""
+        return self._token is not None
+
+    @property
+    def _auth(self) -> dict[str, str]:
+        if self._token is None:
+            raise RuntimeError("register first")
+        return {"Authorization": f"Bearer {self._token}"}
+
+    async def _post(self, path: str, body: Any = None, **kwargs: Any) -> Any:
+        response = await self._http.post(path, json=body, headers=self._auth, **kwargs)
+        _check(response)
+        return response.json() if response.content else None
+
+    async def register(
+        self,
+        hardware: HardwareDescriptor,
+        offers: list[Offer],
+        max_concurrency: int,
+        carbon_intensity_g_per_kwh: float | None = None,
+        version: str | None = None,
+    ) -> RegisterResponse:
+        """Prove the key with a signed challenge and start a session."""
+        response = await self._http.post(
+            "/v1/workers/challenge", json={"address": self.account.address}
+        )
+        _check(response)
+        challenge = ChallengeResponse.model_validate(response.json())
+        request = RegisterRequest(
+            address=self.account.address,
+            nonce=challenge.nonce,
+            signature=sign_registration(self.account.key, challenge.message),
+            hardware=hardware,
+            offers=offers,
+            max_concurrency=max_concurrency,
+            carbon_intensity_g_per_kwh=carbon_intensity_g_per_kwh,
+            version=version,
+        )
+        response = await self._http.post(
+            "/v1/workers/register", json=request.model_dump(mode="json")
+        )
+        _check(response)
+        self.registration = RegisterResponse.model_validate(response.json())
+        self._token = self.registration.session_token
+        return self.registration
+
+    async def lease(self, max_jobs: int, wait_s: float) -> list[LeasedJob]:
+        timeout = httpx.Timeout(wait_s + LONG_POLL_MARGIN_S, connect=5.0)
+        body = await self._post(
+            "/v1/workers/lease", {"max_jobs": max_jobs, "wait_s": wait_s}, timeout=timeout
+        )
+        return LeaseResponse.model_validate(body).jobs
+
+    async def heartbeat(self, jobs: list[JobRef]) -> HeartbeatResponse:
+        body = await self._post("/v1/workers/heartbeat", {"jobs": [j.model_dump() for j in jobs]})
+        return HeartbeatResponse.model_validate(body)
+
+    async def start(self, job_id: str, attempt: int) -> None:
+        await self._post(f"/v1/workers/jobs/{job_id}/start", {"attempt": attempt})
+
+    async def complete(self, job_id: str, request: CompleteRequest) -> ResultView:
+        body = await self._post(
+            f"/v1/workers/jobs/{job_id}/complete", request.model_dump(mode="json")
+        )
+        return ResultView.model_validate(body)
+
+    async def fail(self, job_id: str, attempt: int, retryable: bool, reason: str) -> None:
+        request = FailRequest(attempt=attempt, retryable=retryable, reason=reason[:2000])
+        await self._post(f"/v1/workers/jobs/{job_id}/fail", request.model_dump())
+
+    async def drain(self) -> None:
+        await self._post("/v1/workers/drain")
+
+    async def deregister(self) -> None:
+        await self._post("/v1/workers/deregister")
+        self._token = None
+
+    async def chain_info(self) -> Deployment | None:
+        """The chain and contracts the orchestrator pays through; None when it runs without
+        payments (404). Needs no session."""
+        response = await self._http.get("/v1/chain")
+        if response.status_code == 404:
+            return None
+        _check(response)
+        return Deployment.model_validate(response.json())
+
+    async def vouchers(self) -> list[SignedVoucher]:
+        """The latest cumulative voucher per payer owed to this worker (amounts in wei)."""
+        response = await self._http.get("/v1/workers/vouchers", headers=self._auth)
+        _check(response)
+        return _VoucherList.model_validate(response.json()).vouchers
+
+    async def upload(self, path: Path) -> str:
+        """Stream a file to the blob store; returns its sha256."""
+
+        async def chunks() -> AsyncIterator[bytes]:
+            with path.open("rb") as f:
+                while chunk := f.read(DOWNLOAD_CHUNK_BYTES):
+                    yield chunk
+
+        headers = {**self._auth, "Content-Type": "application/octet-stream"}
+        response = await self._http.post("/v1/blobs", content=chunks(), headers=headers)
+        _check(response)
+        return str(response.json()["sha256"])
+
+    async def download(self, sha256: str, dest: Path) -> Path:
+        async with self._http.stream("GET", f"/v1/blobs/{sha256}", headers=self._auth) as resp:
+            if not resp.is_success:
+                await resp.aread()
+                _check(resp)
+            with dest.open("wb") as out:
+                async for chunk in resp.aiter_bytes(DOWNLOAD_CHUNK_BYTES):
+                    out.write(chunk)
+        return dest

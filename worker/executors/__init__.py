@@ -1,0 +1,1 @@
+"""Executors: one module per job type (inference with torch, transcode with PyAV)."""

@@ -1,0 +1,60 @@
+"""The ``Executor`` seam: what the worker's job loop needs from a pipeline.
+
+One executor per job type. The daemon owns leases, signing and energy; an executor only
+turns a leased job's input into an output and counts its units (the pricing unit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from protocol import JobType, LeasedJob, Precision
+
+FetchBlob = Callable[[str, Path], Awaitable[Path]]
+
+
+class JobRejected(Exception):
+    """The job itself is bad (corrupt input, unsupported request): retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A result file to upload; sizes in pixels, ``frames`` for video."""
+
+    name: str
+    path: Path
+    width: int | None = None
+    height: int | None = None
+    frames: int | None = None
+
+
+@dataclass(frozen=True)
+class Execution:
+    """What an executor produced: an inline ``output`` or ``files``, and the units done."""
+
+    units: int
+    output: dict[str, Any] | None = None
+    files: tuple[OutputFile, ...] = ()
+
+
+@dataclass(frozen=True)
+class Capability:
+    model: str
+    precision: Precision
+    max_batch: int = 1
+
+
+class Executor(Protocol):
+    job_type: JobType
+
+    def capabilities(self) -> list[Capability]: ...
+
+    async def warm_up(self) -> None:
+        """Load what the first job would otherwise wait for (model weights)."""
+
+    async def run(self, job: LeasedJob, workdir: Path, fetch: FetchBlob) -> Execution: ...
+
+    async def close(self) -> None: ...

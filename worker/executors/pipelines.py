@@ -1,0 +1,142 @@
+"""The two pipelines behind the ``Executor`` seam: torch inference and PyAV transcoding.
+
+They adapt the executor cores (``inference``, ``transcode``) to leased jobs: read the input,
+run, and count units (input items for inference, output pixels for transcode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from protocol import JobType, LeasedJob, Precision
+from protocol.jobs import DEFAULT_LADDER
+from protocol.jobs import Rendition as WireRendition
+from worker.batching import BatcherPool
+from worker.executors import inference, transcode
+from worker.executors.base import Capability, Execution, FetchBlob, JobRejected, OutputFile
+
+MAX_INPUT_JSON_BYTES = 16 * 1024 * 1024
+
+
+class InferencePipeline:
+    """Inference with warm models and dynamic batching across concurrent jobs."""
+
+    job_type = JobType.INFERENCE
+
+    def __init__(
+        self, registry: inference.ModelRegistry, *, max_batch: int, max_wait_s: float
+    ) -> None:
+        self.registry = registry
+        self.batchers = BatcherPool(
+            lambda model, precision: registry.get(model, precision),
+            max_wait_s=max_wait_s,
+            max_batch=max_batch,
+        )
+        self._max_batch = max_batch
+
+    def capabilities(self) -> list[Capability]:
+        return [
+            Capability(model=name, precision=precision, max_batch=self._max_batch)
+            for name, precision in self.registry.offers()
+        ]
+
+    async def warm_up(self) -> None:
+        """Load the built-in model before the first job, so that job does not pay for it."""
+        if (inference.BUILTIN_EMBEDDING_MODEL, Precision.FP32) in self.registry.offers():
+            await self.batchers.get(inference.BUILTIN_EMBEDDING_MODEL, Precision.FP32.value)
+
+    async def _items(self, job: LeasedJob, workdir: Path, fetch: FetchBlob) -> list[Any]:
+        body: dict[str, Any] | None = job.input
+        if body is None and job.input_blob is not None:
+            path = await fetch(job.input_blob, workdir / "input.json")
+            if path.stat().st_size > MAX_INPUT_JSON_BYTES:
+                raise JobRejected(f"input blob is over {MAX_INPUT_JSON_BYTES} bytes")
+            try:
+                body = json.loads(path.read_bytes())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise JobRejected(f"input blob is not JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise JobRejected('inference input must be {"texts": [...]} or {"tensors": [...]}')
+        items = body.get("texts") or body.get("tensors")
+        if not isinstance(items, list) or not items:
+            raise JobRejected('inference input must be {"texts": [...]} or {"tensors": [...]}')
+        return items
+
+    async def run(self, job: LeasedJob, workdir: Path, fetch: FetchBlob) -> Execution:
+        items = await self._items(job, workdir, fetch)
+        try:
+            spec = self.registry.spec(job.model)
+            results = await self.batchers.submit(job.model, job.precision.value, items)
+        except (
+            inference.ModelNotFound,
+            inference.ModelLoadError,
+            inference.UnsupportedPrecision,
+            inference.InvalidInput,
+        ) as exc:
+            raise JobRejected(str(exc)) from exc
+        key = "embeddings" if spec.kind is inference.ModelKind.EMBEDDING else "outputs"
+        return Execution(units=len(items), output={key: results})
+
+    async def close(self) -> None:
+        await self.batchers.close(drain=False)
+
+
+def _core_rendition(wire: WireRendition) -> transcode.Rendition:
+    return transcode.Rendition(
+        name=wire.name or f"{wire.height}p",
+        width=wire.width,
+        height=wire.height,
+        fps=wire.fps,
+        bitrate_kbps=wire.bitrate_kbps,
+    )
+
+
+class TranscodePipeline:
+    """H.264 rendition ladders with PyAV, priced per output pixel."""
+
+    job_type = JobType.TRANSCODE
+
+    def __init__(self, *, threads: int | None = None) -> None:
+        self.threads = threads
+
+    def capabilities(self) -> list[Capability]:
+        return [Capability(model="h264", precision=Precision.FP32)]
+
+    async def warm_up(self) -> None:
+        return None
+
+    async def run(self, job: LeasedJob, workdir: Path, fetch: FetchBlob) -> Execution:
+        if job.input_blob is None:
+            raise JobRejected("transcode jobs need an input video blob")
+        source = await fetch(job.input_blob, workdir / "input")
+        wire = job.renditions or list(DEFAULT_LADDER)
+        (workdir / "out").mkdir(exist_ok=True)
+        try:
+            ladder = [_core_rendition(r) for r in wire]
+            result = await asyncio.to_thread(
+                transcode.transcode,
+                source,
+                ladder,
+                job.container.value if job.container else "mp4",
+                workdir / "out",
+                threads=self.threads,
+            )
+        except (transcode.TranscodeInputError, transcode.InvalidRendition) as exc:
+            raise JobRejected(str(exc)) from exc
+        files = tuple(
+            OutputFile(
+                name=out.name,
+                path=out.path,
+                width=out.width,
+                height=out.height,
+                frames=out.frame_count,
+            )
+            for out in result.outputs
+        )
+        return Execution(units=result.total_output_pixels, files=files)
+
+    async def close(self) -> None:
+        return None
