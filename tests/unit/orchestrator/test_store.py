@@ -221,8 +221,9 @@ class TestStore:
                 )
                 for _ in range(2)
             ]
-            for proc in migrators:
-                _, err = proc.communicate(timeout=THREAD_TIMEOUT_S)
+            # Wait for both before judging either, so no process outlives the test.
+            errors = [proc.communicate(timeout=THREAD_TIMEOUT_S)[1] for proc in migrators]
+            for proc, err in zip(migrators, errors, strict=True):
                 assert proc.returncode == 0, err
             assert fresh.schema_is_current()
             assert _schema_diff(fresh) == []
