@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install browser demo test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml contracts/package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,15 @@ $(STAMP): pyproject.toml contracts/package-lock.json
 
 install: $(STAMP)
 
+# Headless Chromium and its driver for the dashboard's browser test (tests/e2e). Idempotent:
+# installs only what is missing, and refreshes the package lists only if the install fails.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q chromium chromium-driver \
+		|| { apt-get update -q && apt-get install -y -q chromium chromium-driver; }; \
+	fi
+
 demo: install
 	$(PY) -m gpumarket.demo
 
@@ -31,10 +40,10 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint browser
 	$(PY) -m pytest
 
-test-fast: install
+test-fast: install browser
 	$(PY) -m pytest -m "not slow"
 
 bench: install

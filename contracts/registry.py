@@ -96,6 +96,10 @@ class WorkerRegistry:
     def is_slashed(self, worker: str) -> bool:
         return bool(self.chain.call(self.contract, "isSlashed", to_checksum_address(worker)))
 
+    def evidence_used(self, evidence_hash: bytes | str) -> bool:
+        """Has a slash already been made with this evidence?"""
+        return bool(self.chain.call(self.contract, "evidenceUsed", _bytes32(evidence_hash)))
+
     def is_eligible(self, worker: str) -> bool:
         """Enough active stake, nothing unbonding, never slashed."""
         return bool(self.chain.call(self.contract, "isEligible", to_checksum_address(worker)))

@@ -1,5 +1,5 @@
 """gpumarket: CLI and the Python SDK for job submitters."""
 
-from gpumarket.sdk import Client, GpumarketAPIError, JobFailed, JobTimeout
+from gpumarket.sdk import AsyncClient, Client, GpumarketAPIError, JobFailed, JobTimeout
 
-__all__ = ["Client", "GpumarketAPIError", "JobFailed", "JobTimeout"]
+__all__ = ["AsyncClient", "Client", "GpumarketAPIError", "JobFailed", "JobTimeout"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -11,6 +10,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from gpumarket.job_cli import job_app
 from gpumarket.wallet import wallet_app
 
 if TYPE_CHECKING:
@@ -25,6 +25,7 @@ app.add_typer(worker_app, name="worker")
 chain_app = typer.Typer(help="The local development chain (anvil).", no_args_is_help=True)
 app.add_typer(chain_app, name="chain")
 app.add_typer(wallet_app, name="wallet")
+app.add_typer(job_app, name="job")
 
 DEFAULT_DEPLOYMENT = Path(".gpumarket/deployment.json")
 
@@ -60,18 +61,27 @@ def orchestrator_serve(
         Path | None, typer.Option(help="Blob folder [env GPUMARKET_BLOB_DIR].")
     ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error.")] = None,
+    log_format: Annotated[
+        str | None, typer.Option(help="text|json (JSON lines) [env GPUMARKET_LOG_FORMAT].")
+    ] = None,
 ) -> None:
     """Serve the orchestrator's REST API (docs at /docs)."""
     settings = _orchestrator_settings(
-        host=host, port=port, db_url=db, data_dir=data_dir, blob_dir=blob_dir, log_level=log_level
+        host=host,
+        port=port,
+        db_url=db,
+        data_dir=data_dir,
+        blob_dir=blob_dir,
+        log_level=log_level,
+        log_format=log_format,
     )
     import uvicorn  # after the settings check, so a bad setting is refused at once
 
+    from gpumarket.logs import configure_logging
     from orchestrator.app import create_app
 
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    json_logs = settings.log_format == "json"
+    configure_logging(settings.log_level, json=json_logs)
     try:
         application = create_app(settings)
     except (OSError, ValueError) as exc:  # unreadable deployment file, unreachable chain, ...
@@ -91,6 +101,8 @@ def orchestrator_serve(
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # JSON: uvicorn's loggers go through ours (its own config would print plain text).
+        log_config=None if json_logs else uvicorn.config.LOGGING_CONFIG,
         timeout_graceful_shutdown=5,
     )
 
@@ -162,6 +174,16 @@ def worker_run(
         float | None,
         typer.Option(help="Redeem anything owed at least this often, seconds (0: threshold only)."),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus metrics on this port (default: off; 0: any free)."),
+    ] = None,
+    metrics_host: Annotated[
+        str | None, typer.Option(help="Address the metrics port binds (default 127.0.0.1).")
+    ] = None,
+    log_format: Annotated[
+        str | None, typer.Option(help="text|json (JSON lines) [env GPUMARKET_LOG_FORMAT].")
+    ] = None,
 ) -> None:
     """Register with an orchestrator and run jobs until SIGTERM (drain) or a second SIGTERM."""
     from worker.config import WorkerSettings
@@ -178,6 +200,9 @@ def worker_run(
         "job_types": job_type,
         "redeem_threshold_wei": redeem_threshold,
         "redeem_interval_s": redeem_interval,
+        "metrics_port": metrics_port,
+        "metrics_host": metrics_host,
+        "log_format": log_format,
     }
     given = {k: v for k, v in overrides.items() if v is not None}
     if price:
@@ -198,10 +223,26 @@ def worker_run(
     if created:
         console.print(f"new worker key written to {settings.key_file.resolve()} (keep it safe)")
     console.print(f"worker {account.address} -> {settings.orchestrator_url}")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from gpumarket.logs import configure_logging
+
+    configure_logging(settings.log_level, json=settings.log_format == "json")
     run_worker(settings, account)
+
+
+@app.command("up")
+def up() -> None:
+    """Start a whole local marketplace (anvil, contracts, orchestrator, two workers) and keep
+    it running until Ctrl-C; prints the dashboard, API and RPC addresses."""
+    from gpumarket.demo import console
+    from gpumarket.demo import up as run_up
+
+    try:
+        raise typer.Exit(run_up())
+    except KeyboardInterrupt:
+        console.print("stopped; every process was shut down")
+    except RuntimeError as exc:
+        console.print(f"[red]gpumarket up failed: {exc}[/red]")
+        raise typer.Exit(1) from exc
 
 
 @chain_app.command("up")

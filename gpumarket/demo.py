@@ -1,8 +1,11 @@
-"""``make demo``: a whole local marketplace in one command.
+"""``make demo``: a whole local marketplace in one command; ``gpumarket up``: the same stack, left
+running.
 
-Starts an orchestrator and two workers as real processes on loopback, submits embedding jobs
-and a transcoding job (its input clip made here with PyAV), shows progress, prints results,
-cost and energy per job, and stops every process it started, also on Ctrl-C or failure.
+Starts anvil with the contracts, an orchestrator and two staked workers as real processes on
+loopback, submits embedding jobs and a transcoding job (its input clip made here with PyAV),
+shows progress, prints results with verification outcome, cost, energy, CO2 and gas per job,
+and balances before and after redemption; stops every process it started, also on Ctrl-C or
+failure.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import httpx
 from eth_account import Account
+from eth_typing import HexStr
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -29,6 +33,7 @@ from contracts.anvil import DEV_PRIVATE_KEYS, Anvil
 from contracts.broker import PaymentBroker
 from contracts.chain import Chain
 from contracts.deploy import Deployment, deploy, write_deployment
+from contracts.events import Redeemed
 from contracts.registry import WorkerRegistry
 from gpumarket.sdk import FINAL_STATES, Client
 
@@ -36,7 +41,12 @@ READY_TIMEOUT_S = 120.0
 SETTLE_TIMEOUT_S = 60.0
 MIN_STAKE_WEI = 10**17
 PAYER_DEPOSIT_WEI = 10**18
+# The operator (the deployer, who signs vouchers) pays the workers that run verification checks.
+OPERATOR_DEPOSIT_WEI = 10**18
+# New workers get half their results re-run on the other worker, so the demo shows checks.
+DEMO_VERIFY_RATE_NEW = "0.5"
 # anvil's well-known dev accounts (the local dev chain only): 2 pays, 3 and 4 work.
+DEV_KEY = DEV_PRIVATE_KEYS[0]  # deploys, signs vouchers, arbitrates, pays for checks
 PAYER_KEY = DEV_PRIVATE_KEYS[2]
 WORKER_KEYS = (DEV_PRIVATE_KEYS[3], DEV_PRIVATE_KEYS[4])
 WORKER_OFFERS = (("800000000000000", "50"), ("1000000000000000", "400"))  # wei/item, gCO2/kWh
@@ -109,6 +119,7 @@ class Market:
     rpc_url: str
     deployment: Deployment
     workers: tuple[str, ...]
+    stack: Stack
 
 
 @contextlib.contextmanager
@@ -118,12 +129,15 @@ def local_stack(root: Path) -> Iterator[Market]:
     url = f"http://127.0.0.1:{port}"
     token = "gmo_demo_" + os.urandom(OPERATOR_TOKEN_BYTES).hex()
     with (root / "anvil.log").open("ab") as anvil_log, Anvil(log=anvil_log) as node:
-        deployer = Chain.connect(node.url, DEV_PRIVATE_KEYS[0])  # anvil dev keys: dev chain
+        deployer = Chain.connect(node.url, DEV_KEY)  # anvil dev keys: dev chain
         deployment = deploy(deployer, withdraw_delay_s=3600, min_stake_wei=MIN_STAKE_WEI)
         write_deployment(deployment, root / "deployment.json")
         payer = PaymentBroker(Chain.connect(node.url, PAYER_KEY), deployment.payment_broker)
         payer.deposit(PAYER_DEPOSIT_WEI)
         payer.authorize(deployer.address, PAYER_DEPOSIT_WEI)
+        operator = PaymentBroker(deployer, deployment.payment_broker)
+        operator.deposit(OPERATOR_DEPOSIT_WEI)
+        operator.authorize(deployer.address, OPERATOR_DEPOSIT_WEI)
         stack = Stack(root)
         try:
             stack.spawn(
@@ -142,6 +156,7 @@ def local_stack(root: Path) -> Iterator[Market]:
                     "GPUMARKET_DEPLOYMENT_FILE": str(root / "deployment.json"),
                     "GPUMARKET_STAKE_CHECK_INTERVAL_S": "1",
                     "GPUMARKET_RECONCILE_INTERVAL_S": "1",
+                    "GPUMARKET_VERIFY_RATE_NEW": DEMO_VERIFY_RATE_NEW,
                 },
             )
             _wait_ready(url, stack)
@@ -177,7 +192,7 @@ def local_stack(root: Path) -> Iterator[Market]:
                         "GPUMARKET_WORKER_REDEEM_POLL_S": "1",
                     },
                 )
-            yield Market(url, token, node.url, deployment, tuple(workers))
+            yield Market(url, token, node.url, deployment, tuple(workers), stack)
             stack.check_alive()
         finally:
             stack.stop()
@@ -232,7 +247,8 @@ def _track(client: Client, job_ids: list[str]) -> dict[str, dict[str, object]]:
 
 def _report(client: Client, jobs: dict[str, dict[str, object]], labels: dict[str, str]) -> None:
     table = Table(title="Jobs")
-    for column in ("job", "state", "worker", "units", "cost (wei)", "s", "J", "result"):
+    columns = ("job", "state", "worker", "verified", "units", "cost (wei)", "s", "J", "gCO2")
+    for column in (*columns, "result"):
         table.add_column(column, overflow="fold")
     for job_id, job in jobs.items():
         summary = "-"
@@ -244,14 +260,23 @@ def _report(client: Client, jobs: dict[str, dict[str, object]], labels: dict[str
             else:
                 summary = " ".join(f"{b['height']}p" for b in result["output_blobs"])
         worker = str(job.get("worker_address") or "-")
+        verification = job.get("verification")
+        verified = "not sampled"
+        if isinstance(verification, dict):
+            verified = str(verification["status"])
+            checks = verification.get("checks") or []
+            if checks and checks[0].get("value") is not None:
+                verified += f" ({checks[0]['metric']} {checks[0]['value']:.4f})"
         table.add_row(
             labels[job_id],
             str(job["state"]),
             worker[:8],
+            verified,
             str(job.get("units")),
             str(job.get("cost_wei")),
             f"{job.get('duration_s') or 0:.2f}",
             f"{job.get('energy_j') or 0:.2f}",
+            f"{job.get('co2_g') or 0:.4f}",
             summary,
         )
     console.print(table)
@@ -292,7 +317,20 @@ def _balances(market: Market, payer: str) -> dict[str, int]:
     broker = PaymentBroker(chain, market.deployment.payment_broker)
     found = {w: chain.balance_wei(w) for w in market.workers}
     found["payer deposit"] = broker.balance_of(payer)
+    found["operator deposit (checks)"] = broker.balance_of(Account.from_key(DEV_KEY).address)
     return found
+
+
+def _redemption_gas(market: Market) -> tuple[int, int]:
+    """(redemption transactions, gas they used), read back from the chain."""
+    chain = Chain.connect(market.rpc_url)
+    broker = PaymentBroker(chain, market.deployment.payment_broker)
+    start = market.deployment.deployed_at_block
+    txs = {e.tx_hash for e in broker.events.read(Redeemed, start, chain.block_number())}
+    gas = 0
+    for tx in txs:
+        gas += int(chain.w3.eth.get_transaction_receipt(HexStr(tx))["gasUsed"])
+    return len(txs), gas
 
 
 def _report_money(
@@ -315,6 +353,15 @@ def _report_money(
         f"{settled['ledger_entries']} paid jobs settled in {len(pairs)} redemption(s); "
         "worker balances rise by what they earned minus the fee and their gas"
     )
+
+
+def _report_gas(market: Market, paid_jobs: int) -> None:
+    txs, gas = _redemption_gas(market)
+    if txs and paid_jobs:
+        console.print(
+            f"settlement gas: {gas:,} in {txs} redemption transaction(s) for {paid_jobs} paid "
+            f"job(s): {gas / paid_jobs:,.0f} gas per job (a per-job escrow release: ~56,000)"
+        )
 
 
 def _submit_all(client: Client, clip: Path) -> dict[str, str]:
@@ -355,6 +402,7 @@ def main() -> int:
                 f"anvil {market.rpc_url}; PaymentBroker {market.deployment.payment_broker}"
             )
             console.print(f"orchestrator {market.url} (API docs {market.url}/docs)")
+            console.print(f"dashboard {market.url}/#token={market.token}")
             for w in _wait_workers(market.url, market.token, 2):
                 console.print(f"  worker {w['address']} registered")
             _wait_staked(market)
@@ -378,10 +426,54 @@ def main() -> int:
                 return 1
             settled = _wait_settled(market)
             _report_money(before, _balances(market, payer), settled)
+            entries = settled["ledger_entries"]
+            _report_gas(market, entries if isinstance(entries, int) else 0)
         console.print(
             "[green]demo finished: every job succeeded and was paid; all processes stopped[/green]"
         )
     return 0
+
+
+def _demo_client(market: Market) -> str:
+    """A client account paying from the funded dev payer; returns its API key."""
+    key: str = httpx.post(
+        f"{market.url}/v1/clients",
+        json={"name": "local"},
+        headers={"Authorization": f"Bearer {market.token}"},
+    ).json()["api_key"]
+    with Client(market.url, key) as client:
+        client.link_payer(PAYER_KEY)
+    return key
+
+
+def up() -> int:
+    """``gpumarket up``: the demo's stack, left running until Ctrl-C; prints where it is."""
+    with tempfile.TemporaryDirectory(prefix="gpumarket-up-") as tmp:
+        root = Path(tmp)
+        console.rule("gpumarket up")
+        with local_stack(root) as market:
+            _wait_workers(market.url, market.token, 2)
+            _wait_staked(market)
+            key = _demo_client(market)
+            table = Table(title="local marketplace", show_header=False)
+            table.add_column("what")
+            table.add_column("where", overflow="fold")
+            table.add_row("dashboard", f"{market.url}/#token={market.token}")
+            table.add_row("API docs", f"{market.url}/docs")
+            table.add_row("metrics", f"{market.url}/metrics")
+            table.add_row("chain RPC", market.rpc_url)
+            table.add_row("PaymentBroker", market.deployment.payment_broker)
+            table.add_row("WorkerRegistry", market.deployment.worker_registry)
+            table.add_row("workers", ", ".join(market.workers))
+            table.add_row("logs", str(root))
+            console.print(table)
+            console.print("A client that pays from a funded dev account is ready:")
+            console.print(f"  export GPUMARKET_URL={market.url} GPUMARKET_API_KEY={key}")
+            console.print('  gpumarket job submit --text "hello world" --wait')
+            console.print("Ctrl-C stops everything.")
+            while True:
+                market.stack.check_alive()
+                time.sleep(1)
 
 
 if __name__ == "__main__":

@@ -1,49 +1,71 @@
-"""Python SDK for job submitters: a small synchronous client over the REST API.
+"""Python SDK for job submitters: ``Client`` (sync) and ``AsyncClient`` (asyncio), one surface.
 
-client = Client("http://127.0.0.1:8000", api_key="gmk_...")
-job = client.submit({"type": "inference", "model": "all-MiniLM-L6-v2",
-                     "input": {"texts": ["hello"]}, "max_price_wei_per_unit": "1000"})
-result = client.wait(job["id"], timeout_s=60)
+    with Client("http://127.0.0.1:8000", api_key="gmk_...") as client:
+        job = client.submit({"type": "inference", "model": "all-MiniLM-L6-v2",
+                             "input": {"texts": ["hello"]}, "max_price_wei_per_unit": "1000"})
+        result = client.wait(job["id"], timeout_s=60)
+
+    async with AsyncClient("http://127.0.0.1:8000", api_key="gmk_...") as client:
+        job = await client.submit(spec)
+        result = await client.wait(job["id"], timeout_s=60)
+        async for job in client.list(state="running"):
+            ...
+
+Amounts of wei are decimal strings on the wire, times are seconds. Both clients take an httpx
+transport (``httpx.MockTransport``, ``httpx.ASGITransport`` for the app in-process). Errors:
+see ``gpumarket.exceptions``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from protocol.problems import ProblemError
+from gpumarket import _calls
+from gpumarket._calls import FINAL_STATES, Call
+from gpumarket.exceptions import GpumarketAPIError, JobFailed, JobTimeout
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_WAIT_TIMEOUT_S",
+    "FINAL_STATES",
+    "AsyncClient",
+    "Client",
+    "GpumarketAPIError",
+    "JobFailed",
+    "JobTimeout",
+]
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+"""Per HTTP request: 30 s to read, 5 s to connect."""
+DEFAULT_WAIT_TIMEOUT_S = 300.0
 WAIT_POLL_S = 0.2
-FINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "expired"})
 UPLOAD_CHUNK_BYTES = 1 << 20
 
-
-GpumarketAPIError = ProblemError  # the orchestrator's problem document: status, code, detail
-
-
-class JobFailed(Exception):
-    """The job ended without a result (failed, cancelled or expired)."""
-
-    def __init__(self, job: dict[str, Any]) -> None:
-        super().__init__(f"job {job['id']} {job['state']}: {job.get('failure_reason')}")
-        self.job = job
+Progress = Callable[[dict[str, Any]], object]
+"""Called by ``wait`` with the job (as ``get`` returns it) after every poll."""
+AsyncProgress = Callable[[dict[str, Any]], Awaitable[object] | object]
 
 
-class JobTimeout(TimeoutError):
-    pass
+def _headers(api_key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"}
 
 
-def _raise_for_problem(response: httpx.Response) -> None:
-    if not response.is_success:
-        raise ProblemError.from_body(response.status_code, response.content)
+def _partial(dest: Path) -> Path:
+    """Where a download is written before it is renamed to ``dest``: no half files."""
+    return dest.with_name(f".{dest.name}.part")
 
 
 class Client:
+    """The REST API for job submitters, synchronous (httpx.Client)."""
+
     def __init__(
         self,
         base_url: str,
@@ -53,10 +75,7 @@ class Client:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self._http = httpx.Client(
-            base_url=base_url,
-            headers={"Authorization": f"Bearer {api_key}"},
-            timeout=timeout,
-            transport=transport,
+            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport
         )
 
     def __enter__(self) -> Client:
@@ -68,59 +87,68 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._http.request(method, path, **kwargs)
-        _raise_for_problem(response)
-        return response.json() if response.content else None
+    def _send(self, call: Call, **kwargs: Any) -> Any:
+        response = self._http.request(
+            call.method,
+            call.path,
+            params=call.params,
+            json=call.json,
+            headers=call.headers,
+            **kwargs,
+        )
+        return _calls.read(response)
 
     def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-        job: dict[str, Any] = self._call("POST", "/v1/jobs", json=spec, headers=headers)
+        """Submit a job (see ``protocol.jobs.JobSpec``); a repeated idempotency key returns the
+        job it first made. Prices in wei per unit."""
+        job: dict[str, Any] = self._send(_calls.submit(spec, idempotency_key))
         return job
 
     def get(self, job_id: str) -> dict[str, Any]:
-        job: dict[str, Any] = self._call("GET", f"/v1/jobs/{job_id}")
+        job: dict[str, Any] = self._send(_calls.get_job(job_id))
         return job
 
     def result(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("GET", f"/v1/jobs/{job_id}/result")
+        """The signed result of a succeeded job (cost in wei, duration s, energy J)."""
+        result: dict[str, Any] = self._send(_calls.get_result(job_id))
         return result
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        job: dict[str, Any] = self._call("POST", f"/v1/jobs/{job_id}/cancel")
+        job: dict[str, Any] = self._send(_calls.cancel(job_id))
         return job
 
     def list(self, state: str | None = None, limit: int = 50) -> Iterator[dict[str, Any]]:
-        """Every job of this client, newest first, following pages."""
+        """Every job of this client, newest first, ``limit`` per page, following pages."""
         cursor: str | None = None
         while True:
-            params: dict[str, Any] = {"limit": limit}
-            if state:
-                params["state"] = state
-            if cursor:
-                params["cursor"] = cursor
-            page = self._call("GET", "/v1/jobs", params=params)
+            page = self._send(_calls.list_page(state, limit, cursor))
             yield from page["jobs"]
             cursor = page.get("next_cursor")
             if not cursor:
                 return
 
-    def wait(self, job_id: str, timeout_s: float = 300.0) -> dict[str, Any]:
-        """Block until the job is final; returns its result, raises JobFailed or JobTimeout."""
-        deadline = time.monotonic() + timeout_s
+    def wait(
+        self,
+        job_id: str,
+        timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
+        *,
+        on_progress: Progress | None = None,
+        poll_s: float = WAIT_POLL_S,
+    ) -> dict[str, Any]:
+        """Poll every ``poll_s`` seconds until the job is final; returns its result. Raises
+        JobFailed (failed, cancelled, expired) or JobTimeout after ``timeout_s`` seconds."""
+        waiting = _calls.Waiting(job_id, timeout_s, poll_s)
         while True:
             job = self.get(job_id)
-            if job["state"] == "succeeded":
+            if on_progress is not None:
+                on_progress(job)
+            if waiting.succeeded(job):
                 return self.result(job_id)
-            if job["state"] in FINAL_STATES:
-                raise JobFailed(job)
-            if time.monotonic() >= deadline:
-                raise JobTimeout(f"job {job_id} still {job['state']} after {timeout_s}s")
-            time.sleep(WAIT_POLL_S)
+            time.sleep(waiting.pause_s())
 
     def account(self) -> dict[str, Any]:
         """Your payer and, on a paid orchestrator, what it can still be charged (wei)."""
-        account: dict[str, Any] = self._call("GET", "/v1/account")
+        account: dict[str, Any] = self._send(_calls.account())
         return account
 
     def link_payer(self, private_key: str | bytes) -> dict[str, Any]:
@@ -128,16 +156,9 @@ class Client:
         orchestrator's challenge here, locally; only the signature is sent."""
         from eth_account import Account
 
-        from protocol.signing import sign_registration
-
         address = Account.from_key(private_key).address
-        challenge = self._call("POST", "/v1/account/payer/challenge", json={"address": address})
-        body = {
-            "address": address,
-            "nonce": challenge["nonce"],
-            "signature": sign_registration(private_key, challenge["message"]),
-        }
-        account: dict[str, Any] = self._call("POST", "/v1/account/payer", json=body)
+        challenge = self._send(_calls.payer_challenge(address))
+        account: dict[str, Any] = self._send(_calls.link_payer(private_key, address, challenge))
         return account
 
     def upload_blob(self, path: Path) -> str:
@@ -148,16 +169,153 @@ class Client:
                 while chunk := f.read(UPLOAD_CHUNK_BYTES):
                     yield chunk
 
-        headers = {"Content-Type": "application/octet-stream"}
-        info = self._call("POST", "/v1/blobs", content=chunks(), headers=headers)
+        info = self._send(_calls.UPLOAD_BLOB, content=chunks())
         return str(info["sha256"])
 
     def download_blob(self, sha256: str, dest: Path) -> Path:
-        with self._http.stream("GET", f"/v1/blobs/{sha256}") as response:
+        """Stream a blob into ``dest`` (written aside, then renamed); returns ``dest``."""
+        call = _calls.download_blob(sha256)
+        partial = _partial(dest)
+        with self._http.stream(call.method, call.path) as response:
             if not response.is_success:
                 response.read()
-                _raise_for_problem(response)
-            with dest.open("wb") as out:
-                for chunk in response.iter_bytes():
+                _calls.check(response)
+            with partial.open("wb") as out:
+                for chunk in response.iter_bytes(UPLOAD_CHUNK_BYTES):
                     out.write(chunk)
+        os.replace(partial, dest)
+        return dest
+
+
+class AsyncClient:
+    """The REST API for job submitters, for asyncio (httpx.AsyncClient); the same methods as
+    ``Client``, awaited (``list`` is an async iterator)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url, headers=_headers(api_key), timeout=timeout, transport=transport
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: Call, **kwargs: Any) -> Any:
+        response = await self._http.request(
+            call.method,
+            call.path,
+            params=call.params,
+            json=call.json,
+            headers=call.headers,
+            **kwargs,
+        )
+        return _calls.read(response)
+
+    async def submit(
+        self, spec: dict[str, Any], idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Submit a job (see ``protocol.jobs.JobSpec``); a repeated idempotency key returns the
+        job it first made. Prices in wei per unit."""
+        job: dict[str, Any] = await self._send(_calls.submit(spec, idempotency_key))
+        return job
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        job: dict[str, Any] = await self._send(_calls.get_job(job_id))
+        return job
+
+    async def result(self, job_id: str) -> dict[str, Any]:
+        """The signed result of a succeeded job (cost in wei, duration s, energy J)."""
+        result: dict[str, Any] = await self._send(_calls.get_result(job_id))
+        return result
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        job: dict[str, Any] = await self._send(_calls.cancel(job_id))
+        return job
+
+    async def list(
+        self, state: str | None = None, limit: int = 50
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Every job of this client, newest first, ``limit`` per page, following pages."""
+        cursor: str | None = None
+        while True:
+            page = await self._send(_calls.list_page(state, limit, cursor))
+            for job in page["jobs"]:
+                yield job
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    async def wait(
+        self,
+        job_id: str,
+        timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
+        *,
+        on_progress: AsyncProgress | None = None,
+        poll_s: float = WAIT_POLL_S,
+    ) -> dict[str, Any]:
+        """Poll every ``poll_s`` seconds until the job is final; returns its result. Raises
+        JobFailed (failed, cancelled, expired) or JobTimeout after ``timeout_s`` seconds.
+        ``on_progress`` may be a plain function or a coroutine function."""
+        waiting = _calls.Waiting(job_id, timeout_s, poll_s)
+        while True:
+            job = await self.get(job_id)
+            if on_progress is not None:
+                shown = on_progress(job)
+                if inspect.isawaitable(shown):
+                    await shown
+            if waiting.succeeded(job):
+                return await self.result(job_id)
+            await asyncio.sleep(waiting.pause_s())
+
+    async def account(self) -> dict[str, Any]:
+        """Your payer and, on a paid orchestrator, what it can still be charged (wei)."""
+        account: dict[str, Any] = await self._send(_calls.account())
+        return account
+
+    async def link_payer(self, private_key: str | bytes) -> dict[str, Any]:
+        """Pay for this client's jobs from the account of ``private_key``: the key signs the
+        orchestrator's challenge here, locally; only the signature is sent."""
+        from eth_account import Account
+
+        address = Account.from_key(private_key).address
+        challenge = await self._send(_calls.payer_challenge(address))
+        call = _calls.link_payer(private_key, address, challenge)
+        account: dict[str, Any] = await self._send(call)
+        return account
+
+    async def upload_blob(self, path: Path) -> str:
+        """Stream a file to the blob store; returns its sha256 address."""
+
+        async def chunks() -> AsyncIterator[bytes]:
+            with path.open("rb") as f:
+                while chunk := f.read(UPLOAD_CHUNK_BYTES):
+                    yield chunk
+
+        info = await self._send(_calls.UPLOAD_BLOB, content=chunks())
+        return str(info["sha256"])
+
+    async def download_blob(self, sha256: str, dest: Path) -> Path:
+        """Stream a blob into ``dest`` (written aside, then renamed); returns ``dest``."""
+        call = _calls.download_blob(sha256)
+        partial = _partial(dest)
+        async with self._http.stream(call.method, call.path) as response:
+            if not response.is_success:
+                await response.aread()
+                _calls.check(response)
+            with partial.open("wb") as out:
+                async for chunk in response.aiter_bytes(UPLOAD_CHUNK_BYTES):
+                    out.write(chunk)
+        os.replace(partial, dest)
         return dest

@@ -11,8 +11,18 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from orchestrator.api.problems import install_problem_handlers
-from orchestrator.api.routes import accounts, blobs, health, jobs, operator, workers
+from orchestrator.api.routes import (
+    accounts,
+    blobs,
+    dashboard,
+    health,
+    jobs,
+    metrics,
+    operator,
+    workers,
+)
 from orchestrator.config import Settings
+from orchestrator.metrics import build_registry
 from orchestrator.wiring import Services, build_services
 
 log = logging.getLogger("gpumarket.orchestrator")
@@ -32,7 +42,9 @@ async def _sweep_forever(services: Services) -> None:
                     report.leases_expired,
                     report.deadlines_passed,
                 )
+            await run_in_threadpool(services.verification.resolve_stalled, services.now())
             await run_in_threadpool(services.leases.dispatch, services.now())
+            await run_in_threadpool(services.verification.send_slashes)
             if services.payments.enabled and services.now() >= next_settle:
                 next_settle = services.now() + services.settings.reconcile_interval_s
                 await run_in_threadpool(services.payments.reconcile)
@@ -76,7 +88,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.services = svc
+    app.state.metrics_registry = build_registry(svc)
     install_problem_handlers(app)
-    for module in (jobs, blobs, workers, accounts, operator, health):
+    for module in (jobs, blobs, workers, accounts, operator, health, dashboard, metrics):
         app.include_router(module.router)
     return app

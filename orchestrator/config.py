@@ -43,6 +43,24 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(default=5.0, gt=0)
     stake_check_interval_s: float = Field(default=60.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line (gpumarket/logs.py)
+    # Verification: the share of results re-run on a second worker and compared (docs/TRUST.md).
+    verify_rate: float = Field(default=0.05, ge=0, le=1)
+    # The share for workers that are new (fewer than verify_new_worker_jobs results) or whose
+    # reputation is below verify_trusted_reputation.
+    verify_rate_new: float = Field(default=0.25, ge=0, le=1)
+    verify_new_worker_jobs: int = Field(default=20, ge=0)
+    verify_trusted_reputation: float = Field(default=0.8, ge=0, le=1)
+    # A check still unfinished after this long is given up: the first result stands, unverified.
+    verify_timeout_s: float = Field(default=900.0, gt=0)
+    # Who pays the workers that run checks (an on-chain payer that authorised this orchestrator's
+    # signer); default: the signer's own address. Without budget there, checks run unpaid.
+    verification_payer: str | None = None
+    # Wei slashed from a worker that loses a tie-break; default (None): all its stake.
+    slash_wei: int | None = Field(default=None, gt=0)
+    # Reputation: evidence halves in weight every half-life; below the floor, no new work.
+    reputation_half_life_s: float = Field(default=7 * 24 * 3600.0, gt=0)
+    reputation_floor: float = Field(default=0.25, ge=0, lt=1)
 
     @field_validator("db_url")
     @classmethod

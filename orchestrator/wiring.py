@@ -12,9 +12,11 @@ from orchestrator.config import Settings
 from orchestrator.services.accounts import AccountService
 from orchestrator.services.auth import Authenticator
 from orchestrator.services.blobs import BlobService
+from orchestrator.services.dashboard import DashboardService
 from orchestrator.services.jobs import JobService
 from orchestrator.services.leases import LeaseService
 from orchestrator.services.settlement import ChainPayments, NoPayments, Payments
+from orchestrator.services.verification import VerificationService
 from orchestrator.services.wakeups import WakeHub
 from orchestrator.services.workers import WorkerService
 from orchestrator.store import Store
@@ -35,6 +37,8 @@ class Services:
     clock: Clock
     payments: Payments
     accounts: AccountService
+    verification: VerificationService
+    dashboard: DashboardService
 
     def now(self) -> float:
         return self.clock()
@@ -51,18 +55,29 @@ def build_services(
     store = store or Store(settings.database_url)
     hub = WakeHub()
     payments = payments or build_payments(settings, store, clock)
+    blob_store = LocalBlobStore(settings.blob_path)
+    verification = VerificationService(
+        store,
+        settings,
+        payments,
+        blob_store.path,
+        rng=random.Random(rng.random()) if rng is not None else None,
+    )
+    workers = WorkerService(store, settings, payments)
     return Services(
         settings=settings,
         store=store,
         auth=Authenticator(store, settings.resolve_admin_token()),
         jobs=JobService(store, payments),
-        workers=WorkerService(store, settings, payments),
-        leases=LeaseService(store, settings, payments, rng=rng, notify=hub.notify),
-        blobs=BlobService(store, LocalBlobStore(settings.blob_path), settings.max_blob_bytes),
+        workers=workers,
+        leases=LeaseService(store, settings, payments, verification, rng=rng, notify=hub.notify),
+        blobs=BlobService(store, blob_store, settings.max_blob_bytes),
+        verification=verification,
         hub=hub,
         clock=clock,
         payments=payments,
         accounts=AccountService(store, settings, payments),
+        dashboard=DashboardService(store, payments, workers),
     )
 
 
@@ -110,4 +125,5 @@ def build_payments(settings: Settings, store: Store, clock: Clock) -> Payments:
         Account.from_key(key),
         voucher_ttl_s=settings.voucher_ttl_s,
         clock=clock,
+        verification_payer=settings.verification_payer,
     )

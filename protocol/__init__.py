@@ -21,6 +21,9 @@ from protocol.jobs import (
     Preference,
     Rendition,
     ResultView,
+    VerificationCheck,
+    VerificationStatus,
+    VerificationView,
 )
 from protocol.units import Wei
 from protocol.workers import (
@@ -74,6 +77,9 @@ __all__ = [
     "RegisterResponse",
     "Rendition",
     "ResultView",
+    "VerificationCheck",
+    "VerificationStatus",
+    "VerificationView",
     "Wei",
     "WorkerView",
 ]

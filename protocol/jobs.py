@@ -30,6 +30,8 @@ class JobState(StrEnum):
     QUEUED = "queued"
     ASSIGNED = "assigned"
     RUNNING = "running"
+    # Done, and sampled for a re-run on another worker: the result waits for the comparison.
+    VERIFYING = "verifying"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -176,6 +178,35 @@ class JobSpec(_Strict):
         return list(self.renditions or DEFAULT_LADDER)
 
 
+class VerificationStatus(StrEnum):
+    PENDING = "pending"  # a check run is queued or running
+    PASSED = "passed"  # a second worker's result agreed
+    REPLACED = "replaced"  # the first result lost a tie-break: the client got the agreed one
+    INCONCLUSIVE = "inconclusive"  # no check could finish, or three different answers
+    UPHELD = "upheld"  # the check disagreed and lost the tie-break: the first result stands
+
+
+class VerificationCheck(BaseModel):
+    """One comparison of the job's result with a re-run on another worker."""
+
+    worker_address: str
+    metric: str  # "cosine" (embeddings) or "psnr_db" (transcodes)
+    value: float | None = None
+    threshold: float
+    agrees: bool | None = None
+    detail: str | None = None
+
+
+class VerificationView(BaseModel):
+    status: VerificationStatus
+    checks: list[VerificationCheck] = Field(default_factory=list)
+    detail: str | None = None
+    slashed_address: str | None = None
+    # When the result was replaced: the check job whose worker signed it (the signature covers
+    # that job id and attempt 1, not this job's).
+    result_signed_for: str | None = None
+
+
 class JobEventView(BaseModel):
     at: datetime
     attempt: int
@@ -223,6 +254,9 @@ class JobView(BaseModel):
     duration_s: float | None = None
     energy_j: float | None = None
     energy_source: str | None = None
+    # Estimated grams of CO2: energy x the worker's grid carbon intensity (see matching).
+    co2_g: float | None = None
+    verification: VerificationView | None = None
     history: list[JobEventView] = Field(default_factory=list)
 
 
@@ -240,6 +274,8 @@ class ResultView(BaseModel):
     duration_s: float
     energy_j: float
     energy_source: str
+    co2_g: float | None = None
+    verification: VerificationView | None = None
 
 
 class JobList(BaseModel):

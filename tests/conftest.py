@@ -101,6 +101,9 @@ def settings(tmp_path: Path) -> Settings:
         heartbeat_interval_s=10.0,
         long_poll_max_s=5.0,
         max_blob_bytes=1024 * 1024,
+        # Off unless a test turns it on: a sampled job waits for a second worker.
+        verify_rate=0.0,
+        verify_rate_new=0.0,
     )
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol import JobType
@@ -51,6 +52,16 @@ class WorkerSettings(BaseSettings):
     # How often the redeemer looks at its vouchers (seconds).
     redeem_poll_s: float = Field(default=60.0, gt=0, le=3600)
     log_level: str = "info"
+    # text or json lines; GPUMARKET_LOG_FORMAT (shared with the orchestrator) is read too.
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        validation_alias=AliasChoices(
+            "log_format", "gpumarket_worker_log_format", "gpumarket_log_format"
+        ),
+    )
+    # Prometheus metrics (worker/metrics.py): off unless a port is given; loopback by default.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("orchestrator_url")
     @classmethod

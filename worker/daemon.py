@@ -21,10 +21,12 @@ import httpx
 
 from protocol import CompleteRequest, HardwareDescriptor, JobRef, LeasedJob, Offer, OutputBlob
 from protocol.signing import output_sha256, sign_result
+from worker.batching import BatcherPool
 from worker.client import OrchestratorClient, OrchestratorError
 from worker.config import WorkerSettings
 from worker.energy import EnergyMeter, apportion
 from worker.executors.base import Execution, Executor, JobRejected
+from worker.metrics import WorkerMetrics
 
 log = logging.getLogger("gpumarket.worker")
 
@@ -74,6 +76,7 @@ class WorkerDaemon:
         executors: list[Executor],
         hardware: HardwareDescriptor,
         energy: EnergyMeter,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
@@ -86,6 +89,12 @@ class WorkerDaemon:
         self._stopped = asyncio.Event()
         self._registered = False
         self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+        self.metrics = metrics or WorkerMetrics()
+        self.metrics.start_at_zero(self.executors, energy.source)
+        self.metrics.count_in_flight(lambda: len(self.running))
+        # Executors that batch (inference) expose their BatcherPool as ``batchers``.
+        pools = [getattr(ex, "batchers", None) for ex in executors]
+        self.metrics.watch_batchers(p for p in pools if isinstance(p, BatcherPool))
 
     # -- offers and registration ---------------------------------------------------------------
 
@@ -100,6 +109,7 @@ class WorkerDaemon:
                         precision=cap.precision,
                         price_wei_per_unit=self.settings.price_for(job_type, cap.model),
                         max_batch=cap.max_batch,
+                        units_per_s=cap.units_per_s,
                     )
                 )
         return offers
@@ -117,7 +127,12 @@ class WorkerDaemon:
                 )
                 self._registered = True
                 self._backoff.reset()
-                log.info("registered as %s (worker %s)", self.client.account.address, reg.worker_id)
+                log.info(
+                    "registered as %s (worker %s)",
+                    self.client.account.address,
+                    reg.worker_id,
+                    extra={"worker_id": reg.worker_id},
+                )
                 return
             except TRANSIENT as exc:
                 await self._sleep_backoff(f"orchestrator unreachable ({exc.__class__.__name__})")
@@ -208,7 +223,11 @@ class WorkerDaemon:
                 if running is not None and running.job.attempt == ref.attempt:
                     if running.reporting:
                         continue
-                    log.info("job %s: cancelled by the orchestrator; stopping it", ref.job_id)
+                    log.info(
+                        "job %s: cancelled by the orchestrator; stopping it",
+                        ref.job_id,
+                        extra=self._log_fields(ref),
+                    )
                     running.task.cancel()
 
     async def _finish_running(self) -> None:
@@ -289,20 +308,36 @@ class WorkerDaemon:
             )
             if (running := self.running.get(job.job_id)) is not None:
                 running.reporting = True
+            self.metrics.job_finished(job.type, duration_s, energy_j, self.energy.source)
             await self._report_success(job, execution, duration_s, energy_j)
             self.completed += 1
+            self.metrics.job_completed(job.type)
         except asyncio.CancelledError:
-            log.info("job %s: stopped", job.job_id)
+            log.info("job %s: stopped", job.job_id, extra=self._log_fields(job))
             raise
         except JobRejected as exc:
             await self._report_fail(job, retryable=False, reason=str(exc))
         except OrchestratorError as exc:
-            log.warning("job %s: orchestrator refused (%s); dropping it", job.job_id, exc)
+            log.warning(
+                "job %s: orchestrator refused (%s); dropping it",
+                job.job_id,
+                exc,
+                extra=self._log_fields(job),
+            )
         except Exception as exc:  # any executor crash must fail the job, not the worker
-            log.exception("job %s: failed", job.job_id)
+            log.exception("job %s: failed", job.job_id, extra=self._log_fields(job))
             await self._report_fail(job, retryable=True, reason=f"{exc.__class__.__name__}: {exc}")
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
+
+    def _log_fields(self, job: LeasedJob | JobRef) -> dict[str, object]:
+        """Structured fields for a log line about ``job`` (see gpumarket/logs.py)."""
+        reg = self.client.registration
+        return {
+            "job_id": job.job_id,
+            "attempt": job.attempt,
+            "worker_id": reg.worker_id if reg else None,
+        }
 
     def _energy_share(self, device_j: float | None, duration_s: float) -> float:
         """This job's part of the device's energy: split evenly among the jobs running now."""
@@ -347,8 +382,13 @@ class WorkerDaemon:
 
     async def _report_fail(self, job: LeasedJob, *, retryable: bool, reason: str) -> None:
         log.warning(
-            "job %s: %s failure: %s", job.job_id, "retryable" if retryable else "final", reason
+            "job %s: %s failure: %s",
+            job.job_id,
+            "retryable" if retryable else "final",
+            reason,
+            extra=self._log_fields(job),
         )
+        self.metrics.job_failed(job.type, retryable=retryable)
         # If the report never gets through, the lease expires and the job is re-queued anyway.
         with contextlib.suppress(OrchestratorError, *TRANSIENT):
             await self._with_retries(

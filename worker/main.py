@@ -23,6 +23,7 @@ from worker.daemon import Backoff, WorkerDaemon
 from worker.energy import select_energy_meter
 from worker.executors.base import Executor
 from worker.hardware import probe_hardware
+from worker.metrics import MetricsServer, WorkerMetrics
 from worker.redeemer import POLL_INTERVAL_S, Redeemer, stake_if_needed
 
 log = logging.getLogger("gpumarket.worker")
@@ -63,6 +64,7 @@ async def run_payments(
     stop: asyncio.Event,
     *,
     poll_interval_s: float = POLL_INTERVAL_S,
+    metrics: WorkerMetrics | None = None,
 ) -> None:
     """Stake if asked, then redeem this worker's vouchers until ``stop`` is set, looking every
     ``poll_interval_s`` seconds. Returns at once when the orchestrator runs without payments."""
@@ -81,6 +83,7 @@ async def run_payments(
         settings.redeem_threshold_wei,
         settings.redeem_interval_s,
         poll_interval_s=poll_interval_s,
+        metrics=metrics,
     )
     log.info(
         "redeeming vouchers through PaymentBroker %s on chain %d at %d wei owed or every %.0fs",
@@ -151,7 +154,9 @@ async def serve(settings: WorkerSettings, account: LocalAccount) -> WorkerDaemon
     energy = select_energy_meter(assumed_watts=settings.assumed_watts)
     executors = build_executors(settings)
     client = OrchestratorClient(settings.orchestrator_url, account)
-    daemon = WorkerDaemon(settings, client, executors, hardware, energy)
+    metrics = WorkerMetrics()
+    daemon = WorkerDaemon(settings, client, executors, hardware, energy, metrics)
+    metrics_server: MetricsServer | None = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.drain)
@@ -159,7 +164,12 @@ async def serve(settings: WorkerSettings, account: LocalAccount) -> WorkerDaemon
     stop_payments = asyncio.Event()
     payments = asyncio.create_task(
         run_payments(
-            settings, client, account, stop_payments, poll_interval_s=settings.redeem_poll_s
+            settings,
+            client,
+            account,
+            stop_payments,
+            poll_interval_s=settings.redeem_poll_s,
+            metrics=metrics,
         ),
         name="payments",
     )
@@ -171,6 +181,7 @@ async def serve(settings: WorkerSettings, account: LocalAccount) -> WorkerDaemon
         energy.source,
     )
     try:
+        metrics_server = _serve_metrics(settings, metrics)
         for executor in executors:
             await executor.warm_up()
         await daemon.run()
@@ -180,7 +191,17 @@ async def serve(settings: WorkerSettings, account: LocalAccount) -> WorkerDaemon
             await executor.close()
         await client.aclose()
         energy.close()
+        if metrics_server is not None:
+            metrics_server.close()
     return daemon
+
+
+def _serve_metrics(settings: WorkerSettings, metrics: WorkerMetrics) -> MetricsServer | None:
+    if settings.metrics_port is None:
+        return None
+    server = metrics.serve(settings.metrics_host, settings.metrics_port)
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, server.port)
+    return server
 
 
 def run_worker(settings: WorkerSettings, account: LocalAccount) -> None:

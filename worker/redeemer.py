@@ -37,6 +37,7 @@ from contracts.chain import (
 )
 from contracts.registry import WorkerRegistry
 from worker.client import OrchestratorClient, OrchestratorError, SignedVoucher
+from worker.metrics import WorkerMetrics
 
 log = logging.getLogger("gpumarket.worker.redeemer")
 
@@ -150,6 +151,7 @@ class Redeemer:
         clock: Callable[[], float] = time.time,
         *,
         poll_interval_s: float = POLL_INTERVAL_S,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         if threshold_wei < 1:
             raise ValueError("threshold_wei must be at least 1 wei")
@@ -160,6 +162,7 @@ class Redeemer:
         self.interval_s = interval_s
         self.clock = clock
         self.poll_interval_s = poll_interval_s
+        self.metrics = metrics
         # The interval counts from start-up: a worker that restarts often does not pay gas
         # for small amounts at every start.
         self.last_redeemed_at = clock()
@@ -209,7 +212,10 @@ class Redeemer:
             )
             outcomes: list[RedeemOutcome] = []
             due: list[_Claim] = []
-            for voucher in self._latest_per_payer(signed, chain_id, outcomes):
+            latest = self._latest_per_payer(signed, chain_id, outcomes)
+            if self.metrics is not None:
+                self.metrics.vouchers_seen(sum(v.voucher.cumulative_amount for v in latest))
+            for voucher in latest:
                 assessed = await self._assess(voucher, now, interval_due)
                 if isinstance(assessed, _Claim):
                     due.append(assessed)

@@ -30,6 +30,7 @@ from protocol import (
     OutputBlob,
     Rendition,
     ResultView,
+    VerificationView,
 )
 from protocol.signing import canonical_json
 
@@ -76,6 +77,10 @@ def job_view(job: Job, events: list[JobEvent], worker_address: str | None) -> Jo
         duration_s=job.duration_s,
         energy_j=job.energy_j,
         energy_source=job.energy_source,
+        co2_g=job.co2_g,
+        verification=VerificationView.model_validate(job.verification)
+        if job.verification
+        else None,
         history=[
             JobEventView(at=ts(e.at), attempt=e.attempt, state=JobState(e.state), detail=e.detail)
             for e in events
@@ -101,6 +106,10 @@ def result_view(job: Job, worker_address: str) -> ResultView:
         duration_s=job.duration_s or 0.0,
         energy_j=job.energy_j or 0.0,
         energy_source=job.energy_source or "estimate",
+        co2_g=job.co2_g,
+        verification=VerificationView.model_validate(job.verification)
+        if job.verification
+        else None,
     )
 
 
@@ -290,7 +299,7 @@ class JobService:
 
     def _owned(self, session: Session, client: Principal, job_id: str, *, lock: bool) -> Job:
         job = session.get(Job, job_id, with_for_update=lock)
-        if job is None or job.client_id != client.id:
+        if job is None or job.client_id != client.id or job.kind != "job":
             # Someone else's job is reported as missing, so ids cannot be probed.
             raise NotFound(f"no job {job_id} among your jobs")
         return job
@@ -325,6 +334,10 @@ class JobService:
             job = self._owned(s, client, job_id, lock=True)
             if JobState(job.state) in FINAL_STATES:
                 raise Conflict(f"job is already {job.state}; nothing to cancel")
+            if job.state == JobState.VERIFYING:
+                raise Conflict(
+                    "the job's work is done and its result is being verified; nothing to cancel"
+                )
             # worker_id stays set: the worker learns of the cancel at its next heartbeat.
             transition(s, job, JobState.CANCELLED, now, detail="cancelled by the client")
         return self.get(client, job_id)
@@ -337,7 +350,7 @@ class JobService:
         cursor: str | None = None,
     ) -> JobList:
         limit = max(1, min(limit, MAX_LIST_LIMIT))
-        query = select(Job).where(Job.client_id == client.id)
+        query = select(Job).where(Job.client_id == client.id, Job.kind == "job")
         if state is not None:
             query = query.where(Job.state == state)
         if cursor:

@@ -21,18 +21,21 @@ from sqlalchemy.orm import Session
 
 from orchestrator.config import Settings
 from orchestrator.exceptions import BadSignature, Conflict, Forbidden, InvalidInput, NotFound
+from orchestrator.services import reputation
 from orchestrator.services.auth import Principal
 from orchestrator.services.jobs import result_view, ts
 from orchestrator.services.lifecycle import is_leased, requeue_or_fail, transition
 from orchestrator.services.matching import (
+    DEFAULT_CARBON_INTENSITY,
+    JOULES_PER_KWH,
     Candidate,
     JobNeeds,
     choose,
     exclusion_reason,
     offer_key,
-    reputation,
 )
 from orchestrator.services.settlement import Payments
+from orchestrator.services.verification import CHECK, VerificationService
 from orchestrator.services.workers import REGISTERED, leased_counts
 from orchestrator.store import Store
 from orchestrator.store.models import BlobGrant, Job, JobEvent, Worker
@@ -61,7 +64,9 @@ class SweepReport:
     deadlines_passed: int
 
 
-def _candidate(worker: Worker, running: int, needs_stake: bool) -> Candidate:
+def _candidate(
+    worker: Worker, running: int, needs_stake: bool, now: float, half_life_s: float
+) -> Candidate:
     hardware = HardwareDescriptor.model_validate(worker.hardware)
     return Candidate(
         worker_id=worker.id,
@@ -71,14 +76,16 @@ def _candidate(worker: Worker, running: int, needs_stake: bool) -> Candidate:
         free_slots=worker.free_slots,
         running=running,
         max_concurrency=worker.max_concurrency,
-        reputation=reputation(worker.jobs_succeeded, worker.jobs_failed, worker.leases_expired),
+        reputation=reputation.current(worker, now, half_life_s),
         carbon_intensity_g_per_kwh=worker.carbon_intensity_g_per_kwh,
         perf=worker.perf or {},
         staked=not needs_stake or worker.stake_eligible is True,
     )
 
 
-def _needs(job: Job, now: float, retry_excluded_after_s: float) -> JobNeeds:
+def _needs(
+    job: Job, now: float, retry_excluded_after_s: float, min_reputation: float = 0.0
+) -> JobNeeds:
     return JobNeeds(
         type=JobType(job.type),
         model=job.model,
@@ -89,8 +96,11 @@ def _needs(job: Job, now: float, retry_excluded_after_s: float) -> JobNeeds:
         units=job.units,
         time_left_s=job.deadline_at - now,
         excluded=frozenset(job.excluded_workers),
-        # A worker that just lost or gave up the job gets it back only after a lease's time.
-        retry_excluded=now - job.updated_at >= retry_excluded_after_s,
+        # A worker that just lost or gave up the job gets it back only after a lease's time;
+        # a check never goes to a worker whose result it checks.
+        retry_excluded=job.kind != CHECK and now - job.updated_at >= retry_excluded_after_s,
+        min_reputation=min_reputation,
+        uniform=job.kind == CHECK,
     )
 
 
@@ -99,6 +109,13 @@ def waiting_reason(needs: JobNeeds, available: list[Candidate]) -> str:
     reasons = Counter(exclusion_reason(needs, c) or "busy" for c in available)
     parts = [f"{n} {reason}" for reason, n in reasons.most_common(3)]
     return f"no available worker can take it: {'; '.join(parts)}"
+
+
+def _grams_co2(energy_j: float, intensity_g_per_kwh: float | None) -> float:
+    """Estimated grams of CO2 for ``energy_j`` joules at the worker's grid intensity."""
+    if intensity_g_per_kwh is None:
+        intensity_g_per_kwh = DEFAULT_CARBON_INTENSITY
+    return energy_j / JOULES_PER_KWH * intensity_g_per_kwh
 
 
 def _ewma(old: float | None, new: float) -> float:
@@ -111,6 +128,7 @@ class LeaseService:
         store: Store,
         settings: Settings,
         payments: Payments,
+        verification: VerificationService,
         *,
         rng: random.Random | None = None,
         notify: Callable[[str], None] = lambda worker_id: None,
@@ -118,6 +136,7 @@ class LeaseService:
         self._store = store
         self._settings = settings
         self._payments = payments
+        self._verification = verification
         self._rng = rng or random.Random()
         self._notify = notify
         # One dispatcher per process; across replicas, row locks (SKIP LOCKED) keep them apart.
@@ -151,7 +170,10 @@ class LeaseService:
             return []
         running = leased_counts(s, [w.id for w in workers])
         needs_stake = self._payments.enabled
-        candidates = {w.id: _candidate(w, running.get(w.id, 0), needs_stake) for w in workers}
+        half_life = self._settings.reputation_half_life_s
+        candidates = {
+            w.id: _candidate(w, running.get(w.id, 0), needs_stake, now, half_life) for w in workers
+        }
         by_id = {w.id: w for w in workers}
         offered_models = {o.model for c in candidates.values() for o in c.offers}
         # Only jobs someone here could run; those that failed to place last round go after the
@@ -171,7 +193,7 @@ class LeaseService:
             open_slots = [c for c in candidates.values() if c.free_slots > 0]
             if not open_slots:
                 break
-            needs = _needs(job, now, self._settings.lease_ttl_s)
+            needs = _needs(job, now, self._settings.lease_ttl_s, self._settings.reputation_floor)
             choice = choose(needs, open_slots, self._rng)
             if choice is None:
                 reason = waiting_reason(needs, open_slots)
@@ -301,7 +323,7 @@ class LeaseService:
             job = s.get(Job, job_id, with_for_update=True)
             if (
                 job is not None
-                and job.state == JobState.SUCCEEDED
+                and job.state in (JobState.SUCCEEDED, JobState.VERIFYING)
                 and job.worker_id == worker.id
                 and job.attempt == req.attempt
             ):
@@ -325,17 +347,27 @@ class LeaseService:
             job.units = req.units
             assert job.price_wei_per_unit is not None
             job.cost_wei = req.units * job.price_wei_per_unit
+            job.co2_g = _grams_co2(req.energy_j, row.carbon_intensity_g_per_kwh)
             job.lease_expires_at = None
             if job.started_at is None:
                 job.started_at = now - req.duration_s
-            transition(s, job, JobState.SUCCEEDED, now)
             for blob in req.output_blobs or []:
                 if s.get(BlobGrant, (blob.sha256, f"client:{job.client_id}")) is None:
                     s.add(BlobGrant(sha256=blob.sha256, principal=f"client:{job.client_id}"))
-            self._payments.record(s, job, row.address, now)
+            if self._verification.sample(s, job, row, now):
+                # Held, unpaid, until a check on another worker agrees (services/verification).
+                transition(s, job, JobState.VERIFYING, now, detail="sampled for verification")
+            else:
+                transition(s, job, JobState.SUCCEEDED, now)
+                self._payments.record(s, job, row.address, now)
             row.jobs_succeeded += 1
             row.last_seen_at = now
+            reputation.record(
+                row, reputation.Event.SUCCEEDED, now, self._settings.reputation_half_life_s
+            )
             self._record_perf(row, job, req)
+            if job.kind == CHECK:
+                self._verification.check_completed(s, job, now)
             return result_view(job, row.address)
 
     def _address(self, s: Session, worker: Principal) -> str:
@@ -406,6 +438,9 @@ class LeaseService:
                 requeue_or_fail(s, job, now, reason)
             else:
                 row.jobs_failed += 1
+                reputation.record(
+                    row, reputation.Event.FAILED, now, self._settings.reputation_half_life_s
+                )
                 transition(s, job, JobState.FAILED, now, detail=reason)
             return JobState(job.state)
 
@@ -428,6 +463,12 @@ class LeaseService:
                 who = row.address if row else "unknown worker"
                 if row is not None:
                     row.leases_expired += 1
+                    reputation.record(
+                        row,
+                        reputation.Event.LEASE_EXPIRED,
+                        now,
+                        self._settings.reputation_half_life_s,
+                    )
                 requeue_or_fail(s, job, now, f"lease expired on {who} (attempt {job.attempt})")
             overdue = list(
                 s.scalars(

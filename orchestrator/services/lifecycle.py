@@ -1,9 +1,12 @@
 """The job state machine: the only place that changes ``Job.state``.
 
     QUEUED -> ASSIGNED -> RUNNING -> SUCCEEDED
-       ^         |           |
+       ^         |           +-> VERIFYING -> SUCCEEDED   (sampled: re-run elsewhere first)
        +---------+-----------+   lease expired / retryable failure (attempt + 1)
-    any non-final state -> FAILED | CANCELLED | EXPIRED
+    any non-final state but VERIFYING -> FAILED | CANCELLED | EXPIRED
+
+A VERIFYING job's work is done: it is neither cancelled nor expired, only resolved by its
+checks (services/verification.py).
 
 Every change appends a ``JobEvent`` in the same transaction.
 """
@@ -25,6 +28,7 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
         {
             JobState.RUNNING,
             JobState.SUCCEEDED,
+            JobState.VERIFYING,
             JobState.QUEUED,
             JobState.FAILED,
             JobState.CANCELLED,
@@ -32,8 +36,16 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
         }
     ),
     JobState.RUNNING: frozenset(
-        {JobState.SUCCEEDED, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}
+        {
+            JobState.SUCCEEDED,
+            JobState.VERIFYING,
+            JobState.QUEUED,
+            JobState.FAILED,
+            JobState.CANCELLED,
+            JobState.EXPIRED,
+        }
     ),
+    JobState.VERIFYING: frozenset({JobState.SUCCEEDED}),
 }
 
 

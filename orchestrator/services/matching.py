@@ -72,6 +72,11 @@ class JobNeeds:
     excluded: frozenset[str] = frozenset()
     # May the excluded workers have the job when no one else can take it now?
     retry_excluded: bool = True
+    # Workers whose reputation is below this get no work until it recovers.
+    min_reputation: float = 0.0
+    # Pick uniformly among every eligible worker, ignoring score: for verification checks, so
+    # no worker can win the checks of a partner's results by undercutting (docs/TRUST.md).
+    uniform: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,10 @@ def exclusion_reason(needs: JobNeeds, candidate: Candidate) -> str | None:
         return "is not staked in WorkerRegistry (or is unbonding or slashed)"
     if candidate.worker_id in needs.excluded:
         return "already failed or lost this job"
+    if candidate.reputation < needs.min_reputation:
+        return (
+            f"reputation {candidate.reputation:.2f} is below the floor {needs.min_reputation:.2f}"
+        )
     if candidate.free_slots <= 0:
         return "no free slot"
     offer = find_offer(needs, candidate)
@@ -202,14 +211,12 @@ def _choose(needs: JobNeeds, candidates: list[Candidate], rng: random.Random) ->
             eligible.append((candidate, offer))
     if not eligible:
         return None
+    if needs.uniform:
+        candidate, offer = eligible[rng.randrange(len(eligible))]
+        return Choice(worker_id=candidate.worker_id, offer=offer, score=0.0)
     scores = _score_all(needs, eligible)
     best = max(scores)
     near = [i for i, s in enumerate(scores) if s >= best - NEAR_EQUAL]
     pick = near[rng.randrange(len(near))]
     candidate, offer = eligible[pick]
     return Choice(worker_id=candidate.worker_id, offer=offer, score=scores[pick])
-
-
-def reputation(succeeded: int, failed: int, leases_expired: int) -> float:
-    """Success rate with a uniform prior (Laplace): new workers start at 0.5."""
-    return (succeeded + 1) / (succeeded + failed + leases_expired + 2)

@@ -26,7 +26,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from contracts.broker import PaymentBroker
-from contracts.chain import Chain, ChainError
+from contracts.chain import Chain, ChainError, ContractRevert
 from contracts.deploy import Deployment
 from contracts.events import Redeemed
 from contracts.registry import WorkerRegistry
@@ -89,6 +89,22 @@ class Payments(Protocol):
 
     def vouchers(self, payee: str, now: float) -> list[SignedVoucher]: ...
 
+    @property
+    def verification_payer(self) -> str | None: ...
+
+    def slash(self, worker: str, amount_wei: int, evidence_hash: str) -> SlashOutcome: ...
+
+
+@dataclass(frozen=True)
+class SlashOutcome:
+    """``sent``: the chain took ``slashed_wei`` (or had already, for this evidence);
+    ``skipped``: nothing to take (no chain, or no stake left)."""
+
+    status: str
+    tx_hash: str | None = None
+    slashed_wei: int = 0
+    detail: str = ""
+
 
 class NoPayments:
     """Jobs cost nothing on chain: no payer, no ledger, every worker eligible."""
@@ -113,6 +129,11 @@ class NoPayments:
 
     def vouchers(self, payee: str, now: float) -> list[SignedVoucher]:
         return []
+
+    verification_payer = None
+
+    def slash(self, worker: str, amount_wei: int, evidence_hash: str) -> SlashOutcome:
+        return SlashOutcome("skipped", detail="this orchestrator runs without a chain")
 
 
 def _owed_by_payer(s: Session, payer: str) -> int:
@@ -147,8 +168,10 @@ class ChainPayments:
         *,
         voucher_ttl_s: int,
         clock: Callable[[], float] = time.time,
+        verification_payer: str | None = None,
     ) -> None:
         self.enabled = True
+        self.verification_payer = verification_payer or str(signer.address)
         self.deployment = deployment
         self._store = store
         self._chain = chain
@@ -285,6 +308,23 @@ class ChainPayments:
             )
             .on_conflict_do_nothing()
         )
+
+    def slash(self, worker: str, amount_wei: int, evidence_hash: str) -> SlashOutcome:
+        """Slash ``worker`` through WorkerRegistry (this signer is its arbiter). Safe to call
+        again after a crash: the registry refuses evidence it has seen, and that refusal
+        means the slash already happened."""
+        registry = self.registry.with_chain(self._chain.with_key(self._signer.key))
+        if registry.evidence_used(evidence_hash):  # checked first: the registry checks stake
+            return SlashOutcome("sent", detail="already slashed for this evidence")
+        try:
+            result = registry.slash(worker, amount_wei, evidence_hash)
+        except ContractRevert as exc:
+            if exc.name == "EvidenceUsed":
+                return SlashOutcome("sent", detail="already slashed for this evidence")
+            if exc.name == "NothingToSlash":
+                return SlashOutcome("skipped", detail="the worker has no stake left")
+            raise
+        return SlashOutcome("sent", tx_hash=result.tx_hash, slashed_wei=result.slashed_wei)
 
     def is_eligible(self, address: str) -> bool | None:
         """WorkerRegistry.isEligible, or None when the chain cannot be asked right now."""

@@ -9,11 +9,11 @@ from sqlalchemy.orm import Session
 
 from orchestrator.config import Settings
 from orchestrator.exceptions import InvalidInput
+from orchestrator.services import reputation
 from orchestrator.services.auth import WORKER_TOKEN_PREFIX, Principal, new_id, new_token, token_hash
 from orchestrator.services.challenges import issue_challenge, redeem_challenge
 from orchestrator.services.jobs import ts
 from orchestrator.services.lifecycle import is_leased, requeue_or_fail
-from orchestrator.services.matching import reputation
 from orchestrator.services.settlement import Payments, SignedVoucher
 from orchestrator.store import Store
 from orchestrator.store.models import Challenge, Job, Worker
@@ -205,7 +205,7 @@ class WorkerService:
             jobs_succeeded=w.jobs_succeeded,
             jobs_failed=w.jobs_failed,
             leases_expired=w.leases_expired,
-            reputation=reputation(w.jobs_succeeded, w.jobs_failed, w.leases_expired),
+            reputation=reputation.current(w, now, self._settings.reputation_half_life_s),
             carbon_intensity_g_per_kwh=w.carbon_intensity_g_per_kwh,
             registered_at=ts(w.registered_at),
             last_seen_at=ts(w.last_seen_at),

@@ -90,6 +90,12 @@ class Worker(Base):
     # WorkerRegistry.isEligible as last read from the chain (None: never read, or no chain).
     stake_eligible: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     stake_checked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Reputation evidence, decayed to ``rep_at`` (see services/reputation.py).
+    rep_good: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    rep_bad: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    rep_at: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    verifications_passed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    verifications_failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Challenge(Base):
@@ -153,6 +159,12 @@ class Job(Base):
     duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     energy_j: Mapped[float | None] = mapped_column(Float, nullable=True)
     energy_source: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    co2_g: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # "job" (a client's) or "check" (a re-run of ``parent_id`` on another worker, to verify it).
+    kind: Mapped[str] = mapped_column(String(8), default="job", server_default="job")
+    parent_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    # The verification record (protocol.VerificationView as JSON) of a sampled job.
+    verification: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class JobEvent(Base):
@@ -238,3 +250,21 @@ class ChainCursor(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     next_block: Mapped[int] = mapped_column(BigInteger)
+
+
+class Slash(Base):
+    """A slash owed on chain for a lost tie-break. Written with the verdict, sent by the sweeper;
+    the evidence hash makes sending it twice harmless (WorkerRegistry refuses used evidence)."""
+
+    __tablename__ = "slashes"
+
+    evidence_hash: Mapped[str] = mapped_column(String(66), primary_key=True)
+    worker_address: Mapped[str] = mapped_column(String(42), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    amount_wei: Mapped[int] = mapped_column(WeiAmount)
+    # pending | sent | skipped (no chain, or nothing left to slash)
+    status: Mapped[str] = mapped_column(String(16))
+    tx_hash: Mapped[str | None] = mapped_column(String(66), nullable=True)
+    slashed_wei: Mapped[int | None] = mapped_column(WeiAmount, nullable=True)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)

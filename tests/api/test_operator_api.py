@@ -124,6 +124,7 @@ def test_stats_count_jobs_workers_and_wei_earned(run_api: RunApi) -> None:
             "queued": 1,
             "assigned": 0,
             "running": 0,
+            "verifying": 0,
             "succeeded": 1,
             "failed": 0,
             "cancelled": 1,

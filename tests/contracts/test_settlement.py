@@ -21,6 +21,7 @@ from orchestrator.config import Settings
 from orchestrator.exceptions import InvalidInput, PaymentRequired
 from orchestrator.services.auth import Principal
 from orchestrator.store import Store
+from orchestrator.store.models import Slash, Worker
 from orchestrator.wiring import Services, build_services
 from protocol import JobSpec, JobState
 from protocol.signing import sign_registration
@@ -34,20 +35,27 @@ MAX_PRICE = 2 * 10**12
 TEXTS = ["one", "two", "three"]
 
 
-@pytest.fixture
-def paid(anvil: Anvil, w3: Web3, tmp_path: Path, sqlite_store: Store) -> Iterator[Services]:
+def _paid_services(
+    anvil: Anvil, w3: Web3, tmp_path: Path, store: Store, **settings: object
+) -> Services:
     """Services with ChainPayments over a fresh deployment (the deployer signs vouchers)."""
     chain = Chain.connect(anvil.url, DEPLOYER)
     deployment = deploy(chain, min_stake_wei=10**17, withdraw_delay_s=3600)
     path = tmp_path / "deployment.json"
     write_deployment(deployment, path)
-    settings = Settings(
+    config = Settings(
         data_dir=tmp_path / "data",
         admin_token="operator-token-for-tests-0123456789abcdef",
         deployment_file=path,
+        **settings,  # type: ignore[arg-type]
     )
     clock = FakeClock(start=float(w3.eth.get_block("latest")["timestamp"]))
-    yield build_services(settings, store=sqlite_store, clock=clock, rng=random.Random(1))
+    return build_services(config, store=store, clock=clock, rng=random.Random(1))
+
+
+@pytest.fixture
+def paid(anvil: Anvil, w3: Web3, tmp_path: Path, sqlite_store: Store) -> Iterator[Services]:
+    yield _paid_services(anvil, w3, tmp_path, sqlite_store, verify_rate=0.0, verify_rate_new=0.0)
 
 
 def _client(services: Services) -> Principal:
@@ -75,18 +83,20 @@ def _spec(**extra: object) -> JobSpec:
     )
 
 
-def _worker(services: Services) -> TestWorker:
-    account = Account.from_key(WORKER)
+def _worker(services: Services, key: str = WORKER) -> TestWorker:
+    account = Account.from_key(key)
     challenge = services.workers.challenge(account.address, services.now())
     req = register_request(account, challenge.nonce, challenge.message, offers=[offer(price=PRICE)])
     resp = services.workers.register(req, services.now())
     return TestWorker(Principal("worker", resp.worker_id), account, resp.session_token)
 
 
-def _fund(anvil: Anvil, services: Services, deposit: int, cap: int) -> PaymentBroker:
+def _fund(
+    anvil: Anvil, services: Services, deposit: int, cap: int, key: str = PAYER
+) -> PaymentBroker:
     assert services.payments.deployment is not None
     broker = PaymentBroker(
-        Chain.connect(anvil.url, PAYER), services.payments.deployment.payment_broker
+        Chain.connect(anvil.url, key), services.payments.deployment.payment_broker
     )
     broker.deposit(deposit)
     broker.authorize(Account.from_key(DEPLOYER).address, cap)
@@ -263,3 +273,87 @@ def test_a_lowered_cap_counts_for_admission_at_once(anvil: Anvil, paid: Services
     )
     with pytest.raises(PaymentRequired):
         paid.jobs.submit(client, _spec(), paid.now())
+
+
+def test_a_cheat_is_caught_slashed_on_chain_unpaid_and_its_client_not_charged(
+    anvil: Anvil, w3: Web3, tmp_path: Path, sqlite_store: Store
+) -> None:
+    """Every result checked: a cheat's embeddings lose the tie-break to two honest workers.
+
+    The cheat is slashed through WorkerRegistry with the evidence hash, gets no voucher for
+    the job, and drops out of matching; the checks are paid by the operator's verification
+    payer (the deployer here), and the client pays nothing for the cheated job."""
+    services = _paid_services(anvil, w3, tmp_path, sqlite_store, verify_rate=1.0)
+    deployment = services.payments.deployment
+    assert deployment is not None
+    client = _client(services)
+    _link(services, client, PAYER)
+    _fund(anvil, services, deposit=10**18, cap=10**18)
+    _fund(anvil, services, deposit=10**18, cap=10**18, key=DEPLOYER)  # pays for checks
+    keys = {"cheat": WORKER, "honest1": DEV_PRIVATE_KEYS[4], "honest2": DEV_PRIVATE_KEYS[5]}
+    workers = {}
+    for name, key in keys.items():
+        WorkerRegistry(Chain.connect(anvil.url, key), deployment.worker_registry).stake(10**17)
+        workers[name] = _worker(services, key)
+    right = {"embeddings": [[0.6, 0.8], [1.0, 0.0], [0.0, 1.0]]}
+    wrong = {"embeddings": [[0.8, -0.6], [0.0, 1.0], [1.0, 0.0]]}
+    job, _ = services.jobs.submit(client, _spec(), services.now())
+
+    def run(name: str, output: dict[str, object]) -> str:
+        worker = workers[name]
+        services.leases.open_poll(worker.principal, 1, services.now() + 10, services.now())
+        services.leases.dispatch(services.now())
+        [leased] = services.leases.claim(worker.principal, 1, services.now())
+        services.leases.close_poll(worker.principal, services.now())
+        req = completion(worker, leased.job_id, leased.attempt, output, units=len(TEXTS))
+        services.leases.complete(worker.principal, leased.job_id, req, services.now())
+        return leased.job_id
+
+    assert run("cheat", wrong) == job.id
+    assert services.jobs.get(client, job.id).state is JobState.VERIFYING
+    assert services.workers.vouchers(workers["cheat"].principal, services.now()) == []
+    run("honest1", right)
+    run("honest2", right)
+    done = services.jobs.get(client, job.id)
+    assert done.state is JobState.SUCCEEDED and done.verification is not None
+    assert done.verification.status == "replaced"
+    assert done.verification.slashed_address == workers["cheat"].address
+
+    assert services.verification.send_slashes() == 1
+    registry = WorkerRegistry(Chain.connect(anvil.url), deployment.worker_registry)
+    assert registry.is_slashed(workers["cheat"].address)
+    assert registry.stake_of(workers["cheat"].address) == 0
+    assert not registry.is_slashed(workers["honest1"].address)
+    with services.store.transaction() as s:
+        [slash] = s.scalars(select(Slash)).all()
+        assert slash.status == "sent" and slash.slashed_wei == 10**17 and slash.tx_hash
+        slash.status = "pending"  # as if the orchestrator died before recording the receipt
+    assert services.verification.send_slashes() == 1
+    with services.store.read() as s:
+        [slash] = s.scalars(select(Slash)).all()
+        assert slash.status == "sent" and "already slashed" in (slash.detail or "")
+
+    # Money: the client owes nothing, the cheat nothing; each checker is owed by the operator.
+    report = services.accounts.settlement()
+    payer, operator = Account.from_key(PAYER).address, Account.from_key(DEPLOYER).address
+    owed = {(p.payer, p.payee): p.ledger_wei for p in report.pairs}
+    assert owed == {
+        (operator, workers["honest1"].address): PRICE * len(TEXTS),
+        (operator, workers["honest2"].address): PRICE * len(TEXTS),
+    }
+    assert payer not in {p for p, _ in owed}
+    assert services.workers.vouchers(workers["cheat"].principal, services.now()) == []
+
+    # Out of matching at once; the chain agrees at the next stake refresh.
+    second, _ = services.jobs.submit(client, _spec(), services.now())
+    cheat = workers["cheat"]
+    services.leases.open_poll(cheat.principal, 1, services.now() + 10, services.now())
+    assert services.leases.dispatch(services.now()) == []
+    clock = services.clock
+    assert isinstance(clock, FakeClock)
+    clock.advance(services.settings.stake_check_interval_s + 1)
+    services.workers.refresh_stakes(services.now())
+    with services.store.read() as s:
+        row = s.scalar(select(Worker).where(Worker.address == cheat.address))
+        assert row is not None and row.stake_eligible is False
+    assert "not staked" in (services.jobs.get(client, second.id).waiting_reason or "")

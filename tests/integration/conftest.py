@@ -38,6 +38,8 @@ class OrchestratorProcess:
             "GPUMARKET_DATA_DIR": str(data_dir),
             "GPUMARKET_ADMIN_TOKEN": OPERATOR_TOKEN,
             "GPUMARKET_LOG_LEVEL": "warning",
+            "GPUMARKET_VERIFY_RATE": "0",
+            "GPUMARKET_VERIFY_RATE_NEW": "0",
             **({"GPUMARKET_DB_URL": db_url} if db_url else {}),
             **env,
         }

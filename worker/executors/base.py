@@ -45,6 +45,8 @@ class Capability:
     model: str
     precision: Precision
     max_batch: int = 1
+    # Throughput measured on this machine at warm-up (units per second), if measured.
+    units_per_s: float | None = None
 
 
 class Executor(Protocol):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ from worker.executors import inference, transcode
 from worker.executors.base import Capability, Execution, FetchBlob, JobRejected, OutputFile
 
 MAX_INPUT_JSON_BYTES = 16 * 1024 * 1024
+
+
+CALIBRATION_TEXT = "Calibration sentence {} for measuring how fast this worker embeds text."
 
 
 class InferencePipeline:
@@ -36,17 +40,34 @@ class InferencePipeline:
             max_batch=max_batch,
         )
         self._max_batch = max_batch
+        self._measured: dict[tuple[str, Precision], float] = {}
 
     def capabilities(self) -> list[Capability]:
         return [
-            Capability(model=name, precision=precision, max_batch=self._max_batch)
+            Capability(
+                model=name,
+                precision=precision,
+                max_batch=self._max_batch,
+                units_per_s=self._measured.get((name, precision)),
+            )
             for name, precision in self.registry.offers()
         ]
 
     async def warm_up(self) -> None:
-        """Load the built-in model before the first job, so that job does not pay for it."""
-        if (inference.BUILTIN_EMBEDDING_MODEL, Precision.FP32) in self.registry.offers():
-            await self.batchers.get(inference.BUILTIN_EMBEDDING_MODEL, Precision.FP32.value)
+        """Load the built-in model before the first job, so that job does not pay for it, and
+        time one full batch: the throughput this worker reports in its offer (texts/s), which
+        matching uses until the orchestrator has measured the worker's own results."""
+        key = (inference.BUILTIN_EMBEDDING_MODEL, Precision.FP32)
+        if key not in self.registry.offers():
+            return
+        await self.batchers.get(key[0], key[1].value)
+        texts = [CALIBRATION_TEXT.format(i) for i in range(self._max_batch)]
+        await self.batchers.submit(key[0], key[1].value, texts[:1])  # first-call overheads
+        started = time.perf_counter()
+        await self.batchers.submit(key[0], key[1].value, texts)
+        elapsed = time.perf_counter() - started
+        if elapsed > 0:
+            self._measured[key] = len(texts) / elapsed
 
     async def _items(self, job: LeasedJob, workdir: Path, fetch: FetchBlob) -> list[Any]:
         body: dict[str, Any] | None = job.input

@@ -21,7 +21,6 @@ from orchestrator.services.matching import (
     exclusion_reason,
     find_offer,
     offer_key,
-    reputation,
     units_per_s,
 )
 from protocol import JobType, Offer, Precision, Preference
@@ -297,28 +296,19 @@ def test_a_clear_winner_is_not_diluted_by_randomness() -> None:
 # --- reputation ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("succeeded", "failed", "leases_expired", "expected"),
-    [
-        (0, 0, 0, 0.5),  # a new worker starts in the middle
-        (8, 0, 0, 0.9),
-        (0, 1, 0, 1 / 3),
-        (0, 0, 1, 1 / 3),  # a lost lease costs as much as a failure
-        (3, 1, 1, 4 / 7),
-        (98, 0, 0, 0.99),
-    ],
-)
-def test_reputation_is_a_laplace_success_rate(
-    succeeded: int, failed: int, leases_expired: int, expected: float
-) -> None:
-    assert reputation(succeeded, failed, leases_expired) == pytest.approx(expected)
-
-
 def test_better_reputation_wins_between_equal_offers() -> None:
     needs = _needs(units=10)
-    trusted = _candidate("trusted", _offer(), reputation=reputation(50, 0, 0))
-    flaky = _candidate("flaky", _offer(), reputation=reputation(5, 5, 5))
+    trusted = _candidate("trusted", _offer(), reputation=0.95)
+    flaky = _candidate("flaky", _offer(), reputation=0.4)
     assert _picks(needs, [flaky, trusted]) == {"trusted"}
+
+
+def test_a_worker_below_the_reputation_floor_gets_no_work() -> None:
+    needs = replace(_needs(units=10), min_reputation=0.25)
+    shunned = _candidate("shunned", _offer(price=1), reputation=0.1)
+    assert "below the floor" in (exclusion_reason(needs, shunned) or "")
+    assert _picks(needs, [shunned, _candidate("ok", _offer(price=900), reputation=0.3)]) == {"ok"}
+    assert choose(needs, [shunned], random.Random(0)) is None
 
 
 # --- measured performance ------------------------------------------------------------------
@@ -366,3 +356,20 @@ def test_measured_slowness_decides_speed_and_deadline() -> None:
     tight = _needs(units=100, time_left_s=5.0)
     assert exclusion_reason(tight, boaster) == "cannot finish before the deadline"
     assert exclusion_reason(replace(tight, time_left_s=11.0), boaster) is None
+
+
+def test_uniform_choice_ignores_price_so_checks_cannot_be_bought() -> None:
+    needs = replace(_needs(units=10), uniform=True)
+    cheap = _candidate("cheap", _offer(price=1))
+    dear = _candidate("dear", _offer(price=900))
+    picks = Counter(_pick(needs, [cheap, dear], seed) for seed in range(200))
+    assert set(picks) == {"cheap", "dear"} and min(picks.values()) > 60
+    # A plain choice gives every such job to the cheap one; the hard constraints still hold.
+    assert _picks(replace(needs, uniform=False), [cheap, dear]) == {"cheap"}
+    too_dear = _candidate("too-dear", _offer(price=10_000))
+    assert choose(needs, [too_dear], random.Random(0)) is None
+
+
+def _pick(needs: JobNeeds, candidates: list[Candidate], seed: int) -> str | None:
+    choice = choose(needs, candidates, random.Random(seed))
+    return None if choice is None else choice.worker_id

@@ -1,0 +1,122 @@
+"""The client REST API as data, shared by ``Client`` and ``AsyncClient``: each call is a
+``Call`` (method, path, query, JSON body, headers), and each answer is read by ``read``.
+No I/O here, so the two clients send the same requests and cannot drift apart."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from gpumarket.exceptions import JobFailed, JobTimeout
+from protocol.problems import ProblemError
+
+FINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "expired"})
+OCTET_STREAM = {"Content-Type": "application/octet-stream"}
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    params: dict[str, Any] | None = None
+    json: Any = None
+    headers: dict[str, str] | None = None
+
+
+def _job_path(job_id: str, suffix: str = "") -> str:
+    # Quoted: an id typed at a shell must not be able to reach another route ("../x").
+    return f"/v1/jobs/{quote(job_id, safe='')}{suffix}"
+
+
+def submit(spec: dict[str, Any], idempotency_key: str | None) -> Call:
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+    return Call("POST", "/v1/jobs", json=spec, headers=headers)
+
+
+def get_job(job_id: str) -> Call:
+    return Call("GET", _job_path(job_id))
+
+
+def get_result(job_id: str) -> Call:
+    return Call("GET", _job_path(job_id, "/result"))
+
+
+def cancel(job_id: str) -> Call:
+    return Call("POST", _job_path(job_id, "/cancel"))
+
+
+def list_page(state: str | None, limit: int, cursor: str | None) -> Call:
+    params: dict[str, Any] = {"limit": limit}
+    if state:
+        params["state"] = state
+    if cursor:
+        params["cursor"] = cursor
+    return Call("GET", "/v1/jobs", params=params)
+
+
+def account() -> Call:
+    return Call("GET", "/v1/account")
+
+
+def payer_challenge(address: str) -> Call:
+    return Call("POST", "/v1/account/payer/challenge", json={"address": address})
+
+
+def link_payer(private_key: str | bytes, address: str, challenge: dict[str, Any]) -> Call:
+    """Step 2 of linking a payer: the challenge signed here, locally; the key is not sent."""
+    from protocol.signing import sign_registration
+
+    body = {
+        "address": address,
+        "nonce": challenge["nonce"],
+        "signature": sign_registration(private_key, challenge["message"]),
+    }
+    return Call("POST", "/v1/account/payer", json=body)
+
+
+UPLOAD_BLOB = Call("POST", "/v1/blobs", headers=OCTET_STREAM)
+
+
+def download_blob(sha256: str) -> Call:
+    return Call("GET", f"/v1/blobs/{quote(sha256, safe='')}")
+
+
+def check(response: httpx.Response) -> None:
+    """Raise the orchestrator's problem document, if the answer is one. The body must be read."""
+    if not response.is_success:
+        raise ProblemError.from_body(response.status_code, response.content)
+
+
+def read(response: httpx.Response) -> Any:
+    """The JSON body of a successful answer (None when empty), else ProblemError."""
+    check(response)
+    return response.json() if response.content else None
+
+
+class Waiting:
+    """The decisions of ``wait``, for both clients: is the job done, and how long to sleep.
+    Times in seconds, on the monotonic clock."""
+
+    def __init__(self, job_id: str, timeout_s: float, poll_s: float) -> None:
+        self.job_id = job_id
+        self.timeout_s = timeout_s
+        self.poll_s = poll_s
+        self.deadline = time.monotonic() + timeout_s
+
+    def succeeded(self, job: dict[str, Any]) -> bool:
+        """True once the job has a result; JobFailed if it ended without one, JobTimeout
+        past the deadline; False while it may still succeed."""
+        if job["state"] == "succeeded":
+            return True
+        if job["state"] in FINAL_STATES:
+            raise JobFailed(job)
+        if time.monotonic() >= self.deadline:
+            raise JobTimeout(f"job {self.job_id} still {job['state']} after {self.timeout_s:g} s")
+        return False
+
+    def pause_s(self) -> float:
+        return max(0.0, min(self.poll_s, self.deadline - time.monotonic()))

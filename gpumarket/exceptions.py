@@ -1,0 +1,32 @@
+"""Every error the SDK raises on purpose.
+
+    GpumarketAPIError (= protocol.problems.ProblemError)
+        the orchestrator answered with a problem document: .status, .code, .detail,
+        .retryable (429 and 5xx)
+    JobFailed (Exception)
+        ``wait``: the job ended without a result (failed, cancelled or expired); .job
+    JobTimeout (TimeoutError)
+        ``wait``: the job was not final within ``timeout_s``
+
+Network failures are httpx's own (``httpx.TransportError`` and its subclasses).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocol.problems import ProblemError
+
+GpumarketAPIError = ProblemError
+
+
+class JobFailed(Exception):
+    """The job ended without a result (failed, cancelled or expired)."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        super().__init__(f"job {job['id']} {job['state']}: {job.get('failure_reason')}")
+        self.job = job
+
+
+class JobTimeout(TimeoutError):
+    """The job was not final within the time ``wait`` was given."""

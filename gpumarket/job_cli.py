@@ -1,0 +1,482 @@
+"""``gpumarket job``: submit jobs and read their state and results from the shell.
+
+    export GPUMARKET_URL=http://127.0.0.1:8000 GPUMARKET_API_KEY=gmk_...
+    gpumarket job submit --model all-MiniLM-L6-v2 --text "hello" --max-price 1000000000 --wait
+    gpumarket job submit --video clip.mp4 --rendition 720p --rendition 360p --max-price 1000
+    gpumarket job list --state running
+    gpumarket job result JOB_ID --download out/
+
+Every command takes ``--json`` for machine output on stdout. An error is one red line on
+stderr that says what to do, with exit code 1 (2 for a command line that cannot work).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import islice
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from gpumarket.exceptions import GpumarketAPIError, JobFailed, JobTimeout
+from gpumarket.sdk import DEFAULT_WAIT_TIMEOUT_S, Client
+from protocol.jobs import DEFAULT_LADDER, Container, Precision, Preference, Rendition
+
+URL_ENV = "GPUMARKET_URL"
+API_KEY_ENV = "GPUMARKET_API_KEY"
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_LIST_LIMIT = 20
+MAX_PAGE = 200  # the API's own page limit
+HOW_TO_GET_A_KEY = (
+    f"pass --api-key or set {API_KEY_ENV}; the orchestrator's operator makes one with "
+    "`gpumarket orchestrator create-client NAME`"
+)
+FIX_BY_STATUS = {
+    401: HOW_TO_GET_A_KEY,
+    402: "fund and authorise your payer (`gpumarket wallet deposit`, `gpumarket wallet "
+    "authorise`), or lower --max-price / --max-units",
+    404: "`gpumarket job list` shows your jobs",
+    413: "the file is over the orchestrator's upload limit",
+}
+CONTAINER_SUFFIX = {Container.MP4.value: ".mp4", Container.MPEGTS.value: ".ts"}
+RENDITION_FORMAT = re.compile(r"^(?P<height>[0-9]{2,4})p(?::(?P<kbps>[0-9]+))?$")
+LADDER: dict[str, Rendition] = {r.name: r for r in DEFAULT_LADDER if r.name}
+
+job_app = typer.Typer(
+    help=f"Submit jobs and follow them (orchestrator from {URL_ENV}, key from {API_KEY_ENV}).",
+    no_args_is_help=True,
+)
+
+OrchestratorOpt = Annotated[
+    str, typer.Option("--orchestrator", envvar=URL_ENV, help="Orchestrator URL.")
+]
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key", envvar=API_KEY_ENV, help="Client API key (gmk_...).", show_default=False
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+JobIdArg = Annotated[str, typer.Argument(help="The job's id, as submit printed it.")]
+
+
+def _out() -> Console:
+    return Console(highlight=False)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    # soft_wrap: one line however narrow the terminal, so scripts can grep it.
+    Console(stderr=True, highlight=False).print(
+        f"error: {message}", style="red", markup=False, soft_wrap=True
+    )
+    raise typer.Exit(code=code)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def describe_problem(exc: GpumarketAPIError) -> str:
+    """The orchestrator's error in one line, with the fix where the status implies one."""
+    fix = FIX_BY_STATUS.get(exc.status)
+    if fix is None and exc.retryable:
+        fix = "the orchestrator is busy or restarting; try again shortly"
+    line = f"{_one_line(exc.detail)} ({exc.status} {exc.code})"
+    return f"{line}; {fix}" if fix else line
+
+
+@contextmanager
+def _client(ctx: typer.Context, url: str, api_key: str | None) -> Iterator[Client]:
+    """A Client for the command, with every failure turned into a one-line error. Tests (and
+    programs embedding the CLI) may pass an httpx transport as the Click context object."""
+    if not api_key:
+        _fail(f"no API key: {HOW_TO_GET_A_KEY}", code=2)
+    if not url.startswith(("http://", "https://")):
+        _fail(f"--orchestrator {url!r}: give it as http://host:port (or set {URL_ENV})", code=2)
+    transport = ctx.obj if isinstance(ctx.obj, httpx.BaseTransport) else None
+    try:
+        with Client(url, api_key, transport=transport) as client:
+            yield client
+    except GpumarketAPIError as exc:
+        _fail(describe_problem(exc))
+    except JobFailed as exc:
+        job = exc.job
+        reason = job.get("failure_reason") or "no reason given"
+        _fail(f"job {job['id']} {job['state']}: {_one_line(reason)}")
+    except JobTimeout as exc:
+        _fail(f"{exc}; it carries on: follow it with `gpumarket job status ID`")
+    except httpx.TimeoutException as exc:
+        _fail(f"the orchestrator at {url} did not answer in time ({type(exc).__name__})")
+    except httpx.TransportError as exc:
+        _fail(
+            f"cannot reach the orchestrator at {url}: {_one_line(str(exc)) or type(exc).__name__}"
+            f"; is it running? set --orchestrator or {URL_ENV}"
+        )
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2))
+
+
+def _short_address(address: str | None) -> str:
+    if not address:
+        return "-"
+    return f"{address[:6]}…{address[-4:]}"
+
+
+def _energy(item: dict[str, Any]) -> str:
+    energy = item.get("energy_j")
+    if energy is None:
+        return "-"
+    estimated = " (est.)" if item.get("energy_source") == "estimate" else ""
+    return f"{energy:.2f}{estimated}"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> Table:
+    """id, type, model, state, worker, cost (wei), energy (J) and duration of each job."""
+    table = Table()
+    table.add_column("id", no_wrap=True)
+    for name in ("type", "model", "state", "worker"):
+        table.add_column(name)
+    for name in ("cost wei", "energy J", "duration"):
+        table.add_column(name, justify="right")
+    for job in jobs:
+        table.add_row(
+            job["id"],
+            job["type"],
+            job["model"],
+            job["state"],
+            _short_address(job.get("worker_address")),
+            job.get("cost_wei") or "-",
+            _energy(job),
+            _seconds(job.get("duration_s")),
+        )
+    return table
+
+
+def _shape(value: Any) -> str:
+    """``2 x 384`` for a nested list, the value itself for a scalar."""
+    dims = []
+    while isinstance(value, list):
+        dims.append(len(value))
+        value = value[0] if value else None
+    return " x ".join(str(d) for d in dims) if dims else json.dumps(value)
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    console = _out()
+    summary = Table(show_header=False, box=None)
+    summary.add_row("job", result["job_id"])
+    summary.add_row("worker", result["worker_address"])
+    summary.add_row("units", str(result["units"]))
+    summary.add_row("cost wei", result["cost_wei"])
+    summary.add_row("duration", _seconds(result["duration_s"]))
+    summary.add_row("energy J", _energy(result))
+    summary.add_row("output sha256", result["output_sha256"])
+    for key, value in (result.get("output") or {}).items():
+        summary.add_row(key, _shape(value))
+    console.print(summary)
+    blobs = result.get("output_blobs") or []
+    if blobs:
+        renditions = Table(title="renditions")
+        renditions.add_column("name")
+        renditions.add_column("size")
+        for name in ("frames", "bytes"):
+            renditions.add_column(name, justify="right")
+        renditions.add_column("sha256", no_wrap=True)
+        for blob in blobs:
+            size = f"{blob.get('width')}x{blob.get('height')}" if blob.get("height") else "-"
+            frames = blob.get("frames")
+            renditions.add_row(
+                blob["name"],
+                size,
+                "-" if frames is None else str(frames),
+                str(blob["size"]),
+                blob["sha256"],
+            )
+        console.print(renditions)
+
+
+def _read_texts(texts: list[str], texts_file: Path | None) -> list[str]:
+    found = list(texts)
+    if texts_file is not None:
+        try:
+            raw = sys.stdin.read() if str(texts_file) == "-" else texts_file.read_text()
+        except OSError as exc:
+            _fail(f"--texts-file: cannot read {texts_file}: {exc.strerror}", code=2)
+        found.extend(line for line in raw.splitlines() if line.strip())
+    return found
+
+
+def parse_rendition(text: str) -> dict[str, Any]:
+    """``720p`` (a rung of the default ladder) or ``HEIGHTp:KBPS`` (e.g. ``1080p:6000``)."""
+    match = RENDITION_FORMAT.match(text.strip())
+    if match is None:
+        raise typer.BadParameter(
+            f"{text!r}: use a ladder name ({', '.join(LADDER)}) or HEIGHTp:KBPS, e.g. 1080p:6000",
+            param_hint="--rendition",
+        )
+    name = f"{match['height']}p"
+    if match["kbps"] is not None:
+        bitrate = int(match["kbps"])
+    elif name in LADDER:
+        bitrate = LADDER[name].bitrate_kbps
+    else:
+        raise typer.BadParameter(
+            f"{name} is not in the default ladder; give its bitrate, e.g. {name}:6000",
+            param_hint="--rendition",
+        )
+    try:
+        rendition = Rendition(name=name, height=int(match["height"]), bitrate_kbps=bitrate)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise typer.BadParameter(f"{text!r}: {problems}", param_hint="--rendition") from exc
+    return rendition.model_dump(mode="json", exclude_none=True)
+
+
+def _parse_price(text: str) -> int:
+    from gpumarket.wallet import parse_amount_wei
+
+    try:
+        price = parse_amount_wei(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--max-price") from exc
+    if price <= 0:
+        raise typer.BadParameter("must be above 0 wei", param_hint="--max-price")
+    return price
+
+
+@job_app.command("submit")
+def submit(
+    ctx: typer.Context,
+    max_price: Annotated[
+        str,
+        typer.Option(
+            help="Most you pay per unit (a text for inference, an output pixel for transcode): "
+            "wei, or with a unit: 2gwei.",
+        ),
+    ],
+    model: Annotated[
+        str | None, typer.Option(help="Inference model, e.g. all-MiniLM-L6-v2.")
+    ] = None,
+    text: Annotated[
+        list[str] | None, typer.Option("--text", help="A text to embed (repeatable).")
+    ] = None,
+    texts_file: Annotated[
+        Path | None, typer.Option(help="Texts to embed, one per line ('-': stdin).")
+    ] = None,
+    precision: Annotated[Precision, typer.Option(help="Inference precision.")] = Precision.FP32,
+    video: Annotated[
+        Path | None,
+        typer.Option(help="Transcode this video: it is uploaded first.", dir_okay=False),
+    ] = None,
+    rendition: Annotated[
+        list[str] | None,
+        typer.Option(help="Output rendition: 720p, 480p, 360p or HEIGHTp:KBPS (repeatable)."),
+    ] = None,
+    container: Annotated[Container, typer.Option(help="Transcode output.")] = Container.MP4,
+    max_units: Annotated[
+        int | None,
+        typer.Option(help="Most units you pay for (transcode on a paid orchestrator: pixels)."),
+    ] = None,
+    preference: Annotated[
+        Preference, typer.Option(help="What matters most in picking a worker.")
+    ] = Preference.BALANCED,
+    deadline_s: Annotated[
+        float | None, typer.Option(help="Give up after this many seconds (default 1 h).")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Resubmitting with the same key returns the same job.")
+    ] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it is final.")] = False,
+    timeout_s: Annotated[
+        float, typer.Option(help="With --wait: stop waiting after this many seconds.")
+    ] = DEFAULT_WAIT_TIMEOUT_S,
+    orchestrator: OrchestratorOpt = DEFAULT_URL,
+    api_key: ApiKeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Submit an inference job (--model with --text/--texts-file) or a transcode (--video)."""
+    spec: dict[str, Any] = {
+        "max_price_wei_per_unit": str(_parse_price(max_price)),
+        "preference": preference.value,
+    }
+    texts = _read_texts(text or [], texts_file)
+    if video is not None:
+        if texts or model is not None or precision is not Precision.FP32:
+            _fail("--video makes a transcode job: leave out --model, --text and --precision", 2)
+        ladder = [parse_rendition(r) for r in rendition or []]
+        spec.update(type="transcode", container=container.value)
+        if ladder:
+            spec["renditions"] = ladder
+        if not video.is_file():
+            _fail(f"--video {video}: no such file", code=2)
+    else:
+        if rendition:
+            _fail("--rendition applies to transcode jobs: give the --video too", code=2)
+        if model is None or not texts:
+            _fail("give --model and --text (or --texts-file) for inference, or --video", code=2)
+        spec.update(type="inference", model=model, precision=precision.value)
+        spec["input"] = {"texts": texts}
+    if max_units is not None:
+        spec["max_units"] = max_units
+    if deadline_s is not None:
+        spec["deadline_s"] = deadline_s
+    with _client(ctx, orchestrator, api_key) as client:
+        if video is not None:
+            spec["input_blob"] = client.upload_blob(video)
+        job = client.submit(spec, idempotency_key)
+        if not wait:
+            if as_json:
+                _print_json(job)
+            else:
+                _out().print(f"job {job['id']} {job['state']}", soft_wrap=True)
+            return
+        result = _follow(client, job, timeout_s, quiet=as_json)
+    if as_json:
+        _print_json(result)
+    else:
+        _print_result(result)
+
+
+def _follow(client: Client, job: dict[str, Any], timeout_s: float, quiet: bool) -> dict[str, Any]:
+    """``wait`` with a spinner showing the job's state on stderr (nothing with ``quiet``)."""
+    if quiet:
+        return client.wait(job["id"], timeout_s)
+    console = Console(stderr=True, highlight=False)
+    seen: list[str] = []
+
+    def label(view: dict[str, Any]) -> str:
+        why = view.get("waiting_reason")
+        return f"job {view['id']}: {view['state']}" + (f" ({why})" if why else "")
+
+    with console.status(label(job)) as status:
+
+        def show(view: dict[str, Any]) -> None:
+            status.update(label(view))
+            if not seen or seen[-1] != view["state"]:
+                seen.append(view["state"])
+                console.print(label(view), markup=False, soft_wrap=True)
+
+        return client.wait(job["id"], timeout_s, on_progress=show)
+
+
+@job_app.command("status")
+def status(
+    ctx: typer.Context,
+    job_id: JobIdArg,
+    orchestrator: OrchestratorOpt = DEFAULT_URL,
+    api_key: ApiKeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One job: its state, worker, cost, energy and duration."""
+    with _client(ctx, orchestrator, api_key) as client:
+        job = client.get(job_id)
+    if as_json:
+        _print_json(job)
+        return
+    console = _out()
+    console.print(jobs_table([job]))
+    for key in ("waiting_reason", "failure_reason"):
+        if job.get(key):
+            console.print(f"{key.replace('_', ' ')}: {job[key]}", markup=False, soft_wrap=True)
+
+
+@job_app.command("list")
+def list_jobs(
+    ctx: typer.Context,
+    state: Annotated[
+        str | None, typer.Option(help="Only jobs in this state, e.g. running, failed.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = DEFAULT_LIST_LIMIT,
+    orchestrator: OrchestratorOpt = DEFAULT_URL,
+    api_key: ApiKeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Your jobs, newest first."""
+    with _client(ctx, orchestrator, api_key) as client:
+        jobs = list(islice(client.list(state=state, limit=min(limit, MAX_PAGE)), limit))
+    if as_json:
+        _print_json(jobs)
+    elif jobs:
+        _out().print(jobs_table(jobs))
+    else:
+        _out().print("no jobs" + (f" in state {state}" if state else ""))
+
+
+@job_app.command("result")
+def result(
+    ctx: typer.Context,
+    job_id: JobIdArg,
+    download: Annotated[
+        Path | None,
+        typer.Option(
+            help="Save the outputs in this folder: renditions as video files, inline output "
+            "as JOB_ID.json.",
+            file_okay=False,
+        ),
+    ] = None,
+    orchestrator: OrchestratorOpt = DEFAULT_URL,
+    api_key: ApiKeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The signed result of a succeeded job: outputs, cost, duration and energy."""
+    saved: list[Path] = []
+    with _client(ctx, orchestrator, api_key) as client:
+        found = client.result(job_id)
+        if download is not None:
+            saved = _download(client, found, download)
+    if as_json:
+        _print_json(found if download is None else {**found, "saved": [str(p) for p in saved]})
+        return
+    _print_result(found)
+    for path in saved:
+        _out().print(f"saved {path}", markup=False, soft_wrap=True)
+
+
+def _download(client: Client, found: dict[str, Any], folder: Path) -> list[Path]:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(f"--download: cannot make {folder}: {exc.strerror}", code=2)
+    job_id = found["job_id"]
+    blobs = found.get("output_blobs") or []
+    if not blobs:
+        path = folder / f"{job_id}.json"
+        path.write_text(json.dumps(found.get("output"), indent=2) + "\n")
+        return [path]
+    suffix = CONTAINER_SUFFIX.get(client.get(job_id).get("container") or "", ".mp4")
+    return [
+        client.download_blob(blob["sha256"], folder / f"{job_id}-{blob['name']}{suffix}")
+        for blob in blobs
+    ]
+
+
+@job_app.command("cancel")
+def cancel(
+    ctx: typer.Context,
+    job_id: JobIdArg,
+    orchestrator: OrchestratorOpt = DEFAULT_URL,
+    api_key: ApiKeyOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel a job that has not finished; a running worker stops at its next heartbeat."""
+    with _client(ctx, orchestrator, api_key) as client:
+        job = client.cancel(job_id)
+    if as_json:
+        _print_json(job)
+    else:
+        _out().print(f"job {job['id']} {job['state']}", soft_wrap=True)

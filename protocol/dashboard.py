@@ -1,0 +1,105 @@
+"""The operator dashboard's wire type: one snapshot of workers, recent jobs, totals and
+per-bucket series. Money in wei (decimal strings on the wire), energy in joules, time in
+seconds, instants in UTC."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel
+
+from protocol.jobs import JobState, JobType
+from protocol.units import Wei
+
+
+class DashboardWorker(BaseModel):
+    """A worker as the operator sees it. ``load`` is running jobs / ``max_concurrency``.
+
+    ``settled_wei`` sums the ledger entries paying this worker; ``redeemed_wei`` what it has
+    drawn on chain (after the orchestrator's fee); ``billed_wei`` what its succeeded jobs cost,
+    which is the figure to read on an orchestrator without on-chain payments.
+    """
+
+    id: str
+    address: str
+    status: str
+    online: bool
+    hardware_summary: str
+    gpu_name: str | None
+    gpu_count: int
+    vram_mb: int
+    cpu_model: str
+    cpu_cores: int
+    running_jobs: int
+    max_concurrency: int
+    load: float
+    reputation: float
+    jobs_succeeded: int
+    jobs_failed: int
+    billed_wei: Wei
+    settled_wei: Wei
+    redeemed_wei: Wei
+    last_seen_at: datetime
+
+
+class DashboardJob(BaseModel):
+    """A recent job. ``latency_s`` runs from submission to the final state; ``duration_s`` is
+    the worker's own measure of the run."""
+
+    id: str
+    type: JobType
+    model: str
+    state: JobState
+    attempt: int
+    worker_id: str | None
+    worker_address: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    latency_s: float | None
+    duration_s: float | None
+    units: int | None
+    cost_wei: Wei | None
+    energy_j: float | None
+    energy_source: str | None  # nvml | rapl | estimate
+
+
+class DashboardTotals(BaseModel):
+    """Whole-market figures (all time, deregistered workers included in the money)."""
+
+    workers_registered: int
+    workers_online: int
+    jobs_by_state: dict[str, int]
+    queue_depth: int
+    wei_billed_total: Wei
+    wei_settled_total: Wei
+    wei_redeemed_total: Wei
+    ledger_entries: int
+    energy_j_total: float
+
+
+class DashboardBucket(BaseModel):
+    """One fixed bucket ``[start, start + bucket_s)``: jobs that reached a final state in it
+    (by ``finished_at``) and wei written to the ledger in it."""
+
+    start: datetime
+    jobs_succeeded: int
+    jobs_failed: int
+    wei_billed: Wei
+    wei_settled: Wei
+
+
+class DashboardSeries(BaseModel):
+    """Buckets aligned to multiples of ``bucket_s`` since the epoch, oldest first; the last one
+    holds now and is still filling."""
+
+    bucket_s: int
+    buckets: list[DashboardBucket]
+
+
+class Dashboard(BaseModel):
+    generated_at: datetime
+    payments: bool
+    totals: DashboardTotals
+    workers: list[DashboardWorker]
+    jobs: list[DashboardJob]
+    series: DashboardSeries

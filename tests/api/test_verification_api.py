@@ -1,0 +1,197 @@
+"""Verification over the API: sampled jobs re-run on other workers, tie-breaks, convictions.
+
+Workers here are scripted over HTTP so each test decides who answers what; the real worker
+daemon against a real orchestrator is in tests/integration/test_cheating_worker.py.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from orchestrator.config import Settings
+from orchestrator.services.comparators import COSINE_THRESHOLDS
+from orchestrator.store import Store
+from orchestrator.store.models import Slash, Worker
+from orchestrator.wiring import Services, build_services
+from tests.api.conftest import Api, HttpWorker, RunApi, assert_problem
+from tests.conftest import FakeClock
+
+RIGHT = {"embeddings": [[0.6, 0.8], [1.0, 0.0]]}
+# Plausible but wrong: unit vectors, the right shape, pointing elsewhere.
+WRONG = {"embeddings": [[0.8, -0.6], [0.0, 1.0]]}
+# An honest run on other hardware: not bit-equal, well within the fp32 tolerance.
+RIGHT_ELSEWHERE = {"embeddings": [[0.6000001, 0.7999999], [0.9999999, 0.0000001]]}
+
+
+@pytest.fixture
+def services(tmp_path: Path, sqlite_store: Store, clock: FakeClock) -> Services:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        admin_token="operator-token-for-tests-0123456789abcdef",
+        lease_ttl_s=30.0,
+        heartbeat_interval_s=10.0,
+        long_poll_max_s=5.0,
+        verify_rate=1.0,  # every result is checked
+        verify_timeout_s=120.0,
+    )
+    return build_services(settings, store=sqlite_store, clock=clock, rng=random.Random(7))
+
+
+async def _run_on(api: Api, worker: HttpWorker, output: dict[str, Any]) -> dict[str, Any]:
+    """``worker`` leases the one job it is offered and completes it with ``output``."""
+    leased = await api.lease(worker)
+    assert len(leased) == 1, leased
+    resp = await api.complete(worker, leased[0]["job_id"], leased[0]["attempt"], output)
+    assert resp.status_code == 200, resp.text
+    return leased[0]
+
+
+def _worker_row(api: Api, worker: HttpWorker) -> Worker:
+    with api.services.store.read() as s:
+        row = s.get(Worker, worker.worker_id)
+        assert row is not None
+        s.expunge(row)
+        return row
+
+
+def test_an_agreeing_check_releases_and_pays_the_result(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        first, second = await api.register_worker(), await api.register_worker()
+        job = await api.submit(client)
+        await _run_on(api, first, RIGHT)
+        held = await api.job(client, job["id"])
+        assert held["state"] == "verifying"
+        assert held["verification"]["status"] == "pending"
+        resp = await api.http.get(f"/v1/jobs/{job['id']}/result", headers=client)
+        assert_problem(resp, 409, "conflict", "verifying")
+        resp = await api.http.post(f"/v1/jobs/{job['id']}/cancel", headers=client)
+        assert_problem(resp, 409, "conflict", "being verified")
+
+        check = await _run_on(api, second, RIGHT_ELSEWHERE)
+        assert check["job_id"] != job["id"]  # a hidden copy, not the client's job
+        done = await api.job(client, job["id"])
+        assert done["state"] == "succeeded"
+        verification = done["verification"]
+        assert verification["status"] == "passed"
+        [entry] = verification["checks"]
+        assert entry["worker_address"] == second.address and entry["agrees"] is True
+        assert entry["metric"] == "cosine"
+        assert entry["value"] > COSINE_THRESHOLDS["fp32"]
+        # The client sees only its own job, never the check.
+        resp = await api.http.get("/v1/jobs", headers=client)
+        assert [j["id"] for j in resp.json()["jobs"]] == [job["id"]]
+        resp = await api.http.get(f"/v1/jobs/{check['job_id']}", headers=client)
+        assert resp.status_code == 404
+        assert _worker_row(api, first).verifications_passed == 1
+        assert _worker_row(api, second).verifications_passed == 1
+
+    run_api(body)
+
+
+def test_a_wrong_result_loses_the_tie_break_is_replaced_and_its_worker_shut_out(
+    run_api: RunApi,
+) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        cheat = await api.register_worker()
+        honest = [await api.register_worker(), await api.register_worker()]
+        job = await api.submit(client)
+        await _run_on(api, cheat, WRONG)
+        await _run_on(api, honest[0], RIGHT)
+        pending = await api.job(client, job["id"])
+        assert pending["state"] == "verifying"
+        assert pending["verification"]["checks"][0]["agrees"] is False
+        assert await api.lease(cheat) == []  # the tie-break never goes to either side
+        await _run_on(api, honest[1], RIGHT_ELSEWHERE)
+
+        done = await api.job(client, job["id"])
+        assert done["state"] == "succeeded"
+        verification = done["verification"]
+        assert verification["status"] == "replaced"
+        assert verification["slashed_address"] == cheat.address
+        assert done["cost_wei"] == "0"  # the client pays nothing for the cheated job
+        result = (await api.http.get(f"/v1/jobs/{job['id']}/result", headers=client)).json()
+        assert result["output"] == RIGHT  # the agreed result, not the cheat's
+        assert result["verification"]["result_signed_for"] is not None
+
+        with api.services.store.read() as s:
+            [slash] = s.scalars(select(Slash)).all()
+            assert slash.worker_address == cheat.address and slash.status == "pending"
+        assert api.services.verification.send_slashes() == 1
+        with api.services.store.read() as s:
+            [slash] = s.scalars(select(Slash)).all()
+            assert slash.status == "skipped"  # no chain here; tests/contracts slash on anvil
+
+        row = _worker_row(api, cheat)
+        assert row.verifications_failed == 1
+        # Shut out: a new job goes to an honest worker or waits, never to the cheat.
+        second = await api.submit(client)
+        assert await api.lease(cheat) == []
+        waiting = await api.job(client, second["id"])
+        assert "below the floor" in (waiting["waiting_reason"] or "")
+
+    run_api(body)
+
+
+def test_a_wrong_check_loses_the_tie_break_and_the_result_stands(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        first, liar, judge = (
+            await api.register_worker(),
+            await api.register_worker(),
+            await api.register_worker(),
+        )
+        job = await api.submit(client)
+        await _run_on(api, first, RIGHT)
+        await _run_on(api, liar, WRONG)
+        await _run_on(api, judge, RIGHT)
+        done = await api.job(client, job["id"])
+        assert done["state"] == "succeeded"
+        assert done["verification"]["status"] == "upheld"
+        assert done["verification"]["slashed_address"] == liar.address
+        assert done["cost_wei"] == str(2 * 100)  # two texts at the offer's 100 wei
+        result = (await api.http.get(f"/v1/jobs/{job['id']}/result", headers=client)).json()
+        assert result["output"] == RIGHT and result["worker_address"] == first.address
+        assert _worker_row(api, liar).verifications_failed == 1
+        assert _worker_row(api, first).verifications_failed == 0
+
+    run_api(body)
+
+
+def test_a_check_nobody_runs_times_out_and_the_result_stands(
+    run_api: RunApi, clock: FakeClock
+) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        first = await api.register_worker()
+        await api.register_worker()  # could check, but never polls
+        job = await api.submit(client)
+        await _run_on(api, first, RIGHT)
+        assert (await api.job(client, job["id"]))["state"] == "verifying"
+        clock.advance(121)
+        api.services.leases.sweep(clock())
+        assert api.services.verification.resolve_stalled(clock()) == 1
+        done = await api.job(client, job["id"])
+        assert done["state"] == "succeeded"
+        assert done["verification"]["status"] == "inconclusive"
+        assert "no check finished" in done["verification"]["detail"]
+
+    run_api(body)
+
+
+def test_a_lone_worker_is_not_held_up_by_sampling(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        only = await api.register_worker()
+        job = await api.submit(client)
+        await _run_on(api, only, RIGHT)
+        done = await api.job(client, job["id"])
+        assert done["state"] == "succeeded" and done["verification"] is None
+
+    run_api(body)

@@ -1,0 +1,303 @@
+"""``gpumarket job`` driven through Typer's CliRunner against the real app in-process.
+
+The app and its lifespan run on an event loop in a thread (an anyio blocking portal); the
+CLI's synchronous Client reaches it through ``PortalTransport``, handed to the CLI as the Click
+context object. A scripted worker leases and completes over the worker API on that loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from click.testing import Result
+from typer.testing import CliRunner
+
+from gpumarket.cli import app
+from orchestrator.app import create_app
+from orchestrator.config import Settings
+from orchestrator.store import Store
+from orchestrator.wiring import build_services
+from protocol.signing import output_sha256, sign_result
+from tests.api.conftest import BASE_URL, Api, HttpWorker
+from tests.support import EMBED_MODEL, offer
+
+TEXTS = ["a cat sat on the mat", "GPUs are scarce"]
+DIM = 3
+EMBEDDINGS = {"embeddings": [[0.5, -0.25, 1.0]] * len(TEXTS)}
+
+
+class PortalTransport(httpx.BaseTransport):
+    """A synchronous httpx transport into an ASGI app served on a portal's event loop: what
+    httpx.ASGITransport is to async clients, for the CLI's sync Client."""
+
+    def __init__(self, transport: httpx.ASGITransport, portal: BlockingPortal) -> None:
+        self._asgi = transport
+        self._portal = portal
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        body = request.read()  # a streamed upload, whole: test files are small
+        headers = [(k, v) for k, v in request.headers.multi_items() if k != "transfer-encoding"]
+
+        async def send() -> httpx.Response:
+            forwarded = httpx.Request(request.method, request.url, headers=headers, content=body)
+            response = await self._asgi.handle_async_request(forwarded)
+            content = await response.aread()
+            return httpx.Response(response.status_code, headers=response.headers, content=content)
+
+        return self._portal.call(send)
+
+
+@dataclass
+class Market:
+    portal: BlockingPortal
+    api: Api
+    transport: PortalTransport
+    api_key: str
+
+    def invoke(self, *args: str, api_key: str | None = None, **env: str) -> Result:
+        """``gpumarket job ARGS`` with the key in GPUMARKET_API_KEY (``api_key`` overrides)."""
+        environ = {"GPUMARKET_API_KEY": self.api_key if api_key is None else api_key, **env}
+        environ.setdefault("GPUMARKET_URL", BASE_URL)
+        environ.setdefault("COLUMNS", "200")  # room for whole ids in tables
+        return CliRunner().invoke(app, ["job", *args], env=environ, obj=self.transport)
+
+    def register_worker(self) -> HttpWorker:
+        offers = [offer(price=100), offer(job_type="transcode", model="h264", price=1)]
+        return self.portal.call(lambda: self.api.register_worker(offers=offers))
+
+    def complete_soon(self, worker: HttpWorker, blobs: list[dict[str, Any]] | None = None) -> None:
+        """In the background on the app's loop: lease (long-polling) one job and complete it
+        with EMBEDDINGS, or with ``blobs`` (a transcode's renditions)."""
+
+        async def work() -> None:
+            [leased] = await self.api.lease(worker, wait_s=5.0)
+            job_id, attempt = leased["job_id"], leased["attempt"]
+            if blobs is None:
+                resp = await self.api.complete(worker, job_id, attempt, EMBEDDINGS, len(TEXTS))
+            else:
+                resp = await self.api.http.post(
+                    f"/v1/workers/jobs/{job_id}/complete",
+                    json=_blob_completion(worker, job_id, attempt, blobs),
+                    headers=worker.headers,
+                )
+            assert resp.status_code == 200, resp.text
+
+        self.portal.start_task_soon(work)
+
+
+def _blob_completion(
+    worker: HttpWorker, job_id: str, attempt: int, blobs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A transcode result: renditions the worker uploaded, priced per output pixel."""
+    digest = output_sha256(blobs)
+    return {
+        "attempt": attempt,
+        "output_blobs": blobs,
+        "output_sha256": digest,
+        "signature": sign_result(worker.account.key, job_id, attempt, digest),
+        "duration_s": 1.5,
+        "energy_j": 30.0,
+        "energy_source": "estimate",
+        "units": sum(b["width"] * b["height"] * b["frames"] for b in blobs),
+    }
+
+
+@pytest.fixture
+def market(tmp_path: Path, sqlite_store: Store) -> Iterator[Market]:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        admin_token="operator-token-for-tests-0123456789abcdef",
+        long_poll_max_s=5.0,
+        max_blob_bytes=1024 * 1024,
+        verify_rate=0.0,  # a result is final at once; no second worker runs here
+        verify_rate_new=0.0,
+    )
+    services = build_services(settings, store=sqlite_store, clock=time.time, rng=random.Random(7))
+    application = create_app(settings, services=services, run_sweeper=False)
+    asgi = httpx.ASGITransport(app=application)
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(application.router.lifespan_context(application)),
+    ):
+        http = httpx.AsyncClient(transport=asgi, base_url=BASE_URL)
+        api = Api(http, services)
+        key = portal.call(api.new_client)["Authorization"].removeprefix("Bearer ")
+        try:
+            yield Market(portal, api, PortalTransport(asgi, portal), key)
+        finally:
+            portal.call(http.aclose)
+
+
+def _submit_args(*extra: str) -> list[str]:
+    texts = [arg for text in TEXTS for arg in ("--text", text)]
+    return ["submit", "--model", EMBED_MODEL, *texts, "--max-price", "1000", *extra]
+
+
+def _json(result: Result) -> Any:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_submit_then_status_list_and_cancel(market: Market) -> None:
+    job = _json(market.invoke(*_submit_args("--preference", "cost", "--json")))
+    assert (job["state"], job["model"], job["preference"]) == ("queued", EMBED_MODEL, "cost")
+    assert job["max_price_wei_per_unit"] == "1000"
+
+    shown = market.invoke("status", job["id"])
+    assert shown.exit_code == 0, shown.output
+    for column in ("id", "type", "model", "state", "worker", "cost wei", "energy J", "duration"):
+        assert column in shown.stdout
+    assert job["id"] in shown.stdout and "queued" in shown.stdout
+
+    assert [j["id"] for j in _json(market.invoke("list", "--json"))] == [job["id"]]
+    assert job["id"] in market.invoke("list", "--state", "queued").stdout
+    assert "no jobs in state running" in market.invoke("list", "--state", "running").stdout
+
+    assert _json(market.invoke("cancel", job["id"], "--json"))["state"] == "cancelled"
+    assert _json(market.invoke("status", job["id"], "--json"))["state"] == "cancelled"
+
+
+def test_texts_file_and_idempotency_key(market: Market, tmp_path: Path) -> None:
+    texts = tmp_path / "texts.txt"
+    texts.write_text("first\n\nsecond\nthird\n")
+    args = ["submit", "--model", EMBED_MODEL, "--texts-file", str(texts), "--max-price", "2gwei"]
+    first = _json(market.invoke(*args, "--idempotency-key", "batch-1", "--json"))
+    again = _json(market.invoke(*args, "--idempotency-key", "batch-1", "--json"))
+    assert again["id"] == first["id"]
+    assert first["max_units"] == 3  # blank lines are skipped
+    assert first["max_price_wei_per_unit"] == str(2 * 10**9)
+
+
+def test_submit_wait_prints_the_result_summary(market: Market) -> None:
+    worker = market.register_worker()
+    market.complete_soon(worker)
+    done = market.invoke(*_submit_args("--wait", "--timeout-s", "20"))
+    assert done.exit_code == 0, done.output
+    assert f"{len(TEXTS)} x {DIM}" in done.stdout  # embeddings: count x dim
+    assert "200" in done.stdout  # cost: 2 texts at the worker's 100 wei
+    assert worker.address in done.stdout
+    assert "succeeded" in done.stderr  # the state as the spinner followed it
+
+
+def test_submit_wait_json_and_result(market: Market, tmp_path: Path) -> None:
+    worker = market.register_worker()
+    market.complete_soon(worker)
+    result = _json(market.invoke(*_submit_args("--wait", "--json")))
+    assert result["output"] == EMBEDDINGS and result["cost_wei"] == "200"
+
+    again = market.invoke("result", result["job_id"])
+    assert again.exit_code == 0, again.output
+    assert "embeddings" in again.stdout and f"{len(TEXTS)} x {DIM}" in again.stdout
+
+    saved = _json(market.invoke("result", result["job_id"], "--download", str(tmp_path), "--json"))
+    [path] = saved["saved"]
+    assert json.loads(Path(path).read_text()) == EMBEDDINGS
+
+
+def test_transcode_uploads_the_video_and_downloads_renditions(
+    market: Market, tmp_path: Path
+) -> None:
+    worker = market.register_worker()
+    rendition = b"not really h264"  # the scripted worker decodes nothing
+    uploaded = market.portal.call(market.api.upload, worker.headers, rendition)
+    blob = {"name": "360p", "sha256": uploaded["sha256"], "size": len(rendition)}
+    blob.update(width=640, height=360, frames=10)
+    market.complete_soon(worker, blobs=[blob])
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(os.urandom(4096))
+
+    args = ["submit", "--video", str(video), "--rendition", "360p", "--rendition", "1080p:6000"]
+    done = market.invoke(*args, "--max-price", "1", "--wait")
+    assert done.exit_code == 0, done.output
+    assert uploaded["sha256"] in done.stdout and "640x360" in done.stdout
+
+    [job] = _json(market.invoke("list", "--json"))
+    assert (job["type"], job["state"]) == ("transcode", "succeeded")
+    assert job["input_blob"] == hashlib.sha256(video.read_bytes()).hexdigest()
+    assert job["cost_wei"] == str(640 * 360 * 10)  # 1 wei per output pixel
+    assert [(r["name"], r["height"], r["bitrate_kbps"]) for r in job["renditions"]] == [
+        ("360p", 360, 800),  # the default ladder's bitrate
+        ("1080p", 1080, 6000),
+    ]
+
+    saved = market.invoke("result", job["id"], "--download", str(tmp_path / "out"))
+    assert saved.exit_code == 0, saved.output
+    assert (tmp_path / "out" / f"{job['id']}-360p.mp4").read_bytes() == rendition
+
+
+def test_a_bad_key_is_one_red_line_with_the_fix(market: Market) -> None:
+    refused = market.invoke("list", api_key="gmk_wrong")
+    assert refused.exit_code == 1
+    assert refused.exception is None or isinstance(refused.exception, SystemExit)
+    assert "Traceback" not in refused.output
+    [line] = refused.stderr.strip().splitlines()
+    assert "unknown API key" in line and "401" in line
+    assert "gpumarket orchestrator create-client" in line
+
+
+def test_a_missing_key_says_how_to_get_one(market: Market) -> None:
+    missing = market.invoke("list", api_key="")
+    assert missing.exit_code == 2
+    assert "no API key" in missing.stderr
+    assert "GPUMARKET_API_KEY" in missing.stderr
+    assert "gpumarket orchestrator create-client" in missing.stderr
+
+
+def test_an_unknown_model_names_the_ones_there_are(market: Market) -> None:
+    unknown = market.invoke("submit", "--model", "gpt-17", "--text", "hi", "--max-price", "1")
+    assert unknown.exit_code == 1
+    assert "unknown inference model 'gpt-17'" in unknown.stderr
+    assert EMBED_MODEL in unknown.stderr  # the models it could have been
+    assert "Traceback" not in unknown.output
+
+
+def test_an_unknown_job_points_to_the_list(market: Market) -> None:
+    missing = market.invoke("status", "nope")
+    assert missing.exit_code == 1
+    assert "no job nope" in missing.stderr and "gpumarket job list" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["submit", "--max-price", "1"], "give --model and --text"),
+        (["submit", "--model", EMBED_MODEL, "--text", "x", "--max-price", "0"], "above 0"),
+        (["submit", "--model", EMBED_MODEL, "--text", "x", "--max-price", "1btc"], "unknown"),
+        (["submit", "--video", "missing.mp4", "--max-price", "1"], "no such file"),
+        (["submit", "--video", "v.mp4", "--rendition", "4k", "--max-price", "1"], "HEIGHTp"),
+        (["submit", "--video", "v.mp4", "--rendition", "1080p", "--max-price", "1"], "bitrate"),
+        (["submit", "--model", EMBED_MODEL, "--rendition", "720p", "--max-price", "1"], "--video"),
+    ],
+)
+def test_a_command_line_that_cannot_work_exits_2(
+    market: Market, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], says: str
+) -> None:
+    (tmp_path / "v.mp4").write_bytes(b"\0")
+    monkeypatch.chdir(tmp_path)
+    refused = market.invoke(*args)
+    assert refused.exit_code == 2, refused.output
+    assert says in refused.stderr
+    assert "Traceback" not in refused.output
+
+
+def test_an_unreachable_orchestrator_is_one_line() -> None:
+    closed = CliRunner().invoke(
+        app,
+        ["job", "list", "--orchestrator", "http://127.0.0.1:9", "--api-key", "gmk_x"],
+        env={"COLUMNS": "200"},
+    )
+    assert closed.exit_code == 1
+    [line] = closed.stderr.strip().splitlines()
+    assert "cannot reach the orchestrator at http://127.0.0.1:9" in line
+    assert "GPUMARKET_URL" in line
