@@ -61,10 +61,12 @@ class InferencePipeline:
         if key not in self.registry.offers():
             return
         await self.batchers.get(key[0], key[1].value)
+        # Timed on the model itself, beside the batchers, so job statistics stay the jobs'.
+        model = await asyncio.to_thread(self.registry.get, *key)
         texts = [CALIBRATION_TEXT.format(i) for i in range(self._max_batch)]
-        await self.batchers.submit(key[0], key[1].value, texts[:1])  # first-call overheads
+        await asyncio.to_thread(model.run_batch, texts[:1])  # first-call overheads
         started = time.perf_counter()
-        await self.batchers.submit(key[0], key[1].value, texts)
+        await asyncio.to_thread(model.run_batch, texts)
         elapsed = time.perf_counter() - started
         if elapsed > 0:
             self._measured[key] = len(texts) / elapsed
