@@ -276,7 +276,7 @@ def _report(client: Client, jobs: dict[str, dict[str, object]], labels: dict[str
             str(job.get("cost_wei")),
             f"{job.get('duration_s') or 0:.2f}",
             f"{job.get('energy_j') or 0:.2f}",
-            f"{job.get('co2_g') or 0:.4f}",
+            f"{float(job.get('co2_g') or 0):.3g}",
             summary,
         )
     console.print(table)
@@ -344,14 +344,17 @@ def _report_money(
     console.print(table)
     pairs = settled["pairs"]
     assert isinstance(pairs, list)
+    operator = Account.from_key(DEV_KEY).address
     for p in pairs:
+        payer = "operator (checks)" if p["payer"] == operator else "client"
         console.print(
-            f"worker {p['payee'][:10]}: ledger {p['ledger_wei']} wei = voucher "
+            f"{payer} -> worker {p['payee'][:10]}: ledger {p['ledger_wei']} wei = voucher "
             f"{p['voucher_wei']} = redeemed on chain {p['redeemed_wei']}"
         )
     console.print(
-        f"{settled['ledger_entries']} paid jobs settled in {len(pairs)} redemption(s); "
-        "worker balances rise by what they earned minus the fee and their gas"
+        f"{settled['ledger_entries']} paid jobs (client jobs and verification checks) settled "
+        f"over {len(pairs)} payer-worker pair(s); worker balances rise by what they earned "
+        "minus the broker fee and their gas"
     )
 
 
