@@ -276,7 +276,7 @@ def _report(client: Client, jobs: dict[str, dict[str, object]], labels: dict[str
             str(job.get("cost_wei")),
             f"{job.get('duration_s') or 0:.2f}",
             f"{job.get('energy_j') or 0:.2f}",
-            f"{float(job.get('co2_g') or 0):.3g}",
+            f"{job.get('co2_g') or 0:.3g}",
             summary,
         )
     console.print(table)
