@@ -115,6 +115,7 @@ def encodes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str
         ("honest_a", clip, 1),
         ("honest_b", clip, 2),
         ("wrong", _reversed(clip, root / "reversed.mp4"), 1),
+        ("short", make_test_clip(root / "short.mp4", 426, 240, 20, 24), 1),  # frames dropped
     ]:
         out = root / label
         out.mkdir()
@@ -154,3 +155,30 @@ def test_missing_or_undecodable_renditions_disagree(
     broken = [dict(honest[0], sha256="f" * 64, path=junk), honest[1]]
     cmp = _compare(honest, broken)
     assert not cmp.agrees and "240p" in cmp.detail
+
+
+def test_dropped_frames_disagree_even_when_the_first_frames_match(
+    encodes: dict[str, list[dict[str, object]]],
+) -> None:
+    cmp = _compare(encodes["honest_a"], encodes["short"])
+    assert not cmp.agrees and "24 frames against 20" in cmp.detail
+
+
+@pytest.mark.slow
+def test_honest_720p_ladders_with_different_encoder_threads_agree(tmp_path: Path) -> None:
+    """The case a pixel-wise PSNR rule gets wrong: two honest encodes of a noisy 720p clip at
+    ladder bitrates differ in fine detail (about 29 dB pixel by pixel) but not in picture."""
+    from protocol.jobs import DEFAULT_LADDER
+
+    clip = make_test_clip(tmp_path / "clip.mp4", 1280, 720, 24, 24)
+    ladder = [
+        Rendition(r.name or "", r.width, r.height, r.fps, r.bitrate_kbps) for r in DEFAULT_LADDER
+    ]
+    sides = []
+    for threads in (1, 2):
+        out = tmp_path / f"t{threads}"
+        out.mkdir()
+        done = transcode(clip, ladder, "mp4", out, threads=threads)
+        sides.append(_blobs(out, {o.name: o.path for o in done.outputs}))
+    cmp = _compare(sides[0], sides[1])
+    assert cmp.agrees, cmp.detail
