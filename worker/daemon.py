@@ -318,12 +318,18 @@ class WorkerDaemon:
         except JobRejected as exc:
             await self._report_fail(job, retryable=False, reason=str(exc))
         except OrchestratorError as exc:
-            log.warning(
-                "job %s: orchestrator refused (%s); dropping it",
-                job.job_id,
-                exc,
-                extra=self._log_fields(job),
-            )
+            if exc.retryable:  # e.g. 507: its disk is full. Hand the job back to run again now,
+                # rather than leave it to wait out the lease.
+                await self._report_fail(
+                    job, retryable=True, reason=f"the orchestrator could not take the result: {exc}"
+                )
+            else:  # 409/403: the lease is gone or the job is not ours any more
+                log.warning(
+                    "job %s: orchestrator refused (%s); dropping it",
+                    job.job_id,
+                    exc,
+                    extra=self._log_fields(job),
+                )
         except Exception as exc:  # any executor crash must fail the job, not the worker
             log.exception("job %s: failed", job.job_id, extra=self._log_fields(job))
             await self._report_fail(job, retryable=True, reason=f"{exc.__class__.__name__}: {exc}")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import hashlib
 import math
 import random
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -984,6 +986,39 @@ def test_output_files_are_uploaded_and_the_client_can_download_them(
                 assert int(result["cost_wei"]) == pixels * TRANSCODE_PRICE_WEI
                 # the job's scratch folder is gone once the result is in
                 assert list(worker_settings.work_dir.iterdir()) == []
+
+    run(body)
+
+
+def test_a_result_the_orchestrator_cannot_store_is_handed_back_at_once(
+    live_services: Services, worker_settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blob disk is full (507) when the worker uploads its renditions: the worker reports
+    a retryable failure, so the job is queued again now, not after its lease runs out."""
+    video = b"\x00\x00\x00\x18ftypmp42 not really a video" * 10
+
+    def no_space(*_: object, **__: object) -> object:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def body() -> None:
+        async with open_market(live_services) as market:
+            resp = await market.http.post("/v1/blobs", content=video, headers=market.client)
+            assert resp.status_code == 201, resp.text
+            spec = {
+                "type": "transcode",
+                "input_blob": resp.json()["sha256"],
+                "max_price_wei_per_unit": str(MAX_PRICE_WEI),
+                "max_attempts": 1,
+            }
+            resp = await market.http.post("/v1/jobs", json=spec, headers=market.client)
+            assert resp.status_code == 201, resp.text
+            job_id = resp.json()["id"]
+            monkeypatch.setattr(tempfile, "mkstemp", no_space)  # the disk fills up
+            async with start_worker(market, [FakeTranscoder()], worker_settings):
+                job = await market.wait_final(job_id)
+            assert job["state"] == "failed"  # its one attempt was handed back, not lost
+            assert "could not take the result" in job["failure_reason"]
+            assert "507" in job["failure_reason"]
 
     run(body)
 
