@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from contracts.chain import Chain
     from contracts.deploy import Deployment
 
+KEEP_ALIVE_S = 30
+
 app = typer.Typer(help="gpumarket: a decentralized GPU marketplace node.", no_args_is_help=True)
 orchestrator_app = typer.Typer(help="Run and manage an orchestrator.", no_args_is_help=True)
 app.add_typer(orchestrator_app, name="orchestrator")
@@ -104,6 +106,9 @@ def orchestrator_serve(
         # JSON: uvicorn's loggers go through ours (its own config would print plain text).
         log_config=None if json_logs else uvicorn.config.LOGGING_CONFIG,
         timeout_graceful_shutdown=5,
+        # Longer than clients keep idle connections (httpx: 5 s), so a client never reuses a
+        # connection the server is closing at that moment.
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
 
 
