@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install browser demo test test-fast lint format bench clean
+.PHONY: install browser demo test test-fast faults lint format bench clean
 
 $(STAMP): pyproject.toml contracts/package-lock.json
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,14 @@ test: lint browser
 test-fast: install browser
 	$(PY) -m pytest -m "not slow"
 
+# Fault-injection trials and the long API fuzz (docs/RELIABILITY.md); repeat counts from
+# GPUMARKET_FAULTS_* (defaults: the minimums in the doc). Summary: test-output/faults.json.
+faults: install
+	$(PY) -m pytest -m faults tests/faults
+
+# Every benchmark in bench/ (docs/PERFORMANCE.md): one table, also written as JSON.
 bench: install
-	$(PY) -m bench.settlement_gas --json bench-results.json
+	$(PY) -m bench.run --json bench-results.json
 
 format: install
 	$(VENV)/bin/ruff check --fix .

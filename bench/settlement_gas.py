@@ -2,6 +2,8 @@
 
     python -m bench.settlement_gas [--json OUT]
 
+(``measure`` gives section e of ``python -m bench.run``: N = 10, 100 and 1000.)
+
 Starts its own anvil, deploys PaymentBroker (``contracts.deploy.deploy``, dev key 0, default
 fee) and the baseline ``bench/contracts/NaiveEscrow.sol``, compiled now with the pinned solc.
 A client (dev key 1) deposits and authorises the orchestrator (dev key 2) as its signer.
@@ -38,6 +40,8 @@ from eth_utils import keccak
 from web3.contract import Contract
 from web3.types import RPCEndpoint, TxParams, TxReceipt
 
+from bench.table import Row as TableRow
+from bench.table import ratio as table_ratio
 from contracts.abi import Artifact
 from contracts.anvil import DEV_PRIVATE_KEYS, Anvil
 from contracts.broker import PaymentBroker
@@ -429,3 +433,48 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- rows for bench.run (section e) --------------------------------------------------------
+
+SECTION = "e"
+TABLE_JOBS_PER_REDEMPTION = (10, 100, 1000)
+QUICK_JOBS_PER_REDEMPTION = (10, 100)
+GOAL_JOBS_PER_REDEMPTION = 100
+GOAL_GAS_PER_JOB = 1000
+
+
+def rows_for_table(report: Report) -> list[TableRow]:
+    """One ``bench.table.Row`` per N: the steady-state ("repeat") voucher gas per job against
+    one escrow release per job; the row at ``GOAL_JOBS_PER_REDEMPTION`` carries the goal."""
+    rows = []
+    for row in report.rows:
+        if row.workers != 1:
+            continue
+        at_goal = row.jobs_per_worker == GOAL_JOBS_PER_REDEMPTION
+        value = row.voucher_repeat_gas_per_job
+        rows.append(
+            TableRow(
+                section=SECTION,
+                name=f"settlement gas per job, {row.jobs_per_worker:,} jobs per redemption",
+                value=value,
+                unit="gas/job",
+                baseline_name="one escrow release per job, gas/job",
+                baseline_value=row.escrow_gas_per_job,
+                ratio=table_ratio(value, row.escrow_gas_per_job),
+                goal=f"<= {GOAL_GAS_PER_JOB:,} gas/job" if at_goal else "",
+                met=value <= GOAL_GAS_PER_JOB if at_goal else None,
+                note=(
+                    f"steady state (each later redemption); a worker's first redemption from "
+                    f"a payer: {row.voucher_first_gas_per_job:,.1f} gas/job; anvil "
+                    f"{report.anvil_version}, solc {report.solc_version}"
+                ),
+            )
+        )
+    return rows
+
+
+def measure(quick: bool) -> list[TableRow]:
+    """Section e of ``bench.run``: N = 10, 100, 1000 (10, 100 when ``quick``)."""
+    sizes = QUICK_JOBS_PER_REDEMPTION if quick else TABLE_JOBS_PER_REDEMPTION
+    return rows_for_table(run_bench(sizes, batch_workers=0))

@@ -16,6 +16,9 @@ from typing import Protocol
 
 from orchestrator.exceptions import InsufficientStorage, InvalidInput, PayloadTooLarge
 
+# No space left, or the blob folder's owner is over its disk quota: 507 either way.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 
 class BlobStore(Protocol):
     async def put(
@@ -46,9 +49,11 @@ class LocalBlobStore:
     ) -> tuple[str, int]:
         digest = hashlib.sha256()
         size = 0
-        fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
-        tmp = Path(tmp_name)
+        tmp: Path | None = None
         try:
+            # Inside the try: on a full disk even making the empty temporary file can fail.
+            fd, tmp_name = tempfile.mkstemp(dir=self._tmp)
+            tmp = Path(tmp_name)
             with os.fdopen(fd, "wb") as out:
                 async for chunk in chunks:
                     size += len(chunk)
@@ -70,10 +75,11 @@ class LocalBlobStore:
             os.replace(tmp, final)
             return sha256, size
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+            if exc.errno in DISK_FULL_ERRNOS:
                 raise InsufficientStorage(
                     "the orchestrator's blob disk is full; try later"
                 ) from exc
             raise
         finally:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)

@@ -15,7 +15,9 @@ _bearer = HTTPBearer(auto_error=False, description="API key, worker session or o
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async: no I/O here, and FastAPI would run a plain function in the thread pool (a thread
+    # hop on every request).
     services: Services = request.app.state.services
     return services
 

@@ -197,7 +197,7 @@ class JobService:
                         raise IntegrityError("idempotency key taken", None, ValueError(key))
                 s.add(job)
                 s.flush()
-                transition_queued(s, job, now)
+                submitted = transition_queued(s, job, now)
         except IntegrityError:
             # Two submits raced with one idempotency key: the other one won; return its job.
             if key is None:
@@ -206,7 +206,8 @@ class JobService:
             if existing is None:
                 raise
             return existing, False
-        return self.get(client, job_id), True
+        # Built from the rows just committed, not read back: a new job has no worker yet.
+        return job_view(job, [submitted], None), True
 
     def _new_job(
         self,
@@ -367,8 +368,8 @@ class JobService:
         return JobList(jobs=views, next_cursor=next_cursor)
 
 
-def transition_queued(session: Session, job: Job, now: float) -> None:
+def transition_queued(session: Session, job: Job, now: float) -> JobEvent:
     """Record the submission itself as the first event of the job's history."""
-    session.add(
-        JobEvent(job_id=job.id, attempt=1, state=JobState.QUEUED, detail="submitted", at=now)
-    )
+    event = JobEvent(job_id=job.id, attempt=1, state=JobState.QUEUED, detail="submitted", at=now)
+    session.add(event)
+    return event

@@ -141,12 +141,28 @@ class LeaseService:
         self._notify = notify
         # One dispatcher per process; across replicas, row locks (SKIP LOCKED) keep them apart.
         self._dispatch_lock = threading.Lock()
+        # True while a dispatch round waits for _dispatch_lock and has not yet read the store.
+        self._round_waiting = False
+        self._round_waiting_guard = threading.Lock()
 
     # -- dispatch -----------------------------------------------------------------------------
 
     def dispatch(self, now: float) -> list[tuple[str, str]]:
-        """Assign queued jobs to available workers; returns (job id, worker id) pairs."""
+        """Assign queued jobs to available workers; returns (job id, worker id) pairs.
+
+        Every submit and every lease poll asks for a round. A caller that finds another
+        round already waiting for its turn returns at once with no pairs: that round has not
+        read the store yet, so it will see whatever this caller committed before asking.
+        Under load this makes one round per turn instead of one per request (each a write
+        transaction that locks the workers), and no job waits longer for it.
+        """
+        with self._round_waiting_guard:
+            if self._round_waiting:
+                return []
+            self._round_waiting = True
         with self._dispatch_lock:
+            with self._round_waiting_guard:
+                self._round_waiting = False
             with self._store.transaction() as s:
                 assigned = self._dispatch(s, now)
         for _, worker_id in assigned:

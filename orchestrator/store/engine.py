@@ -3,6 +3,10 @@
 SQLite runs in WAL mode. Write transactions there start with ``BEGIN IMMEDIATE`` so two
 writers never deadlock upgrading a read lock (SQLite would fail one with "database is
 locked" at once instead of waiting); reads use a second engine with plain ``BEGIN``.
+Within one process, SQLite writers also take turns on a lock of the ``Store``: SQLite makes a
+blocked writer poll, sleeping up to 100 ms between tries, so under concurrent requests the
+database sat idle while writers slept; the lock hands it over at once. The busy timeout still
+covers writers in other processes.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +122,11 @@ class Store:
             )
         self._write = sessionmaker(self.engine, expire_on_commit=False)
         self._read = sessionmaker(self.read_engine, expire_on_commit=False)
+        # Reentrant: a nested write transaction behaves as it did without the lock (SQLite's
+        # busy timeout), rather than deadlocking here.
+        self._writer_turn: AbstractContextManager[Any] = (
+            threading.RLock() if self.dialect == "sqlite" else nullcontext()
+        )
 
     @property
     def is_postgres(self) -> bool:
@@ -126,7 +135,7 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """One write transaction: committed on success, rolled back on any exception."""
-        with self._write.begin() as session:
+        with self._writer_turn, self._write.begin() as session:
             yield session
 
     @contextmanager
