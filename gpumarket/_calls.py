@@ -16,6 +16,7 @@ from protocol.problems import ProblemError
 
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "expired"})
 OCTET_STREAM = {"Content-Type": "application/octet-stream"}
+LONG_POLL_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,15 @@ def submit(spec: dict[str, Any], idempotency_key: str | None) -> Call:
     return Call("POST", "/v1/jobs", json=spec, headers=headers)
 
 
-def get_job(job_id: str) -> Call:
-    return Call("GET", _job_path(job_id))
+def get_job(job_id: str, *, wait_s: float = 0.0, while_state: str | None = None) -> Call:
+    """With ``wait_s``, the orchestrator answers once the job leaves ``while_state`` (or is
+    final), or after ``wait_s`` seconds: a long-poll instead of polling."""
+    params: dict[str, Any] = {}
+    if wait_s > 0:
+        params["wait_s"] = round(wait_s, 3)
+        if while_state:
+            params["while_state"] = while_state
+    return Call("GET", _job_path(job_id), params=params or None)
 
 
 def get_result(job_id: str) -> Call:
@@ -120,3 +128,9 @@ class Waiting:
 
     def pause_s(self) -> float:
         return max(0.0, min(self.poll_s, self.deadline - time.monotonic()))
+
+    def long_poll(self, job: dict[str, Any]) -> Call:
+        """The next look at the job: held by the orchestrator until its state changes, for
+        at most ``LONG_POLL_S`` (well inside the HTTP read timeout) or what is left."""
+        wait_s = max(0.0, min(LONG_POLL_S, self.deadline - time.monotonic()))
+        return get_job(self.job_id, wait_s=wait_s, while_state=str(job["state"]))

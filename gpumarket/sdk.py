@@ -135,16 +135,21 @@ class Client:
         on_progress: Progress | None = None,
         poll_s: float = WAIT_POLL_S,
     ) -> dict[str, Any]:
-        """Poll every ``poll_s`` seconds until the job is final; returns its result. Raises
-        JobFailed (failed, cancelled, expired) or JobTimeout after ``timeout_s`` seconds."""
+        """Wait until the job is final; returns its result. Raises JobFailed (failed,
+        cancelled, expired) or JobTimeout after ``timeout_s`` seconds. The orchestrator holds
+        each request until the job's state changes (a long-poll), so ``on_progress`` sees every
+        state; ``poll_s`` is the pause between requests should one come back unchanged."""
         waiting = _calls.Waiting(job_id, timeout_s, poll_s)
+        job = self.get(job_id)
         while True:
-            job = self.get(job_id)
             if on_progress is not None:
                 on_progress(job)
             if waiting.succeeded(job):
                 return self.result(job_id)
-            time.sleep(waiting.pause_s())
+            changed: dict[str, Any] = self._send(waiting.long_poll(job))
+            if changed["state"] == job["state"]:
+                time.sleep(waiting.pause_s())
+            job = changed
 
     def account(self) -> dict[str, Any]:
         """Your payer and, on a paid orchestrator, what it can still be charged (wei)."""
@@ -267,17 +272,21 @@ class AsyncClient:
     ) -> dict[str, Any]:
         """Poll every ``poll_s`` seconds until the job is final; returns its result. Raises
         JobFailed (failed, cancelled, expired) or JobTimeout after ``timeout_s`` seconds.
-        ``on_progress`` may be a plain function or a coroutine function."""
+        ``on_progress`` may be a plain function or a coroutine function. Each request is a
+        long-poll held by the orchestrator until the job's state changes."""
         waiting = _calls.Waiting(job_id, timeout_s, poll_s)
+        job = await self.get(job_id)
         while True:
-            job = await self.get(job_id)
             if on_progress is not None:
                 shown = on_progress(job)
                 if inspect.isawaitable(shown):
                     await shown
             if waiting.succeeded(job):
                 return await self.result(job_id)
-            await asyncio.sleep(waiting.pause_s())
+            changed: dict[str, Any] = await self._send(waiting.long_poll(job))
+            if changed["state"] == job["state"]:
+                await asyncio.sleep(waiting.pause_s())
+            job = changed
 
     async def account(self) -> dict[str, Any]:
         """Your payer and, on a paid orchestrator, what it can still be charged (wei)."""

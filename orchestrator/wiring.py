@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sqlalchemy.orm import Session
+
 from orchestrator.blobs import LocalBlobStore
 from orchestrator.config import Settings
 from orchestrator.services.accounts import AccountService
@@ -15,6 +17,7 @@ from orchestrator.services.blobs import BlobService
 from orchestrator.services.dashboard import DashboardService
 from orchestrator.services.jobs import JobService
 from orchestrator.services.leases import LeaseService
+from orchestrator.services.lifecycle import CHANGED_JOBS
 from orchestrator.services.settlement import ChainPayments, NoPayments, Payments
 from orchestrator.services.verification import VerificationService
 from orchestrator.services.wakeups import WakeHub
@@ -55,6 +58,12 @@ def build_services(
     store = store or Store(settings.database_url)
     hub = WakeHub()
     payments = payments or build_payments(settings, store, clock)
+
+    def wake_job_watchers(session: Session) -> None:
+        for job_id in session.info.get(CHANGED_JOBS, ()):
+            hub.notify_waiting(f"job:{job_id}")
+
+    store.on_commit(wake_job_watchers)
     blob_store = LocalBlobStore(settings.blob_path)
     verification = VerificationService(
         store,

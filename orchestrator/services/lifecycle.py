@@ -20,6 +20,8 @@ from orchestrator.store.models import Job, JobEvent
 from protocol import FINAL_STATES, JobState
 from protocol.jobs import LEASED_STATES
 
+CHANGED_JOBS = "changed_jobs"  # key in Session.info: ids of jobs whose state changed
+
 ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset(
         {JobState.ASSIGNED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED}
@@ -63,6 +65,8 @@ def transition(
         raise Conflict(f"job {job.id} is {current}; it cannot become {to}")
     job.state = to
     job.updated_at = now
+    # Read after the commit (see Store.on_commit) to wake clients waiting on this job.
+    session.info.setdefault(CHANGED_JOBS, set()).add(job.id)
     if to in FINAL_STATES:
         job.finished_at = now
         if to is not JobState.SUCCEEDED:

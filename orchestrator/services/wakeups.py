@@ -1,8 +1,9 @@
-"""Wake a worker's lease long-poll as soon as dispatch assigns it work.
+"""Wake long-polls as soon as something they wait for happens: a worker's lease poll when
+dispatch assigns it work, a client's job poll when the job changes state.
 
-Dispatch runs in a thread; the long-polls wait on the event loop. ``notify`` is thread-safe.
-Waiters also wake every ``WAKE_FALLBACK_S`` to look at the store, which covers assignments
-made by another orchestrator replica sharing the database.
+Dispatch and commits run in threads; the long-polls wait on the event loop. ``notify`` and
+``notify_waiting`` are thread-safe. Waiters also wake every ``WAKE_FALLBACK_S`` to look at the
+store, which covers changes made by another orchestrator replica sharing the database.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ class WakeHub:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: dict[str, asyncio.Event] = {}
+        # Keys of short-lived waits (one job): counted, so their events go when unwatched.
+        self._watchers: dict[str, int] = {}
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -26,6 +29,34 @@ class WakeHub:
         if loop is None or loop.is_closed():
             return
         loop.call_soon_threadsafe(self._set, worker_id)
+
+    def notify_waiting(self, key: str) -> None:
+        """Wake the waiters on ``key``, if any (nothing is kept for a key nobody watches)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._set_if_watched, key)
+
+    def _set_if_watched(self, key: str) -> None:
+        event = self._events.get(key)
+        if event is not None and key in self._watchers:
+            event.set()
+
+    async def watch(self, key: str, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` (at most ``WAKE_FALLBACK_S``) for ``notify_waiting(key)``;
+        the key's event is dropped once its last watcher leaves."""
+        self._watchers[key] = self._watchers.get(key, 0) + 1
+        event = self._events.setdefault(key, asyncio.Event())
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=min(timeout_s, WAKE_FALLBACK_S))
+        finally:
+            self._watchers[key] -= 1
+            if self._watchers[key] == 0:
+                del self._watchers[key]
+                self._events.pop(key, None)
+            else:
+                event.clear()
 
     def _set(self, worker_id: str) -> None:
         self._events.setdefault(worker_id, asyncio.Event()).set()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,12 @@ class Store:
     @property
     def is_postgres(self) -> bool:
         return self.dialect == "postgresql"
+
+    def on_commit(self, callback: Callable[[Session], None]) -> None:
+        """Call ``callback(session)`` after each write transaction commits (its ``info`` still
+        holds what the transaction noted there); anything noted is dropped on rollback."""
+        event.listen(self._write, "after_commit", callback)
+        event.listen(self._write, "after_rollback", lambda session: session.info.clear())
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

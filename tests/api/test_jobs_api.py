@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -508,3 +509,56 @@ def test_amounts_past_uint256_are_422_not_500(run_api: RunApi) -> None:
         assert_problem(resp, 422, "invalid_input", "max_price_wei_per_unit", "2**256")
 
     run_api(body)
+
+
+# --- waiting on a job (long-poll) ------------------------------------------------------------
+
+
+def test_a_job_long_poll_answers_when_the_state_changes(run_live_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        worker = await api.register_worker()
+        job = await api.submit(client)
+        url = f"/v1/jobs/{job['id']}"
+        waiter = asyncio.create_task(
+            api.http.get(url, params={"wait_s": 20, "while_state": "queued"}, headers=client)
+        )
+        await asyncio.sleep(0.3)
+        assert not waiter.done()  # held: nothing has happened to the job yet
+        [leased] = await api.lease(worker, wait_s=2)
+        resp = await asyncio.wait_for(waiter, 10)  # far inside the 20 s asked for
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["state"] == "assigned"
+
+        # Without while_state it waits for a final state, through "running".
+        waiter = asyncio.create_task(api.http.get(url, params={"wait_s": 20}, headers=client))
+        resp = await api.http.post(
+            f"{url.replace('/v1/jobs', '/v1/workers/jobs')}/start",
+            json={"attempt": 1},
+            headers=worker.headers,
+        )
+        assert resp.status_code == 204, resp.text
+        await asyncio.sleep(0.3)
+        assert not waiter.done()
+        resp = await api.complete(worker, leased["job_id"], 1)
+        assert resp.status_code == 200, resp.text
+        final = await asyncio.wait_for(waiter, 10)
+        assert final.json()["state"] == "succeeded"
+
+    run_live_api(body)
+
+
+def test_a_job_long_poll_times_out_with_the_state_unchanged(run_live_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        job = await api.submit(client)
+        resp = await api.http.get(f"/v1/jobs/{job['id']}", params={"wait_s": 0.5}, headers=client)
+        assert resp.status_code == 200 and resp.json()["state"] == "queued"
+        resp = await api.http.get(f"/v1/jobs/{job['id']}", params={"wait_s": -1}, headers=client)
+        assert_problem(resp, 422, "invalid_input", "wait_s")
+        resp = await api.http.get(
+            f"/v1/jobs/{job['id']}", params={"wait_s": 1, "while_state": "done"}, headers=client
+        )
+        assert resp.status_code == 422
+
+    run_live_api(body)

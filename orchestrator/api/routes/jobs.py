@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
+from fastapi.concurrency import run_in_threadpool
 
 from orchestrator.api.deps import ClientDep, ServicesDep
 from orchestrator.api.strict_json import StrictJSONRoute
-from protocol import JobSpec, JobState, JobView, ResultView
+from protocol import FINAL_STATES, JobSpec, JobState, JobView, ResultView
 from protocol.jobs import JobList
+
+MAX_JOB_WAIT_S = 60.0
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictJSONRoute)
 
@@ -51,8 +55,27 @@ def list_jobs(
 
 
 @router.get("/{job_id}")
-def get_job(job_id: str, client: ClientDep, services: ServicesDep) -> JobView:
-    return services.jobs.get(client, job_id)
+async def get_job(
+    job_id: str,
+    client: ClientDep,
+    services: ServicesDep,
+    wait_s: Annotated[float, Query(ge=0, le=MAX_JOB_WAIT_S)] = 0.0,
+    while_state: JobState | None = None,
+) -> JobView:
+    """The job. With ``wait_s``, a long-poll: the answer waits (up to ``wait_s`` seconds, and at
+    most the server's long-poll limit) until the job leaves ``while_state``, or, without
+    ``while_state``, until it is final; so a client waits for a result without polling."""
+    view = await run_in_threadpool(services.jobs.get, client, job_id)
+    deadline = time.monotonic() + min(wait_s, services.settings.long_poll_max_s)
+    key = f"job:{view.id}"
+
+    def waiting(state: JobState) -> bool:
+        return state is while_state if while_state is not None else state not in FINAL_STATES
+
+    while waiting(view.state) and (remaining := deadline - time.monotonic()) > 0:
+        await services.hub.watch(key, remaining)
+        view = await run_in_threadpool(services.jobs.get, client, job_id)
+    return view
 
 
 @router.get("/{job_id}/result")
