@@ -42,6 +42,7 @@ async def _sweep_forever(services: Services) -> None:
                     report.leases_expired,
                     report.deadlines_passed,
                 )
+            await run_in_threadpool(services.workers.flush_seen)
             await run_in_threadpool(services.verification.resolve_stalled, services.now())
             await run_in_threadpool(services.leases.dispatch, services.now())
             await run_in_threadpool(services.verification.send_slashes)

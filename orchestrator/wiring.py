@@ -72,11 +72,12 @@ def build_services(
         blob_store.path,
         rng=random.Random(rng.random()) if rng is not None else None,
     )
-    workers = WorkerService(store, settings, payments)
+    auth = Authenticator(store, settings.resolve_admin_token())
+    workers = WorkerService(store, settings, payments, forget_session=auth.forget_worker)
     return Services(
         settings=settings,
         store=store,
-        auth=Authenticator(store, settings.resolve_admin_token()),
+        auth=auth,
         jobs=JobService(store, payments),
         workers=workers,
         leases=LeaseService(store, settings, payments, verification, rng=rng, notify=hub.notify),

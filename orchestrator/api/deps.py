@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from orchestrator.exceptions import Unauthorized
@@ -31,12 +32,21 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str:
     return credentials.credentials
 
 
-def require_client(credentials: BearerDep, services: ServicesDep) -> Principal:
-    return services.auth.client(_token(credentials))
+async def require_client(credentials: BearerDep, services: ServicesDep) -> Principal:
+    # async, answered from the token cache when it can: no thread hop, no database read.
+    token = _token(credentials)
+    known = services.auth.cached(token)
+    if known is not None and known.kind == "client":
+        return known
+    return await run_in_threadpool(services.auth.client, token)
 
 
-def require_worker(credentials: BearerDep, services: ServicesDep) -> Principal:
-    return services.auth.worker(_token(credentials))
+async def require_worker(credentials: BearerDep, services: ServicesDep) -> Principal:
+    token = _token(credentials)
+    known = services.auth.cached(token)
+    if known is not None and known.kind == "worker":
+        return known
+    return await run_in_threadpool(services.auth.worker, token)
 
 
 def require_operator(credentials: BearerDep, services: ServicesDep) -> Principal:

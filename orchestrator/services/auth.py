@@ -1,6 +1,10 @@
 """Credentials: API keys for clients, session tokens for workers, one token for the operator.
 
 Only sha256 hashes of tokens are stored; a leaked database does not leak credentials.
+A token that checked out is remembered for ``TOKEN_CACHE_S`` seconds, so a busy client or a
+heartbeating worker does not cost a database read per request. Replacing or revoking a
+worker's session here forgets it at once; a key disabled in the database (or a session
+replaced through another replica) stops working within ``TOKEN_CACHE_S``.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Literal
@@ -18,6 +23,8 @@ from orchestrator.exceptions import Forbidden, Unauthorized
 from orchestrator.store import Store
 from orchestrator.store.models import Client, Worker
 
+TOKEN_CACHE_S = 5.0
+TOKEN_CACHE_MAX = 100_000  # entries; past it the cache starts over (a flood of fake tokens)
 CLIENT_KEY_PREFIX = "gmk_"
 WORKER_TOKEN_PREFIX = "gmw_"
 
@@ -57,6 +64,30 @@ class Authenticator:
     def __init__(self, store: Store, operator_token: str) -> None:
         self._store = store
         self._operator_hash = token_hash(operator_token)
+        # token hash -> (principal, monotonic time it was checked)
+        self._known: dict[str, tuple[Principal, float]] = {}
+
+    def _cached(self, digest: str) -> Principal | None:
+        hit = self._known.get(digest)
+        if hit is None or time.monotonic() - hit[1] > TOKEN_CACHE_S:
+            return None
+        return hit[0]
+
+    def _remember(self, digest: str, principal: Principal) -> Principal:
+        if len(self._known) >= TOKEN_CACHE_MAX:
+            self._known.clear()
+        self._known[digest] = (principal, time.monotonic())
+        return principal
+
+    def forget_worker(self, worker_id: str) -> None:
+        """Drop a worker's cached session (it registered again, or deregistered)."""
+        for digest, (principal, _) in list(self._known.items()):
+            if principal.kind == "worker" and principal.id == worker_id:
+                self._known.pop(digest, None)
+
+    def cached(self, token: str) -> Principal | None:
+        """The principal of a recently checked client or worker token, without I/O."""
+        return self._cached(token_hash(token))
 
     def create_client(self, name: str, now: float) -> tuple[str, str]:
         return create_client(self._store, name, now)
@@ -64,22 +95,28 @@ class Authenticator:
     def client(self, token: str) -> Principal:
         if not token.startswith(CLIENT_KEY_PREFIX):
             raise Unauthorized("expected a client API key (gmk_...) as the bearer token")
+        digest = token_hash(token)
+        if (known := self._cached(digest)) is not None:
+            return known
         with self._store.read() as s:
-            row = s.scalar(select(Client).where(Client.api_key_hash == token_hash(token)))
+            row = s.scalar(select(Client).where(Client.api_key_hash == digest))
         if row is None:
             raise Unauthorized("unknown API key; ask the operator for one")
         if row.disabled:
             raise Forbidden("this API key is disabled")
-        return Principal("client", row.id)
+        return self._remember(digest, Principal("client", row.id))
 
     def worker(self, token: str) -> Principal:
         if not token.startswith(WORKER_TOKEN_PREFIX):
             raise Unauthorized("expected a worker session token (gmw_...); register first")
+        digest = token_hash(token)
+        if (known := self._cached(digest)) is not None:
+            return known
         with self._store.read() as s:
-            row = s.scalar(select(Worker).where(Worker.session_token_hash == token_hash(token)))
+            row = s.scalar(select(Worker).where(Worker.session_token_hash == digest))
         if row is None:
             raise Unauthorized("unknown or replaced session token; register again")
-        return Principal("worker", row.id)
+        return self._remember(digest, Principal("worker", row.id))
 
     def operator(self, token: str) -> Principal:
         if not hmac.compare_digest(token_hash(token), self._operator_hash):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.config import Settings
@@ -63,10 +64,22 @@ def _check_offers(offers: list[Offer]) -> None:
 
 
 class WorkerService:
-    def __init__(self, store: Store, settings: Settings, payments: Payments) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        payments: Payments,
+        *,
+        forget_session: Callable[[str], None] = lambda worker_id: None,
+    ) -> None:
         self._store = store
         self._settings = settings
         self._payments = payments
+        self._forget_session = forget_session
+        # Liveness from heartbeats that hold no job: worker id -> last seen (unix s), written
+        # to the store once per sweep (``flush_seen``) instead of a transaction per heartbeat.
+        self._seen: dict[str, float] = {}
+        self._seen_lock = threading.Lock()
 
     def challenge(self, address: str, now: float) -> ChallengeResponse:
         return issue_challenge(
@@ -117,6 +130,7 @@ class WorkerService:
                 worker.stake_eligible = staked
                 worker.stake_checked_at = now
             worker_id = worker.id
+        self._forget_session(worker_id)  # a cached older session of this worker is void now
         return RegisterResponse(
             worker_id=worker_id,
             session_token=token,
@@ -126,8 +140,19 @@ class WorkerService:
         )
 
     def heartbeat(self, worker: Principal, jobs: list[JobRef], now: float) -> HeartbeatResponse:
-        """Extend the leases of the jobs the worker still holds; list those it must drop."""
+        """Extend the leases of the jobs the worker still holds; list those it must drop.
+
+        A heartbeat without jobs only says the worker is alive: it is noted in memory and
+        written with the others at the next sweep, with no transaction of its own."""
         cancel: list[JobRef] = []
+        if not jobs:
+            with self._seen_lock:
+                self._seen[worker.id] = max(now, self._seen.get(worker.id, 0.0))
+            return HeartbeatResponse(
+                cancel=cancel,
+                lease_ttl_s=self._settings.lease_ttl_s,
+                heartbeat_interval_s=self._settings.heartbeat_interval_s,
+            )
         with self._store.transaction() as s:
             # Lock order everywhere: job rows first (by id), then the worker row.
             for ref in sorted(jobs, key=lambda r: r.job_id):
@@ -179,7 +204,28 @@ class WorkerService:
             row.free_slots = 0
             for job in held:
                 requeue_or_fail(s, job, now, f"worker {row.address} deregistered")
-            return len(held)
+            count = len(held)
+        self._forget_session(worker.id)
+        with self._seen_lock:
+            self._seen.pop(worker.id, None)
+        return count
+
+    def flush_seen(self) -> int:
+        """Write the liveness noted since the last flush; returns how many workers."""
+        with self._seen_lock:
+            seen, self._seen = self._seen, {}
+        if not seen:
+            return 0
+        with self._store.transaction() as s:
+            s.execute(
+                update(Worker),
+                [{"id": worker_id, "last_seen_at": at} for worker_id, at in sorted(seen.items())],
+            )
+        return len(seen)
+
+    def last_seen(self, w: Worker) -> float:
+        """The latest sign of life: the store's, or a heartbeat not yet flushed."""
+        return max(w.last_seen_at, self._seen.get(w.id, 0.0))
 
     def list(self, now: float, *, include_gone: bool = False) -> list[WorkerView]:
         with self._store.read() as s:
@@ -191,7 +237,8 @@ class WorkerService:
         return [self._view(w, counts.get(w.id, 0), now) for w in rows]
 
     def _view(self, w: Worker, running: int, now: float) -> WorkerView:
-        online = now - w.last_seen_at <= self._settings.lease_ttl_s
+        last_seen = self.last_seen(w)
+        online = now - last_seen <= self._settings.lease_ttl_s
         status = w.status if (online or w.status == DEREGISTERED) else "offline"
         return WorkerView(
             id=w.id,
@@ -208,7 +255,7 @@ class WorkerService:
             reputation=reputation.current(w, now, self._settings.reputation_half_life_s),
             carbon_intensity_g_per_kwh=w.carbon_intensity_g_per_kwh,
             registered_at=ts(w.registered_at),
-            last_seen_at=ts(w.last_seen_at),
+            last_seen_at=ts(last_seen),
         )
 
     def stats(self, now: float) -> MarketStats:

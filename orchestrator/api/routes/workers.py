@@ -44,9 +44,13 @@ def register(req: RegisterRequest, services: ServicesDep) -> RegisterResponse:
 
 
 @router.post("/heartbeat")
-def heartbeat(req: HeartbeatRequest, worker: WorkerDep, services: ServicesDep) -> HeartbeatResponse:
+async def heartbeat(
+    req: HeartbeatRequest, worker: WorkerDep, services: ServicesDep
+) -> HeartbeatResponse:
     """Extend the leases of the listed jobs; the answer lists jobs to stop (cancelled or lost)."""
-    return services.workers.heartbeat(worker, req.jobs, services.now())
+    if not req.jobs:  # liveness only: noted in memory, no I/O, so no thread hop either
+        return services.workers.heartbeat(worker, req.jobs, services.now())
+    return await run_in_threadpool(services.workers.heartbeat, worker, req.jobs, services.now())
 
 
 @router.post("/lease")
