@@ -53,6 +53,12 @@ faults: install
 
 # Every benchmark in bench/ (docs/PERFORMANCE.md): one table, also written as JSON.
 bench: install
+	@# Baselines measured beside gpumarket: Celery (the bench extra) and Debian's ffmpeg CLI.
+	@command -v ffmpeg >/dev/null 2>&1 || { \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q ffmpeg || { apt-get update -q && apt-get install -y -q ffmpeg; }; \
+	}
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m bench.run --json bench-results.json
 
 format: install
