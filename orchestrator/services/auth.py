@@ -23,7 +23,7 @@ from orchestrator.exceptions import Forbidden, Unauthorized
 from orchestrator.store import Store
 from orchestrator.store.models import Client, Worker
 
-TOKEN_CACHE_S = 5.0
+TOKEN_CACHE_S = 60.0  # past the heartbeat interval, so a heartbeating worker never misses
 TOKEN_CACHE_MAX = 100_000  # entries; past it the cache starts over (a flood of fake tokens)
 CLIENT_KEY_PREFIX = "gmk_"
 WORKER_TOKEN_PREFIX = "gmw_"
