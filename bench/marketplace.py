@@ -11,9 +11,9 @@ marketplace run and averaged.
 Marketplace: one orchestrator process (SQLite, no verification, no payments) and one worker
 process (``--job-type inference``, ``--max-concurrency CONCURRENCY``), both real, over
 loopback HTTP. ``CONCURRENCY`` submitters in this process each submit a one-sentence job
-(``POST /v1/jobs``), wait for its result with the SDK (``AsyncClient.wait``: polls the job
-every ``RESULT_POLL_S``, the SDK's default, then fetches the signed result), and submit the
-next. Figure:
+(``POST /v1/jobs``), wait for its result with the SDK (``AsyncClient.wait``: a long-poll on
+the job that the orchestrator answers when its state changes, then the signed result), and
+submit the next. Figure:
 results received per second over the measuring window, after a warm-up. All three processes
 share this machine's cores, as they would on one box.
 
@@ -266,7 +266,7 @@ def _describe(window: Window, window_s: float) -> str:
         p99 = percentile(window.latencies_s, 99) * 1000
         parts.append(f"submit -> result p50 {p50:.0f} ms, p99 {p99:.0f} ms")
         per_job = ", ".join(f"{n / jobs:.1f} {kind}" for kind, n in sorted(window.requests.items()))
-        parts.append(f"client requests per job (SDK wait, poll {RESULT_POLL_S:g} s): {per_job}")
+        parts.append(f"client requests per job (SDK wait, a long-poll): {per_job}")
         cpu = ", ".join(
             f"{name} {cores * window_s / jobs * 1000:.1f}" for name, cores in window.cores.items()
         )
