@@ -335,6 +335,8 @@ class LeaseService:
         self, worker: Principal, job_id: str, req: CompleteRequest, now: float
     ) -> ResultView:
         """Record a result once. A retry of the same completion returns the same result."""
+        # A check's comparisons (seconds, for video) are made before the transaction.
+        self._verification.precompare(job_id, worker.id, req)
         with self._store.transaction() as s:
             job = s.get(Job, job_id, with_for_update=True)
             if (

@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from orchestrator.store import Store
 from orchestrator.store.models import Job, JobEvent, Slash, Worker
 from protocol import (
     FINAL_STATES,
+    CompleteRequest,
     JobState,
     JobType,
     VerificationCheck,
@@ -52,7 +55,16 @@ from protocol.units import MAX_WEI
 log = logging.getLogger("gpumarket.orchestrator.verification")
 
 CHECK = "check"
+COMPARISONS_KEPT = 256
 UNFINISHED = [s.value for s in JobState if s not in FINAL_STATES]
+
+
+def _comparison_key(first: Job, second: Job) -> tuple[str, ...] | None:
+    """What a comparison depends on: the job type, the precision, the two outputs (by hash)."""
+    if not first.output_sha256 or not second.output_sha256:
+        return None
+    a, b = sorted((first.output_sha256, second.output_sha256))
+    return (str(first.type), str(first.precision), a, b)
 
 
 def evidence_hash(first: Job, second: Job) -> str:
@@ -79,6 +91,8 @@ class VerificationService:
         self._payments = payments
         self._blob_path = blob_path
         self._rng = rng or random.Random()
+        self._compared: OrderedDict[tuple[str, ...], Comparison] = OrderedDict()
+        self._compared_lock = threading.Lock()
 
     # -- sampling -----------------------------------------------------------------------------
 
@@ -210,9 +224,55 @@ class VerificationService:
         )
 
     def compare(self, first: Job, second: Job) -> Comparison:
+        """Do the two results agree? Remembered by their output hashes, so a comparison made
+        ahead by ``precompare`` (outside any transaction) is not made again inside one."""
+        key = _comparison_key(first, second)
+        with self._compared_lock:
+            known = self._compared.get(key) if key else None
+        if known is not None:
+            return known
         if first.type == JobType.TRANSCODE:
-            return compare_renditions(first.output_blobs, second.output_blobs, self._blob_path)
-        return compare_tensors(first.output, second.output, first.precision)
+            cmp = compare_renditions(first.output_blobs, second.output_blobs, self._blob_path)
+        else:
+            cmp = compare_tensors(first.output, second.output, first.precision)
+        if key:
+            with self._compared_lock:
+                self._compared[key] = cmp
+                while len(self._compared) > COMPARISONS_KEPT:
+                    self._compared.popitem(last=False)
+        return cmp
+
+    def precompare(self, check_id: str, worker_id: str, result: CompleteRequest) -> None:
+        """Make the comparisons a check's completion will need before its transaction starts:
+        decoding two transcode ladders takes seconds, which must not be spent holding the
+        store's write lock. Nothing is decided here; a result that changes meanwhile (or a
+        guess that misses) is simply compared again inside."""
+        with self._store.read() as s:
+            check = s.get(Job, check_id)
+            if (
+                check is None
+                or check.kind != CHECK
+                or check.parent_id is None
+                or check.worker_id != worker_id  # only the holder's result is worth the work
+                or check.attempt != result.attempt
+            ):
+                return
+            parent = s.get(Job, check.parent_id)
+            if parent is None or parent.state != JobState.VERIFYING:
+                return
+            others = [parent, *self._finished_checks(s, parent)]
+        mine = Job(
+            type=check.type,
+            precision=check.precision,
+            output=result.output,
+            output_blobs=[b.model_dump(mode="json") for b in result.output_blobs]
+            if result.output_blobs
+            else None,
+            output_sha256=result.output_sha256,
+        )
+        for other in others:
+            if other.id != check_id:
+                self.compare(mine, other)
 
     def _entry(self, s: Session, job: Job, cmp: Comparison) -> VerificationCheck:
         return VerificationCheck(

@@ -6,7 +6,9 @@ daemon against a real orchestrator is in tests/integration/test_cheating_worker.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from orchestrator.config import Settings
-from orchestrator.services.comparators import COSINE_THRESHOLDS
+from orchestrator.services.comparators import COSINE_THRESHOLDS, Comparison, compare_tensors
 from orchestrator.store import Store
 from orchestrator.store.models import Slash, Worker
 from orchestrator.wiring import Services, build_services
@@ -193,5 +195,46 @@ def test_a_lone_worker_is_not_held_up_by_sampling(run_api: RunApi) -> None:
         await _run_on(api, only, RIGHT)
         done = await api.job(client, job["id"])
         assert done["state"] == "succeeded" and done["verification"] is None
+
+    run_api(body)
+
+
+def test_a_checks_comparisons_are_made_before_its_transaction(
+    run_api: RunApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Comparing (seconds, for video) happens ahead of the completing transaction: inside it,
+    the comparison is found already made."""
+
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        first, second = await api.register_worker(), await api.register_worker()
+        job = await api.submit(client)
+        await _run_on(api, first, RIGHT)
+
+        store = api.services.store
+        real_transaction = store.transaction
+        depth = 0
+        compared_in: list[str] = []
+
+        @contextlib.contextmanager
+        def watched() -> Iterator[object]:
+            nonlocal depth
+            depth += 1
+            try:
+                with real_transaction() as session:
+                    yield session
+            finally:
+                depth -= 1
+
+        def counted(a: Any, b: Any, precision: str) -> Comparison:
+            compared_in.append("transaction" if depth else "outside")
+            return compare_tensors(a, b, precision)
+
+        monkeypatch.setattr(store, "transaction", watched)
+        monkeypatch.setattr("orchestrator.services.verification.compare_tensors", counted)
+        await _run_on(api, second, RIGHT_ELSEWHERE)
+        done = await api.job(client, job["id"])
+        assert done["verification"]["status"] == "passed"
+        assert compared_in == ["outside"]  # once, before; found made inside
 
     run_api(body)
