@@ -31,11 +31,9 @@ PostgreSQL does (synchronous_commit on).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import importlib.util
-import json
 import os
 import socket
 import subprocess
@@ -53,7 +51,7 @@ import psycopg
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from bench.table import Row, ratio
+from bench.table import Row, ratio, section_main
 from gpumarket.exceptions import GpumarketAPIError
 from gpumarket.sdk import AsyncClient
 from protocol.signing import output_sha256, recover_result_signer, sign_registration, sign_result
@@ -589,16 +587,7 @@ def measure(quick: bool) -> list[Row]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.control_plane",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    args = parser.parse_args(argv)
-    for row in measure(args.quick):
-        print(json.dumps(row.as_json()))
-    return 0
+    return section_main("python -m bench.control_plane", __doc__, measure, argv)
 
 
 if __name__ == "__main__":

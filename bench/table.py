@@ -8,6 +8,9 @@ tests); the figures in docs/PERFORMANCE.md come from full runs.
 
 from __future__ import annotations
 
+import argparse
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,3 +40,17 @@ def ratio(value: float | None, baseline: float | None) -> float | None:
     if value is None or baseline is None or baseline == 0:
         return None
     return value / baseline
+
+
+def section_main(
+    prog: str, doc: str | None, measure: Callable[[bool], list[Row]], argv: Sequence[str] | None
+) -> int:
+    """``python -m bench.<section> [--quick]``: run one section, print its rows as JSON lines."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    args = parser.parse_args(argv)
+    for row in measure(args.quick):
+        print(json.dumps(row.as_json()))
+    return 0

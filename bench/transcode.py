@@ -23,20 +23,19 @@ same work; the x264 builds differ (PyAV's wheel bundles its own FFmpeg and x264)
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import av
 
-from bench.table import Row, ratio
+from bench.table import Row, ratio, section_main
 from protocol.jobs import DEFAULT_LADDER
 from worker.executors import transcode
 
@@ -240,17 +239,8 @@ def measure(quick: bool) -> list[Row]:
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.transcode",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    args = parser.parse_args(argv)
-    for row in measure(args.quick):
-        print(json.dumps(row.as_json()))
-    return 0
+def main(argv: Sequence[str] | None = None) -> int:
+    return section_main("python -m bench.transcode", __doc__, measure, argv)
 
 
 if __name__ == "__main__":
