@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from contracts.chain import ChainUnavailable
 from orchestrator.api.problems import install_problem_handlers
 from orchestrator.api.routes import (
     accounts,
@@ -26,12 +27,14 @@ from orchestrator.metrics import build_registry
 from orchestrator.wiring import Services, build_services
 
 log = logging.getLogger("gpumarket.orchestrator")
+CHAIN_DOWN_LOG_EVERY_S = 30.0
 
 
 async def _sweep_forever(services: Services) -> None:
     """Expire leases and deadlines, then dispatch, every ``sweep_interval_s``; with payments,
     also read redemptions from the chain and refresh stakes every ``reconcile_interval_s``."""
     next_settle = 0.0
+    quiet_until = 0.0  # chain-down warnings: one per CHAIN_DOWN_LOG_EVERY_S
     while True:
         await asyncio.sleep(services.settings.sweep_interval_s)
         try:
@@ -50,6 +53,15 @@ async def _sweep_forever(services: Services) -> None:
                 next_settle = services.now() + services.settings.reconcile_interval_s
                 await run_in_threadpool(services.payments.reconcile)
                 await run_in_threadpool(services.workers.refresh_stakes, services.now())
+        except ChainUnavailable as exc:  # the chain is down or restarting: expected, one line
+            now = services.now()
+            if now >= quiet_until:
+                quiet_until = now + CHAIN_DOWN_LOG_EVERY_S
+                log.warning(
+                    "chain unavailable (%s); settlement waits, jobs go on; retrying every %.1fs",
+                    exc,
+                    services.settings.sweep_interval_s,
+                )
         except Exception:  # the sweeper must outlive a failed round (e.g. a DB or RPC restart)
             log.exception(
                 "sweep round failed; retrying in %.1fs", services.settings.sweep_interval_s
