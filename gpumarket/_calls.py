@@ -17,6 +17,7 @@ from protocol.problems import ProblemError
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled", "expired"})
 OCTET_STREAM = {"Content-Type": "application/octet-stream"}
 LONG_POLL_S = 20.0
+LONG_POLL_MARGIN_S = 2.0  # the long-poll ends this long before the client's read timeout
 
 
 @dataclass(frozen=True)
@@ -129,8 +130,12 @@ class Waiting:
     def pause_s(self) -> float:
         return max(0.0, min(self.poll_s, self.deadline - time.monotonic()))
 
-    def long_poll(self, job: dict[str, Any]) -> Call:
+    def long_poll(self, job: dict[str, Any], read_timeout_s: float | None = None) -> Call:
         """The next look at the job: held by the orchestrator until its state changes, for
-        at most ``LONG_POLL_S`` (well inside the HTTP read timeout) or what is left."""
-        wait_s = max(0.0, min(LONG_POLL_S, self.deadline - time.monotonic()))
+        at most ``LONG_POLL_S``, what is left, and a margin inside the client's read timeout
+        (``read_timeout_s``; None: no limit), so the wait never looks like a dead server."""
+        longest = LONG_POLL_S
+        if read_timeout_s is not None:
+            longest = min(longest, max(0.0, read_timeout_s - LONG_POLL_MARGIN_S))
+        wait_s = max(0.0, min(longest, self.deadline - time.monotonic()))
         return get_job(self.job_id, wait_s=wait_s, while_state=str(job["state"]))

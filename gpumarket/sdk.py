@@ -146,7 +146,7 @@ class Client:
                 on_progress(job)
             if waiting.succeeded(job):
                 return self.result(job_id)
-            changed: dict[str, Any] = self._send(waiting.long_poll(job))
+            changed: dict[str, Any] = self._send(waiting.long_poll(job, self._http.timeout.read))
             if changed["state"] == job["state"]:
                 time.sleep(waiting.pause_s())
             job = changed
@@ -283,7 +283,9 @@ class AsyncClient:
                     await shown
             if waiting.succeeded(job):
                 return await self.result(job_id)
-            changed: dict[str, Any] = await self._send(waiting.long_poll(job))
+            changed: dict[str, Any] = await self._send(
+                waiting.long_poll(job, self._http.timeout.read)
+            )
             if changed["state"] == job["state"]:
                 await asyncio.sleep(waiting.pause_s())
             job = changed

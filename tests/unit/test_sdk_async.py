@@ -214,3 +214,20 @@ def test_both_clients_offer_the_same_methods() -> None:
         assert list(signature.parameters) == list(concurrent[name].parameters), name
         method = getattr(AsyncClient, name)
         assert inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method), name
+
+
+@pytest.mark.parametrize(
+    ("read_timeout_s", "expected_wait_s"),
+    [(None, 20.0), (30.0, 20.0), (5.0, 3.0), (1.0, 0.0)],
+)
+def test_a_long_poll_ends_inside_the_clients_read_timeout(
+    read_timeout_s: float | None, expected_wait_s: float
+) -> None:
+    from gpumarket import _calls
+
+    waiting = _calls.Waiting("job-1", timeout_s=600, poll_s=0.2)
+    call = waiting.long_poll({"state": "running"}, read_timeout_s)
+    params = call.params or {}
+    assert params.get("wait_s", 0.0) == pytest.approx(expected_wait_s)
+    if expected_wait_s:
+        assert params["while_state"] == "running"
