@@ -11,6 +11,7 @@ covers writers in other processes.
 
 from __future__ import annotations
 
+import fcntl
 import sqlite3
 import threading
 import time
@@ -28,6 +29,7 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+SQLITE_MIGRATION_LOCK_TIMEOUT_S = 120.0
 PG_CONNECT_TIMEOUT_S = 5
 PG_STATEMENT_TIMEOUT_MS = 30_000
 PG_MIGRATION_LOCK_ID = 0x67706D6B  # "gpmk": one migrator at a time across replicas
@@ -157,7 +159,7 @@ class Store:
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (safe with several replicas)."""
-        with _MIGRATION_LOCK, self.engine.connect() as conn:
+        with _MIGRATION_LOCK, self._sqlite_migration_lock(), self.engine.connect() as conn:
             if self.is_postgres:
                 conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": PG_MIGRATION_LOCK_ID})
                 conn.commit()
@@ -168,6 +170,33 @@ class Store:
                 if self.is_postgres:
                     conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PG_MIGRATION_LOCK_ID})
                     conn.commit()
+
+    @contextmanager
+    def _sqlite_migration_lock(self) -> Iterator[None]:
+        """Across processes, one migrator at a time on a SQLite file (PostgreSQL has its
+        advisory lock). Without it two replicas starting on a new file both read "not
+        migrated" and both run the same migration; the second fails on what the first made."""
+        database = make_url(self.url).database
+        if self.is_postgres or not database or database == ":memory:":
+            yield
+            return
+        with open(f"{database}.migrate-lock", "a+b") as lock:
+            deadline = time.monotonic() + SQLITE_MIGRATION_LOCK_TIMEOUT_S
+            while True:
+                try:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(
+                            f"another process has been migrating {database} for over "
+                            f"{SQLITE_MIGRATION_LOCK_TIMEOUT_S:g} s"
+                        ) from None
+                    time.sleep(0.05)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def schema_is_current(self) -> bool:
         """True when the database is at the newest migration (used by /readyz)."""
