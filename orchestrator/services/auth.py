@@ -66,6 +66,7 @@ class Authenticator:
         self._operator_hash = token_hash(operator_token)
         # token hash -> (principal, monotonic time it was checked)
         self._known: dict[str, tuple[Principal, float]] = {}
+        self._worker_digest: dict[str, str] = {}  # worker id -> its cached session's hash
 
     def _cached(self, digest: str) -> Principal | None:
         hit = self._known.get(digest)
@@ -76,14 +77,17 @@ class Authenticator:
     def _remember(self, digest: str, principal: Principal) -> Principal:
         if len(self._known) >= TOKEN_CACHE_MAX:
             self._known.clear()
+            self._worker_digest.clear()
         self._known[digest] = (principal, time.monotonic())
+        if principal.kind == "worker":
+            self._worker_digest[principal.id] = digest
         return principal
 
     def forget_worker(self, worker_id: str) -> None:
         """Drop a worker's cached session (it registered again, or deregistered)."""
-        for digest, (principal, _) in list(self._known.items()):
-            if principal.kind == "worker" and principal.id == worker_id:
-                self._known.pop(digest, None)
+        digest = self._worker_digest.pop(worker_id, None)
+        if digest is not None:
+            self._known.pop(digest, None)
 
     def cached(self, token: str) -> Principal | None:
         """The principal of a recently checked client or worker token, without I/O."""

@@ -26,11 +26,10 @@ from orchestrator.services.auth import Principal
 from orchestrator.services.jobs import result_view, ts
 from orchestrator.services.lifecycle import is_leased, requeue_or_fail, transition
 from orchestrator.services.matching import (
-    DEFAULT_CARBON_INTENSITY,
-    JOULES_PER_KWH,
     Candidate,
     JobNeeds,
     choose,
+    co2_grams,
     exclusion_reason,
     offer_key,
 )
@@ -109,13 +108,6 @@ def waiting_reason(needs: JobNeeds, available: list[Candidate]) -> str:
     reasons = Counter(exclusion_reason(needs, c) or "busy" for c in available)
     parts = [f"{n} {reason}" for reason, n in reasons.most_common(3)]
     return f"no available worker can take it: {'; '.join(parts)}"
-
-
-def _grams_co2(energy_j: float, intensity_g_per_kwh: float | None) -> float:
-    """Estimated grams of CO2 for ``energy_j`` joules at the worker's grid intensity."""
-    if intensity_g_per_kwh is None:
-        intensity_g_per_kwh = DEFAULT_CARBON_INTENSITY
-    return energy_j / JOULES_PER_KWH * intensity_g_per_kwh
 
 
 def _ewma(old: float | None, new: float) -> float:
@@ -365,7 +357,7 @@ class LeaseService:
             job.units = req.units
             assert job.price_wei_per_unit is not None
             job.cost_wei = req.units * job.price_wei_per_unit
-            job.co2_g = _grams_co2(req.energy_j, row.carbon_intensity_g_per_kwh)
+            job.co2_g = co2_grams(req.energy_j, row.carbon_intensity_g_per_kwh)
             job.lease_expires_at = None
             if job.started_at is None:
                 job.started_at = now - req.duration_s

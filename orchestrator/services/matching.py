@@ -125,14 +125,19 @@ def expected_seconds(needs: JobNeeds, candidate: Candidate, offer: Offer) -> flo
     return (needs.units or 1) / work * (1.0 + load)
 
 
+def co2_grams(energy_j: float, intensity_g_per_kwh: float | None) -> float:
+    """Estimated grams of CO2 for ``energy_j`` joules at a grid intensity (gCO2/kWh; None:
+    the world average)."""
+    if intensity_g_per_kwh is None:
+        intensity_g_per_kwh = DEFAULT_CARBON_INTENSITY
+    return energy_j / JOULES_PER_KWH * intensity_g_per_kwh
+
+
 def grams_co2(needs: JobNeeds, candidate: Candidate, offer: Offer) -> float | None:
     per_unit = energy_j_per_unit(needs, candidate, offer)
     if per_unit is None:
         return None
-    intensity = candidate.carbon_intensity_g_per_kwh
-    if intensity is None:
-        intensity = DEFAULT_CARBON_INTENSITY
-    return per_unit * (needs.units or 1) / JOULES_PER_KWH * intensity
+    return co2_grams(per_unit * (needs.units or 1), candidate.carbon_intensity_g_per_kwh)
 
 
 def exclusion_reason(needs: JobNeeds, candidate: Candidate) -> str | None:

@@ -376,7 +376,8 @@ class VerificationService:
         reputation.record(
             row, reputation.Event.PROVED_WRONG, now, self._settings.reputation_half_life_s
         )
-        row.stake_eligible = False if self._payments.enabled else row.stake_eligible
+        if self._payments.enabled:
+            row.stake_eligible = False  # out of matching now; the chain agrees after the slash
         evidence = evidence_hash(wrong, right)
         if s.get(Slash, evidence) is None:
             s.add(
