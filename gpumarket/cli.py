@@ -31,7 +31,9 @@ app.add_typer(job_app, name="job")
 
 DEFAULT_DEPLOYMENT = Path(".gpumarket/deployment.json")
 
-console = Console(stderr=True)
+# soft_wrap: error and log lines are never hard-wrapped at the terminal (or 80-column pipe)
+# width, so a path, URL or command in them is never folded.
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _orchestrator_settings(**overrides: Any) -> Any:
