@@ -31,41 +31,55 @@ CHAIN_DOWN_LOG_EVERY_S = 30.0
 
 
 async def _sweep_forever(services: Services) -> None:
-    """Expire leases and deadlines, then dispatch, every ``sweep_interval_s``; with payments,
-    also read redemptions from the chain and refresh stakes every ``reconcile_interval_s``."""
+    """Every ``sweep_interval_s``: write this replica's noted heartbeats; then, on the one
+    replica that holds the duties lock, expire leases and deadlines, release stalled
+    verifications, dispatch and send slashes, and with payments read redemptions from the
+    chain and refresh stakes every ``reconcile_interval_s``."""
     next_settle = 0.0
     quiet_until = 0.0  # chain-down warnings: one per CHAIN_DOWN_LOG_EVERY_S
-    while True:
-        await asyncio.sleep(services.settings.sweep_interval_s)
-        try:
-            report = await run_in_threadpool(services.leases.sweep, services.now())
-            if report.leases_expired or report.deadlines_passed:
-                log.info(
-                    "sweep: %d leases expired, %d deadlines passed",
-                    report.leases_expired,
-                    report.deadlines_passed,
+    try:
+        while True:
+            await asyncio.sleep(services.settings.sweep_interval_s)
+            try:
+                await run_in_threadpool(services.workers.flush_seen)
+                if not await run_in_threadpool(services.duties.held):
+                    continue
+                next_settle = await _run_duties(services, next_settle)
+            except ChainUnavailable as exc:  # the chain is down or restarting: one line
+                now = services.now()
+                if now >= quiet_until:
+                    quiet_until = now + CHAIN_DOWN_LOG_EVERY_S
+                    log.warning(
+                        "chain unavailable (%s); settlement waits, jobs go on; retrying every "
+                        "%.1fs",
+                        exc,
+                        services.settings.sweep_interval_s,
+                    )
+            except Exception:  # the sweeper must outlive a failed round (a DB or RPC restart)
+                log.exception(
+                    "sweep round failed; retrying in %.1fs", services.settings.sweep_interval_s
                 )
-            await run_in_threadpool(services.workers.flush_seen)
-            await run_in_threadpool(services.verification.resolve_stalled, services.now())
-            await run_in_threadpool(services.leases.dispatch, services.now())
-            await run_in_threadpool(services.verification.send_slashes)
-            if services.payments.enabled and services.now() >= next_settle:
-                next_settle = services.now() + services.settings.reconcile_interval_s
-                await run_in_threadpool(services.payments.reconcile)
-                await run_in_threadpool(services.workers.refresh_stakes, services.now())
-        except ChainUnavailable as exc:  # the chain is down or restarting: expected, one line
-            now = services.now()
-            if now >= quiet_until:
-                quiet_until = now + CHAIN_DOWN_LOG_EVERY_S
-                log.warning(
-                    "chain unavailable (%s); settlement waits, jobs go on; retrying every %.1fs",
-                    exc,
-                    services.settings.sweep_interval_s,
-                )
-        except Exception:  # the sweeper must outlive a failed round (e.g. a DB or RPC restart)
-            log.exception(
-                "sweep round failed; retrying in %.1fs", services.settings.sweep_interval_s
-            )
+    finally:
+        await run_in_threadpool(services.duties.release)
+
+
+async def _run_duties(services: Services, next_settle: float) -> float:
+    """One round of the background duties; returns when the next settlement round is due."""
+    report = await run_in_threadpool(services.leases.sweep, services.now())
+    if report.leases_expired or report.deadlines_passed:
+        log.info(
+            "sweep: %d leases expired, %d deadlines passed",
+            report.leases_expired,
+            report.deadlines_passed,
+        )
+    await run_in_threadpool(services.verification.resolve_stalled, services.now())
+    await run_in_threadpool(services.leases.dispatch, services.now())
+    await run_in_threadpool(services.verification.send_slashes)
+    if services.payments.enabled and services.now() >= next_settle:
+        next_settle = services.now() + services.settings.reconcile_interval_s
+        await run_in_threadpool(services.payments.reconcile)
+        await run_in_threadpool(services.workers.refresh_stakes, services.now())
+    return next_settle
 
 
 def create_app(
@@ -82,6 +96,8 @@ def create_app(
         if settings.auto_migrate:
             await run_in_threadpool(svc.store.migrate)
         svc.hub.bind(asyncio.get_running_loop())
+        if svc.bus is not None:
+            svc.bus.start()
         sweeper = asyncio.create_task(_sweep_forever(svc)) if run_sweeper else None
         try:
             yield
@@ -90,6 +106,8 @@ def create_app(
                 sweeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
+            if svc.bus is not None:
+                await run_in_threadpool(svc.bus.stop)
 
     app = FastAPI(
         title="gpumarket orchestrator",

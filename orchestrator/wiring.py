@@ -18,6 +18,7 @@ from orchestrator.services.dashboard import DashboardService
 from orchestrator.services.jobs import JobService
 from orchestrator.services.leases import LeaseService
 from orchestrator.services.lifecycle import CHANGED_JOBS
+from orchestrator.services.replicas import JOB_KEY, WORKER_KEY, DutyLock, PgWakeBus
 from orchestrator.services.settlement import ChainPayments, NoPayments, Payments
 from orchestrator.services.verification import VerificationService
 from orchestrator.services.wakeups import WakeHub
@@ -42,6 +43,9 @@ class Services:
     accounts: AccountService
     verification: VerificationService
     dashboard: DashboardService
+    duties: DutyLock
+    # Wake-ups to and from other replicas (PostgreSQL only); started by the app's lifespan.
+    bus: PgWakeBus | None = None
 
     def now(self) -> float:
         return self.clock()
@@ -57,11 +61,19 @@ def build_services(
 ) -> Services:
     store = store or Store(settings.database_url)
     hub = WakeHub()
+    bus = PgWakeBus(store, hub) if store.is_postgres else None
     payments = payments or build_payments(settings, store, clock)
 
     def wake_job_watchers(session: Session) -> None:
         for job_id in session.info.get(CHANGED_JOBS, ()):
             hub.notify_waiting(f"job:{job_id}")
+            if bus is not None:
+                bus.publish(f"{JOB_KEY}{job_id}")
+
+    def wake_worker(worker_id: str) -> None:
+        hub.notify(worker_id)
+        if bus is not None:
+            bus.publish(f"{WORKER_KEY}{worker_id}")
 
     store.on_commit(wake_job_watchers)
     blob_store = LocalBlobStore(settings.blob_path)
@@ -80,7 +92,7 @@ def build_services(
         auth=auth,
         jobs=JobService(store, payments),
         workers=workers,
-        leases=LeaseService(store, settings, payments, verification, rng=rng, notify=hub.notify),
+        leases=LeaseService(store, settings, payments, verification, rng=rng, notify=wake_worker),
         blobs=BlobService(store, blob_store, settings.max_blob_bytes),
         verification=verification,
         hub=hub,
@@ -88,6 +100,8 @@ def build_services(
         payments=payments,
         accounts=AccountService(store, settings, payments),
         dashboard=DashboardService(store, payments, workers),
+        duties=DutyLock(store),
+        bus=bus,
     )
 
 

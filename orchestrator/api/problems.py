@@ -10,15 +10,18 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from contracts.chain import ChainError
 from orchestrator.exceptions import GpumarketError
+from orchestrator.store.engine import is_transient
 
 log = logging.getLogger("gpumarket.orchestrator.api")
 PROBLEM_JSON = "application/problem+json"
 CHAIN_RETRY_AFTER_S = 5
+DATABASE_RETRY_AFTER_S = 1
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
@@ -108,6 +111,21 @@ def install_problem_handlers(app: FastAPI) -> None:
             return problem(cause.status, cause.code, cause.detail, **cause.extra)
         code = phrase.lower().replace(" ", "_")
         return problem(exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(DBAPIError)
+    async def _database(request: Request, exc: DBAPIError) -> JSONResponse:
+        # Left after the service's own re-runs (store.retry_transient): busy or failing over,
+        # nothing was committed by the failed transaction. Anything else is a bug: re-raised.
+        if not is_transient(exc):
+            raise exc
+        log.warning("database busy on %s %s: %s", request.method, request.url.path, exc.orig)
+        return problem(
+            503,
+            "database_busy",
+            "the database could not finish this request now; nothing was changed by it, "
+            "retry shortly",
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+        )
 
     @app.exception_handler(ChainError)
     async def _chain(request: Request, exc: ChainError) -> JSONResponse:

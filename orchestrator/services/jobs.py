@@ -16,6 +16,7 @@ from orchestrator.services.auth import Principal, new_id
 from orchestrator.services.lifecycle import transition
 from orchestrator.services.settlement import Payments
 from orchestrator.store import Store
+from orchestrator.store.engine import retry_transient
 from orchestrator.store.models import BlobGrant, Client, Job, JobEvent, Worker
 from protocol import (
     BUILTIN_MODELS,
@@ -161,6 +162,7 @@ class JobService:
                     "upload it first with POST /v1/blobs"
                 )
 
+    @retry_transient
     def submit(
         self, client: Principal, spec: JobSpec, now: float, header_key: str | None = None
     ) -> tuple[JobView, bool]:
@@ -330,6 +332,7 @@ class JobService:
             address = s.scalar(select(Worker.address).where(Worker.id == job.worker_id))
             return result_view(job, address or "")
 
+    @retry_transient
     def cancel(self, client: Principal, job_id: str, now: float) -> JobView:
         with self._store.transaction() as s:
             job = self._owned(s, client, job_id, lock=True)

@@ -37,6 +37,7 @@ from orchestrator.services.settlement import Payments
 from orchestrator.services.verification import CHECK, VerificationService
 from orchestrator.services.workers import REGISTERED, leased_counts
 from orchestrator.store import Store
+from orchestrator.store.engine import retry_transient
 from orchestrator.store.models import BlobGrant, Job, JobEvent, Worker
 from protocol import (
     CompleteRequest,
@@ -139,6 +140,7 @@ class LeaseService:
 
     # -- dispatch -----------------------------------------------------------------------------
 
+    @retry_transient
     def dispatch(self, now: float) -> list[tuple[str, str]]:
         """Assign queued jobs to available workers; returns (job id, worker id) pairs.
 
@@ -171,7 +173,9 @@ class LeaseService:
                     Worker.free_slots > 0,
                 )
                 .order_by(Worker.id)
-                .with_for_update()
+                # Never waits (store lock order): a worker another transaction holds sits
+                # this round out; its poll or the next round places work on it.
+                .with_for_update(skip_locked=True)
             )
         )
         if not workers:
@@ -223,6 +227,7 @@ class LeaseService:
 
     # -- the lease long-poll -----------------------------------------------------------------
 
+    @retry_transient
     def open_poll(self, worker: Principal, free_slots: int, until: float, now: float) -> None:
         """The worker is listening until ``until`` with ``free_slots`` free."""
         with self._store.transaction() as s:
@@ -235,6 +240,7 @@ class LeaseService:
             row.free_slots = max(0, min(free_slots, row.max_concurrency - held))
             row.available_until = until
 
+    @retry_transient
     def close_poll(self, worker: Principal, now: float) -> None:
         with self._store.transaction() as s:
             row = s.get(Worker, worker.id, with_for_update=True)
@@ -243,6 +249,7 @@ class LeaseService:
             row.free_slots = 0
             row.last_seen_at = now
 
+    @retry_transient
     def claim(self, worker: Principal, max_jobs: int, now: float) -> list[LeasedJob]:
         """Hand over jobs assigned to this worker that it has not received yet."""
         with self._store.transaction() as s:
@@ -313,6 +320,7 @@ class LeaseService:
             raise Conflict(f"job {job_id} is {job.state}; stop working on it")
         return job
 
+    @retry_transient
     def start(self, worker: Principal, job_id: str, attempt: int, now: float) -> None:
         with self._store.transaction() as s:
             job = self._held_job(s, worker, job_id, attempt)
@@ -323,6 +331,7 @@ class LeaseService:
                     job.started_at = now
                 transition(s, job, JobState.RUNNING, now)
 
+    @retry_transient
     def complete(
         self, worker: Principal, job_id: str, req: CompleteRequest, now: float
     ) -> ResultView:
@@ -436,6 +445,7 @@ class LeaseService:
         perf[key] = entry
         row.perf = perf  # a new dict, so the JSON column is seen as changed
 
+    @retry_transient
     def fail(self, worker: Principal, job_id: str, req: FailRequest, now: float) -> JobState:
         """A worker gives a job up: retryable goes back to the queue (elsewhere), else FAILED."""
         with self._store.transaction() as s:
@@ -456,6 +466,7 @@ class LeaseService:
 
     # -- the sweeper ---------------------------------------------------------------------------
 
+    @retry_transient
     def sweep(self, now: float) -> SweepReport:
         """Re-queue jobs whose lease expired and expire jobs past their deadline."""
         leased = [JobState.ASSIGNED.value, JobState.RUNNING.value]

@@ -17,6 +17,7 @@ from orchestrator.services.jobs import ts
 from orchestrator.services.lifecycle import is_leased, requeue_or_fail
 from orchestrator.services.settlement import Payments, SignedVoucher
 from orchestrator.store import Store
+from orchestrator.store.engine import retry_transient
 from orchestrator.store.models import Challenge, Job, Worker
 from protocol import (
     ChallengeResponse,
@@ -139,6 +140,7 @@ class WorkerService:
             long_poll_max_s=self._settings.long_poll_max_s,
         )
 
+    @retry_transient
     def heartbeat(self, worker: Principal, jobs: list[JobRef], now: float) -> HeartbeatResponse:
         """Extend the leases of the jobs the worker still holds; list those it must drop.
 
@@ -175,6 +177,7 @@ class WorkerService:
             heartbeat_interval_s=self._settings.heartbeat_interval_s,
         )
 
+    @retry_transient
     def drain(self, worker: Principal, now: float) -> None:
         """Stop sending new jobs to this worker; leased jobs may still complete."""
         with self._store.transaction() as s:
@@ -185,6 +188,7 @@ class WorkerService:
             row.free_slots = 0
             row.last_seen_at = now
 
+    @retry_transient
     def deregister(self, worker: Principal, now: float) -> int:
         """Leave the market: the session ends and leased jobs go back to the queue."""
         with self._store.transaction() as s:

@@ -7,18 +7,34 @@ Within one process, SQLite writers also take turns on a lock of the ``Store``: S
 blocked writer poll, sleeping up to 100 ms between tries, so under concurrent requests the
 database sat idle while writers slept; the lock hands it over at once. The busy timeout still
 covers writers in other processes.
+
+Lock order (PostgreSQL; SQLite has one writer at a time and cannot deadlock). Every write
+transaction takes row locks in this order, so no two can wait on each other in a cycle:
+
+1. ``jobs`` rows: the job being changed, then (a verification check) its parent job;
+2. ``workers`` rows: at most one the transaction waits for, or several in ``id`` order;
+3. ledger, voucher, slash and redemption rows.
+
+Dispatch is the one path that locks many workers at once and then jobs; it takes both with
+``SKIP LOCKED``, so it never waits on a row another transaction holds and cannot be in a
+cycle. A transaction that still fails on a transient error (deadlock, serialization failure,
+a dropped connection) is rolled back whole and re-run by ``retry_transient`` on the service
+method that owns it; what is left after the retries is answered 503 with Retry-After, never 500.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
+import logging
+import random
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -26,7 +42,10 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger("gpumarket.orchestrator.store")
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 SQLITE_MIGRATION_LOCK_TIMEOUT_S = 120.0
@@ -37,6 +56,60 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Alembic keeps the running migration in module globals (alembic.context, alembic.op), so two
 # upgrades in one process must not overlap even on different databases.
 _MIGRATION_LOCK = threading.Lock()
+# A transaction that lost a deadlock or a serialization check is re-run this many times in all,
+# after a short random pause (so two that collided do not collide again in step).
+TRANSIENT_ATTEMPTS = 4
+TRANSIENT_BACKOFF_S = 0.02
+# SQLSTATEs worth a re-run: serialization failure, deadlock, and the server or connection going
+# away under us (a failover or a restart): the transaction was rolled back whole.
+TRANSIENT_SQLSTATES = frozenset(
+    {"40001", "40P01", "57P01", "57P02", "57P03", "08000", "08003", "08006"}
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a database error that a re-run of the same transaction may not meet again."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate in TRANSIENT_SQLSTATES:
+        return True
+    # SQLite: another process held the write lock past the busy timeout.
+    return isinstance(exc.orig, sqlite3.OperationalError) and "locked" in str(exc.orig)
+
+
+def retry_transient(fn: Callable[P, R]) -> Callable[P, R]:
+    """Re-run ``fn`` when its transaction fails on a transient database error.
+
+    Only for a function whose effects are all in the transactions it runs, and whose re-run
+    after a rollback is the same request again (every service method keyed by job id and
+    attempt is). The last failure propagates; the API answers it 503 with Retry-After.
+    """
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        for attempt in range(1, TRANSIENT_ATTEMPTS + 1):
+            try:
+                return fn(*args, **kwargs)
+            except DBAPIError as exc:
+                if attempt == TRANSIENT_ATTEMPTS or not is_transient(exc):
+                    raise
+                log.info(
+                    "%s: transient database error (%s), re-running (try %d of %d)",
+                    fn.__qualname__,
+                    getattr(exc.orig, "sqlstate", None) or type(exc.orig).__name__,
+                    attempt + 1,
+                    TRANSIENT_ATTEMPTS,
+                )
+                time.sleep(random.uniform(0, TRANSIENT_BACKOFF_S * attempt))
+        raise AssertionError("unreachable")
+
+    return run
 
 
 def _enable_wal(cur: Any) -> None:
@@ -108,6 +181,7 @@ class Store:
 
     def __init__(self, url: str, *, schema: str | None = None) -> None:
         self.url = normalize_db_url(url)
+        self.schema = schema
         parsed = make_url(self.url)
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
@@ -133,6 +207,19 @@ class Store:
     @property
     def is_postgres(self) -> bool:
         return self.dialect == "postgresql"
+
+    @property
+    def libpq_url(self) -> str:
+        """The PostgreSQL URL as psycopg takes it (for the listener and lock connections)."""
+        return make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+    @property
+    def sqlite_path(self) -> str | None:
+        """The SQLite file, or None (PostgreSQL, or an in-memory database)."""
+        database = make_url(self.url).database
+        if self.is_postgres or not database or database == ":memory:":
+            return None
+        return database
 
     def on_commit(self, callback: Callable[[Session], None]) -> None:
         """Call ``callback(session)`` after each write transaction commits (its ``info`` still

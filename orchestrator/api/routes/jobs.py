@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, BackgroundTasks, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
 from orchestrator.api.deps import ClientDep, ServicesDep
 from orchestrator.api.strict_json import StrictJSONRoute
+from orchestrator.wiring import Services
 from protocol import FINAL_STATES, JobSpec, JobState, JobView, ResultView
 from protocol.jobs import JobList
 
 MAX_JOB_WAIT_S = 60.0
+log = logging.getLogger("gpumarket.orchestrator.api")
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictJSONRoute)
 
@@ -28,6 +31,7 @@ def submit_job(
     client: ClientDep,
     services: ServicesDep,
     response: Response,
+    background: BackgroundTasks,
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", min_length=1, max_length=128)
     ] = None,
@@ -36,10 +40,19 @@ def submit_job(
     transcode); the job never costs more than ``max_price_wei_per_unit`` per unit."""
     job, created = services.jobs.submit(client, spec, services.now(), idempotency_key)
     if created:
-        services.leases.dispatch(services.now())
+        # After the answer: the job is committed, so the client learns its id whatever
+        # dispatch meets (a failed round leaves the job queued for the next one).
+        background.add_task(_dispatch_after_submit, services)
     else:
         response.status_code = 200
     return job
+
+
+def _dispatch_after_submit(services: Services) -> None:
+    try:
+        services.leases.dispatch(services.now())
+    except Exception:
+        log.exception("dispatch after a submit failed; the next round places the job")
 
 
 @router.get("")

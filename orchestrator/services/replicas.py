@@ -1,0 +1,272 @@
+"""What lets several orchestrator replicas share one database as one market.
+
+- ``PgWakeBus``: a change committed on one replica wakes the long-polls waiting for it on every
+  replica, through PostgreSQL ``LISTEN/NOTIFY`` (milliseconds instead of the waiters' 1 s
+  fallback look at the store, which stays as a safety net). SQLite has one process, and wakes
+  in-process only (``WakeHub``).
+- ``DutyLock``: the background duties (lease and deadline sweep, stalled verifications,
+  periodic dispatch, slash sending, reconcile, stake refresh) have one owner at a time: the
+  replica holding a PostgreSQL advisory lock on a connection of its own. The lock goes with
+  that connection, so when the owner dies (its socket closes, or keepalives give up on it) the
+  next replica to ask takes over within one sweep interval. On SQLite, an ``flock`` on a file
+  beside the database plays the same part across processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import queue
+import threading
+import uuid
+from typing import IO, Any
+
+import psycopg
+from psycopg import sql
+
+from orchestrator.services.wakeups import WakeHub
+from orchestrator.store import Store
+
+log = logging.getLogger("gpumarket.orchestrator.replicas")
+
+WAKE_CHANNEL = "gpumarket_wake"
+# NOTIFY payloads must stay under 8000 bytes: keys are sent in chunks below that.
+NOTIFY_PAYLOAD_MAX_BYTES = 7000
+LISTEN_POLL_S = 0.5  # how often the listener looks up from its socket to see a stop
+RECONNECT_BACKOFF_S = 1.0
+CONNECT_TIMEOUT_S = 5
+STOP_JOIN_TIMEOUT_S = 5.0
+# The server drops a dead replica's lock connection after about idle + interval x count
+# seconds when the replica's host vanished (a killed process closes its socket at once).
+KEEPALIVE_OPTIONS = (
+    "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3"
+)
+
+WORKER_KEY = "w:"
+JOB_KEY = "j:"
+
+
+def _connect(store: Store, *, keepalive: bool = False) -> psycopg.Connection[Any]:
+    options = KEEPALIVE_OPTIONS if keepalive else ""
+    if store.schema:
+        options += f" -c search_path={store.schema}"
+    return psycopg.connect(
+        store.libpq_url,
+        autocommit=True,
+        connect_timeout=CONNECT_TIMEOUT_S,
+        options=options.strip(),
+        keepalives=1,
+        keepalives_idle=5,
+        keepalives_interval=2,
+        keepalives_count=3,
+    )
+
+
+def _scoped(name: str, store: Store) -> str:
+    """A name of its own per schema, so markets sharing one PostgreSQL server stay apart."""
+    return f"{name}_{store.schema}" if store.schema else name
+
+
+class PgWakeBus:
+    """Sends this replica's wake-ups to the others and delivers theirs to the local hub.
+
+    ``publish`` only queues (it runs right after a commit, on a request thread); one thread
+    sends what has queued as one ``pg_notify`` per chunk, and another listens. A message lost
+    while the connection is down is covered by the waiters' fallback look at the store.
+    """
+
+    def __init__(self, store: Store, hub: WakeHub) -> None:
+        self._store = store
+        self._hub = hub
+        self._channel = _scoped(WAKE_CHANNEL, store)
+        self._origin = uuid.uuid4().hex[:12]  # our own messages are delivered locally already
+        self._outbox: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.listening = threading.Event()  # set while LISTEN is in force (tests wait on it)
+
+    def publish(self, key: str) -> None:
+        """Wake ``key``'s waiters on the other replicas: ``w:<worker id>`` or ``j:<job id>``."""
+        self._outbox.put(key)
+
+    def start(self) -> None:
+        for target, name in (
+            (self._send_forever, "wake-send"),
+            (self._listen_forever, "wake-listen"),
+        ):
+            thread = threading.Thread(target=target, name=f"gpumarket-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._outbox.put(None)
+        for thread in self._threads:
+            thread.join(timeout=STOP_JOIN_TIMEOUT_S)
+        self._threads.clear()
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    def _next_keys(self) -> set[str] | None:
+        """Block for one key, then take whatever else has queued meanwhile (one NOTIFY for a
+        burst of commits); None when stopping."""
+        try:
+            first = self._outbox.get(timeout=LISTEN_POLL_S)
+        except queue.Empty:
+            return set()
+        if first is None:
+            return None
+        keys = {first}
+        while True:
+            try:
+                more = self._outbox.get_nowait()
+            except queue.Empty:
+                return keys
+            if more is None:
+                return None
+            keys.add(more)
+
+    def _payloads(self, keys: set[str]) -> list[str]:
+        payloads, chunk, size = [], [self._origin], len(self._origin)
+        for key in sorted(keys):
+            if size + 1 + len(key) > NOTIFY_PAYLOAD_MAX_BYTES:
+                payloads.append(" ".join(chunk))
+                chunk, size = [self._origin], len(self._origin)
+            chunk.append(key)
+            size += 1 + len(key)
+        if len(chunk) > 1:
+            payloads.append(" ".join(chunk))
+        return payloads
+
+    def _send_forever(self) -> None:
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            while not self._stop.is_set():
+                keys = self._next_keys()
+                if keys is None:
+                    return
+                if not keys:
+                    continue
+                try:
+                    conn = conn or _connect(self._store)
+                    for payload in self._payloads(keys):
+                        conn.execute("SELECT pg_notify(%s, %s)", (self._channel, payload))
+                except psycopg.Error as exc:
+                    log.warning("cannot send wake-ups to other replicas (%s); retrying", exc)
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    self._stop.wait(RECONNECT_BACKOFF_S)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    # -- listening -------------------------------------------------------------------------------
+
+    def _listen_forever(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with _connect(self._store, keepalive=True) as conn:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                    self.listening.set()
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=LISTEN_POLL_S):
+                            self._deliver(note.payload)
+            except psycopg.Error as exc:
+                self.listening.clear()
+                if self._stop.is_set():
+                    return
+                log.warning("lost the wake-up channel (%s); reconnecting", exc)
+                self._stop.wait(RECONNECT_BACKOFF_S)
+        self.listening.clear()
+
+    def _deliver(self, payload: str) -> None:
+        origin, _, rest = payload.partition(" ")
+        if origin == self._origin:
+            return
+        for key in rest.split():
+            if key.startswith(WORKER_KEY):
+                self._hub.notify(key[len(WORKER_KEY) :])
+            elif key.startswith(JOB_KEY):
+                self._hub.notify_waiting(f"job:{key[len(JOB_KEY) :]}")
+
+
+def duty_lock_id(store: Store) -> int:
+    """The advisory lock key of this market's background duties (a signed 64-bit int)."""
+    digest = hashlib.sha256(_scoped("gpumarket_duties", store).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class DutyLock:
+    """Whether this replica owns the background duties now; asked once per sweep round.
+
+    Not thread-safe: the sweeper is its only caller.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._conn: psycopg.Connection[Any] | None = None
+        self._file: IO[bytes] | None = None
+        self._held = False
+
+    def held(self) -> bool:
+        """True while this replica holds the lock; tries to take it when it does not."""
+        was_held = self._held
+        if self._store.is_postgres:
+            self._held = self._held_pg()
+        else:
+            self._held = self._held_file()
+        if self._held != was_held:
+            log.info(
+                "this replica %s the background duties (sweep, reconcile, slashes, stakes)",
+                "now runs" if self._held else "no longer runs",
+            )
+        return self._held
+
+    def _held_pg(self) -> bool:
+        try:
+            if self._conn is None:
+                self._conn = _connect(self._store, keepalive=True)
+            if self._held:
+                self._conn.execute("SELECT 1")  # the lock lives exactly as long as this link
+                return True
+            row = self._conn.execute(
+                "SELECT pg_try_advisory_lock(%s)", (duty_lock_id(self._store),)
+            ).fetchone()
+            return bool(row and row[0])
+        except psycopg.Error as exc:
+            log.warning("duties lock connection failed (%s); will ask again", exc)
+            self._close_pg()
+            return False
+
+    def _close_pg(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+        self._conn = None
+
+    def _held_file(self) -> bool:
+        path = self._store.sqlite_path
+        if path is None:
+            return True  # an in-memory database lives in this process alone
+        if self._held:
+            return True
+        if self._file is None:
+            self._file = open(f"{path}.duties-lock", "a+b")  # noqa: SIM115 (held for life)
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def release(self) -> None:
+        """Give the duties up (a clean shutdown); another replica takes them at once."""
+        self._close_pg()
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+        self._held = False
