@@ -36,6 +36,8 @@ from tests.conftest import PG_URL
 # Far beyond each test's own wait: only a NOTIFY from the other replica can wake a long-poll.
 NO_FALLBACK_S = 120.0
 LISTEN_READY_S = 10.0
+# A generous bound for a wake-up on a loaded machine, far below the long-polls' own 40 s.
+WOKEN_WITHIN_S = 15.0
 
 
 @contextlib.asynccontextmanager
@@ -61,9 +63,13 @@ def two_pg_replicas(
     monkeypatch.setattr(wakeups, "WAKE_FALLBACK_S", NO_FALLBACK_S)
     second_store = Store(PG_URL, schema=postgresql_store.schema)
 
+    # Long-polls may wait longer than the test does: an answer within the test's wait comes
+    # from a wake-up, not from the poll's own end.
+    patient = settings.model_copy(update={"long_poll_max_s": 60.0})
+
     def run(body: Callable[[Api, Api], Awaitable[None]]) -> None:
-        a = build_services(settings, store=postgresql_store, rng=random.Random(1))
-        b = build_services(settings, store=second_store, rng=random.Random(2))
+        a = build_services(patient, store=postgresql_store, rng=random.Random(1))
+        b = build_services(patient, store=second_store, rng=random.Random(2))
 
         async def both() -> None:
             async with _replica(a) as api_a, _replica(b) as api_b:
@@ -84,7 +90,7 @@ def test_a_job_submitted_on_one_replica_wakes_a_worker_polling_another(
     async def body(a: Api, b: Api) -> None:
         client = await a.new_client()
         worker = await b.register_worker()
-        poll = asyncio.create_task(b.lease(worker, wait_s=20))
+        poll = asyncio.create_task(b.lease(worker, wait_s=40))
         # The poll is open on B (its row says so) before the job arrives on A.
         for _ in range(200):
             resp = await a.http.get("/v1/workers", headers=a.operator)
@@ -92,7 +98,7 @@ def test_a_job_submitted_on_one_replica_wakes_a_worker_polling_another(
                 break
             await asyncio.sleep(0.02)
         job = await a.submit(client)
-        leased = await asyncio.wait_for(poll, timeout=15)
+        leased = await asyncio.wait_for(poll, timeout=WOKEN_WITHIN_S)
         assert [j["job_id"] for j in leased] == [job["id"]]
 
     two_pg_replicas(body)
@@ -108,14 +114,14 @@ def test_a_client_waiting_on_one_replica_sees_a_change_made_on_another(
         waiting = asyncio.create_task(
             b.http.get(
                 f"/v1/jobs/{job['id']}",
-                params={"wait_s": 20, "while_state": "queued"},
+                params={"wait_s": 40, "while_state": "queued"},
                 headers=client,
             )
         )
         await asyncio.sleep(0.3)  # the long-poll is watching on B
         resp = await a.http.post(f"/v1/jobs/{job['id']}/cancel", headers=client)
         assert resp.status_code == 200, resp.text
-        answer = await asyncio.wait_for(waiting, timeout=15)
+        answer = await asyncio.wait_for(waiting, timeout=WOKEN_WITHIN_S)
         assert answer.json()["state"] == "cancelled"
 
     two_pg_replicas(body)
