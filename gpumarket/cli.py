@@ -154,7 +154,11 @@ def _parse_prices(values: list[str]) -> dict[str, int]:
 @worker_app.command("run")
 def worker_run(
     orchestrator: Annotated[
-        str | None, typer.Option(help="Orchestrator URL [env GPUMARKET_WORKER_ORCHESTRATOR_URL].")
+        list[str] | None,
+        typer.Option(
+            help="Orchestrator URL; repeat it (or separate with commas) for several replicas "
+            "[env GPUMARKET_WORKER_ORCHESTRATOR_URL]."
+        ),
     ] = None,
     key_file: Annotated[
         Path | None, typer.Option(help="Signing key file; made on first run if missing.")
@@ -198,7 +202,7 @@ def worker_run(
     from worker.main import run_worker
 
     overrides: dict[str, Any] = {
-        "orchestrator_url": orchestrator,
+        "orchestrator_url": ",".join(orchestrator) if orchestrator else None,
         "key_file": key_file,
         "models_dir": models_dir,
         "max_concurrency": max_concurrency,

@@ -1,11 +1,17 @@
 """The worker's side of the REST API: register, heartbeat, lease, report, vouchers. Outbound only.
 
 All calls have named timeouts; the lease long-poll's read timeout is its wait plus a margin.
+
+A worker may know several replicas of one orchestrator (one database behind them). It talks to
+one at a time, picked from its address so that workers spread over the replicas, and when that
+one does not answer (connection refused or reset, a timeout) it tries the next at once, with the
+same session: the session, its leases and its vouchers live in the shared database.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +38,11 @@ from protocol.problems import ProblemError
 from protocol.signing import sign_registration
 from protocol.vouchers import ChecksumAddressStr, Voucher
 
+log = logging.getLogger("gpumarket.worker.client")
+
 DEFAULT_TIMEOUT = httpx.Timeout(15.0, connect=5.0)
+# Errors after which another replica is worth a try: this one did not answer at all.
+UNREACHABLE = (httpx.TransportError, httpx.TimeoutException)
 LONG_POLL_MARGIN_S = 10.0
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 
@@ -61,22 +71,68 @@ def _check(response: httpx.Response) -> None:
         raise ProblemError.from_body(response.status_code, response.content)
 
 
+def split_urls(urls: str | Sequence[str]) -> list[str]:
+    """Orchestrator URLs from a comma-separated string or a list (each may hold commas)."""
+    parts = [urls] if isinstance(urls, str) else list(urls)
+    found = [u.strip().rstrip("/") for part in parts for u in part.split(",") if u.strip()]
+    return list(dict.fromkeys(found))  # once each, first mention first
+
+
 class OrchestratorClient:
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         account: LocalAccount,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: httpx.Timeout = DEFAULT_TIMEOUT,
     ) -> None:
         self.account = account
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
+        self.urls = split_urls(base_url)
+        if not self.urls:
+            raise ValueError("give at least one orchestrator URL")
+        self._clients = [
+            httpx.AsyncClient(base_url=url, timeout=timeout, transport=transport)
+            for url in self.urls
+        ]
+        # Spread workers over the replicas; the same worker starts on the same one each time.
+        self._current = int(account.address, 16) % len(self.urls)
         self._token: str | None = None
         self.registration: RegisterResponse | None = None
 
+    @property
+    def url(self) -> str:
+        """The replica this worker talks to now."""
+        return self.urls[self._current]
+
+    @property
+    def _http(self) -> httpx.AsyncClient:
+        return self._clients[self._current]
+
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for client in self._clients:
+            await client.aclose()
+
+    def _fail_over(self, exc: Exception) -> None:
+        if len(self.urls) == 1:
+            return
+        dead = self.url
+        self._current = (self._current + 1) % len(self.urls)
+        log.warning(
+            "orchestrator %s did not answer (%s); using %s", dead, type(exc).__name__, self.url
+        )
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send to the current replica; if it does not answer, to each other one in turn.
+        Raises the last error when none answers."""
+        for tried in range(len(self.urls)):
+            try:
+                return await self._http.request(method, path, **kwargs)
+            except UNREACHABLE as exc:
+                if tried == len(self.urls) - 1:
+                    raise
+                self._fail_over(exc)
+        raise AssertionError("unreachable")
 
     @property
     def registered(self) -> bool:
@@ -90,7 +146,7 @@ class OrchestratorClient:
         return {"Authorization": f"Bearer {self._token}"}
 
     async def _post(self, path: str, body: Any = None, **kwargs: Any) -> Any:
-        response = await self._http.post(path, json=body, headers=self._auth, **kwargs)
+        response = await self._request("POST", path, json=body, headers=self._auth, **kwargs)
         _check(response)
         return response.json() if response.content else None
 
@@ -103,8 +159,8 @@ class OrchestratorClient:
         version: str | None = None,
     ) -> RegisterResponse:
         """Prove the key with a signed challenge and start a session."""
-        response = await self._http.post(
-            "/v1/workers/challenge", json={"address": self.account.address}
+        response = await self._request(
+            "POST", "/v1/workers/challenge", json={"address": self.account.address}
         )
         _check(response)
         challenge = ChallengeResponse.model_validate(response.json())
@@ -118,8 +174,8 @@ class OrchestratorClient:
             carbon_intensity_g_per_kwh=carbon_intensity_g_per_kwh,
             version=version,
         )
-        response = await self._http.post(
-            "/v1/workers/register", json=request.model_dump(mode="json")
+        response = await self._request(
+            "POST", "/v1/workers/register", json=request.model_dump(mode="json")
         )
         _check(response)
         self.registration = RegisterResponse.model_validate(response.json())
@@ -160,7 +216,7 @@ class OrchestratorClient:
     async def chain_info(self) -> Deployment | None:
         """The chain and contracts the orchestrator pays through; None when it runs without
         payments (404). Needs no session."""
-        response = await self._http.get("/v1/chain")
+        response = await self._request("GET", "/v1/chain")
         if response.status_code == 404:
             return None
         _check(response)
@@ -168,7 +224,7 @@ class OrchestratorClient:
 
     async def vouchers(self) -> list[SignedVoucher]:
         """The latest cumulative voucher per payer owed to this worker (amounts in wei)."""
-        response = await self._http.get("/v1/workers/vouchers", headers=self._auth)
+        response = await self._request("GET", "/v1/workers/vouchers", headers=self._auth)
         _check(response)
         return _VoucherList.model_validate(response.json()).vouchers
 
@@ -181,11 +237,22 @@ class OrchestratorClient:
                     yield chunk
 
         headers = {**self._auth, "Content-Type": "application/octet-stream"}
-        response = await self._http.post("/v1/blobs", content=chunks(), headers=headers)
+        try:  # a stream is sent once: on failure the caller retries, on the next replica
+            response = await self._http.post("/v1/blobs", content=chunks(), headers=headers)
+        except UNREACHABLE as exc:
+            self._fail_over(exc)
+            raise
         _check(response)
         return str(response.json()["sha256"])
 
     async def download(self, sha256: str, dest: Path) -> Path:
+        try:
+            return await self._download(sha256, dest)
+        except UNREACHABLE as exc:
+            self._fail_over(exc)
+            raise
+
+    async def _download(self, sha256: str, dest: Path) -> Path:
         async with self._http.stream("GET", f"/v1/blobs/{sha256}", headers=self._auth) as resp:
             if not resp.is_success:
                 await resp.aread()

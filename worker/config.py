@@ -66,9 +66,22 @@ class WorkerSettings(BaseSettings):
     @field_validator("orchestrator_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
+        """One URL, or several replicas' URLs separated by commas."""
+        urls = [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+        if not urls:
             raise ValueError("give the orchestrator as http://host:port or https://host")
-        return value.rstrip("/")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"{url!r}: give the orchestrator as http://host:port or https://host "
+                    "(several replicas: comma-separated)"
+                )
+        return ",".join(urls)
+
+    @property
+    def orchestrator_urls(self) -> list[str]:
+        """Every orchestrator replica this worker may talk to."""
+        return self.orchestrator_url.split(",")
 
     @field_validator("chain_rpc_url")
     @classmethod

@@ -153,7 +153,7 @@ async def serve(settings: WorkerSettings, account: LocalAccount) -> WorkerDaemon
     hardware = HardwareDescriptor.model_validate(probe_hardware())
     energy = select_energy_meter(assumed_watts=settings.assumed_watts)
     executors = build_executors(settings)
-    client = OrchestratorClient(settings.orchestrator_url, account)
+    client = OrchestratorClient(settings.orchestrator_urls, account)
     metrics = WorkerMetrics()
     daemon = WorkerDaemon(settings, client, executors, hardware, energy, metrics)
     metrics_server: MetricsServer | None = None
