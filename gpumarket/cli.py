@@ -88,6 +88,11 @@ def orchestrator_serve(
     configure_logging(settings.log_level, json=json_logs)
     try:
         application = create_app(settings)
+        # Before serving, so a replica whose shared settings differ says so in one line.
+        services = application.state.services
+        if settings.auto_migrate:
+            services.store.migrate()
+        services.replicas.join(services.now())
     except (OSError, ValueError) as exc:  # unreadable deployment file, unreachable chain, ...
         console.print(f"cannot start: {exc}", style="red", markup=False)
         raise typer.Exit(code=2) from exc

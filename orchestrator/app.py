@@ -42,6 +42,7 @@ async def _sweep_forever(services: Services) -> None:
             await asyncio.sleep(services.settings.sweep_interval_s)
             try:
                 await run_in_threadpool(services.workers.flush_seen)
+                await run_in_threadpool(services.replicas.touch, services.now())
                 if not await run_in_threadpool(services.duties.held):
                     continue
                 next_settle = await _run_duties(services, next_settle)
@@ -75,6 +76,7 @@ async def _run_duties(services: Services, next_settle: float) -> float:
     await run_in_threadpool(services.verification.resolve_stalled, services.now())
     await run_in_threadpool(services.leases.dispatch, services.now())
     await run_in_threadpool(services.verification.send_slashes)
+    await run_in_threadpool(services.replicas.prune, services.now())
     if services.payments.enabled and services.now() >= next_settle:
         next_settle = services.now() + services.settings.reconcile_interval_s
         await run_in_threadpool(services.payments.reconcile)
@@ -95,6 +97,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.auto_migrate:
             await run_in_threadpool(svc.store.migrate)
+        # Refuses to start beside a live replica whose shared settings differ.
+        await run_in_threadpool(svc.replicas.join, svc.now())
         svc.hub.bind(asyncio.get_running_loop())
         if svc.bus is not None:
             svc.bus.start()
@@ -108,6 +112,8 @@ def create_app(
                     await sweeper
             if svc.bus is not None:
                 await run_in_threadpool(svc.bus.stop)
+            with contextlib.suppress(Exception):  # a database already gone: the row goes stale
+                await run_in_threadpool(svc.replicas.leave)
 
     app = FastAPI(
         title="gpumarket orchestrator",

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import os
 import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
@@ -18,6 +19,7 @@ from orchestrator.exceptions import InsufficientStorage, InvalidInput, PayloadTo
 
 # No space left, or the blob folder's owner is over its disk quota: 507 either way.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+STORE_ID_FILE = ".store-id"
 
 
 class BlobStore(Protocol):
@@ -40,6 +42,24 @@ class LocalBlobStore:
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256[:2] / sha256
+
+    def identity(self) -> str:
+        """This store's id, made once in the folder: replicas that see the same id share it."""
+        marker = self.root / STORE_ID_FILE
+        try:
+            return marker.read_text().strip()
+        except FileNotFoundError:
+            pass
+        fd, tmp = tempfile.mkstemp(dir=self._tmp)
+        with os.fdopen(fd, "w") as out:
+            out.write(uuid.uuid4().hex + "\n")
+        try:
+            os.link(tmp, marker)  # the first replica to get here makes the id; others read it
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        return marker.read_text().strip()
 
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).is_file()

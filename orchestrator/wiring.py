@@ -18,7 +18,14 @@ from orchestrator.services.dashboard import DashboardService
 from orchestrator.services.jobs import JobService
 from orchestrator.services.leases import LeaseService
 from orchestrator.services.lifecycle import CHANGED_JOBS
-from orchestrator.services.replicas import JOB_KEY, WORKER_KEY, DutyLock, PgWakeBus
+from orchestrator.services.replicas import (
+    JOB_KEY,
+    WORKER_KEY,
+    DutyLock,
+    PgWakeBus,
+    ReplicaRegistry,
+    shared_config,
+)
 from orchestrator.services.settlement import ChainPayments, NoPayments, Payments
 from orchestrator.services.verification import VerificationService
 from orchestrator.services.wakeups import WakeHub
@@ -44,6 +51,7 @@ class Services:
     verification: VerificationService
     dashboard: DashboardService
     duties: DutyLock
+    replicas: ReplicaRegistry
     # Wake-ups to and from other replicas (PostgreSQL only); started by the app's lifespan.
     bus: PgWakeBus | None = None
 
@@ -101,8 +109,20 @@ def build_services(
         accounts=AccountService(store, settings, payments),
         dashboard=DashboardService(store, payments, workers),
         duties=DutyLock(store),
+        replicas=ReplicaRegistry(store, _shared_config(settings, payments, blob_store)),
         bus=bus,
     )
+
+
+def _shared_config(
+    settings: Settings, payments: Payments, blob_store: LocalBlobStore
+) -> dict[str, str | None]:
+    signer = deployment = None
+    if isinstance(payments, ChainPayments):
+        signer = payments.signer_address
+        d = payments.deployment
+        deployment = f"{d.chain_id}:{d.payment_broker}:{d.worker_registry}"
+    return shared_config(settings.resolve_admin_token(), signer, deployment, blob_store.identity())
 
 
 def build_payments(settings: Settings, store: Store, clock: Clock) -> Payments:

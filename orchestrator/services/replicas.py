@@ -4,6 +4,9 @@
   replica, through PostgreSQL ``LISTEN/NOTIFY`` (milliseconds instead of the waiters' 1 s
   fallback look at the store, which stays as a safety net). SQLite has one process, and wakes
   in-process only (``WakeHub``).
+- ``ReplicaRegistry``: what every replica must share (operator token, voucher signer, chain
+  deployment, blob store) is checked at start-up against the live replicas, and a replica that
+  disagrees refuses to start, naming the setting.
 - ``DutyLock``: the background duties (lease and deadline sweep, stalled verifications,
   periodic dispatch, slash sending, reconcile, stake refresh) have one owner at a time: the
   replica holding a PostgreSQL advisory lock on a connection of its own. The lock goes with
@@ -18,16 +21,20 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import os
 import queue
+import socket
 import threading
 import uuid
 from typing import IO, Any
 
 import psycopg
 from psycopg import sql
+from sqlalchemy import delete, select, text
 
 from orchestrator.services.wakeups import WakeHub
 from orchestrator.store import Store
+from orchestrator.store.models import Replica
 
 log = logging.getLogger("gpumarket.orchestrator.replicas")
 
@@ -270,3 +277,110 @@ class DutyLock:
             self._file.close()
             self._file = None
         self._held = False
+
+
+# -- what every replica must share -------------------------------------------------------------
+
+REPLICA_STALE_S = 15.0  # a replica not seen for this long is taken for dead
+# Each fingerprint, and the setting that makes it agree.
+SHARED_SETTINGS = {
+    "admin_token_sha256": "the operator token (GPUMARKET_ADMIN_TOKEN)",
+    "signer_address": "the voucher signer (GPUMARKET_SIGNER_KEY)",
+    "deployment": "the chain and contracts (GPUMARKET_DEPLOYMENT_FILE)",
+    "blob_store": "the blob store (GPUMARKET_BLOB_DIR: one folder every replica mounts)",
+}
+
+
+class ReplicaMismatch(ValueError):
+    """This replica's settings disagree with those of a live replica on the same database."""
+
+
+class ReplicaRegistry:
+    """This process's row in ``replicas``: written at start (after checking that what must be
+    shared is shared), kept fresh every sweep, removed on a clean stop."""
+
+    def __init__(self, store: Store, config: dict[str, str | None]) -> None:
+        self._store = store
+        self.id = uuid.uuid4().hex
+        self.config = config
+
+    def join(self, now: float) -> None:
+        """Check this replica against the live ones and record it. Idempotent.
+
+        Raises ``ReplicaMismatch`` naming the setting that differs."""
+        with self._store.transaction() as s:
+            if self._store.is_postgres:  # one joiner at a time: two new replicas see each other
+                s.execute(
+                    text("SELECT pg_advisory_xact_lock(:k)"), {"k": duty_lock_id(self._store) ^ 1}
+                )
+            live = s.scalars(
+                select(Replica).where(
+                    Replica.seen_at >= now - REPLICA_STALE_S, Replica.id != self.id
+                )
+            )
+            for other in live:
+                self._check(other, now)
+            mine = s.get(Replica, self.id)
+            if mine is None:
+                s.add(
+                    Replica(
+                        id=self.id,
+                        host=socket.gethostname()[:255],
+                        pid=os.getpid(),
+                        started_at=now,
+                        seen_at=now,
+                        config=self.config,
+                    )
+                )
+            else:
+                mine.seen_at = now
+
+    def _check(self, other: Replica, now: float) -> None:
+        for key, setting in SHARED_SETTINGS.items():
+            if other.config.get(key) != self.config.get(key):
+                raise ReplicaMismatch(
+                    f"{setting} differs from that of the replica running on {other.host} "
+                    f"(pid {other.pid}, seen {max(0.0, now - other.seen_at):.0f} s ago) on this "
+                    "database; every replica must use the same one"
+                )
+
+    def touch(self, now: float) -> None:
+        """Still here (every sweep round); re-joins if a leader pruned us while we stalled."""
+        with self._store.transaction() as s:
+            mine = s.get(Replica, self.id, with_for_update=True)
+            if mine is not None:
+                mine.seen_at = now
+                return
+        self.join(now)
+
+    def prune(self, now: float) -> int:
+        """Forget replicas long dead (the duties' owner does this); returns how many."""
+        with self._store.transaction() as s:
+            gone = s.execute(delete(Replica).where(Replica.seen_at < now - 4 * REPLICA_STALE_S))
+            return int(getattr(gone, "rowcount", 0) or 0)
+
+    def leave(self) -> None:
+        with self._store.transaction() as s:
+            s.execute(delete(Replica).where(Replica.id == self.id))
+
+    def live(self, now: float) -> list[Replica]:
+        with self._store.read() as s:
+            return list(
+                s.scalars(
+                    select(Replica)
+                    .where(Replica.seen_at >= now - REPLICA_STALE_S)
+                    .order_by(Replica.started_at)
+                )
+            )
+
+
+def shared_config(
+    admin_token: str, signer_address: str | None, deployment: str | None, blob_store: str
+) -> dict[str, str | None]:
+    """The fingerprints a replica is checked on (no secret is stored, only its sha256)."""
+    return {
+        "admin_token_sha256": hashlib.sha256(admin_token.encode()).hexdigest(),
+        "signer_address": signer_address,
+        "deployment": deployment,
+        "blob_store": blob_store,
+    }

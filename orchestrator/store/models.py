@@ -268,3 +268,20 @@ class Slash(Base):
     slashed_wei: Mapped[int | None] = mapped_column(WeiAmount, nullable=True)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class Replica(Base):
+    """An orchestrator process serving this database, and what it must share with the others.
+
+    Each replica writes its row at start and refreshes ``seen_at`` every sweep; a row not seen
+    for a while belongs to a replica that died and is ignored (and pruned). ``config`` holds
+    fingerprints, never secrets: e.g. the admin token's sha256, the signer's address."""
+
+    __tablename__ = "replicas"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)
+    seen_at: Mapped[float] = mapped_column(Float, index=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -24,9 +27,16 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from orchestrator.app import create_app
+from orchestrator.blobs import LocalBlobStore
 from orchestrator.config import Settings
 from orchestrator.services import wakeups
-from orchestrator.services.replicas import DutyLock
+from orchestrator.services.replicas import (
+    REPLICA_STALE_S,
+    DutyLock,
+    ReplicaMismatch,
+    ReplicaRegistry,
+    shared_config,
+)
 from orchestrator.store import Store
 from orchestrator.store.engine import is_transient, retry_transient
 from orchestrator.wiring import Services, build_services
@@ -308,3 +318,65 @@ def test_the_sweeper_runs_duties_only_on_the_replica_holding_them(
         for s in stores:
             s.dispose()
     assert len(rounds) == 1 and sum(rounds.values()) > 3, rounds
+
+
+# -- what every replica must share ------------------------------------------------------------
+
+
+def _config(**overrides: str | None) -> dict[str, str | None]:
+    base = shared_config("operator-token", None, None, "blob-store-1")
+    return {**base, **overrides}
+
+
+def test_a_replica_whose_shared_settings_differ_from_a_live_one_refuses_to_join(
+    sqlite_store: Store,
+) -> None:
+    now = 1_800_000_000.0
+    first = ReplicaRegistry(sqlite_store, _config())
+    first.join(now)
+    first.join(now + 1)  # idempotent
+    ReplicaRegistry(sqlite_store, _config()).join(now + 2)  # the same settings: welcome
+    with pytest.raises(ReplicaMismatch, match="GPUMARKET_BLOB_DIR"):
+        ReplicaRegistry(sqlite_store, _config(blob_store="blob-store-2")).join(now + 2)
+    other_token = shared_config("another-token", None, None, "blob-store-1")
+    with pytest.raises(ReplicaMismatch, match="GPUMARKET_ADMIN_TOKEN"):
+        ReplicaRegistry(sqlite_store, other_token).join(now + 2)
+    # Once the others are gone (stopped, or dead and stale), new settings may start.
+    assert len(first.live(now + 2)) == 2
+    first.leave()
+    later = now + REPLICA_STALE_S + 10
+    assert first.live(later) == []
+    ReplicaRegistry(sqlite_store, other_token).join(later)
+
+
+def test_a_blob_folder_has_one_identity_whoever_asks(tmp_path: Path) -> None:
+    shared = LocalBlobStore(tmp_path / "shared")
+    assert shared.identity() == LocalBlobStore(tmp_path / "shared").identity()
+    assert LocalBlobStore(tmp_path / "local").identity() != shared.identity()
+
+
+def test_serve_refuses_a_second_replica_with_its_own_blob_folder(tmp_path: Path) -> None:
+    """The real CLI, beside a live replica (its row written here) on the same database."""
+    db = tmp_path / "market.db"
+    store = Store(f"sqlite:///{db}")
+    store.migrate()
+    token = "operator-token-for-tests-0123456789abcdef"
+    live = ReplicaRegistry(store, shared_config(token, None, None, "another-blob-store"))
+    live.join(time.time())
+    store.dispose()
+    done = subprocess.run(
+        [sys.executable, "-m", "gpumarket.cli", "orchestrator", "serve", "--port", "1"],
+        env={
+            **os.environ,
+            "GPUMARKET_DB_URL": f"sqlite:///{db}",
+            "GPUMARKET_DATA_DIR": str(tmp_path / "data"),
+            "GPUMARKET_ADMIN_TOKEN": token,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "cannot start: the blob store (GPUMARKET_BLOB_DIR" in done.stderr
+    assert "every replica must use the same one" in done.stderr
+    assert "Traceback" not in done.stderr
