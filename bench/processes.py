@@ -99,11 +99,12 @@ class Orchestrator(_Child):
     ``env`` adds or overrides GPUMARKET_* settings. A context manager: started on enter
     (once /readyz answers), stopped on exit."""
 
-    def __init__(self, data_dir: Path, **env: str) -> None:
+    def __init__(self, data_dir: Path, *, operator_token: str | None = None, **env: str) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.operator_token = "bench-" + secrets.token_urlsafe(24)
+        # Replicas of one market share it (their start-up check refuses otherwise).
+        self.operator_token = operator_token or "bench-" + secrets.token_urlsafe(24)
         settings = {
             "GPUMARKET_DATA_DIR": str(data_dir),
             "GPUMARKET_ADMIN_TOKEN": self.operator_token,

@@ -10,6 +10,8 @@ Sections, as in issue #7 (each a module exposing ``measure(quick) -> list[bench.
     d  bench.transcode         PyAV vs the ffmpeg CLI
     e  bench.settlement_gas    gas per job, cumulative vouchers vs one escrow release per job
     f  bench.scale             orchestrator CPU and memory with 1,000 and 10,000 workers
+    g  bench.replicas          1-3 orchestrator replicas on PostgreSQL: cross-replica dispatch
+                               p99 and orchestrator CPU per job
 
 Sections run one after another, never side by side, so none measures another's load. A
 section that is missing or fails becomes one row with no value and the error in its note; the
@@ -49,6 +51,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "d": ("bench.transcode", "transcoding"),
     "e": ("bench.settlement_gas", "settlement gas"),
     "f": ("bench.scale", "scale"),
+    "g": ("bench.replicas", "replicas"),
 }
 GIT_TIMEOUT_S = 5.0
 MISSING = "-"

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.blobs import STORE_ID_FILE
 from protocol import OutputBlob
 from protocol.signing import output_sha256, sign_result
 from tests.api.conftest import Api, HttpWorker, RunApi, assert_problem, bearer
@@ -28,9 +29,11 @@ async def chunks(data: bytes, size: int = CHUNK) -> AsyncIterator[bytes]:
 
 
 def stored_files(api: Api) -> list[str]:
-    """Every file in the blob folder, temporary ones included."""
+    """Every file in the blob folder, temporary ones included (not the folder's own id)."""
     root = api.services.settings.blob_path
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    return sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != STORE_ID_FILE
+    )
 
 
 def test_streamed_upload_returns_its_sha256_and_downloads_the_same_bytes(run_api: RunApi) -> None:

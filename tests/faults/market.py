@@ -239,10 +239,15 @@ class Market:
             Chain.connect(self.anvil.url, key), self.deployment.worker_registry
         )
         registry.stake(MIN_STAKE_WEI)
-        worker = PacedWorker(self.root / name, self.orchestrator.url, key, job_s=job_s, **options)
+        worker = PacedWorker(self.root / name, self.worker_url(), key, job_s=job_s, **options)
         worker.start()
         self.workers.append(worker)
         return worker
+
+    def worker_url(self) -> str:
+        """What workers are given as ``--orchestrator`` (several replicas: comma-separated)."""
+        assert self.orchestrator is not None
+        return self.orchestrator.url
 
     def wait_for_workers(self) -> None:
         assert self.orchestrator is not None
