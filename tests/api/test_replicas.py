@@ -152,7 +152,8 @@ def test_one_replica_holds_the_duties_and_another_takes_them_when_it_dies(
         assert first._conn is not None
         pid = first._conn.info.backend_pid
         with psycopg.connect(PG_URL, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            # Waits (up to 10 s) until the backend is gone, and its lock with it.
+            admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
         assert second.held() is True
         assert first.held() is False
         second.release()
