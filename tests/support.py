@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from eth_account import Account
@@ -117,3 +120,13 @@ def completion(
 def new_client(services: Services, name: str = "client") -> tuple[Principal, str]:
     client_id, key = services.auth.create_client(name, services.now())
     return Principal("client", client_id), key
+
+
+@functools.cache
+def video_clip(width: int = 64, height: int = 36, frames: int = 3) -> bytes:
+    """A real (tiny) H.264 MP4, for jobs whose input the orchestrator probes at submit."""
+    from worker.executors.transcode import make_test_clip
+
+    with tempfile.TemporaryDirectory(prefix="gpumarket-clip-") as folder:
+        path = make_test_clip(Path(folder) / "clip.mp4", width, height, frames=frames, fps=24)
+        return path.read_bytes()

@@ -36,7 +36,7 @@ from orchestrator.wiring import Services, build_services
 from protocol import JobType, LeasedJob, Offer, Precision
 from protocol.signing import output_sha256, recover_result_signer
 from protocol.workers import EnergySource
-from tests.support import EMBED_MODEL, hardware
+from tests.support import EMBED_MODEL, hardware, video_clip
 from worker.client import OrchestratorClient
 from worker.config import WorkerSettings
 from worker.daemon import REPORT_ATTEMPTS, WorkerDaemon
@@ -942,7 +942,7 @@ def test_registers_with_a_fresh_orchestrator_that_never_knew_it(
 def test_output_files_are_uploaded_and_the_client_can_download_them(
     live_services: Services, worker_settings: WorkerSettings
 ) -> None:
-    video = b"\x00\x00\x00\x18ftypmp42 not really a video" * 10
+    video = video_clip(1280, 720, frames=2)
 
     async def body() -> None:
         async with open_market(live_services) as market:
@@ -995,7 +995,7 @@ def test_a_result_the_orchestrator_cannot_store_is_handed_back_at_once(
 ) -> None:
     """The blob disk is full (507) when the worker uploads its renditions: the worker reports
     a retryable failure, so the job is queued again now, not after its lease runs out."""
-    video = b"\x00\x00\x00\x18ftypmp42 not really a video" * 10
+    video = video_clip(1280, 720, frames=2)
 
     def no_space(*_: object, **__: object) -> object:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -1019,6 +1019,7 @@ def test_a_result_the_orchestrator_cannot_store_is_handed_back_at_once(
             assert job["state"] == "failed"  # its one attempt was handed back, not lost
             assert "could not take the result" in job["failure_reason"]
             assert "507" in job["failure_reason"]
+            assert job["fault"] == "none"  # the orchestrator's disk: nobody's fault, no blame
 
     run(body)
 
