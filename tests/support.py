@@ -133,7 +133,7 @@ def video_clip(width: int = 64, height: int = 36, frames: int = 3) -> bytes:
 
 
 @functools.cache
-def faststart_clip(width: int = 320, height: int = 180, frames: int = 250, fps: int = 25) -> bytes:
+def faststart_clip(width: int = 160, height: int = 90, frames: int = 250, fps: int = 25) -> bytes:
     """An MP4 with its index at the front (``-movflags +faststart``), as streaming sites serve
     them: a cut copy still opens, and still declares every frame."""
     import av
