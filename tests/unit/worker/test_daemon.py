@@ -484,6 +484,9 @@ def test_rejected_job_fails_for_good_a_crash_is_retried_elsewhere_and_the_worker
                 assert job["state"] == "failed" and job["attempt"] == 1
                 assert "texts must be in English" in job["failure_reason"]
                 assert worker.address in job["failure_reason"]
+                # Its input's fault, believed because no other worker could be asked.
+                assert job["fault"] == "input"
+                assert "no other worker can run this job" in job["failure_reason"]
 
                 crashed = await market.submit("crash on this one")
                 job = await market.wait_state(crashed, "queued", attempt=2)
