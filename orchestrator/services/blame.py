@@ -36,7 +36,7 @@ from orchestrator.services.verification import CHECK
 from orchestrator.services.workers import REGISTERED
 from orchestrator.store import Store
 from orchestrator.store.models import Client, Job, RefusedInput, Worker
-from protocol import FailRequest, Fault, JobState, JobType, Rendition
+from protocol import FailRequest, Fault, JobState, JobType, Offer, Rendition
 
 log = logging.getLogger("gpumarket.orchestrator.blame")
 
@@ -134,12 +134,15 @@ class Blame:
             )
 
     def _another_worker_offers(self, s: Session, job: Job, exclude: list[str]) -> bool:
+        """Could a registered worker other than ``exclude`` take the job at its price?"""
         rows = s.scalars(
             select(Worker.offers).where(Worker.status == REGISTERED, Worker.id.not_in(exclude))
         )
+        offers = (Offer.model_validate(raw) for worker in rows for raw in worker)
         return any(
-            offer.get("job_type") == job.type and offer.get("model") == job.model
-            for offers in rows
+            offer.job_type == job.type
+            and offer.model == job.model
+            and offer.price_wei_per_unit <= job.max_price_wei_per_unit
             for offer in offers
         )
 

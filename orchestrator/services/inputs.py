@@ -35,6 +35,7 @@ from protocol.signing import canonical_json
 from protocol.workers import TensorShape
 
 PROBE_VERSION = 1  # a cached probe of another version is made again
+MISSING_BLOB = "the input blob's file is missing on the orchestrator; upload it again"
 # Packets decoded at most while looking for the first picture (a decoder may need a few).
 PROBE_DECODE_PACKETS = 64
 # Frames a file may hold fewer of than its index declares before it counts as truncated
@@ -95,6 +96,8 @@ def _even(value: Fraction) -> int:
 
 def probe_media(path: Path) -> MediaProbe:
     """Probe a transcode input the way the worker will read it; ``error`` says what is wrong."""
+    if not path.is_file():
+        return MediaProbe(error=MISSING_BLOB, version=0)  # version 0: never cached
     if path.stat().st_size == 0:
         return MediaProbe(error="input is empty (0 bytes); upload the video file itself")
     options = {"format_whitelist": ",".join(ALLOWED_INPUT_FORMATS), "protocol_whitelist": "file"}
@@ -277,6 +280,8 @@ class InputChecks:
 
     def _json_input(self, sha256: str) -> tuple[InferenceInput | None, str | None]:
         path = self._blob_path(sha256)
+        if not path.is_file():
+            return None, MISSING_BLOB
         if path.stat().st_size > MAX_INPUT_JSON_BYTES:
             return None, f"input_blob is over {MAX_INPUT_JSON_BYTES} bytes of JSON"
         try:

@@ -129,6 +129,7 @@ def test_a_lone_workers_input_claim_stands_unconfirmed_without_blame(services: S
     client, _ = new_client(services)
     alone = _worker(services)
     register(services, offers=[offer("another-model")])  # cannot run this job: not a witness
+    register(services, offers=[offer(MODEL, price=5_000)])  # above the job's price: neither
     job_id = _submit(services, client)
     assert _lease(services, alone) == (job_id, 1)
 
