@@ -489,7 +489,8 @@ def _declared(source: InputContainer, stream: VideoStream) -> _Declared:
 
 
 def _check_complete(declared: _Declared, frames: int, span_s: float, fps: Fraction) -> None:
-    """Refuse an input that decoded to less video than its container declares (truncated)."""
+    """Refuse an input that holds less video than its container declares (truncated):
+    ``frames`` video packets read, ``span_s`` seconds decoded."""
     short_frames = (
         declared.frames is not None and frames < declared.frames - TRUNCATION_TOLERANCE_FRAMES
     )
@@ -501,8 +502,8 @@ def _check_complete(declared: _Declared, frames: int, span_s: float, fps: Fracti
     if declared.duration_s is not None:
         said += f" ({declared.duration_s:.2f} s)"
     raise TranscodeInputError(
-        f"input is truncated: its container declares {said} but only {frames} frames "
-        f"({span_s:.2f} s) decode; nothing is billed for a damaged input"
+        f"input is truncated: its container declares {said} but the file holds only {frames} "
+        f"frames ({span_s:.2f} s decode); nothing is billed for a damaged input"
     )
 
 
@@ -721,11 +722,23 @@ class _AudioPipe:
         return resampled
 
 
+@dataclass
+class _PacketCount:
+    """Video packets with data read from the input: frames present, whether or not an edit
+    list has the decoder skip some (so it compares with the index's declared frame count)."""
+
+    video: int = 0
+
+
 def _decoded_frames(
-    source: InputContainer, streams: Sequence[VideoStream | AudioStream]
+    source: InputContainer,
+    streams: Sequence[VideoStream | AudioStream],
+    packets: _PacketCount,
 ) -> Iterator[VideoFrame | AudioFrame]:
     try:
         for packet in source.demux(*streams):
+            if packet.size and packet.stream.type == "video":
+                packets.video += 1
             for frame in packet.decode():
                 if isinstance(frame, VideoFrame | AudioFrame):
                     yield _undamaged(frame)
@@ -750,9 +763,9 @@ def _pump(
     probe: _SourceVideo,
     writers: Sequence[_RenditionWriter],
     audio: _AudioPipe | None,
-) -> tuple[int, float]:
-    """Decode the input once, feeding every writer; returns the video frames decoded and the
-    seconds they span (first frame's start to the last one's end)."""
+) -> tuple[int, float, int]:
+    """Decode the input once, feeding every writer; returns the video frames decoded, the
+    seconds they span (first frame's start to the last one's end) and the video packets read."""
     streams: list[VideoStream | AudioStream] = (
         [video_in] if audio_in is None else [video_in, audio_in]
     )
@@ -761,7 +774,8 @@ def _pump(
     audio_at = Fraction(0)
     first_s: Fraction | None = None
     last_s = Fraction(0)
-    for frame in _decoded_frames(source, streams):
+    packets = _PacketCount()
+    for frame in _decoded_frames(source, streams, packets):
         if isinstance(frame, VideoFrame):
             at_s = timeline.seconds(frame, fallback=video_frames / probe.fps)
             first_s = at_s if first_s is None else min(first_s, at_s)
@@ -775,7 +789,7 @@ def _pump(
     if audio is not None:
         _write_audio(writers, audio.push(None, audio_at))
     span_s = 0.0 if first_s is None else float(last_s - first_s + 1 / probe.fps)
-    return video_frames, span_s
+    return video_frames, span_s, packets.video
 
 
 def _write_audio(writers: Sequence[_RenditionWriter], frames: list[AudioFrame]) -> None:
@@ -802,10 +816,10 @@ def _encode_ladder(
                 for plan in plans
             ]
             pipe = None if audio is None else _AudioPipe(audio)
-            decoded, span_s = _pump(source, video_in, audio_in, probe, writers, pipe)
+            decoded, span_s, packets = _pump(source, video_in, audio_in, probe, writers, pipe)
             if decoded == 0:
                 raise TranscodeInputError("input has no decodable video frames (truncated?)")
-            _check_complete(declared, decoded, span_s, probe.fps)
+            _check_complete(declared, packets, span_s, probe.fps)
             for writer in writers:
                 writer.flush()
     except av.FFmpegError as exc:
