@@ -125,7 +125,7 @@ def _failed_by_fault(s: Session) -> dict[tuple[str, str], int]:
         .group_by(Job.type, Job.fault)
     )
     for kind, fault, n in rows:
-        counts[(kind, fault)] = n
+        counts[(kind, str(fault))] = n
     return counts
 
 
