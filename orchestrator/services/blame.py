@@ -17,8 +17,8 @@ A worker that gives a job up says whose fault it thinks it is (``FailRequest.fau
   of a job that succeeded) cannot fail for its input: such a claim is the claimant's fault.
 
 A confirmed input failure fails the job with ``fault: input``, touches no worker's reputation,
-counts against the client (services/throttle.py) and records the input as refused, so the same
-job is refused at submit from then on.
+counts against the client (services/throttle.py) and records the input as refused, so the
+client's same job is refused at submit for a day (``inputs.REFUSED_INPUT_TTL_S``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.config import Settings
 from orchestrator.services import reputation, throttle
-from orchestrator.services.inputs import InputChecks, input_key, ladder_problem
+from orchestrator.services.inputs import InputChecks, input_key, ladder_problem, refused_reason
 from orchestrator.services.lifecycle import requeue_or_fail, transition
 from orchestrator.services.verification import CHECK
 from orchestrator.services.workers import REGISTERED
@@ -47,16 +47,16 @@ class Blame:
         self._settings = settings
         self._inputs = inputs
 
-    def recheck(self, job_id: str) -> str | None:
+    def recheck(self, job_id: str, now: float) -> str | None:
         """The orchestrator's own verdict on a job's input, made before the caller's
         transaction (a media probe reads the file): what is wrong with it, or None."""
         with self._store.read() as s:
             job = s.get(Job, job_id)
             if job is None:
                 return None
-            known = s.get(RefusedInput, input_key(job))
+            known = refused_reason(s, input_key(job), now)
             if known is not None:
-                return f"this input already failed: {known.reason}"
+                return known
             if job.type != JobType.TRANSCODE or job.input_blob is None:
                 return None
             blob, ladder = job.input_blob, job.spec.get("renditions") or []
@@ -124,9 +124,11 @@ class Blame:
         job.input_claims = None
         job.fault = Fault.INPUT
         transition(s, job, JobState.FAILED, now, detail=detail)
-        key = input_key(job)
-        if s.get(RefusedInput, key) is None:
-            s.add(RefusedInput(input_key=key, reason=detail, created_at=now))
+        refused = s.get(RefusedInput, input_key(job))
+        if refused is None:
+            s.add(RefusedInput(input_key=input_key(job), reason=detail, created_at=now))
+        else:  # an old refusal, past its TTL: this one starts a new one
+            refused.reason, refused.created_at = detail, now
         client = s.get(Client, job.client_id, with_for_update=True)
         if client is not None:
             throttle.record_input_failure(

@@ -26,9 +26,10 @@ from typing import Any
 import av
 from pydantic import ValidationError
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from orchestrator.store import Store
-from orchestrator.store.models import Blob, Job, Worker
+from orchestrator.store.models import Blob, Job, RefusedInput, Worker
 from protocol import InferenceInput, JobSpec, JobType, Offer, Rendition
 from protocol.jobs import ALLOWED_INPUT_FORMATS, MAX_INPUT_JSON_BYTES
 from protocol.signing import canonical_json
@@ -36,6 +37,8 @@ from protocol.workers import TensorShape
 
 PROBE_VERSION = 1  # a cached probe of another version is made again
 MISSING_BLOB = "the input blob's file is missing on the orchestrator; upload it again"
+# How long an input confirmed bad is refused at submit without asking a worker again (seconds).
+REFUSED_INPUT_TTL_S = 24 * 3600.0
 # Packets decoded at most while looking for the first picture (a decoder may need a few).
 PROBE_DECODE_PACKETS = 64
 # Frames a file may hold fewer of than its index declares before it counts as truncated
@@ -72,15 +75,25 @@ class MediaProbe:
 
 
 def input_key(job: Job) -> str:
-    """What makes two jobs the same input: type, model, precision, input blob and request
-    (texts or tensors, ladder, container); not price, deadline or preference. sha256 hex."""
-    return job_input_key(job.type, job.model, job.precision, job.input_blob, job.spec)
+    """What makes two of a client's jobs the same input: the client, type, model, precision,
+    input blob and request (texts or tensors, ladder, container); not price, deadline or
+    preference. sha256 hex. Per client: workers that wrongly confirm each other's claim can
+    hold up that client's request for ``REFUSED_INPUT_TTL_S``, nobody else's."""
+    return job_input_key(
+        job.client_id, job.type, job.model, job.precision, job.input_blob, job.spec
+    )
 
 
 def job_input_key(
-    job_type: str, model: str, precision: str, input_blob: str | None, spec: dict[str, Any]
+    client_id: str,
+    job_type: str,
+    model: str,
+    precision: str,
+    input_blob: str | None,
+    spec: dict[str, Any],
 ) -> str:
     body = {
+        "client": client_id,
         "type": str(job_type),
         "model": model,
         "precision": str(precision),
@@ -88,6 +101,14 @@ def job_input_key(
         "spec": spec,
     }
     return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def refused_reason(s: Session, key: str, now: float) -> str | None:
+    """Why this input was confirmed bad, if it was within ``REFUSED_INPUT_TTL_S``."""
+    refused = s.get(RefusedInput, key)
+    if refused is None or now - refused.created_at > REFUSED_INPUT_TTL_S:
+        return None
+    return f"this input already failed: {refused.reason}"
 
 
 def _even(value: Fraction) -> int:

@@ -15,11 +15,11 @@ from orchestrator.config import Settings
 from orchestrator.exceptions import Conflict, InvalidInput, NotFound
 from orchestrator.services import throttle
 from orchestrator.services.auth import Principal, new_id
-from orchestrator.services.inputs import InputChecks, job_input_key
+from orchestrator.services.inputs import InputChecks, job_input_key, refused_reason
 from orchestrator.services.lifecycle import transition
 from orchestrator.services.settlement import Payments
 from orchestrator.store import Store
-from orchestrator.store.models import BlobGrant, Client, Job, JobEvent, RefusedInput, Worker
+from orchestrator.store.models import BlobGrant, Client, Job, JobEvent, Worker
 from protocol import (
     BUILTIN_MODELS,
     FINAL_STATES,
@@ -240,10 +240,9 @@ class JobService:
             if spec.input_blob is not None:
                 self._check_grant(s, client, spec.input_blob)
             key = job_input_key(
-                spec.type, spec.model, spec.precision, spec.input_blob, job_spec(spec)
+                client.id, spec.type, spec.model, spec.precision, spec.input_blob, job_spec(spec)
             )
-            refused = s.get(RefusedInput, key)
-            known = None if refused is None else f"this input already failed: {refused.reason}"
+            known = refused_reason(s, key, now)
         problem = known or self._inputs.problem(spec)
         if problem is None:
             return

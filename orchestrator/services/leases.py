@@ -475,7 +475,7 @@ class LeaseService:
         """A worker gives a job up: retryable goes back to the queue (elsewhere), else FAILED;
         whose fault it is decides who pays for it (services/blame.py)."""
         # The orchestrator's own look at the input (a probe may read a file): before locking.
-        found = self._blame.recheck(job_id) if req.fault is Fault.INPUT else None
+        found = self._blame.recheck(job_id, now) if req.fault is Fault.INPUT else None
         with self._store.transaction() as s:
             job = self._held_job(s, worker, job_id, req.attempt)
             row = s.get(Worker, worker.id, with_for_update=True)

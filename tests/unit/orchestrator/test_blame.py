@@ -14,6 +14,7 @@ import pytest
 
 from orchestrator.exceptions import InvalidInput
 from orchestrator.services.auth import Principal
+from orchestrator.services.inputs import REFUSED_INPUT_TTL_S
 from orchestrator.store.models import Client
 from orchestrator.wiring import Services
 from protocol import FailRequest, Fault, JobSpec, JobState, WorkerView
@@ -168,6 +169,11 @@ def test_an_input_once_confirmed_bad_is_refused_at_submit_and_confirms_later_cla
         _submit(services, client, max_price_wei_per_unit=5)
     assert (_view(services, first).jobs_failed, _view(services, second).jobs_failed) == (0, 0)
     assert _input_failures(services, client) == pytest.approx(3.0, rel=1e-3)
+    # Only for this client, and only for a while: colluding workers can hold up no one else.
+    other, _ = new_client(services, "other")
+    _submit(services, other)
+    clock.advance(REFUSED_INPUT_TTL_S + 1)
+    _submit(services, client)
 
 
 def test_a_worker_fault_costs_the_worker_and_says_so(services: Services) -> None:
