@@ -115,7 +115,10 @@ class Blame:
             # The confirmation run is the market's cost, not the client's: never its last try.
             job.max_attempts = max(job.max_attempts, job.attempt + 1)
             requeue_or_fail(
-                s, job, now, f"{reason}; said to be the input's fault: another worker confirms"
+                s,
+                job,
+                now,
+                f"{reason}; said to be the input's fault: another worker will confirm or refute it",
             )
             return
         self._fail_for_input(s, job, f"{reason} ({confirmed})", now)
