@@ -168,3 +168,16 @@ def cut_between_packets(data: bytes, share: float) -> bytes:
         starts = [p.pos for p in source.demux(source.streams.video[0]) if p.pos is not None]
     cut = next(pos for pos in sorted(starts) if pos >= share * len(data))
     return data[:cut]
+
+
+def damaged_clip(seed: int) -> bytes:
+    """A small ``+faststart`` MP4 whose index is sound (it passes the orchestrator's probe at
+    submit) but whose picture data from half-way to 70 % is overwritten: the worker's decoder
+    finds it damaged. ``seed`` makes each one different bytes, deterministically."""
+    import random
+
+    data = bytearray(faststart_clip(160, 90, frames=48, fps=24))
+    rng = random.Random(seed)
+    for i in range(len(data) // 2, len(data) * 7 // 10):
+        data[i] = rng.randrange(256)
+    return bytes(data)

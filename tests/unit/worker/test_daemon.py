@@ -36,7 +36,7 @@ from orchestrator.wiring import Services, build_services
 from protocol import JobType, LeasedJob, Offer, Precision
 from protocol.signing import output_sha256, recover_result_signer
 from protocol.workers import EnergySource
-from tests.support import EMBED_MODEL, hardware, video_clip
+from tests.support import EMBED_MODEL, damaged_clip, hardware, video_clip
 from worker.client import OrchestratorClient
 from worker.config import WorkerSettings
 from worker.daemon import REPORT_ATTEMPTS, WorkerDaemon
@@ -49,6 +49,7 @@ from worker.executors.base import (
     JobRejected,
     OutputFile,
 )
+from worker.executors.pipelines import TranscodePipeline
 
 BASE_URL = "http://orchestrator"
 TEST_TIMEOUT_S = 30.0
@@ -1023,6 +1024,82 @@ def test_a_result_the_orchestrator_cannot_store_is_handed_back_at_once(
             assert "could not take the result" in job["failure_reason"]
             assert "507" in job["failure_reason"]
             assert job["fault"] == "none"  # the orchestrator's disk: nobody's fault, no blame
+
+    run(body)
+
+
+def test_inputs_that_fail_on_workers_cost_the_client_and_never_the_workers(
+    live_services: Services, worker_settings: WorkerSettings
+) -> None:
+    """Two daemons with the real PyAV transcoder. A client floods transcodes of videos whose
+    index is sound (they pass the probe at submit) but whose picture data is damaged: each
+    worker's refusal is confirmed by the other's, the job fails for its input, no worker's
+    record moves, a repeat of a failed input is refused at submit, the client is throttled,
+    and another client's embedding job is served as usual."""
+    # Four input failures below (three jobs and one refused submit), fading a little while
+    # the test runs: over this limit only after the fourth.
+    live_services.settings.client_input_failure_limit = 3.5
+    ladder = [{"height": 90, "bitrate_kbps": 150}]
+
+    async def submit_video(market: Market, seed: int) -> httpx.Response:
+        upload = await market.http.post(
+            "/v1/blobs", content=damaged_clip(seed), headers=market.client
+        )
+        assert upload.status_code == 201, upload.text
+        spec = {
+            "type": "transcode",
+            "input_blob": upload.json()["sha256"],
+            "renditions": ladder,
+            "max_price_wei_per_unit": str(MAX_PRICE_WEI),
+        }
+        return await market.http.post("/v1/jobs", json=spec, headers=market.client)
+
+    def records() -> dict[str, tuple[int, float]]:
+        views = live_services.workers.list(live_services.now())
+        return {v.address: (v.jobs_failed, v.reputation) for v in views}
+
+    async def body() -> None:
+        async with open_market(live_services) as market:
+            executors = [[TranscodePipeline(threads=1), ScriptedEmbedder()] for _ in range(2)]
+            async with (
+                start_worker(market, executors[0], worker_settings) as first,
+                start_worker(market, executors[1], worker_settings) as second,
+            ):
+                await first.registered()
+                await second.registered()
+                before = records()
+                assert set(before) == {first.address, second.address}
+
+                for seed in range(3):
+                    resp = await submit_video(market, seed)
+                    assert resp.status_code == 201, resp.text  # nothing to see before running
+                    job = await market.wait_final(resp.json()["id"])
+                    assert (job["state"], job["fault"]) == ("failed", "input"), job
+                    assert "corrupt or truncated" in job["failure_reason"]
+                    assert "confirmed by a second worker" in job["failure_reason"]
+                    if seed == 0:  # the same input again: refused before any worker sees it
+                        again = await submit_video(market, 0)
+                        assert again.status_code == 422, again.text
+                        assert "this input already failed" in again.json()["detail"]
+                throttled = await submit_video(market, 3)
+                assert throttled.status_code == 429, throttled.text
+                assert int(throttled.headers["retry-after"]) > 0
+
+                assert records() == before  # no worker paid for the client's inputs
+                _, key = live_services.auth.create_client("another", live_services.now())
+                other = {"Authorization": f"Bearer {key}"}
+                spec = {
+                    "type": "inference",
+                    "model": EMBED_MODEL,
+                    "input": {"texts": ["a normal job"]},
+                    "max_price_wei_per_unit": str(MAX_PRICE_WEI),
+                }
+                resp = await market.http.post("/v1/jobs", json=spec, headers=other)
+                assert resp.status_code == 201, resp.text
+                served = await market.http.get(
+                    f"/v1/jobs/{resp.json()['id']}?wait_s=5", headers=other
+                )
+                assert served.json()["state"] == "succeeded", served.text
 
     run(body)
 
