@@ -24,8 +24,11 @@ class JobFailed(Exception):
     """The job ended without a result (failed, cancelled or expired)."""
 
     def __init__(self, job: dict[str, Any]) -> None:
-        super().__init__(f"job {job['id']} {job['state']}: {job.get('failure_reason')}")
+        # ``fault`` says whose: "input" (fix the input before submitting again), "worker", "none".
+        fault = f" ({job['fault']} fault)" if job.get("fault") else ""
+        super().__init__(f"job {job['id']} {job['state']}{fault}: {job.get('failure_reason')}")
         self.job = job
+        self.fault: str | None = job.get("fault")
 
 
 class JobTimeout(TimeoutError):

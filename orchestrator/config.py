@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # Reputation: evidence halves in weight every half-life; below the floor, no new work.
     reputation_half_life_s: float = Field(default=7 * 24 * 3600.0, gt=0)
     reputation_floor: float = Field(default=0.25, ge=0, lt=1)
+    # Throttling a client whose jobs keep failing for their input (refused at submit, or
+    # confirmed bad on workers): a score that halves every half-life; at the limit, 429.
+    client_input_failure_limit: float = Field(default=20.0, gt=0)
+    client_input_failure_half_life_s: float = Field(default=300.0, gt=0)
 
     @field_validator("db_url")
     @classmethod

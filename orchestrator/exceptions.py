@@ -9,6 +9,7 @@
     ├── PaymentRequired                402  no payer linked, or not enough authorised funds
     ├── Conflict                       409  state does not allow it (stale attempt, final job)
     ├── PayloadTooLarge                413
+    ├── TooManyRequests                429  throttled; Retry-After says when to come back
     └── InsufficientStorage            507  the blob store's disk is full
 
 The API maps each to an RFC 9457 problem response: {type, title, status, code, detail}.
@@ -16,6 +17,7 @@ The API maps each to an RFC 9457 problem response: {type, title, status, code, d
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 
@@ -27,6 +29,11 @@ class GpumarketError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.extra = extra
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the problem response carries (e.g. Retry-After)."""
+        return {}
 
 
 class InvalidInput(GpumarketError):
@@ -66,6 +73,22 @@ class Conflict(GpumarketError):
 class PayloadTooLarge(GpumarketError):
     status = 413
     code = "payload_too_large"
+
+
+class TooManyRequests(GpumarketError):
+    """Throttled. ``retry_after_s`` (seconds) becomes the Retry-After header and a field."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, detail: str, retry_after_s: float, **extra: Any) -> None:
+        seconds = max(1, math.ceil(retry_after_s))
+        super().__init__(detail, retry_after_s=seconds, **extra)
+        self.retry_after_s = seconds
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class InsufficientStorage(GpumarketError):

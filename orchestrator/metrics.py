@@ -11,6 +11,7 @@ name                                        type       what
 ==========================================  =========  ==========================================
 gpumarket_jobs{state,type}                  gauge      jobs in each state
 gpumarket_queue_depth                       gauge      queued jobs, waiting for a worker
+gpumarket_jobs_failed{type,fault}           gauge      failed jobs by whose fault: input|worker|none
 gpumarket_workers_registered                gauge      workers not deregistered
 gpumarket_workers_online                    gauge      of those, seen within the lease TTL
 gpumarket_job_cost_wei_total{type}          counter    charged for succeeded jobs (units x price)
@@ -92,6 +93,14 @@ def _job_families(snap: MarketSnapshot) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "gpumarket_queue_depth", "Queued jobs waiting for a worker.", value=snap.queue_depth
     )
+    failed = GaugeMetricFamily(
+        "gpumarket_jobs_failed",
+        "Failed jobs by whose fault: input (the client's), worker or none.",
+        labels=["type", "fault"],
+    )
+    for (kind, fault), count in sorted(snap.failed.items()):
+        failed.add_metric([kind, fault], count)
+    yield failed
 
 
 def _worker_families(snap: MarketSnapshot) -> Iterator[Metric]:

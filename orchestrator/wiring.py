@@ -13,8 +13,10 @@ from orchestrator.blobs import LocalBlobStore
 from orchestrator.config import Settings
 from orchestrator.services.accounts import AccountService
 from orchestrator.services.auth import Authenticator
+from orchestrator.services.blame import Blame
 from orchestrator.services.blobs import BlobService
 from orchestrator.services.dashboard import DashboardService
+from orchestrator.services.inputs import InputChecks
 from orchestrator.services.jobs import JobService
 from orchestrator.services.leases import LeaseService
 from orchestrator.services.lifecycle import CHANGED_JOBS
@@ -92,15 +94,19 @@ def build_services(
         blob_store.path,
         rng=random.Random(rng.random()) if rng is not None else None,
     )
+    inputs = InputChecks(store, blob_store.path)
+    blame = Blame(store, settings, inputs)
     auth = Authenticator(store, settings.resolve_admin_token())
     workers = WorkerService(store, settings, payments, forget_session=auth.forget_worker)
     return Services(
         settings=settings,
         store=store,
         auth=auth,
-        jobs=JobService(store, payments),
+        jobs=JobService(store, payments, settings, inputs),
         workers=workers,
-        leases=LeaseService(store, settings, payments, verification, rng=rng, notify=wake_worker),
+        leases=LeaseService(
+            store, settings, payments, verification, blame, rng=rng, notify=wake_worker
+        ),
         blobs=BlobService(store, blob_store, settings.max_blob_bytes),
         verification=verification,
         hub=hub,

@@ -14,6 +14,7 @@ from protocol.units import MAX_UNITS, SHA256_PATTERN, Wei
 MAX_TEXTS_PER_JOB = 1024
 MAX_TEXT_CHARS = 20_000
 MAX_TENSOR_ROWS_PER_JOB = 1024
+MAX_INPUT_JSON_BYTES = 16 * 1024 * 1024  # an inference input_blob (JSON), in bytes
 DEFAULT_DEADLINE_S = 3600.0
 MAX_DEADLINE_S = 7 * 24 * 3600.0
 DEFAULT_MAX_ATTEMPTS = 3
@@ -63,6 +64,31 @@ class Container(StrEnum):
     MPEGTS = "mpegts"
 
 
+class Fault(StrEnum):
+    """Whose fault a failure is (docs/TRUST.md, "Blame"). Only ``worker`` costs reputation."""
+
+    INPUT = "input"  # the client's input or request: the same job fails on every worker
+    WORKER = "worker"  # the worker's machine, model files or software
+    NONE = "none"  # neither: a transient condition (the orchestrator was full, say)
+
+
+# Demuxers a transcode input may use (FFmpeg names); the worker refuses anything else, and the
+# orchestrator probes uploads with the same list before any worker is leased.
+ALLOWED_INPUT_FORMATS = (
+    "mov,mp4,m4a,3gp,3g2,mj2",
+    "mpegts",
+    "matroska,webm",
+    "avi",
+    "flv",
+    "mpeg",
+    "h264",
+    "hevc",
+    "m4v",
+    "ivf",
+)
+RENDITION_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
 class _Strict(BaseModel):
     # NaN and infinities are not JSON: a request must not smuggle in what no response can carry.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -84,11 +110,24 @@ def check_finite(value: Any, where: str) -> None:
 class Rendition(_Strict):
     """One rung of a transcoding ladder. Sizes in pixels, rate in frames/s, bitrate in kbit/s."""
 
-    name: str | None = Field(default=None, max_length=64)
+    name: str | None = Field(default=None, pattern=RENDITION_NAME_PATTERN)
     height: int = Field(ge=16, le=4320)
     width: int | None = Field(default=None, ge=16, le=7680)
     fps: float | None = Field(default=None, gt=0, le=240)
-    bitrate_kbps: int = Field(gt=0, le=200_000)
+    bitrate_kbps: int = Field(gt=0, le=100_000)
+
+    @model_validator(mode="after")
+    def _even(self) -> Rendition:
+        # H.264 in yuv420p halves the chroma planes: odd sizes cannot be encoded.
+        for axis, value in (("height", self.height), ("width", self.width)):
+            if value is not None and value % 2:
+                raise ValueError(f"rendition {axis} must be even (yuv420p), got {value}")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The rendition's name, or ``<height>p`` when it has none (its output file's stem)."""
+        return self.name or f"{self.height}p"
 
 
 DEFAULT_LADDER: tuple[Rendition, ...] = (
@@ -114,6 +153,8 @@ class InferenceInput(_Strict):
         for i, text in enumerate(self.texts or []):
             if len(text) > MAX_TEXT_CHARS:
                 raise ValueError(f"input.texts[{i}] is longer than {MAX_TEXT_CHARS} characters")
+            if not text.strip():
+                raise ValueError(f"input.texts[{i}] is empty; remove it or give it some text")
         return self
 
     @property
@@ -171,6 +212,13 @@ class JobSpec(_Strict):
                 self.model = TRANSCODE_MODEL
             if self.precision is not Precision.FP32:
                 raise ValueError("precision applies to inference jobs only")
+            labels = [r.label for r in self.ladder]
+            repeated = sorted({label for label in labels if labels.count(label) > 1})
+            if repeated:
+                raise ValueError(
+                    f"rendition names must be unique (a missing name is '<height>p'); "
+                    f"repeated: {', '.join(repeated)}"
+                )
         return self
 
     @property
@@ -250,6 +298,8 @@ class JobView(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     failure_reason: str | None = None
+    # Whose fault the failure was: "input" (yours), "worker" or "none" (docs/TRUST.md).
+    fault: Fault | None = None
     waiting_reason: str | None = None
     duration_s: float | None = None
     energy_j: float | None = None
@@ -260,12 +310,21 @@ class JobView(BaseModel):
     history: list[JobEventView] = Field(default_factory=list)
 
 
+class SkippedRendition(_Strict):
+    """A requested rendition that was not produced, and why (e.g. it would upscale)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    reason: str = Field(min_length=1, max_length=500)
+
+
 class ResultView(BaseModel):
     job_id: str
     attempt: int
     state: JobState
     output: dict[str, Any] | None = None
     output_blobs: list[OutputBlob] | None = None
+    # Transcodes: every requested rendition is in output_blobs or here, with the reason.
+    skipped_renditions: list[SkippedRendition] | None = None
     output_sha256: str
     signature: str
     worker_address: str

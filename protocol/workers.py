@@ -7,7 +7,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from protocol.jobs import Container, JobType, OutputBlob, Precision, Rendition, check_finite
+from protocol.jobs import (
+    Container,
+    Fault,
+    JobType,
+    OutputBlob,
+    Precision,
+    Rendition,
+    SkippedRendition,
+    check_finite,
+)
 from protocol.units import ADDRESS_PATTERN, MAX_UNITS, SHA256_PATTERN, Wei
 
 MAX_OFFERS = 64
@@ -50,11 +59,26 @@ class HardwareDescriptor(BaseModel):
         return max((gpu.vram_mb for gpu in self.gpus), default=0)
 
 
+class TensorShape(_Strict):
+    """One input row of a TorchScript model, from its manifest: dtype and the row's shape
+    (the manifest's shape without its batch dimension)."""
+
+    dtype: str = Field(min_length=1, max_length=16)
+    shape: list[int] = Field(max_length=8)
+
+    @model_validator(mode="after")
+    def _positive(self) -> TensorShape:
+        if any(dim < 1 for dim in self.shape):
+            raise ValueError("row dimensions must be positive")
+        return self
+
+
 class Offer(_Strict):
     """What a worker sells: one (job type, model, precision) at a price in wei per unit.
 
     ``units_per_s`` is the worker's own benchmark, used until the orchestrator has measured
-    it; ``energy_j_per_unit`` likewise.
+    it; ``energy_j_per_unit`` likewise. ``input`` (TorchScript models) is the row its manifest
+    takes, so the orchestrator refuses a misshapen row at submit instead of leasing it.
     """
 
     job_type: JobType
@@ -64,6 +88,7 @@ class Offer(_Strict):
     max_batch: int = Field(default=1, ge=1, le=4096)
     units_per_s: float | None = Field(default=None, gt=0)
     energy_j_per_unit: float | None = Field(default=None, ge=0)
+    input: TensorShape | None = None
 
 
 class ChallengeRequest(_Strict):
@@ -150,6 +175,8 @@ class CompleteRequest(_Strict):
     energy_j: float = Field(ge=0)
     energy_source: EnergySource
     units: int = Field(ge=0, le=MAX_UNITS)
+    # Transcodes: the requested renditions not produced, each with its reason.
+    skipped_renditions: list[SkippedRendition] | None = Field(default=None, max_length=16)
 
     @model_validator(mode="after")
     def _one_output(self) -> CompleteRequest:
@@ -160,9 +187,25 @@ class CompleteRequest(_Strict):
 
 
 class FailRequest(_Strict):
+    """A worker gives a job up, saying whose fault it thinks it is (docs/TRUST.md, "Blame").
+
+    ``fault`` is a claim the orchestrator checks, not a verdict: "input" (not retryable: the
+    same input fails everywhere) is believed only once confirmed; "none" (retryable only) and
+    "worker" are taken as said.
+    """
+
     attempt: int = Field(ge=1)
     retryable: bool
     reason: str = Field(min_length=1, max_length=2000)
+    fault: Fault = Fault.WORKER
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FailRequest:
+        if self.fault is Fault.INPUT and self.retryable:
+            raise ValueError("fault 'input' is not retryable: the same input fails everywhere")
+        if self.fault is Fault.NONE and not self.retryable:
+            raise ValueError("fault 'none' is for retryable failures: another attempt may work")
+        return self
 
 
 class WorkerView(BaseModel):

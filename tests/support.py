@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from eth_account import Account
@@ -117,3 +120,64 @@ def completion(
 def new_client(services: Services, name: str = "client") -> tuple[Principal, str]:
     client_id, key = services.auth.create_client(name, services.now())
     return Principal("client", client_id), key
+
+
+@functools.cache
+def video_clip(width: int = 64, height: int = 36, frames: int = 3) -> bytes:
+    """A real (tiny) H.264 MP4, for jobs whose input the orchestrator probes at submit."""
+    from worker.executors.transcode import make_test_clip
+
+    with tempfile.TemporaryDirectory(prefix="gpumarket-clip-") as folder:
+        path = make_test_clip(Path(folder) / "clip.mp4", width, height, frames=frames, fps=24)
+        return path.read_bytes()
+
+
+@functools.cache
+def faststart_clip(width: int = 160, height: int = 90, frames: int = 250, fps: int = 25) -> bytes:
+    """An MP4 with its index at the front (``-movflags +faststart``), as streaming sites serve
+    them: a cut copy still opens, and still declares every frame."""
+    import av
+
+    from worker.executors.transcode import make_test_clip
+
+    with tempfile.TemporaryDirectory(prefix="gpumarket-clip-") as folder:
+        plain = make_test_clip(Path(folder) / "plain.mp4", width, height, frames=frames, fps=fps)
+        moved = Path(folder) / "faststart.mp4"
+        options = {"movflags": "+faststart"}
+        with (
+            av.open(str(plain)) as source,
+            av.open(str(moved), "w", format="mp4", container_options=options) as out,
+        ):
+            video = out.add_stream_from_template(source.streams.video[0])
+            for packet in source.demux(source.streams.video[0]):
+                if packet.dts is None:
+                    continue  # the demuxer's end-of-stream marker
+                packet.stream = video
+                out.mux(packet)
+        return moved.read_bytes()
+
+
+def cut_between_packets(data: bytes, share: float) -> bytes:
+    """``data`` cut at the start of the first video packet at or after ``share`` of its bytes:
+    a clean cut, so every frame left decodes and only the count and duration give it away."""
+    import io
+
+    import av
+
+    with av.open(io.BytesIO(data)) as source:
+        starts = [p.pos for p in source.demux(source.streams.video[0]) if p.pos is not None]
+    cut = next(pos for pos in sorted(starts) if pos >= share * len(data))
+    return data[:cut]
+
+
+def damaged_clip(seed: int) -> bytes:
+    """A small ``+faststart`` MP4 whose index is sound (it passes the orchestrator's probe at
+    submit) but whose picture data from half-way to 70 % is overwritten: the worker's decoder
+    finds it damaged. ``seed`` makes each one different bytes, deterministically."""
+    import random
+
+    data = bytearray(faststart_clip(160, 90, frames=48, fps=24))
+    rng = random.Random(seed)
+    for i in range(len(data) // 2, len(data) * 7 // 10):
+        data[i] = rng.randrange(256)
+    return bytes(data)

@@ -24,6 +24,7 @@ from protocol import (
     ChallengeResponse,
     CompleteRequest,
     FailRequest,
+    Fault,
     HardwareDescriptor,
     HeartbeatResponse,
     JobRef,
@@ -202,8 +203,18 @@ class OrchestratorClient:
         )
         return ResultView.model_validate(body)
 
-    async def fail(self, job_id: str, attempt: int, retryable: bool, reason: str) -> None:
-        request = FailRequest(attempt=attempt, retryable=retryable, reason=reason[:2000])
+    async def fail(
+        self,
+        job_id: str,
+        attempt: int,
+        retryable: bool,
+        reason: str,
+        fault: Fault = Fault.WORKER,
+    ) -> None:
+        """Give a job up, saying whose fault it is (the orchestrator checks the claim)."""
+        request = FailRequest(
+            attempt=attempt, retryable=retryable, reason=reason[:2000], fault=fault
+        )
         await self._post(f"/v1/workers/jobs/{job_id}/fail", request.model_dump())
 
     async def drain(self) -> None:

@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from protocol import CompleteRequest, HardwareDescriptor, JobRef, LeasedJob, Offer, OutputBlob
+from protocol import (
+    CompleteRequest,
+    Fault,
+    HardwareDescriptor,
+    JobRef,
+    LeasedJob,
+    Offer,
+    OutputBlob,
+)
 from protocol.signing import output_sha256, sign_result
 from worker.batching import BatcherPool
 from worker.client import OrchestratorClient, OrchestratorError
@@ -110,6 +118,7 @@ class WorkerDaemon:
                         price_wei_per_unit=self.settings.price_for(job_type, cap.model),
                         max_batch=cap.max_batch,
                         units_per_s=cap.units_per_s,
+                        input=cap.input,
                     )
                 )
         return offers
@@ -296,7 +305,9 @@ class WorkerDaemon:
         try:
             executor = self.executors.get(job.type)
             if executor is None:
-                await self._report_fail(job, retryable=False, reason=f"no {job.type} executor here")
+                await self._report_fail(
+                    job, retryable=False, reason=f"no {job.type} executor here", fault=Fault.WORKER
+                )
                 return
             await self.client.start(job.job_id, job.attempt)
             with self.energy.measure() as metered:
@@ -316,12 +327,15 @@ class WorkerDaemon:
             log.info("job %s: stopped", job.job_id, extra=self._log_fields(job))
             raise
         except JobRejected as exc:
-            await self._report_fail(job, retryable=False, reason=str(exc))
+            await self._report_fail(job, retryable=False, reason=str(exc), fault=exc.fault)
         except OrchestratorError as exc:
             if exc.retryable:  # e.g. 507: its disk is full. Hand the job back to run again now,
-                # rather than leave it to wait out the lease.
+                # rather than leave it to wait out the lease. Nobody's fault: not ours.
                 await self._report_fail(
-                    job, retryable=True, reason=f"the orchestrator could not take the result: {exc}"
+                    job,
+                    retryable=True,
+                    reason=f"the orchestrator could not take the result: {exc}",
+                    fault=Fault.NONE,
                 )
             else:  # 409/403: the lease is gone or the job is not ours any more
                 log.warning(
@@ -383,14 +397,18 @@ class WorkerDaemon:
             energy_j=energy_j,
             energy_source=self.energy.source,
             units=execution.units,
+            skipped_renditions=list(execution.skipped) if blobs else None,
         )
         await self._with_retries(lambda: self.client.complete(job.job_id, request))
 
-    async def _report_fail(self, job: LeasedJob, *, retryable: bool, reason: str) -> None:
+    async def _report_fail(
+        self, job: LeasedJob, *, retryable: bool, reason: str, fault: Fault = Fault.WORKER
+    ) -> None:
         log.warning(
-            "job %s: %s failure: %s",
+            "job %s: %s failure (%s fault): %s",
             job.job_id,
             "retryable" if retryable else "final",
+            fault,
             reason,
             extra=self._log_fields(job),
         )
@@ -398,7 +416,7 @@ class WorkerDaemon:
         # If the report never gets through, the lease expires and the job is re-queued anyway.
         with contextlib.suppress(OrchestratorError, *TRANSIENT):
             await self._with_retries(
-                lambda: self.client.fail(job.job_id, job.attempt, retryable, reason)
+                lambda: self.client.fail(job.job_id, job.attempt, retryable, reason, fault)
             )
 
     async def _with_retries(self, call: Callable[[], Awaitable[object]]) -> None:

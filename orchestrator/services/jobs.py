@@ -11,8 +11,11 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from orchestrator.config import Settings
 from orchestrator.exceptions import Conflict, InvalidInput, NotFound
+from orchestrator.services import throttle
 from orchestrator.services.auth import Principal, new_id
+from orchestrator.services.inputs import InputChecks, job_input_key, refused_reason
 from orchestrator.services.lifecycle import transition
 from orchestrator.services.settlement import Payments
 from orchestrator.store import Store
@@ -31,6 +34,7 @@ from protocol import (
     OutputBlob,
     Rendition,
     ResultView,
+    SkippedRendition,
     VerificationView,
 )
 from protocol.signing import canonical_json
@@ -74,6 +78,7 @@ def job_view(job: Job, events: list[JobEvent], worker_address: str | None) -> Jo
         started_at=maybe_ts(job.started_at),
         finished_at=maybe_ts(job.finished_at),
         failure_reason=job.failure_reason,
+        fault=job.fault,
         waiting_reason=job.waiting_reason if job.state == JobState.QUEUED else None,
         duration_s=job.duration_s,
         energy_j=job.energy_j,
@@ -111,6 +116,9 @@ def result_view(job: Job, worker_address: str) -> ResultView:
         verification=VerificationView.model_validate(job.verification)
         if job.verification
         else None,
+        skipped_renditions=[SkippedRendition.model_validate(r) for r in job.skipped_renditions]
+        if job.skipped_renditions is not None
+        else None,
     )
 
 
@@ -138,10 +146,25 @@ def known_models(session: Session, job_type: JobType) -> set[str]:
     return models
 
 
+def job_spec(spec: JobSpec) -> dict[str, Any]:
+    """The stored request of a job (``Job.spec``): input, container and ladder."""
+    stored: dict[str, Any] = {
+        "input": spec.input.model_dump(mode="json", exclude_none=True) if spec.input else None,
+        "container": spec.container.value,
+    }
+    if spec.type is JobType.TRANSCODE:
+        stored["renditions"] = [r.model_dump(mode="json") for r in spec.ladder]
+    return stored
+
+
 class JobService:
-    def __init__(self, store: Store, payments: Payments) -> None:
+    def __init__(
+        self, store: Store, payments: Payments, settings: Settings, inputs: InputChecks
+    ) -> None:
         self._store = store
         self._payments = payments
+        self._settings = settings
+        self._inputs = inputs
 
     def _request_hash(self, spec: JobSpec) -> str:
         body = spec.model_dump(mode="json", exclude={"idempotency_key"})
@@ -155,12 +178,7 @@ class JobService:
                 f"unknown {spec.type} model {spec.model!r}; available: {', '.join(sorted(models))}"
             )
         if spec.input_blob is not None:
-            grant = session.get(BlobGrant, (spec.input_blob, client.grant))
-            if grant is None:
-                raise InvalidInput(
-                    f"input_blob {spec.input_blob} is not among your blobs; "
-                    "upload it first with POST /v1/blobs"
-                )
+            self._check_grant(session, client, spec.input_blob)
 
     @retry_transient
     def submit(
@@ -183,6 +201,7 @@ class JobService:
             existing = self._find_by_key(client, key, request_hash)
             if existing is not None:
                 return existing, False
+        self._check_input(client, spec, now)
         job_id = new_id()
         try:
             with self._store.transaction() as s:
@@ -211,6 +230,37 @@ class JobService:
         # Built from the rows just committed, not read back: a new job has no worker yet.
         return job_view(job, [submitted], None), True
 
+    def _check_input(self, client: Principal, spec: JobSpec, now: float) -> None:
+        """Refuse, before any lease, a client being throttled or an input that cannot work
+        (services/inputs.py); a refused input counts against the client (services/throttle)."""
+        assert spec.model is not None
+        half_life = self._settings.client_input_failure_half_life_s
+        with self._store.read() as s:
+            row = s.get(Client, client.id)
+            assert row is not None
+            throttle.check(row, now, self._settings.client_input_failure_limit, half_life)
+            if spec.input_blob is not None:
+                self._check_grant(s, client, spec.input_blob)
+            key = job_input_key(
+                client.id, spec.type, spec.model, spec.precision, spec.input_blob, job_spec(spec)
+            )
+            known = refused_reason(s, key, now)
+        problem = known or self._inputs.problem(spec)
+        if problem is None:
+            return
+        with self._store.transaction() as s:
+            row = s.get(Client, client.id, with_for_update=True)
+            assert row is not None
+            throttle.record_input_failure(row, now, half_life)
+        raise InvalidInput(problem)
+
+    @staticmethod
+    def _check_grant(session: Session, client: Principal, sha256: str) -> None:
+        if session.get(BlobGrant, (sha256, client.grant)) is None:
+            raise InvalidInput(
+                f"input_blob {sha256} is not among your blobs; upload it first with POST /v1/blobs"
+            )
+
     def _new_job(
         self,
         job_id: str,
@@ -221,12 +271,6 @@ class JobService:
         now: float,
     ) -> Job:
         assert spec.model is not None
-        job_spec: dict[str, Any] = {
-            "input": spec.input.model_dump(mode="json", exclude_none=True) if spec.input else None,
-            "container": spec.container.value,
-        }
-        if spec.type is JobType.TRANSCODE:
-            job_spec["renditions"] = [r.model_dump(mode="json") for r in spec.ladder]
         return Job(
             id=job_id,
             client_id=client.id,
@@ -236,7 +280,7 @@ class JobService:
             model=spec.model,
             precision=spec.precision,
             preference=spec.preference,
-            spec=job_spec,
+            spec=job_spec(spec),
             input_blob=spec.input_blob,
             max_price_wei_per_unit=spec.max_price_wei_per_unit,
             min_vram_mb=spec.min_vram_mb,
@@ -324,7 +368,11 @@ class JobService:
             state = JobState(job.state)
             if state is not JobState.SUCCEEDED:
                 if state in FINAL_STATES:
-                    raise Conflict(f"job is {state} ({job.failure_reason}); it has no result")
+                    fault = f"; fault: {job.fault}" if job.fault else ""
+                    raise Conflict(
+                        f"job is {state} ({job.failure_reason}{fault}); it has no result",
+                        fault=job.fault,
+                    )
                 raise Conflict(
                     f"job is {state}; its result is not ready yet. Poll GET /v1/jobs/{job_id}",
                     state=state,

@@ -23,6 +23,7 @@ from orchestrator.config import Settings
 from orchestrator.exceptions import BadSignature, Conflict, Forbidden, InvalidInput, NotFound
 from orchestrator.services import reputation
 from orchestrator.services.auth import Principal
+from orchestrator.services.blame import Blame
 from orchestrator.services.jobs import result_view, ts
 from orchestrator.services.lifecycle import is_leased, requeue_or_fail, transition
 from orchestrator.services.matching import (
@@ -42,6 +43,7 @@ from orchestrator.store.models import BlobGrant, Job, JobEvent, Worker
 from protocol import (
     CompleteRequest,
     FailRequest,
+    Fault,
     HardwareDescriptor,
     JobState,
     JobType,
@@ -97,8 +99,11 @@ def _needs(
         time_left_s=job.deadline_at - now,
         excluded=frozenset(job.excluded_workers),
         # A worker that just lost or gave up the job gets it back only after a lease's time;
-        # a check never goes to a worker whose result it checks.
-        retry_excluded=job.kind != CHECK and now - job.updated_at >= retry_excluded_after_s,
+        # a check never goes to a worker whose result it checks, nor a job whose input a worker
+        # called bad to that worker (another must confirm it: services/blame.py).
+        retry_excluded=job.kind != CHECK
+        and not job.input_claims
+        and now - job.updated_at >= retry_excluded_after_s,
         min_reputation=min_reputation,
         uniform=job.kind == CHECK,
     )
@@ -122,6 +127,7 @@ class LeaseService:
         settings: Settings,
         payments: Payments,
         verification: VerificationService,
+        blame: Blame,
         *,
         rng: random.Random | None = None,
         notify: Callable[[str], None] = lambda worker_id: None,
@@ -130,6 +136,7 @@ class LeaseService:
         self._settings = settings
         self._payments = payments
         self._verification = verification
+        self._blame = blame
         self._rng = rng or random.Random()
         self._notify = notify
         # One dispatcher per process; across replicas, row locks (SKIP LOCKED) keep them apart.
@@ -354,6 +361,7 @@ class LeaseService:
             row = s.get(Worker, worker.id, with_for_update=True)
             assert row is not None
             self._check_result(s, job, row, req, worker)
+            job.skipped_renditions = self._check_ladder(job, req)
             job.output = req.output
             job.output_blobs = (
                 [b.model_dump(mode="json") for b in req.output_blobs] if req.output_blobs else None
@@ -385,6 +393,7 @@ class LeaseService:
                 row, reputation.Event.SUCCEEDED, now, self._settings.reputation_half_life_s
             )
             self._record_perf(row, job, req)
+            self._blame.completed(s, job, now)
             if job.kind == CHECK:
                 self._verification.check_completed(s, job, now)
             return result_view(job, row.address)
@@ -433,6 +442,32 @@ class LeaseService:
         if job.type == JobType.INFERENCE and job.spec.get("input") and req.units != job.max_units:
             raise InvalidInput(f"units is {req.units}, but the job has {job.max_units} input items")
 
+    @staticmethod
+    def _check_ladder(job: Job, req: CompleteRequest) -> list[dict[str, str]] | None:
+        """A transcode's result accounts for every requested rendition: made, or skipped with
+        its reason. Returns the skipped ones to keep on the job; a requested rendition the
+        worker neither made nor explained is listed as skipped, saying so."""
+        if job.type != JobType.TRANSCODE:
+            if req.skipped_renditions:
+                raise InvalidInput("skipped_renditions apply to transcode results only")
+            return None
+        asked = [Rendition.model_validate(r).label for r in job.spec.get("renditions") or []]
+        made = [b.name for b in req.output_blobs or []]
+        skipped = [r.model_dump(mode="json") for r in req.skipped_renditions or []]
+        listed = made + [r["name"] for r in skipped]
+        unknown = sorted({name for name in listed if name not in asked})
+        twice = sorted({name for name in listed if listed.count(name) > 1})
+        if unknown or twice:
+            raise InvalidInput(
+                f"the result lists renditions the job did not ask for ({', '.join(unknown)}) "
+                f"or lists one twice ({', '.join(twice)}); it asked for {', '.join(asked)}"
+            )
+        for name in asked:
+            if name not in listed:
+                reason = "the worker did not produce it and gave no reason"
+                skipped.append({"name": name, "reason": reason})
+        return skipped
+
     def _record_perf(self, row: Worker, job: Job, req: CompleteRequest) -> None:
         if req.units <= 0:
             return
@@ -447,21 +482,16 @@ class LeaseService:
 
     @retry_transient
     def fail(self, worker: Principal, job_id: str, req: FailRequest, now: float) -> JobState:
-        """A worker gives a job up: retryable goes back to the queue (elsewhere), else FAILED."""
+        """A worker gives a job up: retryable goes back to the queue (elsewhere), else FAILED;
+        whose fault it is decides who pays for it (services/blame.py)."""
+        # The orchestrator's own look at the input (a probe may read a file): before locking.
+        found = self._blame.recheck(job_id, now) if req.fault is Fault.INPUT else None
         with self._store.transaction() as s:
             job = self._held_job(s, worker, job_id, req.attempt)
             row = s.get(Worker, worker.id, with_for_update=True)
             assert row is not None
             row.last_seen_at = now
-            reason = f"worker {row.address}: {req.reason}"
-            if req.retryable:
-                requeue_or_fail(s, job, now, reason)
-            else:
-                row.jobs_failed += 1
-                reputation.record(
-                    row, reputation.Event.FAILED, now, self._settings.reputation_half_life_s
-                )
-                transition(s, job, JobState.FAILED, now, detail=reason)
+            self._blame.give_up(s, job, row, req, now, found)
             return JobState(job.state)
 
     # -- the sweeper ---------------------------------------------------------------------------

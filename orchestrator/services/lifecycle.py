@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.exceptions import Conflict
 from orchestrator.store.models import Job, JobEvent
-from protocol import FINAL_STATES, JobState
+from protocol import FINAL_STATES, Fault, JobState
 from protocol.jobs import LEASED_STATES
 
 CHANGED_JOBS = "changed_jobs"  # key in Session.info: ids of jobs whose state changed
@@ -83,12 +83,16 @@ def transition(
     )
 
 
-def requeue_or_fail(session: Session, job: Job, now: float, reason: str) -> None:
-    """Take a job back from its worker: a new attempt if any are left, else FAILED."""
+def requeue_or_fail(
+    session: Session, job: Job, now: float, reason: str, fault: Fault = Fault.WORKER
+) -> None:
+    """Take a job back from its worker: a new attempt if any are left, else FAILED with
+    ``fault`` (whose fault the last attempt's end was)."""
     lost_by = job.worker_id
     if lost_by and lost_by not in job.excluded_workers:
         job.excluded_workers = [*job.excluded_workers, lost_by]
     if job.attempt >= job.max_attempts:
+        job.fault = fault
         transition(
             session,
             job,

@@ -147,9 +147,8 @@ def exclusion_reason(needs: JobNeeds, candidate: Candidate) -> str | None:
     if candidate.worker_id in needs.excluded:
         return "already failed or lost this job"
     if candidate.reputation < needs.min_reputation:
-        return (
-            f"reputation {candidate.reputation:.2f} is below the floor {needs.min_reputation:.2f}"
-        )
+        have, floor = distinct_figures(candidate.reputation, needs.min_reputation)
+        return f"reputation {have} is below the floor {floor}"
     if candidate.free_slots <= 0:
         return "no free slot"
     offer = find_offer(needs, candidate)
@@ -166,6 +165,16 @@ def exclusion_reason(needs: JobNeeds, candidate: Candidate) -> str | None:
         if expected_seconds(needs, candidate, offer) > needs.time_left_s:
             return "cannot finish before the deadline"
     return None
+
+
+def distinct_figures(a: float, b: float, fewest: int = 2, most: int = 9) -> tuple[str, str]:
+    """``a`` and ``b`` with as many decimals (at least ``fewest``) as it takes to tell them
+    apart, so 0.248 against 0.25 reads "0.248" and "0.250", never "0.25 is below 0.25"."""
+    for places in range(fewest, most + 1):
+        first, second = f"{a:.{places}f}", f"{b:.{places}f}"
+        if first != second or a == b:
+            return first, second
+    return repr(a), repr(b)
 
 
 def _score_all(needs: JobNeeds, eligible: list[tuple[Candidate, Offer]]) -> list[float]:

@@ -22,7 +22,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from orchestrator.services.workers import DEREGISTERED
 from orchestrator.store import Store
 from orchestrator.store.models import Job, LedgerEntry, Redemption, Worker
-from protocol import JobState, JobType
+from protocol import Fault, JobState, JobType
 
 LATENCY_BUCKETS_S: tuple[float, ...] = (
     0.05,
@@ -75,6 +75,8 @@ class MarketSnapshot:
     """Succeeded jobs, submission (``created_at``) to result (``finished_at``), per type."""
     dispatch_latency: dict[str, LatencyHistogram] = field(default_factory=dict)
     """Started jobs, submission (``created_at``) to first start (``started_at``), per type."""
+    failed: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Failed jobs per (type, fault): whose fault, "input" | "worker" | "none" (every pair)."""
 
     @property
     def queue_depth(self) -> int:
@@ -103,6 +105,7 @@ def read_market_snapshot(store: Store, now: float, online_window_s: float) -> Ma
             energy_j_by_type=_zero_filled(_energy_by_type(s), 0.0),
             job_latency=_latency(s, Job.created_at, Job.finished_at, [succeeded]),
             dispatch_latency=_latency(s, Job.created_at, Job.started_at, []),
+            failed=_failed_by_fault(s),
         )
 
 
@@ -111,6 +114,18 @@ def _jobs_by_state_and_type(s: Session) -> dict[tuple[str, str], int]:
     rows = s.execute(select(Job.state, Job.type, func.count()).group_by(Job.state, Job.type))
     for state, kind, n in rows:
         counts[(state, kind)] = n
+    return counts
+
+
+def _failed_by_fault(s: Session) -> dict[tuple[str, str], int]:
+    counts = {(kind.value, fault.value): 0 for kind in JobType for fault in Fault}
+    rows = s.execute(
+        select(Job.type, Job.fault, func.count())
+        .where(Job.state == JobState.FAILED.value, Job.fault.is_not(None))
+        .group_by(Job.type, Job.fault)
+    )
+    for kind, fault, n in rows:
+        counts[(kind, str(fault))] = n
     return counts
 
 

@@ -344,6 +344,7 @@ class VerificationService:
         """Give the client the agreed result in place of the proved-wrong one."""
         parent.output = source.output
         parent.output_blobs = source.output_blobs
+        parent.skipped_renditions = source.skipped_renditions
         parent.output_sha256 = source.output_sha256
         parent.signature = source.signature
         parent.cost_wei = 0

@@ -62,6 +62,10 @@ class Client(Base):
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     # The on-chain account that pays for this client's jobs (proved by a signature).
     payer_address: Mapped[str | None] = mapped_column(String(42), nullable=True)
+    # Jobs of this client that failed for their input, as a score that halves every
+    # ``client_input_failure_half_life_s``, decayed to ``input_failures_at`` (throttling).
+    input_failures: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    input_failures_at: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class Worker(Base):
@@ -148,12 +152,19 @@ class Job(Base):
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Whose fault a failure was: "input" | "worker" | "none" (protocol.Fault).
+    fault: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    # Workers that said the input is bad without the orchestrator confirming it yet:
+    # [{"worker_id", "attempt", "reason"}] (services/blame.py).
+    input_claims: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     # Why the last dispatch round could not place this queued job (None once placed).
     waiting_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     units: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     cost_wei: Mapped[int | None] = mapped_column(WeiAmount, nullable=True)
     output: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     output_blobs: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    # Transcodes: requested renditions not produced, [{"name", "reason"}] (SkippedRendition).
+    skipped_renditions: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     output_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     signature: Mapped[str | None] = mapped_column(String(132), nullable=True)
     duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -187,6 +198,8 @@ class Blob(Base):
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[float] = mapped_column(Float)
+    # What the orchestrator's media probe found (services/inputs.py), once asked; None before.
+    probe: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class BlobGrant(Base):
@@ -196,6 +209,17 @@ class BlobGrant(Base):
 
     sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"), primary_key=True)
     principal: Mapped[str] = mapped_column(String(48), primary_key=True)
+
+
+class RefusedInput(Base):
+    """An input confirmed to fail for itself (services/blame.py): the same job (same input,
+    model and request) is refused at submit from then on, before any worker is leased."""
+
+    __tablename__ = "refused_inputs"
+
+    input_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
 
 
 class LedgerEntry(Base):

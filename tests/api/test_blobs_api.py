@@ -13,7 +13,7 @@ from orchestrator.blobs import STORE_ID_FILE
 from protocol import OutputBlob
 from protocol.signing import output_sha256, sign_result
 from tests.api.conftest import Api, HttpWorker, RunApi, assert_problem, bearer
-from tests.support import offer
+from tests.support import offer, video_clip
 
 CHUNK = 64 * 1024
 LIMIT = 1024 * 1024  # the settings fixture's max_blob_bytes
@@ -203,7 +203,7 @@ async def transcode_setup(api: Api) -> tuple[dict[str, str], HttpWorker, dict[st
     worker = await api.register_worker(
         offers=[offer("h264", price=WEI_PER_PIXEL, job_type="transcode")]
     )
-    video = (await api.upload(client, VIDEO))["sha256"]
+    video = (await api.upload(client, video_clip(1280, 720, frames=2)))["sha256"]
     unrelated = (await api.upload(client, b"the client's private notes"))["sha256"]
     spec = {"type": "transcode", "input_blob": video, "max_price_wei_per_unit": "5"}
     resp = await api.http.post("/v1/jobs", json=spec, headers=client)
@@ -230,7 +230,7 @@ def test_a_worker_reads_the_input_of_its_leased_job_and_nothing_else(run_api: Ru
         video = job["input_blob"]
 
         resp = await api.http.get(f"/v1/blobs/{video}", headers=worker.headers)
-        assert resp.status_code == 200 and resp.content == VIDEO
+        assert resp.status_code == 200 and resp.content == video_clip(1280, 720, frames=2)
         resp = await api.http.get(f"/v1/blobs/{unrelated}", headers=worker.headers)
         assert_problem(resp, 404, "not_found", unrelated)
 

@@ -168,6 +168,9 @@ def test_metrics_count_jobs_workers_money_energy_and_latency(
                 key = (dict(labels)["state"], dict(labels)["type"])
                 assert count == expected_jobs.get(key, 0), key
         assert value(samples, "gpumarket_queue_depth") == 1
+        # C's worker said nothing of whose fault: a worker's, by default.
+        assert value(samples, "gpumarket_jobs_failed", type="inference", fault="worker") == 1
+        assert value(samples, "gpumarket_jobs_failed", type="inference", fault="input") == 0
         assert value(samples, "gpumarket_workers_registered") == 2
         assert value(samples, "gpumarket_workers_online") == 1
         assert value(samples, "gpumarket_job_cost_wei_total", type="inference") == 700

@@ -409,6 +409,7 @@ def test_start_complete_then_the_client_reads_the_signed_result(
             # 2 J at the world-average 475 gCO2/kWh (the worker set no intensity)
             "co2_g": pytest.approx(2.0 / 3_600_000 * 475),
             "verification": None,
+            "skipped_renditions": None,
         }
         assert recover_result_signer(job_id, 1, digest, result["signature"]) == worker.address
 

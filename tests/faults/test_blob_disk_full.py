@@ -26,6 +26,7 @@ from protocol.problems import ProblemError
 from tests.faults.checks import check_exactly_once
 from tests.faults.conftest import TrialReport, repeat_count
 from tests.faults.market import Market, transcode_spec, until
+from tests.support import video_clip
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -94,7 +95,8 @@ def test_full_blob_disk_then_space_frees(
         uploads_refused = outputs_refused = 0
         for r in range(rounds):
             clip, later = tmp_path / f"clip{r}.bin", tmp_path / f"later{r}.bin"
-            clip.write_bytes(os.urandom(CLIP_BYTES))
+            # A real video (the orchestrator probes inputs at submit), new bytes each round.
+            clip.write_bytes(video_clip(640, 360, frames=2 + r))
             later.write_bytes(os.urandom(CLIP_BYTES))
             input_blob = market.api.upload_blob(clip)
             filler = _fill(small_blob_disk)

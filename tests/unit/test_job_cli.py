@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from orchestrator.store import Store
 from orchestrator.wiring import build_services
 from protocol.signing import output_sha256, sign_result
 from tests.api.conftest import BASE_URL, Api, HttpWorker
-from tests.support import EMBED_MODEL, offer
+from tests.support import EMBED_MODEL, offer, video_clip
 
 TEXTS = ["a cat sat on the mat", "GPUs are scarce"]
 DIM = 3
@@ -215,7 +214,7 @@ def test_transcode_uploads_the_video_and_downloads_renditions(
     blob.update(width=640, height=360, frames=10)
     market.complete_soon(worker, blobs=[blob])
     video = tmp_path / "clip.mp4"
-    video.write_bytes(os.urandom(4096))
+    video.write_bytes(video_clip(640, 360, frames=2))  # the orchestrator probes it at submit
 
     args = ["submit", "--video", str(video), "--rendition", "360p", "--rendition", "1080p:6000"]
     done = market.invoke(*args, "--max-price", "1", "--wait")

@@ -134,6 +134,24 @@ def test_wait_raises_job_failed_for_a_cancelled_job(services: Services) -> None:
     run(services, body)
 
 
+def test_job_failed_says_whose_fault_it_was(services: Services) -> None:
+    async def body(api: Api, client: AsyncClient) -> None:
+        worker = await api.register_worker()
+        job = await client.submit(inference_spec())
+        await api.lease(worker)
+        resp = await api.http.post(
+            f"/v1/workers/jobs/{job['id']}/fail",
+            json={"attempt": 1, "retryable": False, "reason": "CUDA error: device lost"},
+            headers=worker.headers,
+        )
+        assert resp.status_code == 200, resp.text
+        with pytest.raises(JobFailed, match=r"failed \(worker fault\): .*device lost") as failed:
+            await client.wait(job["id"], timeout_s=5)
+        assert failed.value.fault == "worker"
+
+    run(services, body)
+
+
 def test_wait_raises_job_timeout_while_no_worker_takes_it(services: Services) -> None:
     async def body(api: Api, client: AsyncClient) -> None:
         job = await client.submit(inference_spec())

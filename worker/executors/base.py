@@ -11,13 +11,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from protocol import JobType, LeasedJob, Precision
+from protocol import Fault, JobType, LeasedJob, Precision, SkippedRendition
+from protocol.workers import TensorShape
 
 FetchBlob = Callable[[str, Path], Awaitable[Path]]
 
 
 class JobRejected(Exception):
-    """The job itself is bad (corrupt input, unsupported request): retrying cannot help."""
+    """This job cannot be done here, and retrying it here cannot help.
+
+    ``fault`` says whose fault that is (the orchestrator confirms an "input" claim before
+    it costs the client anything, docs/TRUST.md): ``INPUT`` for the job's own input or request
+    (corrupt video, a misshapen row), ``WORKER`` for this machine (model files missing, a
+    precision it cannot run although it offered it).
+    """
+
+    def __init__(self, message: str, fault: Fault = Fault.INPUT) -> None:
+        super().__init__(message)
+        self.fault = fault
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,8 @@ class Execution:
     units: int
     output: dict[str, Any] | None = None
     files: tuple[OutputFile, ...] = ()
+    # Transcodes: requested renditions not produced, each with its reason.
+    skipped: tuple[SkippedRendition, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,8 @@ class Capability:
     max_batch: int = 1
     # Throughput measured on this machine at warm-up (units per second), if measured.
     units_per_s: float | None = None
+    # The input row a TorchScript model takes (from its manifest), advertised in the offer.
+    input: TensorShape | None = None
 
 
 class Executor(Protocol):

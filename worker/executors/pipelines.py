@@ -12,15 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from protocol import JobType, LeasedJob, Precision
-from protocol.jobs import DEFAULT_LADDER
+from protocol import Fault, JobType, LeasedJob, Precision, SkippedRendition
+from protocol.jobs import DEFAULT_LADDER, MAX_INPUT_JSON_BYTES
 from protocol.jobs import Rendition as WireRendition
+from protocol.workers import TensorShape
 from worker.batching import BatcherPool
 from worker.executors import inference, transcode
 from worker.executors.base import Capability, Execution, FetchBlob, JobRejected, OutputFile
-
-MAX_INPUT_JSON_BYTES = 16 * 1024 * 1024
-
 
 CALIBRATION_TEXT = "Calibration sentence {} for measuring how fast this worker embeds text."
 
@@ -49,9 +47,17 @@ class InferencePipeline:
                 precision=precision,
                 max_batch=self._max_batch,
                 units_per_s=self._measured.get((name, precision)),
+                input=self._input_shape(name),
             )
             for name, precision in self.registry.offers()
         ]
+
+    def _input_shape(self, name: str) -> TensorShape | None:
+        """The row a TorchScript model's manifest takes, for the offer (checked at submit)."""
+        spec = self.registry.spec(name)
+        if spec.input is None:
+            return None
+        return TensorShape(dtype=spec.input.dtype, shape=list(spec.input.row_shape))
 
     async def warm_up(self) -> None:
         """Load the built-in model before the first job, so that job does not pay for it, and
@@ -93,15 +99,29 @@ class InferencePipeline:
         try:
             spec = self.registry.spec(job.model)
             results = await self.batchers.submit(job.model, job.precision.value, items)
+        except inference.InvalidInput as exc:
+            raise JobRejected(str(exc), fault=Fault.INPUT) from exc
         except (
             inference.ModelNotFound,
             inference.ModelLoadError,
             inference.UnsupportedPrecision,
-            inference.InvalidInput,
         ) as exc:
-            raise JobRejected(str(exc)) from exc
-        key = "embeddings" if spec.kind is inference.ModelKind.EMBEDDING else "outputs"
-        return Execution(units=len(items), output={key: results})
+            # This worker offered the model at this precision: not the client's fault.
+            raise JobRejected(str(exc), fault=Fault.WORKER) from exc
+        if spec.kind is not inference.ModelKind.EMBEDDING:
+            return Execution(units=len(items), output={"outputs": results})
+        model = await asyncio.to_thread(self.registry.get, job.model, job.precision)
+        assert isinstance(model, inference.EmbeddingModel)
+        truncated = await asyncio.to_thread(model.truncated, items)
+        output = {
+            "embeddings": results,
+            # Texts longer than the model reads were cut: which, how long, and where.
+            "truncated": [
+                {"index": t.index, "tokens": t.tokens, "kept_tokens": t.kept_tokens}
+                for t in truncated
+            ],
+        }
+        return Execution(units=len(items), output=output)
 
     async def close(self) -> None:
         await self.batchers.close(drain=False)
@@ -109,7 +129,7 @@ class InferencePipeline:
 
 def _core_rendition(wire: WireRendition) -> transcode.Rendition:
     return transcode.Rendition(
-        name=wire.name or f"{wire.height}p",
+        name=wire.label,
         width=wire.width,
         height=wire.height,
         fps=wire.fps,
@@ -148,7 +168,7 @@ class TranscodePipeline:
                 threads=self.threads,
             )
         except (transcode.TranscodeInputError, transcode.InvalidRendition) as exc:
-            raise JobRejected(str(exc)) from exc
+            raise JobRejected(str(exc), fault=Fault.INPUT) from exc
         files = tuple(
             OutputFile(
                 name=out.name,
@@ -159,7 +179,8 @@ class TranscodePipeline:
             )
             for out in result.outputs
         )
-        return Execution(units=result.total_output_pixels, files=files)
+        skipped = tuple(SkippedRendition(name=s.name, reason=s.reason) for s in result.skipped)
+        return Execution(units=result.total_output_pixels, files=files, skipped=skipped)
 
     async def close(self) -> None:
         return None

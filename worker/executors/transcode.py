@@ -27,8 +27,12 @@ How a job runs
 * **Pricing.** ``output_pixels = width * height * frame_count`` per rendition; the job's price unit
   is ``TranscodeResult.total_output_pixels``, as Livepeer prices transcoding per pixel.
 * **Damaged input is refused.** A frame the decoder flags as corrupt (concealed errors, a frame
-  cut short) fails the job rather than being billed as output. An MPEG-TS cut cleanly between
-  frames is simply a shorter segment; an MP4 cut anywhere loses its index and fails to open.
+  cut short) fails the job rather than being billed as output. So does a file that holds less
+  video than its container declares: the frames decoded are compared with the frame count the
+  index declares, and their span with the declared duration (MP4/MOV, Matroska/WebM), so an MP4
+  cut short fails whether its index is at the end (it does not open) or at the front
+  (``+faststart``: it opens, and would otherwise pass as a shorter video). An MPEG-TS declares
+  neither: one cut cleanly between frames is simply a shorter segment.
 * **Input safety.** Only the demuxers in ``ALLOWED_INPUT_FORMATS`` are let near the input and
   only the ``file`` protocol, so a playlist (HLS, concat) cannot make FFmpeg read other files or
   URLs.
@@ -70,6 +74,8 @@ from av.video.frame import PictureType, VideoFrame
 from av.video.reformatter import VideoReformatter
 from av.video.stream import VideoStream
 
+from protocol.jobs import ALLOWED_INPUT_FORMATS
+
 __all__ = [
     "ALLOWED_INPUT_FORMATS",
     "CONTAINER_EXTENSIONS",
@@ -105,19 +111,13 @@ VBV_BUFFER_S = 2.0
 CONTAINER_EXTENSIONS = {"mp4": "mp4", "mpegts": "ts"}
 """Output containers (FFmpeg muxer name -> file extension)."""
 
-ALLOWED_INPUT_FORMATS = (
-    "mov,mp4,m4a,3gp,3g2,mj2",
-    "mpegts",
-    "matroska,webm",
-    "avi",
-    "flv",
-    "mpeg",
-    "h264",
-    "hevc",
-    "m4v",
-    "ivf",
-)
-"""FFmpeg demuxers an input may use; anything else is a TranscodeInputError."""
+
+TRUNCATION_TOLERANCE_FRAMES = 1
+"""Frames an input may decode fewer of than its index declares (edit lists, decoder delay)."""
+TRUNCATION_TOLERANCE_S = 0.1
+"""Seconds of video an input may lack against its declared duration, at least (2 frames more)."""
+INDEXED_FORMATS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm")
+"""Demuxers whose index declares a duration to trust (MPEG-TS only estimates one)."""
 
 MIN_DIMENSION_PX = 16
 MAX_DIMENSION_PX = 8192
@@ -331,8 +331,9 @@ def transcode(
         _enable_threads(video_in.codec_context, threads)
         if audio_in is not None:
             _enable_threads(audio_in.codec_context, threads)
+        declared = _declared(source, video_in)
         outputs, decoded = _encode_ladder(
-            source, video_in, audio_in, probe, plans, container, threads
+            source, video_in, audio_in, probe, plans, container, threads, declared
         )
     info = SourceInfo(
         width=probe.width,
@@ -467,6 +468,43 @@ def _display_aspect(context: VideoCodecContext) -> Fraction:
     if not sample_aspect or sample_aspect <= 0:
         sample_aspect = Fraction(1)
     return Fraction(context.width, context.height) * sample_aspect
+
+
+@dataclass(frozen=True)
+class _Declared:
+    """What the input's container says its video holds: frames, and seconds."""
+
+    frames: int | None
+    duration_s: float | None
+
+
+def _declared(source: InputContainer, stream: VideoStream) -> _Declared:
+    duration_s = None
+    if source.format.name in INDEXED_FORMATS:
+        if stream.duration and stream.time_base:
+            duration_s = float(stream.duration * stream.time_base)
+        elif source.duration and len(source.streams.audio) == 0:
+            duration_s = source.duration / av.time_base  # the container's, in microseconds
+    return _Declared(frames=stream.frames or None, duration_s=duration_s)
+
+
+def _check_complete(declared: _Declared, frames: int, span_s: float, fps: Fraction) -> None:
+    """Refuse an input that holds less video than its container declares (truncated):
+    ``frames`` video packets read, ``span_s`` seconds decoded."""
+    short_frames = (
+        declared.frames is not None and frames < declared.frames - TRUNCATION_TOLERANCE_FRAMES
+    )
+    slack_s = max(TRUNCATION_TOLERANCE_S, float(2 / fps))
+    short_time = declared.duration_s is not None and span_s < declared.duration_s - slack_s
+    if not (short_frames or short_time):
+        return
+    said = f"{declared.frames} frames" if declared.frames else "more video"
+    if declared.duration_s is not None:
+        said += f" ({declared.duration_s:.2f} s)"
+    raise TranscodeInputError(
+        f"input is truncated: its container declares {said} but the file holds only {frames} "
+        f"frames ({span_s:.2f} s decode); nothing is billed for a damaged input"
+    )
 
 
 def _source_fps(stream: VideoStream) -> Fraction:
@@ -684,11 +722,23 @@ class _AudioPipe:
         return resampled
 
 
+@dataclass
+class _PacketCount:
+    """Video packets with data read from the input: frames present, whether or not an edit
+    list has the decoder skip some (so it compares with the index's declared frame count)."""
+
+    video: int = 0
+
+
 def _decoded_frames(
-    source: InputContainer, streams: Sequence[VideoStream | AudioStream]
+    source: InputContainer,
+    streams: Sequence[VideoStream | AudioStream],
+    packets: _PacketCount,
 ) -> Iterator[VideoFrame | AudioFrame]:
     try:
         for packet in source.demux(*streams):
+            if packet.size and packet.stream.type == "video":
+                packets.video += 1
             for frame in packet.decode():
                 if isinstance(frame, VideoFrame | AudioFrame):
                     yield _undamaged(frame)
@@ -713,17 +763,23 @@ def _pump(
     probe: _SourceVideo,
     writers: Sequence[_RenditionWriter],
     audio: _AudioPipe | None,
-) -> int:
-    """Decode the input once, feeding every writer; returns the video frames decoded."""
+) -> tuple[int, float, int]:
+    """Decode the input once, feeding every writer; returns the video frames decoded, the
+    seconds they span (first frame's start to the last one's end) and the video packets read."""
     streams: list[VideoStream | AudioStream] = (
         [video_in] if audio_in is None else [video_in, audio_in]
     )
     timeline = _Timeline(streams)
     video_frames = 0
     audio_at = Fraction(0)
-    for frame in _decoded_frames(source, streams):
+    first_s: Fraction | None = None
+    last_s = Fraction(0)
+    packets = _PacketCount()
+    for frame in _decoded_frames(source, streams, packets):
         if isinstance(frame, VideoFrame):
             at_s = timeline.seconds(frame, fallback=video_frames / probe.fps)
+            first_s = at_s if first_s is None else min(first_s, at_s)
+            last_s = max(last_s, at_s)
             video_frames += 1
             for writer in writers:
                 writer.write_video(frame, at_s)
@@ -732,7 +788,8 @@ def _pump(
             _write_audio(writers, audio.push(frame, audio_at))
     if audio is not None:
         _write_audio(writers, audio.push(None, audio_at))
-    return video_frames
+    span_s = 0.0 if first_s is None else float(last_s - first_s + 1 / probe.fps)
+    return video_frames, span_s, packets.video
 
 
 def _write_audio(writers: Sequence[_RenditionWriter], frames: list[AudioFrame]) -> None:
@@ -749,6 +806,7 @@ def _encode_ladder(
     plans: Sequence[_Plan],
     container: str,
     threads: int | None,
+    declared: _Declared,
 ) -> tuple[list[RenditionOutput], int]:
     audio = None if audio_in is None else _audio_format(audio_in)
     try:
@@ -758,9 +816,10 @@ def _encode_ladder(
                 for plan in plans
             ]
             pipe = None if audio is None else _AudioPipe(audio)
-            decoded = _pump(source, video_in, audio_in, probe, writers, pipe)
+            decoded, span_s, packets = _pump(source, video_in, audio_in, probe, writers, pipe)
             if decoded == 0:
                 raise TranscodeInputError("input has no decodable video frames (truncated?)")
+            _check_complete(declared, packets, span_s, probe.fps)
             for writer in writers:
                 writer.flush()
     except av.FFmpegError as exc:

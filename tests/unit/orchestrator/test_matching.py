@@ -311,6 +311,21 @@ def test_a_worker_below_the_reputation_floor_gets_no_work() -> None:
     assert choose(needs, [shunned], random.Random(0)) is None
 
 
+@pytest.mark.parametrize(
+    ("score", "said"),
+    [
+        (0.248, "reputation 0.248 is below the floor 0.250"),
+        (0.1, "reputation 0.10 is below the floor 0.25"),
+        (0.2499999, "reputation 0.2499999 is below the floor 0.2500000"),
+    ],
+)
+def test_the_reputation_reason_never_rounds_a_score_up_to_the_floor(
+    score: float, said: str
+) -> None:
+    needs = replace(_needs(units=10), min_reputation=0.25)
+    assert exclusion_reason(needs, _candidate("w", _offer(), reputation=score)) == said
+
+
 # --- measured performance ------------------------------------------------------------------
 
 

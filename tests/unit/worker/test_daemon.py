@@ -36,7 +36,7 @@ from orchestrator.wiring import Services, build_services
 from protocol import JobType, LeasedJob, Offer, Precision
 from protocol.signing import output_sha256, recover_result_signer
 from protocol.workers import EnergySource
-from tests.support import EMBED_MODEL, hardware
+from tests.support import EMBED_MODEL, damaged_clip, hardware, video_clip
 from worker.client import OrchestratorClient
 from worker.config import WorkerSettings
 from worker.daemon import REPORT_ATTEMPTS, WorkerDaemon
@@ -49,6 +49,7 @@ from worker.executors.base import (
     JobRejected,
     OutputFile,
 )
+from worker.executors.pipelines import TranscodePipeline
 
 BASE_URL = "http://orchestrator"
 TEST_TIMEOUT_S = 30.0
@@ -484,6 +485,9 @@ def test_rejected_job_fails_for_good_a_crash_is_retried_elsewhere_and_the_worker
                 assert job["state"] == "failed" and job["attempt"] == 1
                 assert "texts must be in English" in job["failure_reason"]
                 assert worker.address in job["failure_reason"]
+                # Its input's fault, believed because no other worker could be asked.
+                assert job["fault"] == "input"
+                assert "no other worker can run this job" in job["failure_reason"]
 
                 crashed = await market.submit("crash on this one")
                 job = await market.wait_state(crashed, "queued", attempt=2)
@@ -942,7 +946,7 @@ def test_registers_with_a_fresh_orchestrator_that_never_knew_it(
 def test_output_files_are_uploaded_and_the_client_can_download_them(
     live_services: Services, worker_settings: WorkerSettings
 ) -> None:
-    video = b"\x00\x00\x00\x18ftypmp42 not really a video" * 10
+    video = video_clip(1280, 720, frames=2)
 
     async def body() -> None:
         async with open_market(live_services) as market:
@@ -995,7 +999,7 @@ def test_a_result_the_orchestrator_cannot_store_is_handed_back_at_once(
 ) -> None:
     """The blob disk is full (507) when the worker uploads its renditions: the worker reports
     a retryable failure, so the job is queued again now, not after its lease runs out."""
-    video = b"\x00\x00\x00\x18ftypmp42 not really a video" * 10
+    video = video_clip(1280, 720, frames=2)
 
     def no_space(*_: object, **__: object) -> object:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -1019,6 +1023,83 @@ def test_a_result_the_orchestrator_cannot_store_is_handed_back_at_once(
             assert job["state"] == "failed"  # its one attempt was handed back, not lost
             assert "could not take the result" in job["failure_reason"]
             assert "507" in job["failure_reason"]
+            assert job["fault"] == "none"  # the orchestrator's disk: nobody's fault, no blame
+
+    run(body)
+
+
+def test_inputs_that_fail_on_workers_cost_the_client_and_never_the_workers(
+    live_services: Services, worker_settings: WorkerSettings
+) -> None:
+    """Two daemons with the real PyAV transcoder. A client floods transcodes of videos whose
+    index is sound (they pass the probe at submit) but whose picture data is damaged: each
+    worker's refusal is confirmed by the other's, the job fails for its input, no worker's
+    record moves, a repeat of a failed input is refused at submit, the client is throttled,
+    and another client's embedding job is served as usual."""
+    # Four input failures below (three jobs and one refused submit), fading a little while
+    # the test runs: over this limit only after the fourth.
+    live_services.settings.client_input_failure_limit = 3.5
+    ladder = [{"height": 90, "bitrate_kbps": 150}]
+
+    async def submit_video(market: Market, seed: int) -> httpx.Response:
+        upload = await market.http.post(
+            "/v1/blobs", content=damaged_clip(seed), headers=market.client
+        )
+        assert upload.status_code == 201, upload.text
+        spec = {
+            "type": "transcode",
+            "input_blob": upload.json()["sha256"],
+            "renditions": ladder,
+            "max_price_wei_per_unit": str(MAX_PRICE_WEI),
+        }
+        return await market.http.post("/v1/jobs", json=spec, headers=market.client)
+
+    def records() -> dict[str, tuple[int, float]]:
+        views = live_services.workers.list(live_services.now())
+        return {v.address: (v.jobs_failed, v.reputation) for v in views}
+
+    async def body() -> None:
+        async with open_market(live_services) as market:
+            executors = [[TranscodePipeline(threads=1), ScriptedEmbedder()] for _ in range(2)]
+            async with (
+                start_worker(market, executors[0], worker_settings) as first,
+                start_worker(market, executors[1], worker_settings) as second,
+            ):
+                await first.registered()
+                await second.registered()
+                before = records()
+                assert set(before) == {first.address, second.address}
+
+                for seed in range(3):
+                    resp = await submit_video(market, seed)
+                    assert resp.status_code == 201, resp.text  # nothing to see before running
+                    job = await market.wait_final(resp.json()["id"])
+                    assert (job["state"], job["fault"]) == ("failed", "input"), job
+                    assert "corrupt or truncated" in job["failure_reason"]
+                    assert "confirmed by a second worker" in job["failure_reason"]
+                    if seed == 0:  # the same input again: refused before any worker sees it
+                        again = await submit_video(market, 0)
+                        assert again.status_code == 422, again.text
+                        assert "this input already failed" in again.json()["detail"]
+                throttled = await submit_video(market, 3)
+                assert throttled.status_code == 429, throttled.text
+                assert int(throttled.headers["retry-after"]) > 0
+
+                assert records() == before  # no worker paid for the client's inputs
+                _, key = live_services.auth.create_client("another", live_services.now())
+                other = {"Authorization": f"Bearer {key}"}
+                spec = {
+                    "type": "inference",
+                    "model": EMBED_MODEL,
+                    "input": {"texts": ["a normal job"]},
+                    "max_price_wei_per_unit": str(MAX_PRICE_WEI),
+                }
+                resp = await market.http.post("/v1/jobs", json=spec, headers=other)
+                assert resp.status_code == 201, resp.text
+                served = await market.http.get(
+                    f"/v1/jobs/{resp.json()['id']}?wait_s=5", headers=other
+                )
+                assert served.json()["state"] == "succeeded", served.text
 
     run(body)
 

@@ -232,6 +232,20 @@ def _install(folder: Path, stem: str, manifest: Any) -> Path:
     return manifest_path
 
 
+def test_a_torchscript_offer_advertises_the_row_its_manifest_takes(tmp_path: Path) -> None:
+    """So the orchestrator refuses a misshapen row at submit, before any worker is leased."""
+    from protocol.workers import TensorShape
+    from worker.executors.pipelines import InferencePipeline
+
+    _install(tmp_path, "affine", _manifest())
+    registry = ModelRegistry(tmp_path, device="cpu", include_builtin=False)
+    pipeline = InferencePipeline(registry, max_batch=4, max_wait_s=0.01)
+
+    shapes = {(c.model, c.precision): c.input for c in pipeline.capabilities()}
+
+    assert shapes == {("affine", Precision.FP32): TensorShape(dtype="float32", shape=[2, 3])}
+
+
 def test_torchscript_model_is_discovered_loaded_and_run(tmp_path: Path) -> None:
     manifest_path = _install(tmp_path, "affine", _manifest())
 

@@ -11,6 +11,7 @@ import av
 import numpy as np
 import pytest
 
+from tests.support import cut_between_packets, faststart_clip
 from worker.executors.transcode import (
     DEFAULT_LADDER,
     InvalidRendition,
@@ -307,6 +308,42 @@ def test_bad_input_raises_input_error_and_leaves_no_files(
         transcode(bad, SMALL_LADDER, "mp4", out_dir)
 
     assert not out_dir.exists() or list(out_dir.iterdir()) == []
+
+
+FASTSTART_FRAMES = 250
+TINY_LADDER = [Rendition("90p", None, 90, None, 150)]
+
+
+def test_a_faststart_mp4_cut_short_is_refused_not_billed_as_a_shorter_video(
+    tmp_path: Path,
+) -> None:
+    """Index at the front, file cut at ~60 % between two packets: it opens, every frame left
+    decodes cleanly, and only the count and span against the index show what is missing."""
+    whole = faststart_clip(frames=FASTSTART_FRAMES)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(cut_between_packets(whole, 0.6))
+    with av.open(str(cut)) as source:  # the trap: PyAV alone sees a smaller, healthy clip
+        assert source.streams.video[0].frames == FASTSTART_FRAMES
+        decoded = sum(1 for _ in source.decode(video=0))
+    assert 0 < decoded < FASTSTART_FRAMES * 0.7
+    out_dir = tmp_path / "out"
+
+    with pytest.raises(TranscodeInputError, match="truncated") as refused:
+        transcode(cut, TINY_LADDER, "mp4", out_dir)
+
+    assert f"declares {FASTSTART_FRAMES} frames (10.00 s)" in str(refused.value)
+    assert f"holds only {decoded} frames" in str(refused.value)
+    assert list(out_dir.iterdir()) == []  # nothing left to upload, nothing billed
+
+
+def test_a_whole_faststart_mp4_transcodes_every_frame(tmp_path: Path) -> None:
+    whole = tmp_path / "whole.mp4"
+    whole.write_bytes(faststart_clip(frames=FASTSTART_FRAMES))
+
+    result = transcode(whole, TINY_LADDER, "mp4", tmp_path / "out")
+
+    assert result.source.frame_count == FASTSTART_FRAMES
+    assert probe(result.outputs[0].path).frames == FASTSTART_FRAMES
 
 
 @pytest.mark.parametrize("name", ["missing.mp4", "."])
