@@ -33,6 +33,7 @@ from hexbytes import HexBytes
 from web3 import HTTPProvider, Web3
 from web3.contract import Contract
 from web3.exceptions import (
+    BlockNotFound,
     ContractLogicError,
     TimeExhausted,
     Web3Exception,
@@ -186,6 +187,14 @@ class TxResult:
 
 
 @dataclass(frozen=True)
+class BlockRef:
+    """One block of the chain as read: its height and its 0x-hex hash."""
+
+    number: int
+    hash: str
+
+
+@dataclass(frozen=True)
 class SentTx:
     """A transaction accepted by the node, not yet mined. ``params`` replays it on failure."""
 
@@ -335,6 +344,20 @@ class Chain:
 
     def block_number(self) -> int:
         return int(self.w3.eth.block_number)
+
+    def head(self) -> BlockRef:
+        """The newest block: its number and hash."""
+        block = self.w3.eth.get_block("latest")
+        return BlockRef(int(block["number"]), _hex(block["hash"]))
+
+    def block_hash(self, number: int) -> str | None:
+        """The 0x-hex hash of block ``number`` on the chain as it is now; None when the chain
+        has no such block (yet, or any more: it rolled back below it)."""
+        try:
+            block = self.w3.eth.get_block(number)
+        except BlockNotFound:
+            return None
+        return _hex(block["hash"])
 
     def balance_wei(self, address: str) -> int:
         return int(self.w3.eth.get_balance(to_checksum_address(address)))
