@@ -14,7 +14,9 @@ contract's custom error. The error tree:
 Nonces: sends from one address are serialized by a lock shared by every Chain made with
 ``with_key`` from the same root, and take the larger of the node's pending count and the
 last nonce this process used; a "nonce too low" answer (another process sent first) re-reads
-the node and tries again, a bounded number of times.
+the node and tries again, a bounded number of times. When this process counts past the node
+and the node does not know the last transaction it sent (the chain rolled back under it),
+the node's count wins.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from web3.exceptions import (
     BlockNotFound,
     ContractLogicError,
     TimeExhausted,
+    TransactionNotFound,
     Web3Exception,
     Web3RPCError,
 )
@@ -246,12 +249,14 @@ def _is_nonce_too_low(exc: Web3RPCError) -> bool:
 
 
 class _NonceBook:
-    """Per-address send locks and the next nonce this process would use."""
+    """Per-address send locks, the next nonce this process would use and the hash of the
+    last transaction it sent (to tell a lagging node from one that lost the transaction)."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._next: dict[str, int] = {}
+        self._last_tx: dict[str, str] = {}
 
     def lock(self, address: str) -> threading.Lock:
         with self._guard:
@@ -260,11 +265,17 @@ class _NonceBook:
     def choose(self, address: str, node_pending: int) -> int:
         return max(node_pending, self._next.get(address, 0))
 
-    def used(self, address: str, nonce: int) -> None:
+    def ahead_of(self, address: str, node_pending: int) -> str | None:
+        """The last sent transaction's hash when this book counts past the node."""
+        return self._last_tx.get(address) if self._next.get(address, 0) > node_pending else None
+
+    def used(self, address: str, nonce: int, tx_hash: str) -> None:
         self._next[address] = nonce + 1
+        self._last_tx[address] = tx_hash
 
     def forget(self, address: str) -> None:
         self._next.pop(address, None)
+        self._last_tx.pop(address, None)
 
 
 class Chain:
@@ -477,6 +488,11 @@ class Chain:
         with self._nonces.lock(sender):
             for attempt in range(NONCE_RETRIES + 1):
                 pending = int(self.w3.eth.get_transaction_count(self.address, "pending"))
+                last_tx = self._nonces.ahead_of(sender, pending)
+                if last_tx is not None and not self._node_has(last_tx):
+                    # Neither mined nor queued: the chain rolled back under it (or the node
+                    # restarted); counting past the node would leave a gap nothing fills.
+                    self._nonces.forget(sender)
                 params["nonce"] = Nonce(self._nonces.choose(sender, pending))
                 unsigned = {key: value for key, value in params.items() if key != "from"}
                 signed = self.account.sign_transaction(cast(dict[str, Any], unsigned))
@@ -491,9 +507,17 @@ class Chain:
                     if _is_nonce_too_low(exc) and attempt < NONCE_RETRIES:
                         continue
                     raise
-                self._nonces.used(sender, int(params["nonce"]))
+                self._nonces.used(sender, int(params["nonce"]), _hex(tx_hash))
                 return _hex(tx_hash)
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _node_has(self, tx_hash: str) -> bool:
+        """Whether the node knows the transaction, mined or waiting in its pool."""
+        try:
+            self.w3.eth.get_transaction(HexStr(tx_hash))
+        except TransactionNotFound:
+            return False
+        return True
 
     def _explain_failure(self, sent: SentTx, receipt: TxReceipt) -> ContractRevert:
         """Re-run a failed transaction as an eth_call to read its revert data: first on the

@@ -19,6 +19,7 @@ from web3 import Web3
 from contracts.anvil import DEV_PRIVATE_KEYS, Anvil
 from contracts.broker import PaymentBroker
 from contracts.chain import Chain
+from contracts.deploy import deploy
 from contracts.events import Redeemed
 from contracts.registry import WorkerRegistry
 from orchestrator.services import redemptions
@@ -35,6 +36,7 @@ DEPLOYER, PAYER = DEV_PRIVATE_KEYS[0], DEV_PRIVATE_KEYS[2]
 WORKER_KEYS = (DEV_PRIVATE_KEYS[3], DEV_PRIVATE_KEYS[4])
 PRICE = 10**12
 STAKE_WEI = 10**17
+LOST_TX_RECEIPT_TIMEOUT_S = 5.0  # a transaction stuck behind a nonce gap never comes
 
 
 def _rpc(w3: Web3, method: str, *params: Any) -> Any:
@@ -262,7 +264,13 @@ def test_a_round_that_fails_midway_changes_nothing(
         kept_cursor = (cursor.next_block, cursor.block_hash)
 
     _rpc(w3, "evm_revert", snapshot)
-    market.redeem(second)  # re-mined in another block at the same height
+    # The same redemption again, one block later: another transaction takes its old height
+    # (re-mined alone within the same second, its block would be the very same block).
+    payer = PaymentBroker(
+        Chain.connect(market.anvil.url, PAYER), market.payments.deployment.payment_broker
+    )
+    payer.deposit(1)
+    market.redeem(second)
 
     def crash(*_: object, **__: object) -> Redemption:
         raise RuntimeError("the process died between dropping the old rows and adding the new")
@@ -279,3 +287,21 @@ def test_a_round_that_fails_midway_changes_nothing(
     assert market.payments.reconcile() == 0  # the same redemption, in another block: not new
     assert market.rows() == market.chain_events()
     assert len(market.rows()) == 2
+
+
+def test_a_sender_whose_transaction_the_chain_lost_sends_at_the_nodes_nonce(
+    anvil: Anvil, w3: Web3
+) -> None:
+    """A worker that redeemed in a block the chain then lost must not count its nonce past
+    the node's: its next transaction would wait forever behind the gap."""
+    deployment = deploy(Chain.connect(anvil.url, DEPLOYER))
+    chain = Chain.connect(anvil.url, PAYER, receipt_timeout_s=LOST_TX_RECEIPT_TIMEOUT_S)
+    broker = PaymentBroker(chain, deployment.payment_broker)
+    snapshot = _rpc(w3, "evm_snapshot")
+    broker.deposit(1)
+    _rpc(w3, "evm_revert", snapshot)  # the deposit's block is gone, and its nonce is free
+
+    broker.deposit(2)  # mined at the node's nonce, not one past it
+    assert broker.balance_of(chain.address) == 2
+    broker.deposit(3)  # and the book counts on from there
+    assert broker.balance_of(chain.address) == 5
