@@ -24,6 +24,7 @@ from contracts.events import Redeemed
 from contracts.registry import WorkerRegistry
 from orchestrator.services import redemptions
 from orchestrator.services.auth import Principal
+from orchestrator.services.metrics import read_market_snapshot
 from orchestrator.services.settlement import ChainPayments
 from orchestrator.store import Store
 from orchestrator.store.models import ChainCursor, Redemption
@@ -170,12 +171,30 @@ def test_a_rollback_re_mined_with_other_transactions_rebuilds_the_rows(
         )
     budget = market.services.accounts.account(market.client).budget
     assert budget is not None and budget.unredeemed_wei == one_job  # the first worker's 2nd job
+    _assert_metrics_and_dashboard_show_the_chain(market)
 
     market.redeem(first)  # the undone redemption, sent again
     assert market.payments.reconcile() == 1
     assert market.rows() == market.chain_events()
     assert market.services.accounts.settlement().consistent
     assert market.payments.reconcile() == 0  # idempotent
+
+
+def _assert_metrics_and_dashboard_show_the_chain(market: PaidMarket) -> None:
+    """/metrics' and the dashboard's redeemed wei are the chain's, per worker and in total."""
+    deployment = market.payments.deployment
+    broker = PaymentBroker(Chain.connect(market.anvil.url), deployment.payment_broker)
+    paid: dict[str, int] = {}
+    fees = 0
+    for e in broker.events.read(Redeemed, deployment.deployed_at_block):
+        paid[e.payee] = paid.get(e.payee, 0) + e.paid_wei
+        fees += e.fee_wei
+    now = market.services.now()
+    snapshot = read_market_snapshot(market.services.store, now, online_window_s=3600)
+    assert (snapshot.wei_redeemed, snapshot.wei_fees) == (sum(paid.values()), fees)
+    board = market.services.dashboard.snapshot(now, window_s=300, bucket_s=60)
+    assert board.totals.wei_redeemed_total == sum(paid.values())
+    assert {w.address: w.redeemed_wei for w in board.workers if w.redeemed_wei} == paid
 
 
 def test_a_head_below_the_cursor_drops_the_rows_above_it(market: PaidMarket, w3: Web3) -> None:
@@ -264,8 +283,8 @@ def test_a_round_that_fails_midway_changes_nothing(
         kept_cursor = (cursor.next_block, cursor.block_hash)
 
     _rpc(w3, "evm_revert", snapshot)
-    # The same redemption again, one block later: another transaction takes its old height
-    # (re-mined alone within the same second, its block would be the very same block).
+    # The second worker redeems again, one block later: another transaction takes its old
+    # height (re-mined alone within the same second, its block would be the very same block).
     payer = PaymentBroker(
         Chain.connect(market.anvil.url, PAYER), market.payments.deployment.payment_broker
     )
@@ -284,9 +303,10 @@ def test_a_round_that_fails_midway_changes_nothing(
         assert cursor is not None and (cursor.next_block, cursor.block_hash) == kept_cursor
     monkeypatch.undo()
 
-    assert market.payments.reconcile() == 0  # the same redemption, in another block: not new
+    market.payments.reconcile()
     assert market.rows() == market.chain_events()
     assert len(market.rows()) == 2
+    assert market.rows() != rows  # the second worker's redemption, from another block
 
 
 def test_a_sender_whose_transaction_the_chain_lost_sends_at_the_nodes_nonce(
