@@ -143,9 +143,11 @@ class RedemptionBook:
     def reconcile(self) -> int:
         """One round: detect a rollback, read new events, confirm rows; returns how many rows
         were new (a row dropped by a rollback and read again is not new)."""
-        head = self._chain.head()
         with self._store.transaction() as s:
             cursor = self._locked_cursor(s)
+            # The head is read under the cursor's lock: a replica that moved the cursor meanwhile
+            # read an older head than this, so a head below the cursor means a rollback.
+            head = self._chain.head()
             scan = self._scan(s, cursor, head)
             if scan is None:
                 return 0  # the head changed under the scan: the next round reads it again

@@ -7,6 +7,7 @@ chain's Redeemed events: the same logs, from the same blocks."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ DEPLOYER, PAYER = DEV_PRIVATE_KEYS[0], DEV_PRIVATE_KEYS[2]
 WORKER_KEYS = (DEV_PRIVATE_KEYS[3], DEV_PRIVATE_KEYS[4])
 PRICE = 10**12
 STAKE_WEI = 10**17
+REPLICA_ROUNDS = 4
+REPLICA_JOIN_TIMEOUT_S = 30.0
 LOST_TX_RECEIPT_TIMEOUT_S = 5.0  # a transaction stuck behind a nonce gap never comes
 
 
@@ -325,3 +328,48 @@ def test_a_sender_whose_transaction_the_chain_lost_sends_at_the_nodes_nonce(
     assert broker.balance_of(chain.address) == 2
     broker.deposit(3)  # and the book counts on from there
     assert broker.balance_of(chain.address) == 5
+
+
+def test_two_replicas_reconciling_at_once_see_no_rollback(
+    market: PaidMarket, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replicas share the cursor: one that read the head before the other moved the cursor
+    must not take the cursor ahead of its head for a rollback."""
+    other = ChainPayments(
+        market.services.store,
+        Chain.connect(market.anvil.url),
+        market.payments.deployment,
+        Account.from_key(DEPLOYER),
+        voucher_ttl_s=market.services.settings.voucher_ttl_s,
+    )
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def reconcile_until_stopped(payments: ChainPayments) -> None:
+        while not stop.is_set():
+            try:
+                payments.reconcile()
+            except BaseException as exc:  # reported by the test, not lost in the thread
+                errors.append(exc)
+                return
+
+    replicas = [
+        threading.Thread(target=reconcile_until_stopped, args=(p,))
+        for p in (market.payments, other)
+    ]
+    for thread in replicas:
+        thread.start()
+    try:
+        for _ in range(REPLICA_ROUNDS):
+            for worker in market.workers:
+                market.paid_job(worker)
+                market.redeem(worker)
+    finally:
+        stop.set()
+        for thread in replicas:
+            thread.join(timeout=REPLICA_JOIN_TIMEOUT_S)
+    assert errors == []
+    market.payments.reconcile()
+    assert market.rows() == market.chain_events()
+    assert len(market.rows()) == REPLICA_ROUNDS * len(market.workers)
+    assert "rolled back" not in caplog.text
