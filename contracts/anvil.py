@@ -106,12 +106,16 @@ class Anvil:
         *,
         block_time_s: float | None = None,
         state_file: Path | None = None,
+        state_interval_s: int | None = None,
         log: IO[bytes] | None = None,
     ) -> None:
+        if state_interval_s is not None and (state_file is None or state_interval_s < 1):
+            raise ValueError("state_interval_s needs a state_file and must be >= 1 second")
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.block_time_s = block_time_s
         self.state_file = state_file
+        self.state_interval_s = state_interval_s
         self._log = log
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -123,6 +127,9 @@ class Anvil:
         if self.state_file is not None:
             # --state loads the chain at start and dumps it on exit: a restart keeps balances.
             cmd += ["--state", str(self.state_file)]
+        if self.state_interval_s is not None:
+            # ... and also every this many seconds, so a SIGKILL loses at most that much.
+            cmd += ["--state-interval", str(self.state_interval_s)]
         return cmd
 
     def start(self) -> Anvil:

@@ -14,7 +14,9 @@ contract's custom error. The error tree:
 Nonces: sends from one address are serialized by a lock shared by every Chain made with
 ``with_key`` from the same root, and take the larger of the node's pending count and the
 last nonce this process used; a "nonce too low" answer (another process sent first) re-reads
-the node and tries again, a bounded number of times.
+the node and tries again, a bounded number of times. When this process counts past the node
+and the node does not know the last transaction it sent (the chain rolled back under it),
+the node's count wins.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from hexbytes import HexBytes
 from web3 import HTTPProvider, Web3
 from web3.contract import Contract
 from web3.exceptions import (
+    BlockNotFound,
     ContractLogicError,
     TimeExhausted,
+    TransactionNotFound,
     Web3Exception,
     Web3RPCError,
 )
@@ -186,6 +190,14 @@ class TxResult:
 
 
 @dataclass(frozen=True)
+class BlockRef:
+    """One block of the chain as read: its height and its 0x-hex hash."""
+
+    number: int
+    hash: str
+
+
+@dataclass(frozen=True)
 class SentTx:
     """A transaction accepted by the node, not yet mined. ``params`` replays it on failure."""
 
@@ -237,12 +249,14 @@ def _is_nonce_too_low(exc: Web3RPCError) -> bool:
 
 
 class _NonceBook:
-    """Per-address send locks and the next nonce this process would use."""
+    """Per-address send locks, the next nonce this process would use and the hash of the
+    last transaction it sent (to tell a lagging node from one that lost the transaction)."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._next: dict[str, int] = {}
+        self._last_tx: dict[str, str] = {}
 
     def lock(self, address: str) -> threading.Lock:
         with self._guard:
@@ -251,11 +265,17 @@ class _NonceBook:
     def choose(self, address: str, node_pending: int) -> int:
         return max(node_pending, self._next.get(address, 0))
 
-    def used(self, address: str, nonce: int) -> None:
+    def ahead_of(self, address: str, node_pending: int) -> str | None:
+        """The last sent transaction's hash when this book counts past the node."""
+        return self._last_tx.get(address) if self._next.get(address, 0) > node_pending else None
+
+    def used(self, address: str, nonce: int, tx_hash: str) -> None:
         self._next[address] = nonce + 1
+        self._last_tx[address] = tx_hash
 
     def forget(self, address: str) -> None:
         self._next.pop(address, None)
+        self._last_tx.pop(address, None)
 
 
 class Chain:
@@ -335,6 +355,20 @@ class Chain:
 
     def block_number(self) -> int:
         return int(self.w3.eth.block_number)
+
+    def head(self) -> BlockRef:
+        """The newest block: its number and hash."""
+        block = self.w3.eth.get_block("latest")
+        return BlockRef(int(block["number"]), _hex(block["hash"]))
+
+    def block_hash(self, number: int) -> str | None:
+        """The 0x-hex hash of block ``number`` on the chain as it is now; None when the chain
+        has no such block (yet, or any more: it rolled back below it)."""
+        try:
+            block = self.w3.eth.get_block(number)
+        except BlockNotFound:
+            return None
+        return _hex(block["hash"])
 
     def balance_wei(self, address: str) -> int:
         return int(self.w3.eth.get_balance(to_checksum_address(address)))
@@ -454,6 +488,11 @@ class Chain:
         with self._nonces.lock(sender):
             for attempt in range(NONCE_RETRIES + 1):
                 pending = int(self.w3.eth.get_transaction_count(self.address, "pending"))
+                last_tx = self._nonces.ahead_of(sender, pending)
+                if last_tx is not None and not self._node_has(last_tx):
+                    # Neither mined nor queued: the chain rolled back under it (or the node
+                    # restarted); counting past the node would leave a gap nothing fills.
+                    self._nonces.forget(sender)
                 params["nonce"] = Nonce(self._nonces.choose(sender, pending))
                 unsigned = {key: value for key, value in params.items() if key != "from"}
                 signed = self.account.sign_transaction(cast(dict[str, Any], unsigned))
@@ -468,9 +507,17 @@ class Chain:
                     if _is_nonce_too_low(exc) and attempt < NONCE_RETRIES:
                         continue
                     raise
-                self._nonces.used(sender, int(params["nonce"]))
+                self._nonces.used(sender, int(params["nonce"]), _hex(tx_hash))
                 return _hex(tx_hash)
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _node_has(self, tx_hash: str) -> bool:
+        """Whether the node knows the transaction, mined or waiting in its pool."""
+        try:
+            self.w3.eth.get_transaction(HexStr(tx_hash))
+        except TransactionNotFound:
+            return False
+        return True
 
     def _explain_failure(self, sent: SentTx, receipt: TxReceipt) -> ContractRevert:
         """Re-run a failed transaction as an eth_call to read its revert data: first on the

@@ -1,9 +1,10 @@
 """Typed readers for PaymentBroker and WorkerRegistry events.
 
-Each record carries ``block_number``, ``tx_hash`` and ``log_index``: ``(tx_hash, log_index)``
-(``record.key``) names one log for good, so a ledger that stores it can reconcile with the
-chain any number of times without counting a payment twice. Amounts are int wei, instants
-unix seconds.
+Each record carries ``block_number``, ``block_hash``, ``tx_hash`` and ``log_index``:
+``(tx_hash, log_index)`` (``record.key``) names one log for good, so a ledger that stores it can
+reconcile with the chain any number of times without counting a payment twice; ``block_hash``
+says which chain the log was read from, so a ledger can tell when the chain it read has since
+rolled back or reorganised. Amounts are int wei, instants unix seconds.
 
 Reads go through eth_getLogs in pages of ``page_blocks`` blocks; a page the node refuses
 (too many results, range too wide) is halved and retried, down to one block.
@@ -29,11 +30,13 @@ DEFAULT_PAGE_BLOCKS = 2_000
 
 @dataclass(frozen=True)
 class EventRecord:
-    """Where a log sits on the chain. ``tx_hash`` is 0x-hex; ``contract`` is checksummed."""
+    """Where a log sits on the chain. ``block_hash`` and ``tx_hash`` are 0x-hex; ``contract``
+    is checksummed."""
 
     EVENT: ClassVar[str] = ""
 
     block_number: int
+    block_hash: str
     tx_hash: str
     log_index: int
     contract: str
@@ -217,6 +220,7 @@ class _EventSpec:
         fields = zip(_record_fields(self.record), self.declared, strict=True)
         return self.record(
             block_number=int(log["blockNumber"]),
+            block_hash=HexBytes(log["blockHash"]).to_0x_hex(),
             tx_hash=HexBytes(log["transactionHash"]).to_0x_hex(),
             log_index=int(log["logIndex"]),
             contract=to_checksum_address(log["address"]),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -12,10 +12,6 @@ from rich.console import Console
 
 from gpumarket.job_cli import job_app
 from gpumarket.wallet import wallet_app
-
-if TYPE_CHECKING:
-    from contracts.chain import Chain
-    from contracts.deploy import Deployment
 
 KEEP_ALIVE_S = 30
 
@@ -269,62 +265,48 @@ def chain_up(
     ] = DEFAULT_DEPLOYMENT,
     state: Annotated[
         Path | None,
-        typer.Option(help="Keep the chain in this file across restarts (anvil --state)."),
+        typer.Option(
+            help="Keep the chain in this file across restarts and crashes (anvil --state); "
+            "anvil is started again from it if it dies."
+        ),
+    ] = None,
+    state_interval: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Seconds between writes of --state: what a hard kill can lose at most "
+            "[default: 1].",
+        ),
     ] = None,
 ) -> None:
     """Start anvil on loopback, deploy PaymentBroker and WorkerRegistry, write the deployment
     file the orchestrator and workers read, and run until Ctrl-C."""
     import signal
 
-    from contracts.anvil import DEV_CHAIN_ID, DEV_PRIVATE_KEYS, Anvil, ensure_installed
-    from contracts.chain import Chain
-    from contracts.deploy import deploy, write_deployment
+    from contracts.anvil import ensure_installed
+    from gpumarket.chain_up import DEFAULT_STATE_INTERVAL_S, ChainUpFailed, run
 
+    if state_interval is not None and state is None:
+        raise typer.BadParameter("--state-interval needs --state FILE", param_hint="--state")
     ensure_installed()
-    node = Anvil(port, state_file=state)
-    node.start()
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        chain = Chain.connect(node.url, DEV_PRIVATE_KEYS[0])  # anvil's dev key, dev chain only
-        if chain.chain_id != DEV_CHAIN_ID:
-            raise typer.BadParameter(f"chain id {chain.chain_id} is not anvil's {DEV_CHAIN_ID}")
-        reused = _reusable_deployment(chain, deployment) if state is not None else None
-        if reused is None:
-            deployed = deploy(chain)
-            deployment.parent.mkdir(parents=True, exist_ok=True)
-            write_deployment(deployed, deployment)
-        else:
-            deployed = reused
-        console.print(f"anvil on {node.url} (chain id {deployed.chain_id})")
-        console.print(f"PaymentBroker  {deployed.payment_broker}")
-        console.print(f"WorkerRegistry {deployed.worker_registry}")
-        console.print(f"deployment file {deployment.resolve()}; Ctrl-C stops the chain")
-        signal.signal(signal.SIGTERM, _interrupt)
-        assert node.proc is not None
-        node.proc.wait()
+        run(
+            console,
+            port=port,
+            deployment_path=deployment,
+            state=state,
+            state_interval_s=state_interval or DEFAULT_STATE_INTERVAL_S,
+        )
     except KeyboardInterrupt:
         pass
-    finally:
-        node.stop()
+    except ChainUpFailed as exc:
+        console.print(f"gpumarket chain up: {exc}", style="red", markup=False)
+        raise typer.Exit(1) from exc
 
 
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
-
-
-def _reusable_deployment(chain: Chain, path: Path) -> Deployment | None:
-    """With a kept chain state, the contracts from last time are still there: reuse them."""
-    from contracts.chain import ChainError
-    from contracts.deploy import check_deployment, read_deployment
-
-    if not path.exists():
-        return None
-    try:
-        found = read_deployment(path)
-        check_deployment(chain, found)
-    except (ChainError, ValueError) as exc:
-        console.print(f"not reusing {path}: {exc}")
-        return None
-    return found
 
 
 if __name__ == "__main__":

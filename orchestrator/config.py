@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     signer_key: SecretStr | None = None
     voucher_ttl_s: int = Field(default=30 * 24 * 3600, gt=0)
     reconcile_interval_s: float = Field(default=5.0, gt=0)
+    # Blocks mined on top of a redemption's block before it counts as paid (a reorg shallower
+    # than this cannot undo a counted payment). 0 suits anvil, which mines only on demand.
+    redemption_confirmations: int = Field(default=0, ge=0, le=10_000)
     stake_check_interval_s: float = Field(default=60.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"  # json: one object per line (gpumarket/logs.py)

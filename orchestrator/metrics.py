@@ -16,7 +16,7 @@ gpumarket_workers_registered                gauge      workers not deregistered
 gpumarket_workers_online                    gauge      of those, seen within the lease TTL
 gpumarket_job_cost_wei_total{type}          counter    charged for succeeded jobs (units x price)
 gpumarket_wei_owed_total                    counter    owed to workers per the payment ledger
-gpumarket_wei_redeemed_total                counter    paid to workers on chain (redemptions)
+gpumarket_wei_redeemed_total                counter    paid to workers on chain (confirmed)
 gpumarket_wei_fees_total                    counter    orchestrator fees taken at redemption
 gpumarket_energy_joules_total{type}         counter    energy the workers reported for results
 gpumarket_job_latency_seconds{type}         histogram  submission to result, succeeded jobs
@@ -132,12 +132,12 @@ def _money_families(snap: MarketSnapshot) -> Iterator[Metric]:
     )
     yield CounterMetricFamily(
         "gpumarket_wei_redeemed",
-        "Wei paid to workers on chain (PaymentBroker redemptions), float64.",
+        "Wei paid to workers on chain (confirmed PaymentBroker redemptions), float64.",
         value=snap.wei_redeemed,
     )
     yield CounterMetricFamily(
         "gpumarket_wei_fees",
-        "Wei of orchestrator fees taken at redemption, float64.",
+        "Wei of orchestrator fees taken at confirmed redemptions, float64.",
         value=snap.wei_fees,
     )
 

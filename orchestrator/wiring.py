@@ -176,4 +176,5 @@ def build_payments(settings: Settings, store: Store, clock: Clock) -> Payments:
         voucher_ttl_s=settings.voucher_ttl_s,
         clock=clock,
         verification_payer=settings.verification_payer,
+        redemption_confirmations=settings.redemption_confirmations,
     )

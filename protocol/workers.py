@@ -303,16 +303,34 @@ class VoucherList(BaseModel):
 
 
 class SettlementPair(BaseModel):
+    """One (payer, payee). ``redeemed_wei``: the highest voucher total redeemed on chain, by
+    confirmed redemption rows. ``redemptions``, ``paid_wei`` and ``fee_wei``: every redemption
+    row (confirmed or not); ``chain_*``: the chain's Redeemed events through ``through_block``
+    (None without a chain)."""
+
     payer: str
     payee: str
     ledger_wei: Wei
     voucher_wei: Wei
     redeemed_wei: Wei
+    redemptions: int = 0
+    unconfirmed_redemptions: int = 0
+    paid_wei: Wei = 0
+    fee_wei: Wei = 0
+    chain_redemptions: int | None = None
+    chain_paid_wei: Wei | None = None
+    chain_fee_wei: Wei | None = None
 
 
 class SettlementReport(BaseModel):
-    """Ledger against vouchers against the chain, per (payer, payee). Wei."""
+    """Ledger against vouchers against the chain, per (payer, payee). Wei.
+
+    ``consistent``: no ``problems``: per pair, ledger = voucher >= redeemed, and every
+    redemption row is one of the chain's Redeemed events (same log, same block) and the other
+    way round, through ``through_block``, the block the orchestrator last read up to."""
 
     pairs: list[SettlementPair]
     ledger_entries: int
     consistent: bool
+    through_block: int | None = None
+    problems: list[str] = Field(default_factory=list)

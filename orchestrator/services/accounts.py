@@ -7,6 +7,7 @@ from sqlalchemy import select
 from orchestrator.config import Settings
 from orchestrator.services.auth import Principal
 from orchestrator.services.challenges import issue_challenge, redeem_challenge
+from orchestrator.services.redemptions import PairTotals, row_totals
 from orchestrator.services.settlement import (
     ChainPayments,
     Payments,
@@ -14,7 +15,7 @@ from orchestrator.services.settlement import (
     ledger_totals,
 )
 from orchestrator.store import Store
-from orchestrator.store.models import Client, Redemption, VoucherRow
+from orchestrator.store.models import Client, VoucherRow
 from protocol import ChallengeResponse
 from protocol.signing import payer_link_message
 from protocol.workers import AccountView, BudgetView, SettlementPair, SettlementReport
@@ -84,26 +85,76 @@ class AccountService:
             )
 
     def settlement(self) -> SettlementReport:
-        """Ledger vs vouchers vs redemptions seen on chain, per (payer, payee)."""
+        """Ledger vs vouchers vs redemption rows vs the chain's Redeemed events, per
+        (payer, payee). With payments on, reads the chain's event history (ChainError: 503)."""
+        audit = self._payments.audit_redemptions()
         with self._store.read() as s:
             ledger = ledger_totals(s)
             vouchers = {(r.payer, r.payee): r.cumulative_wei for r in s.scalars(select(VoucherRow))}
-            redeemed: dict[tuple[str, str], int] = {}
-            for r in s.scalars(select(Redemption)):
-                key = (r.payer, r.payee)
-                redeemed[key] = max(redeemed.get(key, 0), r.cumulative_wei)
+            confirmed = row_totals(s, confirmed_only=True)
+            rows = row_totals(s, confirmed_only=False) if audit is None else audit.rows
             entries = ledger_count(s)
+        chain = audit.chain if audit is not None else {}
+        keys = set(ledger) | set(vouchers) | set(rows) | set(chain)
         pairs = [
-            SettlementPair(
-                payer=payer,
-                payee=payee,
-                ledger_wei=ledger.get((payer, payee), 0),
-                voucher_wei=vouchers.get((payer, payee), 0),
-                redeemed_wei=redeemed.get((payer, payee), 0),
+            _pair(
+                key,
+                ledger.get(key, 0),
+                vouchers.get(key, 0),
+                confirmed.get(key, PairTotals()),
+                rows.get(key, PairTotals()),
+                None if audit is None else chain.get(key, PairTotals()),
+                0 if audit is None else audit.unconfirmed.get(key, 0),
             )
-            for payer, payee in sorted(set(ledger) | set(vouchers) | set(redeemed))
+            for key in sorted(keys)
         ]
-        consistent = all(
-            p.ledger_wei == p.voucher_wei and p.redeemed_wei <= p.voucher_wei for p in pairs
+        problems = [problem for p in pairs for problem in _ledger_problems(p)]
+        problems += audit.problems if audit is not None else []
+        return SettlementReport(
+            pairs=pairs,
+            ledger_entries=entries,
+            consistent=not problems,
+            through_block=None if audit is None else audit.through_block,
+            problems=problems,
         )
-        return SettlementReport(pairs=pairs, ledger_entries=entries, consistent=consistent)
+
+
+def _pair(
+    key: tuple[str, str],
+    ledger_wei: int,
+    voucher_wei: int,
+    confirmed: PairTotals,
+    rows: PairTotals,
+    chain: PairTotals | None,
+    unconfirmed: int,
+) -> SettlementPair:
+    return SettlementPair(
+        payer=key[0],
+        payee=key[1],
+        ledger_wei=ledger_wei,
+        voucher_wei=voucher_wei,
+        redeemed_wei=confirmed.cumulative_wei,
+        redemptions=rows.count,
+        unconfirmed_redemptions=unconfirmed,
+        paid_wei=rows.paid_wei,
+        fee_wei=rows.fee_wei,
+        chain_redemptions=None if chain is None else chain.count,
+        chain_paid_wei=None if chain is None else chain.paid_wei,
+        chain_fee_wei=None if chain is None else chain.fee_wei,
+    )
+
+
+def _ledger_problems(p: SettlementPair) -> list[str]:
+    """The ledger must equal the voucher, and the chain cannot have redeemed more than it."""
+    problems = []
+    if p.ledger_wei != p.voucher_wei:
+        problems.append(
+            f"{p.payer} -> {p.payee}: the ledger says {p.ledger_wei} wei, the voucher "
+            f"{p.voucher_wei} wei"
+        )
+    if p.redeemed_wei > p.voucher_wei:
+        problems.append(
+            f"{p.payer} -> {p.payee}: {p.redeemed_wei} wei redeemed, more than the voucher's "
+            f"{p.voucher_wei} wei"
+        )
+    return problems

@@ -85,7 +85,13 @@ class DashboardService:
         views = self._worker_views.list(now)
         with self._store.read() as s:
             settled = _sum_by(s.execute(select(LedgerEntry.payee, LedgerEntry.amount_wei)))
-            redeemed = _sum_by(s.execute(select(Redemption.payee, Redemption.paid_wei)))
+            redeemed = _sum_by(
+                s.execute(
+                    select(Redemption.payee, Redemption.paid_wei).where(
+                        Redemption.confirmed.is_(True)  # as /metrics and /v1/settlement count
+                    )
+                )
+            )
             workers = self._workers(s, views, settled, redeemed)
             totals = self._totals(s, workers, settled, redeemed)
             jobs = self._recent_jobs(s, recent_jobs)

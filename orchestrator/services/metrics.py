@@ -64,9 +64,9 @@ class MarketSnapshot:
     wei_owed: int
     """Sum of ``ledger_entries.amount_wei``: what payers owe workers for paid jobs."""
     wei_redeemed: int
-    """Sum of ``redemptions.paid_wei``: what workers received on chain."""
+    """Sum of confirmed ``redemptions.paid_wei``: what workers received on chain."""
     wei_fees: int
-    """Sum of ``redemptions.fee_wei``: the orchestrator's fee taken at redemption."""
+    """Sum of confirmed ``redemptions.fee_wei``: the orchestrator's fee taken at redemption."""
     cost_wei_by_type: dict[str, int]
     """Sum of ``jobs.cost_wei`` of succeeded jobs (units x price), with or without payments."""
     energy_j_by_type: dict[str, float]
@@ -92,13 +92,14 @@ def read_market_snapshot(store: Store, now: float, online_window_s: float) -> Ma
         registered = s.scalar(select(func.count()).select_from(Worker).where(present))
         online = s.scalar(select(func.count()).select_from(Worker).where(present, recent))
         succeeded = Job.state == JobState.SUCCEEDED.value
+        confirmed = Redemption.confirmed.is_(True)  # as budgets and /v1/settlement count them
         return MarketSnapshot(
             jobs=_jobs_by_state_and_type(s),
             workers_registered=registered or 0,
             workers_online=online or 0,
             wei_owed=_sum_wei(s, store, LedgerEntry.amount_wei).get("", 0),
-            wei_redeemed=_sum_wei(s, store, Redemption.paid_wei).get("", 0),
-            wei_fees=_sum_wei(s, store, Redemption.fee_wei).get("", 0),
+            wei_redeemed=_sum_wei(s, store, Redemption.paid_wei, where=[confirmed]).get("", 0),
+            wei_fees=_sum_wei(s, store, Redemption.fee_wei, where=[confirmed]).get("", 0),
             cost_wei_by_type=_zero_filled(
                 _sum_wei(s, store, Job.cost_wei, by=Job.type, where=[succeeded]), 0
             ),

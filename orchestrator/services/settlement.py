@@ -28,17 +28,16 @@ from sqlalchemy.orm import Session
 from contracts.broker import PaymentBroker
 from contracts.chain import Chain, ChainError, ContractRevert
 from contracts.deploy import Deployment
-from contracts.events import Redeemed
 from contracts.registry import WorkerRegistry
 from orchestrator.exceptions import PaymentRequired
+from orchestrator.services.redemptions import RedemptionAudit, RedemptionBook
 from orchestrator.store import Store
-from orchestrator.store.models import ChainCursor, Client, Job, LedgerEntry, Redemption, VoucherRow
+from orchestrator.store.models import Client, Job, LedgerEntry, Redemption, VoucherRow
 from protocol import FINAL_STATES, JobState
 from protocol.vouchers import Voucher, sign_voucher
 
 log = logging.getLogger("gpumarket.orchestrator.settlement")
 
-REDEMPTIONS_CURSOR = "broker.redeemed"
 RESIGN_BEFORE_EXPIRY_S = 2 * 24 * 3600
 UNFINISHED = [s.value for s in JobState if s not in FINAL_STATES]
 
@@ -87,6 +86,8 @@ class Payments(Protocol):
 
     def reconcile(self) -> int: ...
 
+    def audit_redemptions(self) -> RedemptionAudit | None: ...
+
     def vouchers(self, payee: str, now: float) -> list[SignedVoucher]: ...
 
     @property
@@ -127,6 +128,9 @@ class NoPayments:
     def reconcile(self) -> int:
         return 0
 
+    def audit_redemptions(self) -> RedemptionAudit | None:
+        return None
+
     def vouchers(self, payee: str, now: float) -> list[SignedVoucher]:
         return []
 
@@ -137,13 +141,15 @@ class NoPayments:
 
 
 def _owed_by_payer(s: Session, payer: str) -> int:
-    """Vouchers issued to all payees minus what the chain has paid of them (wei)."""
+    """Vouchers issued to all payees minus what the chain has paid of them (wei). Only
+    confirmed redemptions count as paid: one a reorg may still undo leaves the debt owed."""
     issued = {
         row.payee: row.cumulative_wei
         for row in s.scalars(select(VoucherRow).where(VoucherRow.payer == payer))
     }
     redeemed: dict[str, int] = {}
-    for row in s.scalars(select(Redemption).where(Redemption.payer == payer)):
+    confirmed = select(Redemption).where(Redemption.payer == payer, Redemption.confirmed.is_(True))
+    for row in s.scalars(confirmed):
         redeemed[row.payee] = max(redeemed.get(row.payee, 0), row.cumulative_wei)
     return sum(max(0, total - redeemed.get(payee, 0)) for payee, total in issued.items())
 
@@ -169,6 +175,7 @@ class ChainPayments:
         voucher_ttl_s: int,
         clock: Callable[[], float] = time.time,
         verification_payer: str | None = None,
+        redemption_confirmations: int = 0,
     ) -> None:
         self.enabled = True
         self.verification_payer = verification_payer or str(signer.address)
@@ -180,6 +187,14 @@ class ChainPayments:
         self._clock = clock
         self.broker = PaymentBroker(chain, deployment.payment_broker)
         self.registry = WorkerRegistry(chain, deployment.worker_registry)
+        self.redemptions = RedemptionBook(
+            store,
+            chain,
+            self.broker.events,
+            signer=self.signer_address,
+            deployed_at_block=deployment.deployed_at_block,
+            confirmations=redemption_confirmations,
+        )
 
     @property
     def signer_address(self) -> str:
@@ -335,36 +350,13 @@ class ChainPayments:
             return None
 
     def reconcile(self) -> int:
-        """Record Redeemed events since the last scan; returns how many were new."""
-        latest = self._chain.block_number()
-        with self._store.transaction() as s:
-            cursor = s.get(ChainCursor, REDEMPTIONS_CURSOR, with_for_update=True)
-            start = cursor.next_block if cursor else self.deployment.deployed_at_block
-            if start > latest:
-                return 0
-            new = 0
-            for event in self.broker.events.read(Redeemed, start, latest):
-                if event.signer != self.signer_address:
-                    continue  # another orchestrator's voucher: not in our ledger
-                if s.get(Redemption, (event.tx_hash, event.log_index)) is None:
-                    s.add(
-                        Redemption(
-                            tx_hash=event.tx_hash,
-                            log_index=event.log_index,
-                            payer=event.payer,
-                            payee=event.payee,
-                            cumulative_wei=event.cumulative_amount_wei,
-                            paid_wei=event.paid_wei,
-                            fee_wei=event.fee_wei,
-                            block_number=event.block_number,
-                        )
-                    )
-                    new += 1
-            if cursor is None:
-                s.add(ChainCursor(name=REDEMPTIONS_CURSOR, next_block=latest + 1))
-            else:
-                cursor.next_block = latest + 1
-        return new
+        """Bring the redemption rows up to the chain's Redeemed events, rolling back with the
+        chain if it did (services/redemptions.py); returns how many rows were new."""
+        return self.redemptions.reconcile()
+
+    def audit_redemptions(self) -> RedemptionAudit:
+        """Every redemption row against the chain's events (reads the chain's history)."""
+        return self.redemptions.audit()
 
 
 def ledger_totals(s: Session) -> dict[tuple[str, str], int]:

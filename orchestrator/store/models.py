@@ -253,7 +253,13 @@ class VoucherRow(Base):
 
 
 class Redemption(Base):
-    """A Redeemed event seen on chain; (tx hash, log index) makes reading it twice harmless."""
+    """A Redeemed event seen on chain; (tx hash, log index) makes reading it twice harmless.
+
+    ``block_hash`` names the chain it was read from: when the chain no longer has that block
+    (a rollback or reorg), the row is dropped and the block range read again. ``confirmed``:
+    enough blocks were mined on top of it (``redemption_confirmations``) for it to count in
+    budgets, ``/metrics``, the dashboard and ``/v1/settlement``.
+    """
 
     __tablename__ = "redemptions"
 
@@ -264,16 +270,21 @@ class Redemption(Base):
     cumulative_wei: Mapped[int] = mapped_column(WeiAmount)
     paid_wei: Mapped[int] = mapped_column(WeiAmount)
     fee_wei: Mapped[int] = mapped_column(WeiAmount)
-    block_number: Mapped[int] = mapped_column(BigInteger)
+    block_number: Mapped[int] = mapped_column(BigInteger, index=True)
+    block_hash: Mapped[str] = mapped_column(String(66))
+    confirmed: Mapped[bool] = mapped_column(Boolean)
 
 
 class ChainCursor(Base):
-    """How far an event scan has read, so a restart resumes instead of rescanning."""
+    """How far an event scan has read, so a restart resumes instead of rescanning.
+    ``block_hash`` is the hash of block ``next_block - 1`` when it was read: if the chain
+    has another block there now (or none), it rolled back under the scan."""
 
     __tablename__ = "chain_cursors"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     next_block: Mapped[int] = mapped_column(BigInteger)
+    block_hash: Mapped[str | None] = mapped_column(String(66), nullable=True)
 
 
 class Slash(Base):

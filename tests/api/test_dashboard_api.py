@@ -184,18 +184,21 @@ def test_ledger_and_redemptions_are_summed_exactly(
                     created_at=now - 2 * BUCKET_S,
                 )
             )
-            s.add(
-                Redemption(
-                    tx_hash="0x" + "01" * 32,
-                    log_index=0,
-                    payer=payer,
-                    payee=worker.address,
-                    cumulative_wei=big,
-                    paid_wei=big - 5,
-                    fee_wei=5,
-                    block_number=1,
+            for log_index, confirmed in [(0, True), (1, False)]:  # unconfirmed: not counted
+                s.add(
+                    Redemption(
+                        tx_hash="0x" + "01" * 32,
+                        log_index=log_index,
+                        payer=payer,
+                        payee=worker.address,
+                        cumulative_wei=big * (1 + log_index),
+                        paid_wei=big - 5,
+                        fee_wei=5,
+                        block_number=1 + log_index,
+                        block_hash="0x" + f"{log_index:02x}" * 32,
+                        confirmed=confirmed,
+                    )
                 )
-            )
 
         board = await _dashboard(api)
         [w] = board["workers"]

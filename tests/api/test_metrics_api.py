@@ -229,7 +229,8 @@ def test_wei_totals_are_exact_past_float_precision(run_any_api: RunApi, clock: F
                         created_at=clock(),
                     )
                 )
-            for log_index, paid in enumerate([big, 3]):
+            # The third is not confirmed yet (a reorg may undo it): not counted as paid.
+            for log_index, (paid, confirmed) in enumerate([(big, True), (3, True), (big, False)]):
                 s.add(
                     Redemption(
                         tx_hash="0x" + "ab" * 32,
@@ -239,7 +240,9 @@ def test_wei_totals_are_exact_past_float_precision(run_any_api: RunApi, clock: F
                         cumulative_wei=paid,
                         paid_wei=paid,
                         fee_wei=7,
-                        block_number=1,
+                        block_number=1 + log_index,
+                        block_hash="0x" + f"{log_index:02x}" * 32,
+                        confirmed=confirmed,
                     )
                 )
 

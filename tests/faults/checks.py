@@ -7,7 +7,9 @@
    job's input gives (the paced executors are pure functions of the input);
 3. each paid job is paid exactly once on chain: per worker, the wei the Redeemed events moved
    = what the chain says was redeemed = the sum of the succeeded jobs' costs = the
-   orchestrator's ledger = its latest voucher, and there is one ledger entry per paid job.
+   orchestrator's ledger = its latest voucher, and there is one ledger entry per paid job;
+4. the orchestrator's redemption rows are exactly the chain's Redeemed events: per worker the
+   same count, paid and fee wei, and ``/v1/settlement`` finds no row or event without the other.
 """
 
 from __future__ import annotations
@@ -119,5 +121,21 @@ def _check_paid_once(market: Market, paid: Counter[str], paid_jobs: int) -> int:
         assert pair["payer"] == payer
         assert int(pair["ledger_wei"]) == int(pair["voucher_wei"]) == paid[pair["payee"]], pair
     assert report["ledger_entries"] == paid_jobs, report
-    assert report["consistent"], report
+    assert report["consistent"] and report["problems"] == [], report
+    _check_rows_are_the_chain_events(report, events)
     return len(events)
+
+
+def _check_rows_are_the_chain_events(report: dict[str, Any], events: list[Redeemed]) -> None:
+    """Per worker, the orchestrator's rows = the events this check read from the chain itself."""
+    on_chain: dict[str, tuple[int, int, int]] = {}
+    for e in events:
+        count, paid, fee = on_chain.get(e.payee, (0, 0, 0))
+        on_chain[e.payee] = (count + 1, paid + e.paid_wei, fee + e.fee_wei)
+    rows = {
+        p["payee"]: (p["redemptions"], int(p["paid_wei"]), int(p["fee_wei"]))
+        for p in report["pairs"]
+        if p["redemptions"]
+    }
+    assert rows == on_chain, f"redemption rows {rows} but the chain has {on_chain}"
+    assert report["through_block"] >= max((e.block_number for e in events), default=0), report

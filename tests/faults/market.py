@@ -169,11 +169,16 @@ class Market:
         root: Path,
         *,
         orchestrator_env: dict[str, str] | None = None,
+        anvil_state_interval_s: int | None = None,
     ) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._anvil_log: IO[bytes] = (root / "anvil.log").open("ab")
-        self.anvil = Anvil(state_file=root / "anvil-state.json", log=self._anvil_log)
+        self.anvil = Anvil(
+            state_file=root / "anvil-state.json",
+            state_interval_s=anvil_state_interval_s,
+            log=self._anvil_log,
+        )
         self.orchestrator_env = {**FAULTS_ORCHESTRATOR_ENV, **(orchestrator_env or {})}
         self.workers: list[PacedWorker] = []
         self.jobs: dict[str, tuple[dict[str, Any], str]] = {}  # idempotency key -> (spec, id)
@@ -263,10 +268,20 @@ class Market:
         """SIGTERM: anvil writes its state file and exits; the RPC port stops answering."""
         self.anvil.stop()
 
+    def kill_anvil(self) -> None:
+        """SIGKILL: anvil writes nothing more; its state file holds the chain as last written
+        (every ``anvil_state_interval_s``), and what was mined since is lost."""
+        assert self.anvil.proc is not None
+        self.anvil.proc.kill()
+        self.anvil.proc.wait(timeout=10)
+
     def start_anvil(self) -> None:
-        """The same port and the same state: the chain continues where it stopped."""
+        """The same port and the same state: the chain continues where it was last written."""
         self.anvil = Anvil(
-            self.anvil.port, state_file=self.anvil.state_file, log=self._anvil_log
+            self.anvil.port,
+            state_file=self.anvil.state_file,
+            state_interval_s=self.anvil.state_interval_s,
+            log=self._anvil_log,
         ).start()
 
     def chain(self) -> Chain:

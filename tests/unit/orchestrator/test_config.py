@@ -111,6 +111,7 @@ def test_supported_database_urls_are_accepted(monkeypatch: pytest.MonkeyPatch, u
         ({"GPUMARKET_LOG_LEVEL": "loud"}, "GPUMARKET_LOG_LEVEL"),
         ({"GPUMARKET_ENV": "staging"}, "GPUMARKET_ENV"),
         ({"GPUMARKET_DB_URL": "mysql://u@h/db"}, "GPUMARKET_DB_URL"),
+        ({"GPUMARKET_REDEMPTION_CONFIRMATIONS": "-1"}, "GPUMARKET_REDEMPTION_CONFIRMATIONS"),
         (
             {"GPUMARKET_HEARTBEAT_INTERVAL_S": "30", "GPUMARKET_LEASE_TTL_S": "30"},
             "GPUMARKET_HEARTBEAT_INTERVAL_S",

@@ -57,6 +57,8 @@ def test_snapshot_sums_wei_exactly_and_buckets_by_time(
                 paid_wei=BIG - 1,
                 fee_wei=1,
                 block_number=1,
+                block_hash="0x" + "02" * 32,
+                confirmed=True,
             )
         )
 
