@@ -5,15 +5,15 @@ The rows read so far carry no block hash, so nothing could tell whether the chai
 them: they are dropped with the cursor, and the next reconcile reads every Redeemed event again
 from the deployment block (the chain is the record; these rows are the orchestrator's copy).
 
-Revision ID: 0005_chain_rollback
-Revises: 0004
+Revision ID: 0007_chain_rollback
+Revises: 0006_fault_classes
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_chain_rollback"
-down_revision = "0004"
+revision = "0007_chain_rollback"
+down_revision = "0006_fault_classes"
 branch_labels = None
 depends_on = None
 
