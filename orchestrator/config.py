@@ -112,11 +112,22 @@ class Settings(BaseSettings):
                 return kept
         self.data_dir.mkdir(parents=True, exist_ok=True)
         token = "gmo_" + secrets.token_urlsafe(32)
-        # Written aside (0600 from the start) and renamed, so no reader ever sees a half file.
+        # Written aside (0600 from the start), so no reader ever sees a half file, then linked
+        # into place only if no file is there: replicas starting together on one data folder
+        # all end up with the first one's token (an empty file left by a crash is replaced).
         fd, tmp = tempfile.mkstemp(dir=self.data_dir, prefix=".admin-token.")
         with os.fdopen(fd, "w") as out:
             out.write(token + "\n")
-        os.replace(tmp, path)
+        try:
+            if path.exists() and not path.read_text().strip():
+                os.replace(tmp, path)
+                return token
+            os.link(tmp, path)
+        except FileExistsError:
+            return path.read_text().strip()
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return token
 
 

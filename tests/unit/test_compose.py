@@ -60,7 +60,7 @@ def test_the_file_matches_the_compose_specification(compose: dict[str, Any]) -> 
 @pytest.mark.parametrize(
     ("path", "value"),
     [
-        (("services", "worker", "depends_on", "orchestrator", "condition"), "service_ready"),
+        (("services", "worker", "depends_on", "proxy", "condition"), "service_ready"),
         (("services", "orchestrator", "portz"), ["8000:8000"]),
         (("services", "worker", "deploy", "resources", "reservations", "devices"), [{}]),
     ],
@@ -77,7 +77,14 @@ def test_the_schema_check_catches_mistakes(
 
 
 def test_the_expected_services_are_there(compose: dict[str, Any]) -> None:
-    assert set(_services(compose)) == {"anvil", "postgres", "deploy", "orchestrator", "worker"}
+    assert set(_services(compose)) == {
+        "anvil",
+        "postgres",
+        "deploy",
+        "orchestrator",
+        "proxy",
+        "worker",
+    }
 
 
 def test_every_dependency_is_a_service_in_the_right_condition(compose: dict[str, Any]) -> None:
@@ -159,13 +166,31 @@ def test_deploy_writes_the_file_the_orchestrator_reads(compose: dict[str, Any]) 
     )
 
 
-def test_the_worker_finds_the_orchestrator_service(compose: dict[str, Any]) -> None:
+def test_the_worker_finds_the_orchestrator_replicas_through_the_proxy(
+    compose: dict[str, Any],
+) -> None:
     services = _services(compose)
     command = services["worker"]["command"]
     url = command[command.index("--orchestrator") + 1]
-    port = _environment(services["orchestrator"])["GPUMARKET_PORT"]
-    assert url == f"http://orchestrator:{port}"
-    assert f"{port}:{port}" in services["orchestrator"]["ports"]
+    proxy = services["proxy"]
+    [published] = proxy["ports"]
+    listen = published.split(":")[1]
+    assert url == f"http://proxy:{listen}"
+    # Replicas publish no port of their own (several cannot share one), and the proxy sends
+    # to the orchestrator service's port, waiting longer than the longest long-poll.
+    orchestrator = services["orchestrator"]
+    port = _environment(orchestrator)["GPUMARKET_PORT"]
+    assert "ports" not in orchestrator and str(port) in orchestrator["expose"]
+    [mount] = proxy["volumes"]
+    source, target = mount.split(":")[:2]
+    conf = (ROOT / source).read_text()
+    assert target == "/etc/nginx/conf.d/default.conf"
+    assert re.search(rf"^\s*listen {listen};", conf, flags=re.MULTILINE)
+    assert re.search(r"^\s*set \$replicas orchestrator;", conf, flags=re.MULTILINE)
+    assert f"proxy_pass http://$replicas:{port};" in conf
+    read_timeout = int(re.findall(r"proxy_read_timeout (\d+)s;", conf)[0])
+    longest_poll = Settings.model_fields["long_poll_max_s"].metadata
+    assert read_timeout > max(m.le for m in longest_poll if hasattr(m, "le"))
 
 
 def test_anvil_is_the_version_pinned_for_development(compose: dict[str, Any]) -> None:

@@ -218,6 +218,28 @@ def test_dev_admin_token_is_made_once_private_and_reused(tmp_path: Path) -> None
     assert [p.name for p in data_dir.iterdir()] == ["admin-token"]  # no temp files left
 
 
+def test_replicas_making_the_dev_token_at_once_all_get_the_first_ones(tmp_path: Path) -> None:
+    """Several replicas on one data folder (a shared volume) start together: one token."""
+    import threading
+
+    data_dir = tmp_path / "state"
+    start = threading.Barrier(8)
+    tokens: list[str] = []
+
+    def resolve() -> None:
+        start.wait(timeout=10)
+        tokens.append(Settings(data_dir=data_dir).resolve_admin_token())
+
+    threads = [threading.Thread(target=resolve) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(tokens) == 8 and len(set(tokens)) == 1
+    assert (data_dir / "admin-token").read_text().strip() == tokens[0]
+    assert [p.name for p in data_dir.iterdir()] == ["admin-token"]
+
+
 def test_an_empty_token_file_is_replaced(tmp_path: Path) -> None:
     # e.g. left behind by a crash or a full disk; "" must never become the operator token.
     data_dir = tmp_path / "state"
