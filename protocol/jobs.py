@@ -203,8 +203,10 @@ class VerificationView(BaseModel):
     detail: str | None = None
     slashed_address: str | None = None
     # When the result was replaced: the check job whose worker signed it (the signature covers
-    # that job id and attempt 1, not this job's).
+    # that job id, attempt 1, and the units and price that check was billed, not this job's).
     result_signed_for: str | None = None
+    result_signed_units: int | None = None
+    result_signed_price_wei_per_unit: Wei | None = None
 
 
 class JobEventView(BaseModel):
@@ -270,6 +272,7 @@ class ResultView(BaseModel):
     signature: str
     worker_address: str
     units: int
+    price_wei_per_unit: Wei
     cost_wei: Wei
     duration_s: float
     energy_j: float

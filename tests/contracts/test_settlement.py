@@ -162,7 +162,14 @@ def test_paid_job_end_to_end_ledger_voucher_redeem_reconcile(
     assert paid.leases.dispatch(paid.now()) == [(job.id, worker.id)]
     [leased] = paid.leases.claim(worker.principal, 1, paid.now())
     output = {"embeddings": [[1.0], [2.0], [3.0]]}
-    req = completion(worker, job.id, leased.attempt, output, units=len(TEXTS))
+    req = completion(
+        worker,
+        job.id,
+        leased.attempt,
+        output,
+        units=len(TEXTS),
+        price_wei_per_unit=leased.price_wei_per_unit,
+    )
     result = paid.leases.complete(worker.principal, job.id, req, paid.now())
     assert int(result.cost_wei) == PRICE * len(TEXTS)
     paid.leases.complete(worker.principal, job.id, req, paid.now())  # a retried report
@@ -305,7 +312,14 @@ def test_a_cheat_is_caught_slashed_on_chain_unpaid_and_its_client_not_charged(
         services.leases.dispatch(services.now())
         [leased] = services.leases.claim(worker.principal, 1, services.now())
         services.leases.close_poll(worker.principal, services.now())
-        req = completion(worker, leased.job_id, leased.attempt, output, units=len(TEXTS))
+        req = completion(
+            worker,
+            leased.job_id,
+            leased.attempt,
+            output,
+            units=len(TEXTS),
+            price_wei_per_unit=leased.price_wei_per_unit,
+        )
         services.leases.complete(worker.principal, leased.job_id, req, services.now())
         return leased.job_id
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import gc
 import hashlib
 import math
@@ -49,6 +50,7 @@ from worker.executors.base import (
     JobRejected,
     OutputFile,
 )
+from worker.executors.transcode import make_test_clip
 
 BASE_URL = "http://orchestrator"
 TEST_TIMEOUT_S = 30.0
@@ -62,6 +64,11 @@ TRANSCODE_PRICE_WEI = 2
 MAX_PRICE_WEI = 1_000
 
 TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+
+
+def _billed(result: dict[str, Any]) -> tuple[int, int]:
+    """The units and price (wei per unit) a result's signature covers."""
+    return result["units"], int(result["price_wei_per_unit"])
 
 
 # --- running an async body -------------------------------------------------------------------
@@ -272,7 +279,8 @@ def vectors(texts: list[str]) -> list[list[float]]:
 
 
 class FakeTranscoder:
-    """Transcode stand-in: writes two "renditions" derived from the input bytes."""
+    """Transcode stand-in: writes two small real H.264 "renditions", whatever the input (the
+    orchestrator bills the frames and sizes it finds in the files)."""
 
     job_type = JobType.TRANSCODE
     RENDITIONS = (("720p", 1280, 720), ("360p", 640, 360))
@@ -300,7 +308,16 @@ class FakeTranscoder:
 
 
 def rendition_bytes(source: bytes, name: str) -> bytes:
-    return name.encode() + b":" + source[::-1]
+    """The file FakeTranscoder writes for rendition ``name`` (the same for any ``source``)."""
+    return _rendition_clip(name)
+
+
+@functools.cache
+def _rendition_clip(name: str) -> bytes:
+    [(width, height)] = [(w, h) for n, w, h in FakeTranscoder.RENDITIONS if n == name]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_test_clip(Path(tmp) / "clip.mp4", width, height, FakeTranscoder.FRAMES, 24)
+        return path.read_bytes()
 
 
 @dataclass
@@ -444,7 +461,7 @@ def test_submitted_jobs_are_leased_run_and_completed_with_signed_priced_metered_
                 assert result["output_blobs"] is None
                 assert result["output_sha256"] == output_sha256(result["output"])
                 signer = recover_result_signer(
-                    job_id, 1, result["output_sha256"], result["signature"]
+                    job_id, 1, result["output_sha256"], *_billed(result), result["signature"]
                 )
                 assert signer == worker.address == result["worker_address"]
                 assert result["units"] == 3
@@ -507,7 +524,7 @@ def test_rejected_job_fails_for_good_a_crash_is_retried_elsewhere_and_the_worker
                     assert job["worker_address"] == other.address
                     result = await market.result(crashed)
                     signer = recover_result_signer(
-                        crashed, 2, result["output_sha256"], result["signature"]
+                        crashed, 2, result["output_sha256"], *_billed(result), result["signature"]
                     )
                     assert signer == other.address
                 # the first worker was excluded from the retry
@@ -978,7 +995,7 @@ def test_output_files_are_uploaded_and_the_client_can_download_them(
                     assert got.content == expected
                 assert result["output_sha256"] == output_sha256(blobs)
                 signer = recover_result_signer(
-                    job_id, 1, result["output_sha256"], result["signature"]
+                    job_id, 1, result["output_sha256"], *_billed(result), result["signature"]
                 )
                 assert signer == worker.address
                 pixels = (1280 * 720 + 640 * 360) * 3
