@@ -125,6 +125,7 @@ class Orchestrator:
             **os.environ,
             "GPUMARKET_ADMIN_TOKEN": OPERATOR_TOKEN,
             "GPUMARKET_VERIFY_RATE": "0",
+            "GPUMARKET_REGISTRATION_RATE_PER_MIN": "0",  # all scripted workers share 127.0.0.1
             "GPUMARKET_VERIFY_RATE_NEW": "0",
         }
         env.pop("GPUMARKET_DEPLOYMENT_FILE", None)  # no payments

@@ -6,6 +6,7 @@ Amounts are int wei, instants unix seconds. ``slash`` works only from the arbite
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -103,6 +104,17 @@ class WorkerRegistry:
     def is_eligible(self, worker: str) -> bool:
         """Enough active stake, nothing unbonding, never slashed."""
         return bool(self.chain.call(self.contract, "isEligible", to_checksum_address(worker)))
+
+    def eligible_many(self, workers: Sequence[str]) -> list[bool]:
+        """``is_eligible`` of each worker, in order, asked in one JSON-RPC batch request (one
+        HTTP round trip, however many workers; callers keep batches to a few hundred)."""
+        if not workers:
+            return []
+        with self.chain.w3.batch_requests() as batch:
+            for worker in workers:
+                batch.add(self.contract.functions.isEligible(to_checksum_address(worker)))
+            answers = batch.execute()
+        return [bool(answer) for answer in answers]
 
     def min_stake_wei(self) -> int:
         return int(self.chain.call(self.contract, "minStake"))

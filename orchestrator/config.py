@@ -41,7 +41,16 @@ class Settings(BaseSettings):
     signer_key: SecretStr | None = None
     voucher_ttl_s: int = Field(default=30 * 24 * 3600, gt=0)
     reconcile_interval_s: float = Field(default=5.0, gt=0)
+    # Stakes: registry events are scanned every reconcile; every registered worker's standing
+    # is also re-read (in JSON-RPC batches) once per this interval, as a safety net.
     stake_check_interval_s: float = Field(default=60.0, gt=0)
+    # With payments, a registration never seen staked for this long ends (the worker may
+    # register again once it has staked), so idle unstaked registrations cost nothing.
+    unstaked_registration_ttl_s: float = Field(default=3600.0, gt=0)
+    # Challenges and registrations per source address (in-process, per replica): a bucket of
+    # registration_burst requests refilled at registration_rate_per_min; 0 turns it off.
+    registration_rate_per_min: float = Field(default=30.0, ge=0)
+    registration_burst: int = Field(default=30, ge=1, le=10_000)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"  # json: one object per line (gpumarket/logs.py)
     # Verification: the share of results re-run on a second worker and compared (docs/TRUST.md).

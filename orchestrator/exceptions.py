@@ -9,6 +9,7 @@
     ├── PaymentRequired                402  no payer linked, or not enough authorised funds
     ├── Conflict                       409  state does not allow it (stale attempt, final job)
     ├── PayloadTooLarge                413
+    ├── TooManyRequests                429  a per-address rate limit; Retry-After says when
     └── InsufficientStorage            507  the blob store's disk is full
 
 The API maps each to an RFC 9457 problem response: {type, title, status, code, detail}.
@@ -66,6 +67,17 @@ class Conflict(GpumarketError):
 class PayloadTooLarge(GpumarketError):
     status = 413
     code = "payload_too_large"
+
+
+class TooManyRequests(GpumarketError):
+    """``retry_after_s`` (whole seconds) goes out as the Retry-After header and in the body."""
+
+    status = 429
+    code = "too_many_requests"
+
+    def __init__(self, detail: str, *, retry_after_s: int, **extra: Any) -> None:
+        super().__init__(detail, retry_after_s=retry_after_s, **extra)
+        self.retry_after_s = retry_after_s
 
 
 class InsufficientStorage(GpumarketError):

@@ -18,6 +18,7 @@ from orchestrator.services.dashboard import DashboardService
 from orchestrator.services.jobs import JobService
 from orchestrator.services.leases import LeaseService
 from orchestrator.services.lifecycle import CHANGED_JOBS
+from orchestrator.services.ratelimit import RateLimiter
 from orchestrator.services.settlement import ChainPayments, NoPayments, Payments
 from orchestrator.services.verification import VerificationService
 from orchestrator.services.wakeups import WakeHub
@@ -42,6 +43,8 @@ class Services:
     accounts: AccountService
     verification: VerificationService
     dashboard: DashboardService
+    # Challenges and registrations per source address (see services/ratelimit.py).
+    registration_limit: RateLimiter
 
     def now(self) -> float:
         return self.clock()
@@ -96,6 +99,11 @@ def build_services(
         payments=payments,
         accounts=AccountService(store, settings, payments),
         dashboard=DashboardService(store, payments, workers),
+        registration_limit=RateLimiter(
+            settings.registration_rate_per_min / 60.0,
+            settings.registration_burst,
+            what="worker challenges and registrations",
+        ),
     )
 
 

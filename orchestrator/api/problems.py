@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from contracts.chain import ChainError
-from orchestrator.exceptions import GpumarketError
+from orchestrator.exceptions import GpumarketError, TooManyRequests
 
 log = logging.getLogger("gpumarket.orchestrator.api")
 PROBLEM_JSON = "application/problem+json"
@@ -92,7 +92,10 @@ def _validation_problem(exc: RequestValidationError) -> JSONResponse:
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(GpumarketError)
     async def _domain(_: Request, exc: GpumarketError) -> JSONResponse:
-        return problem(exc.status, exc.code, exc.detail, **exc.extra)
+        headers = {}
+        if isinstance(exc, TooManyRequests):
+            headers["Retry-After"] = str(exc.retry_after_s)
+        return problem(exc.status, exc.code, exc.detail, headers=headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

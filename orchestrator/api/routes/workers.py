@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import ServicesDep, WorkerDep
+from orchestrator.api.deps import RegistrationLimitDep, ServicesDep, WorkerDep
 from orchestrator.api.strict_json import StrictJSONRoute
 from protocol import (
     ChallengeRequest,
@@ -31,13 +31,13 @@ from protocol.workers import (
 router = APIRouter(prefix="/v1/workers", tags=["workers"], route_class=StrictJSONRoute)
 
 
-@router.post("/challenge")
+@router.post("/challenge", dependencies=[RegistrationLimitDep])
 def challenge(req: ChallengeRequest, services: ServicesDep) -> ChallengeResponse:
     """Step 1 of registration: a one-time message to sign with the worker's key (EIP-191)."""
     return services.workers.challenge(req.address, services.now())
 
 
-@router.post("/register", status_code=201)
+@router.post("/register", status_code=201, dependencies=[RegistrationLimitDep])
 def register(req: RegisterRequest, services: ServicesDep) -> RegisterResponse:
     """Step 2: the signed challenge, hardware and offers; returns a session token."""
     return services.workers.register(req, services.now())
