@@ -495,9 +495,9 @@ class LeaseService:
             raise InvalidInput(f"units {units} at the agreed price overflow 2**256 wei")
         if job.max_units is not None and units > job.max_units:
             raise InvalidInput(
-                f"units is {units}, above the {job.max_units} the client authorised"
-                if job.type == JobType.TRANSCODE
-                else f"units is {units}, but the job has {job.max_units} input items"
+                f"units is {units}, but the job has {job.max_units} input items"
+                if job.spec.get("input")
+                else f"units is {units}, above the {job.max_units} the client authorised"
             )
 
     def _record_perf(self, row: Worker, job: Job, req: CompleteRequest) -> None:

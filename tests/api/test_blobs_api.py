@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ import pytest
 from protocol import OutputBlob
 from protocol.signing import output_sha256, sign_result
 from tests.api.conftest import Api, HttpWorker, RunApi, assert_problem, bearer
-from tests.support import offer
+from tests.support import EMBED_MODEL, offer
 from worker.executors.transcode import make_test_clip
 
 CHUNK = 64 * 1024
@@ -402,3 +403,57 @@ def test_an_output_blob_that_is_not_a_video_cannot_be_billed(run_api: RunApi) ->
 def _reputation(api: Api, worker: HttpWorker) -> float:
     [view] = [w for w in api.services.workers.list(api.services.now()) if w.id == worker.worker_id]
     return view.reputation
+
+
+@pytest.mark.parametrize("reported", [3, 5])
+def test_inference_from_an_input_blob_is_billed_per_item_in_the_blob(
+    run_api: RunApi, reported: int
+) -> None:
+    """The orchestrator counts the texts in the JSON blob it holds, as the worker does."""
+
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        worker = await api.register_worker()
+        texts = {"texts": ["one", "two", "three"]}
+        sha256 = (await api.upload(client, json.dumps(texts).encode()))["sha256"]
+        spec = {"type": "inference", "model": EMBED_MODEL, "input_blob": sha256}
+        resp = await api.http.post(
+            "/v1/jobs", json={**spec, "max_price_wei_per_unit": "1000"}, headers=client
+        )
+        assert resp.status_code == 201, resp.text
+        [leased] = await api.lease(worker)
+        output = {"embeddings": [[0.5, -0.25]] * 3}
+        resp = await api.complete(worker, leased["job_id"], 1, output, units=reported)
+        if reported == 3:
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["cost_wei"] == str(3 * int(leased["price_wei_per_unit"]))
+        else:
+            assert_problem(resp, 422, "invalid_input", "units is 5", "holds 3 input items")
+
+    run_api(body)
+
+
+def test_a_transcode_over_the_clients_max_units_is_refused_without_blame(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        worker = await api.register_worker(
+            offers=[offer("h264", price=WEI_PER_PIXEL, job_type="transcode")]
+        )
+        video = (await api.upload(client, VIDEO))["sha256"]
+        spec = {"type": "transcode", "input_blob": video, "max_units": PIXELS - 1}
+        resp = await api.http.post(
+            "/v1/jobs", json={**spec, "max_price_wei_per_unit": "5"}, headers=client
+        )
+        assert resp.status_code == 201, resp.text
+        [leased] = await api.lease(worker)
+        uploaded = await api.upload(worker.headers, rendition_clip())
+        resp = await api.http.post(
+            f"/v1/workers/jobs/{leased['job_id']}/complete",
+            json=transcode_result(worker, leased["job_id"], [rendition_blob(uploaded["sha256"])]),
+            headers=worker.headers,
+        )
+        assert_problem(resp, 422, "invalid_input", f"above the {PIXELS - 1} the client authorised")
+        assert (await api.job(client, leased["job_id"]))["state"] == "assigned"
+        assert _reputation(api, worker) == 0.5  # an honest bill: not held against the worker
+
+    run_api(body)
