@@ -407,7 +407,7 @@ class RpcCount:
 
 
 def test_stake_refresh_costs_batches_and_events_not_calls_per_idle_worker(
-    anvil: Anvil, w3: Web3, tmp_path: Path, sqlite_store: Store, monkeypatch: pytest.MonkeyPatch
+    anvil: Anvil, w3: Web3, tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Hundreds of unstaked registrations: a full re-read is a few JSON-RPC batches and one
     transaction, a refresh with nothing changed asks the chain for no worker at all, a stake
@@ -416,7 +416,7 @@ def test_stake_refresh_costs_batches_and_events_not_calls_per_idle_worker(
         anvil,
         w3,
         tmp_path,
-        sqlite_store,
+        store,
         stake_check_interval_s=300.0,
         unstaked_registration_ttl_s=3600.0,
     )
