@@ -49,22 +49,28 @@ class VideoProbe:
         return self.frames * self.width * self.height
 
 
+class NotAVideo(ValueError):
+    """A file that cannot be billed as a rendition; the message says why, for a person."""
+
+
 def probe_video(path: Path) -> VideoProbe:
-    """Size and frame count of the first video stream in ``path``; ValueError if the file is
+    """Size and frame count of the first video stream in ``path``; NotAVideo if the file is
     not a video PyAV can read. Frames are counted from packets, without decoding."""
     import av
 
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise ValueError("it has no video stream")
+                raise NotAVideo("it has no video stream")
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height
             frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
-    except av.FFmpegError as exc:
-        raise ValueError(f"it is not a readable video ({exc})") from exc
+    except NotAVideo:
+        raise
+    except Exception as exc:  # an untrusted file: whatever PyAV raises, it is not billable
+        raise NotAVideo(f"it is not a readable video ({type(exc).__name__}: {exc})") from exc
     if width <= 0 or height <= 0:
-        raise ValueError("its video stream has no frame size")
+        raise NotAVideo("its video stream has no frame size")
     return VideoProbe(width=width, height=height, frames=frames)
 
 
@@ -75,7 +81,7 @@ def transcode_units(blobs: list[OutputBlob], blob_path: Callable[[str], Path]) -
     for blob in blobs:
         try:
             probe = probe_video(blob_path(blob.sha256))
-        except (ValueError, OSError) as exc:
+        except NotAVideo as exc:
             raise InvalidInput(
                 f"output blob {blob.sha256} ({blob.name}) cannot be billed: {exc}"
             ) from exc
