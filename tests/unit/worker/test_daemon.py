@@ -31,7 +31,9 @@ from fastapi import FastAPI
 
 from orchestrator.app import create_app
 from orchestrator.config import Settings
+from orchestrator.exceptions import TooManyRequests
 from orchestrator.services.auth import Principal
+from orchestrator.services.ratelimit import RateLimiter
 from orchestrator.store import Store
 from orchestrator.wiring import Services, build_services
 from protocol import JobType, LeasedJob, Offer, Precision
@@ -773,6 +775,36 @@ def test_registers_after_backoff_while_the_orchestrator_is_unreachable(
                 assert flaky.refused == ["/v1/workers/challenge"] * 4
                 job_id = await market.submit("works once connected")
                 assert (await market.wait_final(job_id))["state"] == "succeeded"
+
+    run(body)
+
+
+def test_a_rate_limited_registration_waits_as_long_as_it_is_told(
+    live_services: Services, worker_settings: WorkerSettings
+) -> None:
+    """A 429's retry_after_s (1 s here) outweighs the worker's own short backoff (0.05 s): one
+    refusal, then the registration goes through, instead of a burst of refused retries."""
+    limit = RateLimiter(2.0, 2, what="worker challenges and registrations")
+    live_services.registration_limit = limit
+    refusals: list[float] = []
+    take = limit.take
+
+    def counted_take(key: str, now: float) -> None:
+        try:
+            take(key, now)
+        except TooManyRequests:
+            refusals.append(now)
+            raise
+
+    limit.take = counted_take  # type: ignore[method-assign]
+    for _ in range(2):  # someone else at this address spent the burst
+        limit.take("127.0.0.1", time.time())
+
+    async def body() -> None:
+        async with open_market(live_services) as market:
+            async with start_worker(market, [ScriptedEmbedder()], worker_settings) as worker:
+                await worker.registered()
+        assert len(refusals) == 1
 
     run(body)
 
