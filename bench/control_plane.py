@@ -125,6 +125,7 @@ class Orchestrator:
             **os.environ,
             "GPUMARKET_ADMIN_TOKEN": OPERATOR_TOKEN,
             "GPUMARKET_VERIFY_RATE": "0",
+            "GPUMARKET_REGISTRATION_RATE_PER_MIN": "0",  # all scripted workers share 127.0.0.1
             "GPUMARKET_VERIFY_RATE_NEW": "0",
         }
         env.pop("GPUMARKET_DEPLOYMENT_FILE", None)  # no payments
@@ -227,7 +228,8 @@ class ScriptedWorker:
                 )
                 response.raise_for_status()
                 for job in response.json()["jobs"]:
-                    task = asyncio.create_task(self._complete(job["job_id"], job["attempt"]))
+                    price = int(job["price_wei_per_unit"])
+                    task = asyncio.create_task(self._complete(job["job_id"], job["attempt"], price))
                     self.in_flight.add(task)
                     task.add_done_callback(self._completed)
         finally:
@@ -240,13 +242,15 @@ class ScriptedWorker:
         if self.failure is None:
             self.failure = error
 
-    async def _complete(self, job_id: str, attempt: int) -> None:
+    async def _complete(self, job_id: str, attempt: int, price_wei_per_unit: int) -> None:
         digest = output_sha256(NOOP_OUTPUT)
         body = {
             "attempt": attempt,
             "output": NOOP_OUTPUT,
             "output_sha256": digest,
-            "signature": sign_result(self.account.key, job_id, attempt, digest),
+            "signature": sign_result(
+                self.account.key, job_id, attempt, digest, 1, price_wei_per_unit
+            ),
             "duration_s": 0.0,
             "energy_j": 0.0,
             "energy_source": "estimate",
@@ -323,7 +327,12 @@ def _check_results(results: Sequence[dict[str, Any]], workers: Sequence[Scripted
         ):
             raise RuntimeError(f"job {result['job_id']}: bad result {result}")
         signer = recover_result_signer(
-            result["job_id"], result["attempt"], result["output_sha256"], result["signature"]
+            result["job_id"],
+            result["attempt"],
+            result["output_sha256"],
+            result["units"],
+            int(result["price_wei_per_unit"]),
+            result["signature"],
         )
         if signer not in addresses or signer != result["worker_address"]:
             raise RuntimeError(f"job {result['job_id']}: signed by {signer}")

@@ -110,6 +110,8 @@ class Orchestrator(_Child):
             "GPUMARKET_ADMIN_TOKEN": self.operator_token,
             "GPUMARKET_LOG_LEVEL": "warning",
             "GPUMARKET_VERIFY_RATE": "0",
+            # Thousands of scripted workers register from this one address.
+            "GPUMARKET_REGISTRATION_RATE_PER_MIN": "0",
             "GPUMARKET_VERIFY_RATE_NEW": "0",
             **env,
         }

@@ -132,7 +132,9 @@ class ScriptedWorker:
             "attempt": attempt,
             "output": output,
             "output_sha256": digest,
-            "signature": sign_result(self.account.key, job_id, attempt, digest),
+            "signature": sign_result(
+                self.account.key, job_id, attempt, digest, items, int(job["price_wei_per_unit"])
+            ),
             "duration_s": NOOP_DURATION_S,
             "energy_j": 0.0,
             "energy_source": "estimate",

@@ -80,6 +80,14 @@ class _HTTPProvider(HTTPProvider):
         except OSError as exc:  # requests' ConnectionError and timeouts are OSErrors
             raise ChainUnavailable(f"no JSON-RPC answer from {self.endpoint_uri}: {exc}") from exc
 
+    def make_batch_request(
+        self, requests: list[tuple[RPCEndpoint, Any]]
+    ) -> list[RPCResponse] | RPCResponse:
+        try:
+            return super().make_batch_request(requests)
+        except OSError as exc:
+            raise ChainUnavailable(f"no JSON-RPC answer from {self.endpoint_uri}: {exc}") from exc
+
 
 class ContractRevert(ChainError):
     """A contract reverted. ``name`` is the custom error ("NotIncreasing"), or "Error" for

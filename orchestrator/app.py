@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from contracts.chain import ChainUnavailable
+from orchestrator.api.openapi import install_openapi
 from orchestrator.api.problems import install_problem_handlers
 from orchestrator.api.routes import (
     accounts,
@@ -127,6 +128,7 @@ def create_app(
     app.state.services = svc
     app.state.metrics_registry = build_registry(svc)
     install_problem_handlers(app)
+    install_openapi(app)
     for module in (jobs, blobs, workers, accounts, operator, health, dashboard, metrics):
         app.include_router(module.router)
     return app

@@ -44,7 +44,16 @@ class Settings(BaseSettings):
     # Blocks mined on top of a redemption's block before it counts as paid (a reorg shallower
     # than this cannot undo a counted payment). 0 suits anvil, which mines only on demand.
     redemption_confirmations: int = Field(default=0, ge=0, le=10_000)
+    # Stakes: registry events are scanned every reconcile; every registered worker's standing
+    # is also re-read (in JSON-RPC batches) once per this interval, as a safety net.
     stake_check_interval_s: float = Field(default=60.0, gt=0)
+    # With payments, a registration never seen staked for this long ends (the worker may
+    # register again once it has staked), so idle unstaked registrations cost nothing.
+    unstaked_registration_ttl_s: float = Field(default=3600.0, gt=0)
+    # Challenges and registrations per source address (in-process, per replica): a bucket of
+    # registration_burst requests refilled at registration_rate_per_min; 0 turns it off.
+    registration_rate_per_min: float = Field(default=30.0, ge=0)
+    registration_burst: int = Field(default=30, ge=1, le=10_000)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"  # json: one object per line (gpumarket/logs.py)
     # Verification: the share of results re-run on a second worker and compared (docs/TRUST.md).

@@ -20,6 +20,7 @@ from orchestrator.services.inputs import InputChecks
 from orchestrator.services.jobs import JobService
 from orchestrator.services.leases import LeaseService
 from orchestrator.services.lifecycle import CHANGED_JOBS
+from orchestrator.services.ratelimit import RateLimiter
 from orchestrator.services.replicas import (
     JOB_KEY,
     WORKER_KEY,
@@ -54,6 +55,8 @@ class Services:
     dashboard: DashboardService
     duties: DutyLock
     replicas: ReplicaRegistry
+    # Challenges and registrations per source address (see services/ratelimit.py).
+    registration_limit: RateLimiter
     # Wake-ups to and from other replicas (PostgreSQL only); started by the app's lifespan.
     bus: PgWakeBus | None = None
 
@@ -105,7 +108,14 @@ def build_services(
         jobs=JobService(store, payments, settings, inputs),
         workers=workers,
         leases=LeaseService(
-            store, settings, payments, verification, blame, rng=rng, notify=wake_worker
+            store,
+            settings,
+            payments,
+            verification,
+            blame,
+            blob_path=blob_store.path,
+            rng=rng,
+            notify=wake_worker,
         ),
         blobs=BlobService(store, blob_store, settings.max_blob_bytes),
         verification=verification,
@@ -117,6 +127,11 @@ def build_services(
         duties=DutyLock(store),
         replicas=ReplicaRegistry(store, _shared_config(settings, payments, blob_store)),
         bus=bus,
+        registration_limit=RateLimiter(
+            settings.registration_rate_per_min / 60.0,
+            settings.registration_burst,
+            what="worker challenges and registrations",
+        ),
     )
 
 

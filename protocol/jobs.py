@@ -21,6 +21,12 @@ DEFAULT_MAX_ATTEMPTS = 3
 MAX_ATTEMPTS_LIMIT = 10
 TRANSCODE_MODEL = "h264"
 
+# Ids and hashes used by the schema examples below (what /docs shows).
+_EXAMPLE_JOB_ID = "4f0c2d0e9b7a4c4e8a1f2b3c4d5e6f70"
+_EXAMPLE_SHA256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+_EXAMPLE_WORKER = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
+_EXAMPLE_SIGNATURE = "0x" + "5e" * 64 + "1b"
+
 
 class JobType(StrEnum):
     INFERENCE = "inference"
@@ -168,6 +174,31 @@ class JobSpec(_Strict):
     Prices are wei per unit: per input item for inference, per output pixel for transcode.
     """
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "inference",
+                    "model": "all-MiniLM-L6-v2",
+                    "input": {"texts": ["a cat sat on the mat", "GPUs are scarce"]},
+                    "max_price_wei_per_unit": "1000000000000",
+                    "preference": "cost",
+                },
+                {
+                    "type": "transcode",
+                    "input_blob": _EXAMPLE_SHA256,
+                    "renditions": [
+                        {"name": "720p", "height": 720, "bitrate_kbps": 3000},
+                        {"name": "360p", "height": 360, "fps": 30, "bitrate_kbps": 800},
+                    ],
+                    "max_price_wei_per_unit": "2",
+                    "max_units": 103680000,
+                    "deadline_s": 600,
+                },
+            ]
+        }
+    )
+
     type: JobType
     model: str | None = Field(default=None, min_length=1, max_length=128)
     precision: Precision = Precision.FP32
@@ -251,8 +282,10 @@ class VerificationView(BaseModel):
     detail: str | None = None
     slashed_address: str | None = None
     # When the result was replaced: the check job whose worker signed it (the signature covers
-    # that job id and attempt 1, not this job's).
+    # that job id, attempt 1, and the units and price that check was billed, not this job's).
     result_signed_for: str | None = None
+    result_signed_units: int | None = None
+    result_signed_price_wei_per_unit: Wei | None = None
 
 
 class JobEventView(BaseModel):
@@ -274,6 +307,44 @@ class OutputBlob(_Strict):
 
 
 class JobView(BaseModel):
+    """A job as its client sees it. Money in wei, times in seconds, energy in joules."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": _EXAMPLE_JOB_ID,
+                    "type": "inference",
+                    "model": "all-MiniLM-L6-v2",
+                    "precision": "fp32",
+                    "state": "succeeded",
+                    "attempt": 1,
+                    "max_attempts": 3,
+                    "preference": "cost",
+                    "max_price_wei_per_unit": "1000000000000",
+                    "max_units": 2,
+                    "price_wei_per_unit": "800000000000",
+                    "units": 2,
+                    "cost_wei": "1600000000000",
+                    "worker_address": _EXAMPLE_WORKER,
+                    "created_at": "2026-12-02T16:00:00Z",
+                    "updated_at": "2026-12-02T16:00:01.2Z",
+                    "deadline_at": "2026-12-02T17:00:00Z",
+                    "started_at": "2026-12-02T16:00:00.4Z",
+                    "finished_at": "2026-12-02T16:00:01.2Z",
+                    "duration_s": 0.8,
+                    "energy_j": 12.5,
+                    "energy_source": "estimate",
+                    "co2_g": 0.00165,
+                    "history": [
+                        {"at": "2026-12-02T16:00:00Z", "attempt": 1, "state": "queued"},
+                        {"at": "2026-12-02T16:00:01.2Z", "attempt": 1, "state": "succeeded"},
+                    ],
+                }
+            ]
+        }
+    )
+
     id: str
     type: JobType
     model: str
@@ -318,6 +389,32 @@ class SkippedRendition(_Strict):
 
 
 class ResultView(BaseModel):
+    """A job's result. ``signature`` is the worker's EIP-712 signature over (job id, attempt,
+    output sha256, units, price in wei per unit): see protocol/signing.py."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_id": _EXAMPLE_JOB_ID,
+                    "attempt": 1,
+                    "state": "succeeded",
+                    "output": {"embeddings": [[0.031, -0.052, 0.117], [0.094, 0.008, -0.021]]},
+                    "output_sha256": _EXAMPLE_SHA256,
+                    "signature": _EXAMPLE_SIGNATURE,
+                    "worker_address": _EXAMPLE_WORKER,
+                    "units": 2,
+                    "price_wei_per_unit": "800000000000",
+                    "cost_wei": "1600000000000",
+                    "duration_s": 0.8,
+                    "energy_j": 12.5,
+                    "energy_source": "estimate",
+                    "co2_g": 0.00165,
+                }
+            ]
+        }
+    )
+
     job_id: str
     attempt: int
     state: JobState
@@ -329,6 +426,7 @@ class ResultView(BaseModel):
     signature: str
     worker_address: str
     units: int
+    price_wei_per_unit: Wei
     cost_wei: Wei
     duration_s: float
     energy_j: float

@@ -11,11 +11,15 @@ import json
 class ProblemError(Exception):
     """The orchestrator answered with a problem document: HTTP status, code, detail."""
 
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(
+        self, status: int, code: str, detail: str, *, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(f"{status} {code}: {detail}")
         self.status = status
         self.code = code
         self.detail = detail
+        # When the server said how long to wait (a rate limit's ``retry_after_s``), in seconds.
+        self.retry_after_s = retry_after_s
 
     @property
     def retryable(self) -> bool:
@@ -33,4 +37,10 @@ class ProblemError(Exception):
             return cls(status, "error", text)
         if not isinstance(doc, dict):
             return cls(status, "error", text)
-        return cls(status, str(doc.get("code", "error")), str(doc.get("detail", text)))
+        wait = doc.get("retry_after_s")
+        return cls(
+            status,
+            str(doc.get("code", "error")),
+            str(doc.get("detail", text)),
+            retry_after_s=float(wait) if isinstance(wait, int | float) else None,
+        )

@@ -20,8 +20,12 @@ RESULT_TYPES = {
         {"name": "jobId", "type": "string"},
         {"name": "attempt", "type": "uint32"},
         {"name": "outputSha256", "type": "bytes32"},
+        {"name": "units", "type": "uint64"},
+        {"name": "priceWeiPerUnit", "type": "uint256"},
     ]
 }
+"""A signed result binds what was billed: ``units`` (the pricing unit: input items for
+inference, output pixels for transcode) at ``priceWeiPerUnit`` (wei), beside the output."""
 
 
 def registration_message(address: str, nonce: str, expires_at_iso: str) -> str:
@@ -77,7 +81,9 @@ def output_sha256(output: Any) -> str:
     return hashlib.sha256(canonical_json(output)).hexdigest()
 
 
-def _result_message(job_id: str, attempt: int, output_sha256_hex: str) -> dict[str, Any]:
+def _result_message(
+    job_id: str, attempt: int, output_sha256_hex: str, units: int, price_wei_per_unit: int
+) -> dict[str, Any]:
     return {
         "domain": RESULT_DOMAIN,
         "types": RESULT_TYPES,
@@ -86,18 +92,42 @@ def _result_message(job_id: str, attempt: int, output_sha256_hex: str) -> dict[s
             "jobId": job_id,
             "attempt": attempt,
             "outputSha256": bytes.fromhex(output_sha256_hex),
+            "units": units,
+            "priceWeiPerUnit": price_wei_per_unit,
         },
     }
 
 
-def sign_result(private_key: str | bytes, job_id: str, attempt: int, output_sha256_hex: str) -> str:
-    """EIP-712 signature over (job id, attempt, output sha256), as 0x-hex."""
-    encoded = encode_typed_data(full_message=_result_message(job_id, attempt, output_sha256_hex))
-    signed = Account.sign_message(encoded, private_key=private_key)
+def sign_result(
+    private_key: str | bytes,
+    job_id: str,
+    attempt: int,
+    output_sha256_hex: str,
+    units: int,
+    price_wei_per_unit: int,
+) -> str:
+    """EIP-712 signature over (job id, attempt, output sha256, units, price in wei per unit),
+    as 0x-hex: the worker's word on what it produced and what it bills for it."""
+    message = _result_message(job_id, attempt, output_sha256_hex, units, price_wei_per_unit)
+    signed = Account.sign_message(encode_typed_data(full_message=message), private_key=private_key)
     return "0x" + bytes(signed.signature).hex().removeprefix("0x")
 
 
-def recover_result_signer(job_id: str, attempt: int, output_sha256_hex: str, signature: str) -> str:
-    """Address (checksummed) that signed the result; raises ValueError on a malformed one."""
-    encoded = encode_typed_data(full_message=_result_message(job_id, attempt, output_sha256_hex))
+def recover_result_signer(
+    job_id: str,
+    attempt: int,
+    output_sha256_hex: str,
+    units: int,
+    price_wei_per_unit: int,
+    signature: str,
+) -> str:
+    """Address (checksummed) that signed the result; raises ValueError on a malformed one.
+
+    A signature over other units or another price recovers another address, so a result
+    can only be billed as its worker signed it."""
+    message = _result_message(job_id, attempt, output_sha256_hex, units, price_wei_per_unit)
+    try:
+        encoded = encode_typed_data(full_message=message)
+    except (ValueError, OverflowError, TypeError) as exc:  # units or price out of range
+        raise ValueError(f"result cannot be encoded: {exc}") from exc
     return _recover(encoded, signature)

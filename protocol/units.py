@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
-_DECIMAL = re.compile(r"^[0-9]{1,78}$")
+_DECIMAL = re.compile(r"[0-9]{1,78}")
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 ADDRESS_PATTERN = r"^0x[0-9a-fA-F]{40}$"
 
@@ -33,8 +33,9 @@ def _wei_value(value: Any) -> int:
         raise ValueError("wei must be an integer, not a boolean")
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and _DECIMAL.match(value.strip()):
-        return int(value.strip())
+    if isinstance(value, str) and _DECIMAL.fullmatch(value):
+        # Exactly the digits: no sign, no spaces, no "_" (int() would take " 1" and "1_0").
+        return int(value)
     if isinstance(value, float) and value.is_integer():
         # JSON numbers like 1e9 arrive as floats; only whole values are money.
         return int(value)

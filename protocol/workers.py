@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from protocol.jobs import (
     Container,
@@ -73,6 +73,19 @@ class TensorShape(_Strict):
         return self
 
 
+_EXAMPLE_ADDRESS = "0x90F79bf6EB2c4f870365E785982E1f101E93b906"
+_EXAMPLE_SIGNATURE = "0x" + "5e" * 64 + "1b"
+_EXAMPLE_SHA256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+_EXAMPLE_OFFER: dict[str, JsonValue] = {
+    "job_type": "inference",
+    "model": "all-MiniLM-L6-v2",
+    "precision": "fp32",
+    "price_wei_per_unit": "800000000000",
+    "max_batch": 32,
+    "units_per_s": 350.0,
+}
+
+
 class Offer(_Strict):
     """What a worker sells: one (job type, model, precision) at a price in wei per unit.
 
@@ -80,6 +93,8 @@ class Offer(_Strict):
     it; ``energy_j_per_unit`` likewise. ``input`` (TorchScript models) is the row its manifest
     takes, so the orchestrator refuses a misshapen row at submit instead of leasing it.
     """
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_EXAMPLE_OFFER]})
 
     job_type: JobType
     model: str = Field(min_length=1, max_length=128)
@@ -92,6 +107,8 @@ class Offer(_Strict):
 
 
 class ChallengeRequest(_Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"address": _EXAMPLE_ADDRESS}]})
+
     address: str = Field(pattern=ADDRESS_PATTERN)
 
 
@@ -103,6 +120,22 @@ class ChallengeResponse(BaseModel):
 
 class RegisterRequest(_Strict):
     """Register (or re-register) a worker; ``signature`` is EIP-191 over the challenge message."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "address": _EXAMPLE_ADDRESS,
+                    "nonce": "Jx1v0m7Qy3H2cTq8LwZk",
+                    "signature": _EXAMPLE_SIGNATURE,
+                    "hardware": {"cpu_model": "AMD EPYC 7B13", "cpu_cores": 16, "ram_mb": 65536},
+                    "offers": [_EXAMPLE_OFFER],
+                    "max_concurrency": 4,
+                    "carbon_intensity_g_per_kwh": 120.0,
+                }
+            ]
+        }
+    )
 
     address: str = Field(pattern=ADDRESS_PATTERN)
     nonce: str = Field(min_length=1, max_length=128)
@@ -140,6 +173,8 @@ class HeartbeatResponse(BaseModel):
 
 
 class LeaseRequest(_Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"max_jobs": 4, "wait_s": 20}]})
+
     max_jobs: int = Field(default=1, ge=1, le=MAX_LEASE_JOBS)
     wait_s: float = Field(default=20.0, ge=0, le=60)
 
@@ -164,7 +199,36 @@ class LeaseResponse(BaseModel):
 
 
 class CompleteRequest(_Strict):
-    """A finished attempt. Duration in seconds, energy in joules, units as priced."""
+    """A finished attempt. Duration in seconds, energy in joules, units as priced: input
+    items for inference, output pixels (frames x width x height over the renditions) for
+    transcode. The orchestrator counts the units itself and refuses other figures (422).
+    ``signature``: EIP-712 over (job id, attempt, output sha256, units, price)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "attempt": 1,
+                    "output_blobs": [
+                        {
+                            "name": "360p",
+                            "sha256": _EXAMPLE_SHA256,
+                            "size": 182304,
+                            "width": 640,
+                            "height": 360,
+                            "frames": 48,
+                        }
+                    ],
+                    "output_sha256": _EXAMPLE_SHA256,
+                    "signature": _EXAMPLE_SIGNATURE,
+                    "duration_s": 1.9,
+                    "energy_j": 41.0,
+                    "energy_source": "rapl",
+                    "units": 11059200,
+                }
+            ]
+        }
+    )
 
     attempt: int = Field(ge=1)
     output: dict[str, Any] | None = None
@@ -209,6 +273,30 @@ class FailRequest(_Strict):
 
 
 class WorkerView(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "b1e3f0a2c4d64e1f9a7b8c6d5e4f3a21",
+                    "address": _EXAMPLE_ADDRESS,
+                    "status": "registered",
+                    "hardware": {"cpu_model": "AMD EPYC 7B13", "cpu_cores": 16, "ram_mb": 65536},
+                    "offers": [_EXAMPLE_OFFER],
+                    "max_concurrency": 4,
+                    "running_jobs": 1,
+                    "free_slots": 3,
+                    "jobs_succeeded": 812,
+                    "jobs_failed": 3,
+                    "leases_expired": 1,
+                    "reputation": 0.97,
+                    "carbon_intensity_g_per_kwh": 120.0,
+                    "registered_at": "2026-12-01T09:00:00Z",
+                    "last_seen_at": "2026-12-02T16:00:00Z",
+                }
+            ]
+        }
+    )
+
     id: str
     address: str
     status: str
@@ -283,6 +371,28 @@ class BudgetView(BaseModel):
 
 
 class AccountView(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "client_id": "7d2c9e1f0a3b4c5d6e7f8091a2b3c4d5",
+                    "name": "my-app",
+                    "payer_address": "0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC",
+                    "payments": True,
+                    "signer_address": "0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266",
+                    "budget": {
+                        "deposit_wei": "1000000000000000000",
+                        "cap_remaining_wei": "900000000000000000",
+                        "unredeemed_wei": "1600000000000",
+                        "reserved_wei": "2000000000000",
+                        "available_wei": "899996400000000000",
+                        "unlocking": False,
+                    },
+                }
+            ]
+        }
+    )
+
     client_id: str
     name: str
     payer_address: str | None

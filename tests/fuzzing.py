@@ -29,6 +29,13 @@ import schemathesis
 from eth_account import Account
 from fastapi import FastAPI
 from hypothesis import HealthCheck
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from orchestrator.app import create_app
 from orchestrator.config import Settings
@@ -49,6 +56,14 @@ HEALTH_CHECKS_OFF = [
     HealthCheck.too_slow,
     HealthCheck.filter_too_much,
     HealthCheck.data_too_large,
+]
+# No 5xx, and every answer as the spec documents it: status, media type, body, headers.
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
 ]
 OPERATOR_PATHS = ("/v1/stats", "/v1/clients", "/v1/settlement", "/v1/dashboard")
 FRESH_WORKER_PATHS = ("/v1/workers/drain", "/v1/workers/deregister")

@@ -95,6 +95,16 @@ def register(services: Services, **kwargs: Any) -> TestWorker:
     return TestWorker(Principal("worker", resp.worker_id), account, resp.session_token)
 
 
+def agreed_price(services: Services, job_id: str) -> int:
+    """The price (wei per unit) the job was matched at: what its worker signs with a result."""
+    from orchestrator.store.models import Job
+
+    with services.store.read() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.price_wei_per_unit is not None, f"{job_id} is not matched"
+        return job.price_wei_per_unit
+
+
 def completion(
     worker: TestWorker,
     job_id: str,
@@ -103,13 +113,18 @@ def completion(
     units: int,
     duration_s: float = 0.5,
     energy_j: float = 2.0,
+    *,
+    price_wei_per_unit: int,
 ) -> CompleteRequest:
+    """A result as an honest worker reports it: signed over its output, units and price."""
     digest = output_sha256(output)
     return CompleteRequest(
         attempt=attempt,
         output=output,
         output_sha256=digest,
-        signature=sign_result(worker.account.key, job_id, attempt, digest),
+        signature=sign_result(
+            worker.account.key, job_id, attempt, digest, units, price_wei_per_unit
+        ),
         duration_s=duration_s,
         energy_j=energy_j,
         energy_source="estimate",

@@ -148,11 +148,14 @@ class WorkerDaemon:
             except OrchestratorError as exc:
                 if not exc.retryable:
                     raise
-                await self._sleep_backoff(f"orchestrator unavailable ({exc})")
+                await self._sleep_backoff(
+                    f"orchestrator unavailable ({exc})", at_least_s=exc.retry_after_s
+                )
 
-    async def _sleep_backoff(self, why: str) -> None:
-        """Wait before the next try; a drain or stop ends the wait (both loops then end)."""
-        delay = self._backoff.next_delay()
+    async def _sleep_backoff(self, why: str, *, at_least_s: float | None = None) -> None:
+        """Wait before the next try (at least ``at_least_s``, when the orchestrator said how
+        long); a drain or stop ends the wait (both loops then end)."""
+        delay = max(self._backoff.next_delay(), at_least_s or 0.0)
         log.warning("%s; retrying in %.1fs", why, delay)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._draining.wait(), timeout=delay)
@@ -392,7 +395,14 @@ class WorkerDaemon:
             output=execution.output if not blobs else None,
             output_blobs=blobs,
             output_sha256=digest,
-            signature=sign_result(self.client.account.key, job.job_id, job.attempt, digest),
+            signature=sign_result(
+                self.client.account.key,
+                job.job_id,
+                job.attempt,
+                digest,
+                execution.units,
+                job.price_wei_per_unit,
+            ),
             duration_s=duration_s,
             energy_j=energy_j,
             energy_source=self.energy.source,

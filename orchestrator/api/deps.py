@@ -57,6 +57,13 @@ def require_client_or_worker(credentials: BearerDep, services: ServicesDep) -> P
     return services.auth.any(_token(credentials))
 
 
+async def limit_registration(request: Request, services: ServicesDep) -> None:
+    """Spend one of the source address's challenge/registration requests (429 when none)."""
+    source = request.client.host if request.client else "unknown"
+    services.registration_limit.take(source, services.now())
+
+
+RegistrationLimitDep = Depends(limit_registration)
 ClientDep = Annotated[Principal, Depends(require_client)]
 WorkerDep = Annotated[Principal, Depends(require_worker)]
 OperatorDep = Annotated[Principal, Depends(require_operator)]

@@ -108,6 +108,7 @@ def result_view(job: Job, worker_address: str) -> ResultView:
         signature=job.signature,
         worker_address=worker_address,
         units=job.units,
+        price_wei_per_unit=job.price_wei_per_unit or 0,
         cost_wei=job.cost_wei or 0,
         duration_s=job.duration_s or 0.0,
         energy_j=job.energy_j or 0.0,

@@ -10,18 +10,20 @@ exactly-once: completion is keyed by (job id, attempt) and a stale attempt chang
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from orchestrator.config import Settings
 from orchestrator.exceptions import BadSignature, Conflict, Forbidden, InvalidInput, NotFound
-from orchestrator.services import reputation
+from orchestrator.services import billing, reputation
 from orchestrator.services.auth import Principal
 from orchestrator.services.blame import Blame
 from orchestrator.services.jobs import result_view, ts
@@ -57,6 +59,7 @@ from protocol import (
 from protocol.signing import output_sha256, recover_result_signer
 from protocol.units import MAX_WEI
 
+log = logging.getLogger("gpumarket.orchestrator.leases")
 PERF_EWMA_ALPHA = 0.3
 
 
@@ -129,10 +132,12 @@ class LeaseService:
         verification: VerificationService,
         blame: Blame,
         *,
+        blob_path: Callable[[str], Path],
         rng: random.Random | None = None,
         notify: Callable[[str], None] = lambda worker_id: None,
     ) -> None:
         self._store = store
+        self._blob_path = blob_path
         self._settings = settings
         self._payments = payments
         self._verification = verification
@@ -342,9 +347,16 @@ class LeaseService:
     def complete(
         self, worker: Principal, job_id: str, req: CompleteRequest, now: float
     ) -> ResultView:
-        """Record a result once. A retry of the same completion returns the same result."""
-        # A check's comparisons (seconds, for video) are made before the transaction.
+        """Record a result once. A retry of the same completion returns the same result.
+
+        The billed units are the orchestrator's own count (services/billing.py); a signed
+        result that reports other units is refused (422), costs the worker reputation, and
+        the job goes back to the queue for another worker."""
+        # A check's comparisons (seconds, for video) and the probe of output files are made
+        # before the transaction, so the store's write lock is not held for them.
         self._verification.precompare(job_id, worker.id, req)
+        derived = self._derive_units(job_id, req)
+        refused: str | None = None
         with self._store.transaction() as s:
             job = s.get(Job, job_id, with_for_update=True)
             if (
@@ -353,50 +365,103 @@ class LeaseService:
                 and job.worker_id == worker.id
                 and job.attempt == req.attempt
             ):
-                if job.output_sha256 != req.output_sha256:
-                    raise Conflict(f"job {job_id} was already completed with another output")
+                if job.output_sha256 != req.output_sha256 or job.units != req.units:
+                    raise Conflict(
+                        f"job {job_id} was already completed with another output or units"
+                    )
                 return result_view(job, self._address(s, worker))
             job = self._held_job(s, worker, job_id, req.attempt)
             # Locked: its counters and perf are read, then written (lost updates otherwise).
             row = s.get(Worker, worker.id, with_for_update=True)
             assert row is not None
             self._check_result(s, job, row, req, worker)
-            job.skipped_renditions = self._check_ladder(job, req)
-            job.output = req.output
-            job.output_blobs = (
-                [b.model_dump(mode="json") for b in req.output_blobs] if req.output_blobs else None
-            )
-            job.output_sha256 = req.output_sha256
-            job.signature = req.signature
-            job.duration_s = req.duration_s
-            job.energy_j = req.energy_j
-            job.energy_source = req.energy_source
-            job.units = req.units
-            assert job.price_wei_per_unit is not None
-            job.cost_wei = req.units * job.price_wei_per_unit
-            job.co2_g = co2_grams(req.energy_j, row.carbon_intensity_g_per_kwh)
-            job.lease_expires_at = None
-            if job.started_at is None:
-                job.started_at = now - req.duration_s
-            for blob in req.output_blobs or []:
-                if s.get(BlobGrant, (blob.sha256, f"client:{job.client_id}")) is None:
-                    s.add(BlobGrant(sha256=blob.sha256, principal=f"client:{job.client_id}"))
-            if self._verification.sample(s, job, row, now):
-                # Held, unpaid, until a check on another worker agrees (services/verification).
-                transition(s, job, JobState.VERIFYING, now, detail="sampled for verification")
+            if isinstance(derived, InvalidInput):
+                raise derived
+            if req.units != derived:
+                refused = billing.units_mismatch(req.units, derived, job)
+                self._refuse_bill(s, job, row, req.units, derived, now)
             else:
-                transition(s, job, JobState.SUCCEEDED, now)
-                self._payments.record(s, job, row.address, now)
-            row.jobs_succeeded += 1
-            row.last_seen_at = now
-            reputation.record(
-                row, reputation.Event.SUCCEEDED, now, self._settings.reputation_half_life_s
-            )
-            self._record_perf(row, job, req)
-            self._blame.completed(s, job, now)
-            if job.kind == CHECK:
-                self._verification.check_completed(s, job, now)
-            return result_view(job, row.address)
+                self._check_cap(job, derived)
+                return self._record_result(s, job, row, req, derived, now)
+        assert refused is not None and isinstance(derived, int)
+        raise InvalidInput(refused, derived_units=derived)  # after the commit: the record stays
+
+    def _derive_units(self, job_id: str, req: CompleteRequest) -> int | InvalidInput:
+        """The units this result holds, or the reason they cannot be counted (raised only
+        after the result's other checks, so a foreign blob is named as such first)."""
+        with self._store.read() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                return InvalidInput(f"no job {job_id}")  # _held_job says 404 first
+            try:
+                return billing.derive_units(job, req.output_blobs, self._blob_path)
+            except InvalidInput as exc:
+                return exc
+
+    def _refuse_bill(
+        self, s: Session, job: Job, row: Worker, reported: int, derived: int, now: float
+    ) -> None:
+        """A signed result that bills other units than it holds: the worker loses reputation
+        and the job, which goes back to the queue (another worker, or FAILED if none left)."""
+        row.jobs_failed += 1
+        row.last_seen_at = now
+        reputation.record(
+            row, reputation.Event.MISBILLED, now, self._settings.reputation_half_life_s
+        )
+        log.warning(
+            "job %s: worker %s billed %d units for a result holding %d; refused",
+            job.id,
+            row.address,
+            reported,
+            derived,
+            extra={"job_id": job.id},
+        )
+        requeue_or_fail(
+            s,
+            job,
+            now,
+            f"worker {row.address} billed {reported} units for a result holding {derived}",
+        )
+
+    def _record_result(
+        self, s: Session, job: Job, row: Worker, req: CompleteRequest, units: int, now: float
+    ) -> ResultView:
+        job.skipped_renditions = self._check_ladder(job, req)
+        job.output = req.output
+        job.output_blobs = (
+            [b.model_dump(mode="json") for b in req.output_blobs] if req.output_blobs else None
+        )
+        job.output_sha256 = req.output_sha256
+        job.signature = req.signature
+        job.duration_s = req.duration_s
+        job.energy_j = req.energy_j
+        job.energy_source = req.energy_source
+        job.units = units
+        assert job.price_wei_per_unit is not None
+        job.cost_wei = units * job.price_wei_per_unit
+        job.co2_g = co2_grams(req.energy_j, row.carbon_intensity_g_per_kwh)
+        job.lease_expires_at = None
+        if job.started_at is None:
+            job.started_at = now - req.duration_s
+        for blob in req.output_blobs or []:
+            if s.get(BlobGrant, (blob.sha256, f"client:{job.client_id}")) is None:
+                s.add(BlobGrant(sha256=blob.sha256, principal=f"client:{job.client_id}"))
+        if self._verification.sample(s, job, row, now):
+            # Held, unpaid, until a check on another worker agrees (services/verification).
+            transition(s, job, JobState.VERIFYING, now, detail="sampled for verification")
+        else:
+            transition(s, job, JobState.SUCCEEDED, now)
+            self._payments.record(s, job, row.address, now)
+        row.jobs_succeeded += 1
+        row.last_seen_at = now
+        reputation.record(
+            row, reputation.Event.SUCCEEDED, now, self._settings.reputation_half_life_s
+        )
+        self._record_perf(row, job, req)
+        self._blame.completed(s, job, now)
+        if job.kind == CHECK:
+            self._verification.check_completed(s, job, now)
+        return result_view(job, row.address)
 
     def _address(self, s: Session, worker: Principal) -> str:
         return s.scalar(select(Worker.address).where(Worker.id == worker.id)) or ""
@@ -422,25 +487,36 @@ class LeaseService:
                 f"output_sha256 {req.output_sha256} does not match the output ({digest}); "
                 "hash the canonical JSON of the output"
             )
+        assert job.price_wei_per_unit is not None
         try:
-            signer = recover_result_signer(job.id, req.attempt, req.output_sha256, req.signature)
+            signer = recover_result_signer(
+                job.id,
+                req.attempt,
+                req.output_sha256,
+                req.units,
+                job.price_wei_per_unit,
+                req.signature,
+            )
         except ValueError as exc:
             raise BadSignature(f"result signature could not be decoded: {exc}") from exc
         if signer != row.address:
             raise BadSignature(
-                f"result is signed by {signer}, not by this worker's address {row.address}"
+                f"result is signed by {signer}, not by this worker's address {row.address}; "
+                f"sign job id, attempt, output_sha256, units and the price "
+                f"({job.price_wei_per_unit} wei per unit) with the worker's key"
             )
+
+    def _check_cap(self, job: Job, units: int) -> None:
+        """The derived units fit the agreed price (uint256 wei) and the client's max_units."""
         assert job.price_wei_per_unit is not None
-        if req.units * job.price_wei_per_unit > MAX_WEI:
-            raise InvalidInput(f"units {req.units} at the agreed price overflow 2**256 wei")
-        if job.max_units is not None and req.units > job.max_units:
+        if units * job.price_wei_per_unit > MAX_WEI:
+            raise InvalidInput(f"units {units} at the agreed price overflow 2**256 wei")
+        if job.max_units is not None and units > job.max_units:
             raise InvalidInput(
-                f"units is {req.units}, above the {job.max_units} the client authorised"
-                if job.type == JobType.TRANSCODE
-                else f"units is {req.units}, but the job has {job.max_units} input items"
+                f"units is {units}, but the job has {job.max_units} input items"
+                if job.spec.get("input")
+                else f"units is {units}, above the {job.max_units} the client authorised"
             )
-        if job.type == JobType.INFERENCE and job.spec.get("input") and req.units != job.max_units:
-            raise InvalidInput(f"units is {req.units}, but the job has {job.max_units} input items")
 
     @staticmethod
     def _check_ladder(job: Job, req: CompleteRequest) -> list[dict[str, str]] | None:

@@ -6,9 +6,10 @@ well (or just by time) instead of carrying one bad hour for ever. The score is t
 good evidence with one good and one bad event as prior (Laplace), so a new worker sits at 0.5.
 
 The weights say how much each event tells: a lost lease is as bad as a failed job; a result
-that a second worker confirmed is worth more than an unchecked one; a result proved wrong
-outweighs many good ones. Being online and answering heartbeats counts through the leases
-and results it produces; an absent worker simply stops adding evidence.
+that a second worker confirmed is worth more than an unchecked one; a bill for units the
+result does not hold counts as several failures; a result proved wrong outweighs many good
+ones. Being online and answering heartbeats counts through the leases and results it
+produces; an absent worker simply stops adding evidence.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class Event(Enum):
     FAILED = (0.0, 1.0)
     LEASE_EXPIRED = (0.0, 1.0)
     VERIFIED = (3.0, 0.0)
+    # A signed result billing other units than it holds: refused before any payment, but
+    # a deliberate claim, so it weighs as several failures.
+    MISBILLED = (0.0, 5.0)
     PROVED_WRONG = (0.0, 25.0)
 
     @property

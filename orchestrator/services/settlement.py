@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,6 +38,9 @@ from protocol.vouchers import Voucher, sign_voucher
 
 log = logging.getLogger("gpumarket.orchestrator.settlement")
 
+STAKES_CURSOR = "registry.stakes"
+ELIGIBILITY_BATCH = 500
+"""isEligible reads per JSON-RPC batch request (one HTTP round trip each)."""
 RESIGN_BEFORE_EXPIRY_S = 2 * 24 * 3600
 UNFINISHED = [s.value for s in JobState if s not in FINAL_STATES]
 
@@ -84,6 +87,10 @@ class Payments(Protocol):
 
     def is_eligible(self, address: str) -> bool | None: ...
 
+    def eligibility(self, addresses: Sequence[str]) -> dict[str, bool] | None: ...
+
+    def stake_changes(self, from_block: int | None) -> tuple[set[str], int] | None: ...
+
     def reconcile(self) -> int: ...
 
     def audit_redemptions(self) -> RedemptionAudit | None: ...
@@ -123,6 +130,12 @@ class NoPayments:
         return None
 
     def is_eligible(self, address: str) -> bool | None:
+        return None
+
+    def eligibility(self, addresses: Sequence[str]) -> dict[str, bool] | None:
+        return None
+
+    def stake_changes(self, from_block: int | None) -> tuple[set[str], int] | None:
         return None
 
     def reconcile(self) -> int:
@@ -348,6 +361,39 @@ class ChainPayments:
         except ChainError as exc:
             log.warning("cannot read stake of %s: %s", address, exc)
             return None
+
+    def eligibility(self, addresses: Sequence[str]) -> dict[str, bool] | None:
+        """WorkerRegistry.isEligible of each address (checksummed keys), asked in JSON-RPC
+        batches of ``ELIGIBILITY_BATCH``; None when the chain cannot be asked right now."""
+        found: dict[str, bool] = {}
+        try:
+            for start in range(0, len(addresses), ELIGIBILITY_BATCH):
+                chunk = list(addresses[start : start + ELIGIBILITY_BATCH])
+                found.update(zip(chunk, self.registry.eligible_many(chunk), strict=True))
+        except ChainError as exc:
+            log.warning("cannot read the stakes of %d workers: %s", len(addresses), exc)
+            return None
+        return found
+
+    def stake_changes(self, from_block: int | None) -> tuple[set[str], int] | None:
+        """Addresses whose WorkerRegistry standing changed (staked, unbonding, withdrawn,
+        slashed) in blocks [from_block, head], and the block to scan from next time: one
+        event scan for all workers. ``from_block`` None: from the deployment's block. None
+        when the chain cannot be asked right now."""
+        start = self.deployment.deployed_at_block if from_block is None else from_block
+        try:
+            latest = self._chain.block_number()
+            if start > latest:
+                return set(), start
+            changed = {
+                str(getattr(event, "worker", ""))
+                for event in self.registry.events.read_all(start, latest)
+            }
+        except ChainError as exc:
+            log.warning("cannot read stake events: %s", exc)
+            return None
+        changed.discard("")
+        return changed, latest + 1
 
     def reconcile(self) -> int:
         """Bring the redemption rows up to the chain's Redeemed events, rolling back with the

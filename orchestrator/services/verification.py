@@ -35,7 +35,13 @@ from sqlalchemy.orm import Session
 from orchestrator.config import Settings
 from orchestrator.services import reputation
 from orchestrator.services.auth import new_id
-from orchestrator.services.comparators import Comparison, compare_renditions, compare_tensors
+from orchestrator.services.comparators import (
+    COSINE_THRESHOLDS,
+    PSNR_THRESHOLD_DB,
+    Comparison,
+    compare_renditions,
+    compare_tensors,
+)
 from orchestrator.services.lifecycle import transition
 from orchestrator.services.settlement import Payments
 from orchestrator.services.workers import REGISTERED
@@ -60,19 +66,42 @@ UNFINISHED = [s.value for s in JobState if s not in FINAL_STATES]
 
 
 def _comparison_key(first: Job, second: Job) -> tuple[str, ...] | None:
-    """What a comparison depends on: the job type, the precision, the two outputs (by hash)."""
+    """What a comparison depends on: the job type, the precision, the two outputs (by hash)
+    and the units each billed."""
     if not first.output_sha256 or not second.output_sha256:
         return None
-    a, b = sorted((first.output_sha256, second.output_sha256))
+    a, b = sorted(
+        (f"{first.output_sha256}:{first.units}", f"{second.output_sha256}:{second.units}")
+    )
     return (str(first.type), str(first.precision), a, b)
 
 
+def compare_units(first: Job, second: Job) -> Comparison | None:
+    """Two results that bill different units disagree, whatever their outputs look like (the
+    same job done honestly holds the same units everywhere: input items, or output pixels);
+    None when the units agree and the outputs must be compared. Decodes nothing."""
+    if first.units is None or second.units is None or first.units == second.units:
+        return None
+    if first.type == JobType.TRANSCODE:
+        metric, threshold = "psnr_db", PSNR_THRESHOLD_DB
+    else:
+        metric, threshold = "cosine", COSINE_THRESHOLDS.get(str(first.precision), 0.0)
+    return Comparison(
+        False, metric, None, threshold, f"billed units differ: {first.units} against {second.units}"
+    )
+
+
 def evidence_hash(first: Job, second: Job) -> str:
-    """sha256 over the two conflicting signed results (job id, attempt, output hash and
-    signature of each), as 0x-hex: what WorkerRegistry.slash records as evidence."""
+    """sha256 over the two conflicting signed results (job id, attempt, output hash, units,
+    price and signature of each), as 0x-hex: what WorkerRegistry.slash records as evidence.
+    Each part is what its worker signed (protocol/signing.py), so the evidence proves both
+    what was produced and what was billed."""
     parts = []
     for job in (first, second):
-        parts.append(f"{job.id}:{job.attempt}:{job.output_sha256}:{job.signature}")
+        parts.append(
+            f"{job.id}:{job.attempt}:{job.output_sha256}:{job.units}:"
+            f"{job.price_wei_per_unit}:{job.signature}"
+        )
     return "0x" + hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -224,23 +253,26 @@ class VerificationService:
         )
 
     def compare(self, first: Job, second: Job) -> Comparison:
-        """Do the two results agree? Remembered by their output hashes, so a comparison made
-        ahead by ``precompare`` (outside any transaction) is not made again inside one."""
+        """Do the two results agree, in output and in billed units? Remembered by their output
+        hashes and units, so a comparison made ahead by ``precompare`` (outside any
+        transaction) is not made again inside one."""
         key = _comparison_key(first, second)
         with self._compared_lock:
             known = self._compared.get(key) if key else None
         if known is not None:
             return known
-        if first.type == JobType.TRANSCODE:
-            cmp = compare_renditions(first.output_blobs, second.output_blobs, self._blob_path)
-        else:
-            cmp = compare_tensors(first.output, second.output, first.precision)
+        cmp = compare_units(first, second) or self._compare_outputs(first, second)
         if key:
             with self._compared_lock:
                 self._compared[key] = cmp
                 while len(self._compared) > COMPARISONS_KEPT:
                     self._compared.popitem(last=False)
         return cmp
+
+    def _compare_outputs(self, first: Job, second: Job) -> Comparison:
+        if first.type == JobType.TRANSCODE:
+            return compare_renditions(first.output_blobs, second.output_blobs, self._blob_path)
+        return compare_tensors(first.output, second.output, first.precision)
 
     def precompare(self, check_id: str, worker_id: str, result: CompleteRequest) -> None:
         """Make the comparisons a check's completion will need before its transaction starts:
@@ -269,6 +301,7 @@ class VerificationService:
             if result.output_blobs
             else None,
             output_sha256=result.output_sha256,
+            units=result.units,
         )
         for other in others:
             if other.id != check_id:
@@ -333,6 +366,8 @@ class VerificationService:
             self._reward(s, [first_check.worker_id, judge.worker_id], now)
             record.slashed_address = self._convict(s, parent, first_check, now)
             record.result_signed_for = first_check.id
+            record.result_signed_units = first_check.units
+            record.result_signed_price_wei_per_unit = first_check.price_wei_per_unit
             self._adopt(parent, first_check)
             self._release(s, parent, record, now, pay=False)
         else:

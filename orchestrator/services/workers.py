@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 
@@ -15,10 +16,10 @@ from orchestrator.services.auth import WORKER_TOKEN_PREFIX, Principal, new_id, n
 from orchestrator.services.challenges import issue_challenge, redeem_challenge
 from orchestrator.services.jobs import ts
 from orchestrator.services.lifecycle import is_leased, requeue_or_fail
-from orchestrator.services.settlement import Payments, SignedVoucher
+from orchestrator.services.settlement import STAKES_CURSOR, Payments, SignedVoucher
 from orchestrator.store import Store
 from orchestrator.store.engine import retry_transient
-from orchestrator.store.models import Challenge, Job, Worker
+from orchestrator.store.models import ChainCursor, Challenge, Job, Worker
 from protocol import (
     ChallengeResponse,
     HardwareDescriptor,
@@ -35,11 +36,14 @@ from protocol.jobs import LEASED_STATES, TRANSCODE_MODEL, Precision
 from protocol.signing import registration_message
 from protocol.workers import MarketStats
 
+log = logging.getLogger("gpumarket.orchestrator.workers")
 REGISTERED = "registered"
 DRAINING = "draining"
 DEREGISTERED = "deregistered"
 REGISTRATION_CHALLENGE_ROUTE = "/v1/workers/challenge"
 LEASED_VALUES = [state.value for state in LEASED_STATES]
+STAKE_WRITE_BATCH = 500
+"""Worker rows locked and written per statement in a stake refresh (bounded IN lists)."""
 
 
 def leased_counts(session: Session, worker_ids: list[str] | None = None) -> dict[str, int]:
@@ -106,6 +110,8 @@ class WorkerService:
                 where=REGISTRATION_CHALLENGE_ROUTE,
             )
             worker = s.scalar(select(Worker).where(Worker.address == signer))
+            if worker is not None and worker.status == DEREGISTERED:
+                worker.registered_at = now  # a new registration: its unstaked clock restarts
             if worker is None:
                 worker = Worker(
                     id=new_id(),
@@ -289,32 +295,98 @@ class WorkerService:
         return self._payments.vouchers(address, now) if address else []
 
     def refresh_stakes(self, now: float) -> int:
-        """Re-read WorkerRegistry eligibility of registered workers not checked lately."""
+        """Bring registered workers' WorkerRegistry eligibility up to date; returns how many
+        were re-read.
+
+        One registry event scan (since the last one) names the workers whose standing changed;
+        they, the newly registered and those not re-read for ``stake_check_interval_s`` are
+        asked in JSON-RPC batches, and all are written in one transaction. The cost of a
+        sweep grows with stake changes, not with the number of idle registrations; and
+        registrations never seen staked end after ``unstaked_registration_ttl_s``.
+        """
         if not self._payments.enabled:
             return 0
+        with self._store.read() as s:
+            cursor = s.get(ChainCursor, STAKES_CURSOR)
+            next_block = cursor.next_block if cursor else None
+        scanned = self._payments.stake_changes(next_block)
+        if scanned is None:
+            return 0
+        changed, next_block = scanned
         stale_before = now - self._settings.stake_check_interval_s
         with self._store.read() as s:
-            due = list(
+            due = dict(
                 s.execute(
                     select(Worker.id, Worker.address).where(
                         Worker.status == REGISTERED,
                         or_(
                             Worker.stake_checked_at.is_(None),
                             Worker.stake_checked_at < stale_before,
+                            Worker.address.in_(sorted(changed)),
                         ),
                     )
                 ).all()
             )
-        for worker_id, address in due:
-            staked = self._payments.is_eligible(address)
-            if staked is None:
-                continue
-            with self._store.transaction() as s:
-                row = s.get(Worker, worker_id, with_for_update=True)
-                if row is not None:
-                    row.stake_eligible = staked
-                    row.stake_checked_at = now
+        eligible = self._payments.eligibility(sorted(set(due.values())))
+        if eligible is None:
+            return 0
+        with self._store.transaction() as s:
+            for start in range(0, len(due), STAKE_WRITE_BATCH):
+                ids = sorted(due)[start : start + STAKE_WRITE_BATCH]
+                rows = s.scalars(
+                    select(Worker).where(Worker.id.in_(ids)).order_by(Worker.id).with_for_update()
+                )
+                for row in rows:
+                    if row.address in eligible:
+                        row.stake_eligible = eligible[row.address]
+                        row.stake_checked_at = now
+            if cursor_row := s.get(ChainCursor, STAKES_CURSOR, with_for_update=True):
+                cursor_row.next_block = max(cursor_row.next_block, next_block)
+            else:
+                s.add(ChainCursor(name=STAKES_CURSOR, next_block=next_block))
+        self.expire_unstaked(now)
         return len(due)
+
+    def expire_unstaked(self, now: float) -> int:
+        """End registrations older than ``unstaked_registration_ttl_s`` that are not staked
+        and hold no job (as deregister does); returns how many. Payments only."""
+        if not self._payments.enabled:
+            return 0
+        registered_before = now - self._settings.unstaked_registration_ttl_s
+        holding = select(Job.worker_id).where(
+            Job.worker_id.is_not(None), Job.state.in_(LEASED_VALUES)
+        )
+        with self._store.transaction() as s:
+            rows = list(
+                s.scalars(
+                    select(Worker)
+                    .where(
+                        Worker.status == REGISTERED,
+                        Worker.stake_eligible.is_not(True),
+                        Worker.registered_at < registered_before,
+                        Worker.id.not_in(holding),
+                    )
+                    .order_by(Worker.id)
+                    .with_for_update(skip_locked=True)
+                )
+            )
+            for row in rows:
+                row.status = DEREGISTERED
+                row.session_token_hash = None
+                row.available_until = 0.0
+                row.free_slots = 0
+            expired = [row.id for row in rows]
+        for worker_id in expired:
+            self._forget_session(worker_id)
+            with self._seen_lock:
+                self._seen.pop(worker_id, None)
+        if expired:
+            log.info(
+                "%d unstaked registrations older than %.0f s ended",
+                len(expired),
+                self._settings.unstaked_registration_ttl_s,
+            )
+        return len(expired)
 
     def purge_challenges(self, now: float) -> None:
         with self._store.transaction() as s:

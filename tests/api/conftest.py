@@ -26,7 +26,7 @@ from orchestrator.services.auth import Principal
 from orchestrator.store import Store
 from orchestrator.wiring import Services, build_services
 from protocol import Offer
-from tests.support import EMBED_MODEL, TestWorker, completion, register_request
+from tests.support import EMBED_MODEL, TestWorker, agreed_price, completion, register_request
 
 PROBLEM_JSON = "application/problem+json"
 BASE_URL = "http://orchestrator.test"
@@ -165,7 +165,8 @@ class Api:
     ) -> httpx.Response:
         """Report a correctly signed inline result for ``attempt``."""
         output = output if output is not None else {"embeddings": [[0.5, -0.25]] * units}
-        req = completion(worker.signer(), job_id, attempt, output, units)
+        price = agreed_price(self.services, job_id)
+        req = completion(worker.signer(), job_id, attempt, output, units, price_wei_per_unit=price)
         return await self.http.post(
             f"/v1/workers/jobs/{job_id}/complete",
             json=req.model_dump(mode="json"),

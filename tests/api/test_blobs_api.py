@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,14 +17,29 @@ from orchestrator.blobs import STORE_ID_FILE
 from protocol import OutputBlob
 from protocol.signing import output_sha256, sign_result
 from tests.api.conftest import Api, HttpWorker, RunApi, assert_problem, bearer
-from tests.support import offer, video_clip
+from tests.support import EMBED_MODEL, offer, video_clip
+from worker.executors.transcode import make_test_clip
 
 CHUNK = 64 * 1024
 LIMIT = 1024 * 1024  # the settings fixture's max_blob_bytes
 VIDEO = os.urandom(3 * CHUNK + 123)
-RENDITION = os.urandom(CHUNK + 7)
-PIXELS = 1280 * 720 * 30  # one 720p rendition of 30 frames
+# One real rendition (the orchestrator bills the frames and sizes it finds in the file).
+WIDTH, HEIGHT, FRAMES = 320, 240, 24
+PIXELS = WIDTH * HEIGHT * FRAMES  # 1,843,200 output pixels
 WEI_PER_PIXEL = 2
+
+
+@functools.cache
+def rendition_clip() -> bytes:
+    """A 320x240 H.264 clip of 24 frames, as a worker's 240p rendition."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return make_test_clip(Path(tmp) / "240p.mp4", WIDTH, HEIGHT, FRAMES, 24).read_bytes()
+
+
+def rendition_blob(sha256: str, **listed: Any) -> OutputBlob:
+    """The rendition as a worker lists it; ``listed`` overrides what it says of the file."""
+    fields = {"width": WIDTH, "height": HEIGHT, "frames": FRAMES, **listed}
+    return OutputBlob(name="240p", sha256=sha256, size=len(rendition_clip()), **fields)
 
 
 async def chunks(data: bytes, size: int = CHUNK) -> AsyncIterator[bytes]:
@@ -189,7 +208,7 @@ def transcode_result(
         "attempt": 1,
         "output_blobs": listed,
         "output_sha256": digest,
-        "signature": sign_result(worker.account.key, job_id, 1, digest),
+        "signature": sign_result(worker.account.key, job_id, 1, digest, units, WEI_PER_PIXEL),
         "duration_s": 4.0,
         "energy_j": 120.0,
         "energy_source": "estimate",
@@ -256,16 +275,9 @@ def test_output_blobs_of_a_completed_transcode_become_the_clients(run_api: RunAp
         client, worker, job, _ = await transcode_setup(api)
         other_client = await api.new_client("other")
 
-        uploaded = await api.upload(worker.headers, RENDITION)
-        assert uploaded["sha256"] == hashlib.sha256(RENDITION).hexdigest()
-        rendition = OutputBlob(
-            name="720p",
-            sha256=uploaded["sha256"],
-            size=len(RENDITION),
-            width=1280,
-            height=720,
-            frames=30,
-        )
+        uploaded = await api.upload(worker.headers, rendition_clip())
+        assert uploaded["sha256"] == hashlib.sha256(rendition_clip()).hexdigest()
+        rendition = rendition_blob(uploaded["sha256"])
         resp = await api.http.get(f"/v1/blobs/{rendition.sha256}", headers=client)
         assert_problem(resp, 404, "not_found", rendition.sha256)  # not yet the client's
 
@@ -285,7 +297,7 @@ def test_output_blobs_of_a_completed_transcode_become_the_clients(run_api: RunAp
         assert resp.status_code == 200 and resp.json() == result
 
         resp = await api.http.get(f"/v1/blobs/{rendition.sha256}", headers=client)
-        assert resp.status_code == 200 and resp.content == RENDITION
+        assert resp.status_code == 200 and resp.content == rendition_clip()
         resp = await api.http.get(f"/v1/blobs/{rendition.sha256}", headers=other_client)
         assert_problem(resp, 404, "not_found", rendition.sha256)
 
@@ -310,11 +322,141 @@ def test_transcode_results_must_be_blobs_the_worker_uploaded(run_api: RunApi) ->
             "output_blobs": None,
             "output": {"frames": 1},
             "output_sha256": digest,
-            "signature": sign_result(worker.account.key, job["id"], 1, digest),
+            "signature": sign_result(worker.account.key, job["id"], 1, digest, PIXELS, 2),
         }
         resp = await api.http.post(url, json=inline, headers=worker.headers)
         assert_problem(resp, 422, "invalid_input", "transcode results are files", "output_blobs")
 
         assert (await api.job(client, job["id"]))["state"] == "assigned"
+
+    run_api(body)
+
+
+def test_a_transcode_billing_more_pixels_than_its_files_hold_is_refused(run_api: RunApi) -> None:
+    """The outputs hold 320x240x24 = 1,843,200 pixels; a signed bill for 10,000,000 is
+    refused (422), costs the worker reputation, and the job goes to another worker."""
+
+    async def body(api: Api) -> None:
+        client, worker, job, _ = await transcode_setup(api)
+        uploaded = await api.upload(worker.headers, rendition_clip())
+        rendition = rendition_blob(uploaded["sha256"])
+        url = f"/v1/workers/jobs/{job['id']}/complete"
+        before = _reputation(api, worker)
+
+        overbilled = transcode_result(worker, job["id"], [rendition], units=10_000_000)
+        resp = await api.http.post(url, json=overbilled, headers=worker.headers)
+        problem = assert_problem(
+            resp, 422, "invalid_input", "units is 10000000", f"holds {PIXELS} output pixels"
+        )
+        assert problem["derived_units"] == PIXELS
+        assert _reputation(api, worker) < before
+
+        seen = await api.job(client, job["id"])
+        assert (seen["state"], seen["attempt"], seen["units"]) == ("queued", 2, None)
+        assert "billed 10000000 units for a result holding 1843200" in seen["history"][-1]["detail"]
+        # The same bill sent again finds the lease gone.
+        resp = await api.http.post(url, json=overbilled, headers=worker.headers)
+        assert_problem(resp, 409, "conflict", "(attempt 1) is gone")
+
+    run_api(body)
+
+
+@pytest.mark.parametrize(
+    ("listed", "says"),
+    [
+        ({"frames": 30}, "frames 30 (the file has 24)"),
+        ({"width": 640, "height": 480}, "width 640 (the file has 320), height 480"),
+    ],
+)
+def test_output_blobs_must_be_listed_as_their_files_are(
+    run_api: RunApi, listed: dict[str, int], says: str
+) -> None:
+    async def body(api: Api) -> None:
+        client, worker, job, _ = await transcode_setup(api)
+        uploaded = await api.upload(worker.headers, rendition_clip())
+        rendition = rendition_blob(uploaded["sha256"], **listed)
+        claimed = rendition.width * rendition.height * rendition.frames  # type: ignore[operator]
+        resp = await api.http.post(
+            f"/v1/workers/jobs/{job['id']}/complete",
+            json=transcode_result(worker, job["id"], [rendition], units=claimed),
+            headers=worker.headers,
+        )
+        assert_problem(resp, 422, "invalid_input", uploaded["sha256"], says)
+        assert (await api.job(client, job["id"]))["state"] == "assigned"  # the lease stands
+
+    run_api(body)
+
+
+def test_an_output_blob_that_is_not_a_video_cannot_be_billed(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client, worker, job, _ = await transcode_setup(api)
+        uploaded = await api.upload(worker.headers, os.urandom(CHUNK))
+        rendition = rendition_blob(uploaded["sha256"])
+        resp = await api.http.post(
+            f"/v1/workers/jobs/{job['id']}/complete",
+            json=transcode_result(worker, job["id"], [rendition]),
+            headers=worker.headers,
+        )
+        assert_problem(resp, 422, "invalid_input", uploaded["sha256"], "cannot be billed")
+        assert (await api.job(client, job["id"]))["state"] == "assigned"
+
+    run_api(body)
+
+
+def _reputation(api: Api, worker: HttpWorker) -> float:
+    [view] = [w for w in api.services.workers.list(api.services.now()) if w.id == worker.worker_id]
+    return view.reputation
+
+
+@pytest.mark.parametrize("reported", [3, 5])
+def test_inference_from_an_input_blob_is_billed_per_item_in_the_blob(
+    run_api: RunApi, reported: int
+) -> None:
+    """The orchestrator counts the texts in the JSON blob it holds, as the worker does."""
+
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        worker = await api.register_worker()
+        texts = {"texts": ["one", "two", "three"]}
+        sha256 = (await api.upload(client, json.dumps(texts).encode()))["sha256"]
+        spec = {"type": "inference", "model": EMBED_MODEL, "input_blob": sha256}
+        resp = await api.http.post(
+            "/v1/jobs", json={**spec, "max_price_wei_per_unit": "1000"}, headers=client
+        )
+        assert resp.status_code == 201, resp.text
+        [leased] = await api.lease(worker)
+        output = {"embeddings": [[0.5, -0.25]] * 3}
+        resp = await api.complete(worker, leased["job_id"], 1, output, units=reported)
+        if reported == 3:
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["cost_wei"] == str(3 * int(leased["price_wei_per_unit"]))
+        else:
+            assert_problem(resp, 422, "invalid_input", "units is 5", "holds 3 input items")
+
+    run_api(body)
+
+
+def test_a_transcode_over_the_clients_max_units_is_refused_without_blame(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        worker = await api.register_worker(
+            offers=[offer("h264", price=WEI_PER_PIXEL, job_type="transcode")]
+        )
+        video = (await api.upload(client, VIDEO))["sha256"]
+        spec = {"type": "transcode", "input_blob": video, "max_units": PIXELS - 1}
+        resp = await api.http.post(
+            "/v1/jobs", json={**spec, "max_price_wei_per_unit": "5"}, headers=client
+        )
+        assert resp.status_code == 201, resp.text
+        [leased] = await api.lease(worker)
+        uploaded = await api.upload(worker.headers, rendition_clip())
+        resp = await api.http.post(
+            f"/v1/workers/jobs/{leased['job_id']}/complete",
+            json=transcode_result(worker, leased["job_id"], [rendition_blob(uploaded["sha256"])]),
+            headers=worker.headers,
+        )
+        assert_problem(resp, 422, "invalid_input", f"above the {PIXELS - 1} the client authorised")
+        assert (await api.job(client, leased["job_id"]))["state"] == "assigned"
+        assert _reputation(api, worker) == 0.5  # an honest bill: not held against the worker
 
     run_api(body)

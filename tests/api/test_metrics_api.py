@@ -22,7 +22,7 @@ from orchestrator.store.models import LedgerEntry, Redemption
 from orchestrator.wiring import Services
 from tests.api.conftest import BASE_URL, Api, ApiBody, HttpWorker, RunApi
 from tests.conftest import FakeClock
-from tests.support import completion, offer
+from tests.support import agreed_price, completion, offer
 
 PRICE_WEI = 100  # per text, the workers' offer
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -74,7 +74,10 @@ async def complete(
     api: Api, worker: HttpWorker, job_id: str, units: int, energy_j: float
 ) -> dict[str, Any]:
     output = {"embeddings": [[0.5, -0.25]] * units}
-    req = completion(worker.signer(), job_id, 1, output, units, energy_j=energy_j)
+    price = agreed_price(api.services, job_id)
+    req = completion(
+        worker.signer(), job_id, 1, output, units, energy_j=energy_j, price_wei_per_unit=price
+    )
     resp = await api.http.post(
         f"/v1/workers/jobs/{job_id}/complete",
         json=req.model_dump(mode="json"),

@@ -7,7 +7,9 @@ daemon against a real orchestrator is in tests/integration/test_cheating_worker.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,11 @@ from orchestrator.services.comparators import COSINE_THRESHOLDS, Comparison, com
 from orchestrator.store import Store
 from orchestrator.store.models import Slash, Worker
 from orchestrator.wiring import Services, build_services
+from protocol.signing import output_sha256, sign_result
 from tests.api.conftest import Api, HttpWorker, RunApi, assert_problem
 from tests.conftest import FakeClock
+from tests.support import offer
+from worker.executors.transcode import make_test_clip
 
 RIGHT = {"embeddings": [[0.6, 0.8], [1.0, 0.0]]}
 # Plausible but wrong: unit vectors, the right shape, pointing elsewhere.
@@ -236,5 +241,96 @@ def test_a_checks_comparisons_are_made_before_its_transaction(
         done = await api.job(client, job["id"])
         assert done["verification"]["status"] == "passed"
         assert compared_in == ["outside"]  # once, before; found made inside
+
+    run_api(body)
+
+
+# --- billed units ------------------------------------------------------------------------------
+
+TRANSCODE_PRICE = 1  # wei per output pixel
+
+
+@functools.cache
+def _rendition(frames: int) -> bytes:
+    """A 160x120 H.264 rendition of ``frames`` frames (12 at the client's 12 fps ceiling for
+    a 1 s, 24 fps input; 24 from a worker that ignores the ceiling to bill twice the pixels)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return make_test_clip(Path(tmp) / "120p.mp4", 160, 120, frames, frames).read_bytes()
+
+
+async def _transcode_on(api: Api, worker: HttpWorker, frames: int) -> dict[str, Any]:
+    """``worker`` leases the one transcode it is offered and completes it, honestly signed and
+    listed, with a rendition of ``frames`` frames: what its files hold is what it bills."""
+    [leased] = await api.lease(worker)
+    sha256 = (await api.upload(worker.headers, _rendition(frames)))["sha256"]
+    blobs = [{"name": "120p", "sha256": sha256, "size": len(_rendition(frames))}]
+    blobs[0].update(width=160, height=120, frames=frames)
+    units, digest = 160 * 120 * frames, output_sha256(blobs)
+    job_id, attempt = leased["job_id"], leased["attempt"]
+    body = {
+        "attempt": attempt,
+        "output_blobs": blobs,
+        "output_sha256": digest,
+        "signature": sign_result(
+            worker.account.key, job_id, attempt, digest, units, int(leased["price_wei_per_unit"])
+        ),
+        "duration_s": 1.0,
+        "energy_j": 1.0,
+        "energy_source": "estimate",
+        "units": units,
+    }
+    resp = await api.http.post(
+        f"/v1/workers/jobs/{job_id}/complete", json=body, headers=worker.headers
+    )
+    assert resp.status_code == 200, resp.text
+    return leased
+
+
+def test_a_worker_billing_frames_the_client_did_not_ask_for_is_convicted(
+    run_api: RunApi,
+) -> None:
+    """Its files hold what it bills, so completion takes the bill; the check on another worker
+    holds half the pixels, the tie-break agrees with the check, and the overbiller is
+    convicted like any cheat: the client gets the honest result and pays nothing."""
+
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        transcoder = [offer("h264", price=TRANSCODE_PRICE, job_type="transcode")]
+        cheat = await api.register_worker(offers=transcoder)
+        honest = [await api.register_worker(offers=transcoder) for _ in range(2)]
+        video = (await api.upload(client, b"the client's 24 fps video"))["sha256"]
+        ladder = [{"name": "120p", "height": 120, "fps": 12, "bitrate_kbps": 200}]
+        spec = {"type": "transcode", "input_blob": video, "renditions": ladder}
+        resp = await api.http.post(
+            "/v1/jobs", json={**spec, "max_price_wei_per_unit": "1"}, headers=client
+        )
+        assert resp.status_code == 201, resp.text
+        job = resp.json()
+
+        await _transcode_on(api, cheat, 24)
+        await _transcode_on(api, honest[0], 12)
+        pending = await api.job(client, job["id"])
+        [first] = pending["verification"]["checks"]
+        assert first["agrees"] is False
+        assert "billed units differ" in first["detail"]
+        assert "460800" in first["detail"] and "230400" in first["detail"]
+        await _transcode_on(api, honest[1], 12)
+
+        done = await api.job(client, job["id"])
+        verification = done["verification"]
+        assert (verification["status"], verification["slashed_address"]) == (
+            "replaced",
+            cheat.address,
+        )
+        assert done["cost_wei"] == "0"
+        result = (await api.http.get(f"/v1/jobs/{job['id']}/result", headers=client)).json()
+        assert result["output_blobs"][0]["frames"] == 12
+        # What the adopted result's worker signed, so anyone can check it.
+        assert verification["result_signed_units"] == 160 * 120 * 12
+        assert verification["result_signed_price_wei_per_unit"] == str(TRANSCODE_PRICE)
+        with api.services.store.read() as s:
+            [slash] = s.scalars(select(Slash)).all()
+            assert slash.worker_address == cheat.address
+        assert _worker_row(api, cheat).verifications_failed == 1
 
     run_api(body)

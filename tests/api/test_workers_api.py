@@ -402,6 +402,7 @@ def test_start_complete_then_the_client_reads_the_signed_result(
             "signature": result["signature"],
             "worker_address": worker.address,
             "units": len(TEXTS),
+            "price_wei_per_unit": str(OFFER_PRICE),
             "cost_wei": str(len(TEXTS) * OFFER_PRICE),
             "duration_s": 0.5,
             "energy_j": 2.0,
@@ -411,7 +412,8 @@ def test_start_complete_then_the_client_reads_the_signed_result(
             "verification": None,
             "skipped_renditions": None,
         }
-        assert recover_result_signer(job_id, 1, digest, result["signature"]) == worker.address
+        signed = (job_id, 1, digest, len(TEXTS), OFFER_PRICE, result["signature"])
+        assert recover_result_signer(*signed) == worker.address
 
         resp = await api.http.get(f"/v1/jobs/{job_id}/result", headers=client)
         assert resp.status_code == 200, resp.text
@@ -476,7 +478,9 @@ def test_a_worker_cannot_act_on_a_job_leased_to_another(run_api: RunApi) -> None
 
 
 def _result_body(worker: HttpWorker, job_id: str, **change: Any) -> dict[str, Any]:
-    body = completion(worker.signer(), job_id, 1, EMBEDDINGS, len(TEXTS)).model_dump(mode="json")
+    body = completion(
+        worker.signer(), job_id, 1, EMBEDDINGS, len(TEXTS), price_wei_per_unit=OFFER_PRICE
+    ).model_dump(mode="json")
     return {**body, **change}
 
 
@@ -484,13 +488,14 @@ def _result_body(worker: HttpWorker, job_id: str, **change: Any) -> dict[str, An
     ("change", "code", "says"),
     [
         (
-            {"signature": sign_result(Account.create().key, "x", 1, "ab" * 32)},
+            {"signature": sign_result(Account.create().key, "x", 1, "ab" * 32, 2, 1)},
             "bad_signature",
             ["not by this worker's address"],
         ),
         ({"signature": GARBAGE_SIGNATURE}, "bad_signature", ["could not be decoded"]),
         ({"output_sha256": "ab" * 32}, "invalid_input", ["does not match the output"]),
-        ({"units": 5}, "invalid_input", ["units is 5", "2 input items"]),
+        # Units are signed: a changed figure no longer recovers the worker's address.
+        ({"units": 5}, "bad_signature", ["not by this worker's address", "units"]),
         ({"output": None}, "invalid_input", ["exactly one of output or output_blobs"]),
         ({"energy_source": "guess"}, "invalid_input", ["energy_source", "'nvml'"]),
         ({"duration_s": -1}, "invalid_input", ["duration_s"]),

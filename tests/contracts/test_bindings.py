@@ -402,6 +402,17 @@ def test_event_reader_returns_redeemed_with_exact_amounts(funded: Market) -> Non
 # --- registry ----------------------------------------------------------------------------
 
 
+def test_eligibility_of_many_workers_is_one_batch_in_order(market: Market) -> None:
+    worker = market.registry
+    others = [Account.create().address for _ in range(3)]
+    assert worker.eligible_many([]) == []
+    assert worker.eligible_many([*others, market.worker_address]) == [False] * 4
+    worker.stake(MIN_STAKE_WEI)
+    asked = [others[0], market.worker_address.lower(), others[1]]
+    assert worker.eligible_many(asked) == [False, True, False]
+    assert worker.eligible_many(asked) == [worker.is_eligible(a) for a in asked]
+
+
 def test_registry_stake_unbond_slash_round_trip(market: Market) -> None:
     worker, arbiter = market.registry, market.arbiter
     address = market.worker_address

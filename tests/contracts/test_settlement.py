@@ -3,9 +3,12 @@ vouchers written with the completion, stake-gated matching, redemption and recon
 
 from __future__ import annotations
 
+import json
 import random
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from eth_account import Account
@@ -18,8 +21,9 @@ from contracts.chain import Chain
 from contracts.deploy import deploy, write_deployment
 from contracts.registry import WorkerRegistry
 from orchestrator.config import Settings
-from orchestrator.exceptions import InvalidInput, PaymentRequired
+from orchestrator.exceptions import InvalidInput, PaymentRequired, Unauthorized
 from orchestrator.services.auth import Principal
+from orchestrator.services.settlement import ELIGIBILITY_BATCH, ChainPayments
 from orchestrator.store import Store
 from orchestrator.store.models import Slash, Worker
 from orchestrator.wiring import Services, build_services
@@ -27,7 +31,7 @@ from protocol import JobSpec, JobState
 from protocol.signing import sign_registration
 from protocol.vouchers import Voucher
 from tests.conftest import FakeClock
-from tests.support import EMBED_MODEL, TestWorker, completion, offer, register_request
+from tests.support import EMBED_MODEL, TestWorker, completion, offer, register, register_request
 
 DEPLOYER, PAYER, WORKER = DEV_PRIVATE_KEYS[0], DEV_PRIVATE_KEYS[2], DEV_PRIVATE_KEYS[3]
 PRICE = 10**12  # wei per item, the worker's ask
@@ -153,16 +157,24 @@ def test_paid_job_end_to_end_ledger_voucher_redeem_reconcile(
         Chain.connect(anvil.url, WORKER), paid.payments.deployment.worker_registry
     )
     registry.stake(10**17)
-    assert paid.workers.refresh_stakes(paid.now()) == 0  # checked at registration: not yet due
+    # The registry's Staked event names the worker: re-read at the next refresh, not after
+    # stake_check_interval_s.
+    assert paid.workers.refresh_stakes(paid.now()) == 1
+    assert paid.workers.refresh_stakes(paid.now()) == 0  # nothing changed since
     clock = paid.clock
     assert isinstance(clock, FakeClock)
-    clock.advance(paid.settings.stake_check_interval_s + 1)
-    assert paid.workers.refresh_stakes(paid.now()) == 1
     paid.leases.open_poll(worker.principal, 1, until=paid.now() + 10, now=paid.now())
     assert paid.leases.dispatch(paid.now()) == [(job.id, worker.id)]
     [leased] = paid.leases.claim(worker.principal, 1, paid.now())
     output = {"embeddings": [[1.0], [2.0], [3.0]]}
-    req = completion(worker, job.id, leased.attempt, output, units=len(TEXTS))
+    req = completion(
+        worker,
+        job.id,
+        leased.attempt,
+        output,
+        units=len(TEXTS),
+        price_wei_per_unit=leased.price_wei_per_unit,
+    )
     result = paid.leases.complete(worker.principal, job.id, req, paid.now())
     assert int(result.cost_wei) == PRICE * len(TEXTS)
     paid.leases.complete(worker.principal, job.id, req, paid.now())  # a retried report
@@ -305,7 +317,14 @@ def test_a_cheat_is_caught_slashed_on_chain_unpaid_and_its_client_not_charged(
         services.leases.dispatch(services.now())
         [leased] = services.leases.claim(worker.principal, 1, services.now())
         services.leases.close_poll(worker.principal, services.now())
-        req = completion(worker, leased.job_id, leased.attempt, output, units=len(TEXTS))
+        req = completion(
+            worker,
+            leased.job_id,
+            leased.attempt,
+            output,
+            units=len(TEXTS),
+            price_wei_per_unit=leased.price_wei_per_unit,
+        )
         services.leases.complete(worker.principal, leased.job_id, req, services.now())
         return leased.job_id
 
@@ -357,3 +376,91 @@ def test_a_cheat_is_caught_slashed_on_chain_unpaid_and_its_client_not_charged(
         row = s.scalar(select(Worker).where(Worker.address == cheat.address))
         assert row is not None and row.stake_eligible is False
     assert "not staked" in (services.jobs.get(client, second.id).waiting_reason or "")
+
+
+IDLE_WORKERS = 600
+
+
+class RpcCount:
+    """JSON-RPC traffic of one provider, as sent over HTTP: single requests by method, and
+    the size of each batch request."""
+
+    def __init__(self, provider: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.methods: Counter[str] = Counter()
+        self.batches: list[int] = []  # requests per batch
+        sessions = provider._request_session_manager
+        post = sessions.make_post_request
+
+        def make_post_request(uri: str, data: bytes, **kwargs: Any) -> Any:
+            body = json.loads(data)
+            if isinstance(body, list):
+                self.batches.append(len(body))
+            else:
+                self.methods[body["method"]] += 1
+            return post(uri, data, **kwargs)
+
+        monkeypatch.setattr(sessions, "make_post_request", make_post_request)
+
+    def reset(self) -> None:
+        self.methods.clear()
+        self.batches.clear()
+
+
+def test_stake_refresh_costs_batches_and_events_not_calls_per_idle_worker(
+    anvil: Anvil, w3: Web3, tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hundreds of unstaked registrations: a full re-read is a few JSON-RPC batches and one
+    transaction, a refresh with nothing changed asks the chain for no worker at all, a stake
+    is picked up from its event, and the idle registrations end after their time."""
+    paid = _paid_services(
+        anvil,
+        w3,
+        tmp_path,
+        store,
+        stake_check_interval_s=300.0,
+        unstaked_registration_ttl_s=3600.0,
+    )
+    clock = paid.clock
+    assert isinstance(clock, FakeClock) and isinstance(paid.payments, ChainPayments)
+    idle = [register(paid) for _ in range(IDLE_WORKERS)]
+    staker = _worker(paid)
+    rpc = RpcCount(paid.payments.registry.chain.w3.provider, monkeypatch)
+
+    clock.advance(300 + 1)  # every registration is due for its periodic re-read
+    assert paid.workers.refresh_stakes(paid.now()) == IDLE_WORKERS + 1
+    assert rpc.methods["eth_call"] == 0, rpc.methods  # no call per worker...
+    assert rpc.batches == [ELIGIBILITY_BATCH, IDLE_WORKERS + 1 - ELIGIBILITY_BATCH]  # ...batches
+    assert rpc.methods["eth_getLogs"] == 1  # one event scan for all workers
+
+    rpc.reset()
+    assert paid.workers.refresh_stakes(paid.now()) == 0
+    # No block since the last scan: the head is all it asks for.
+    assert (dict(rpc.methods), rpc.batches) == ({"eth_blockNumber": 1}, [])
+
+    assert paid.payments.deployment is not None
+    address = paid.payments.deployment.worker_registry
+    WorkerRegistry(Chain.connect(anvil.url, WORKER), address).stake(10**17)
+    rpc.reset()
+    assert paid.workers.refresh_stakes(paid.now()) == 1  # named by its Staked event
+    assert (rpc.methods["eth_call"], rpc.batches) == (0, [1])
+    with paid.store.read() as s:
+        assert s.get(Worker, staker.id).stake_eligible is True  # type: ignore[union-attr]
+
+    clock.advance(3600)  # the idle registrations' time is up; the staked one stays
+    paid.workers.refresh_stakes(paid.now())
+    with paid.store.read() as s:
+        listed = dict(s.execute(select(Worker.id, Worker.status)).all())
+    assert listed[staker.id] == "registered"
+    assert {listed[w.id] for w in idle} == {"deregistered"}
+    with pytest.raises(Unauthorized):
+        paid.auth.worker(idle[0].token)
+    rpc.reset()
+    clock.advance(300 + 1)
+    assert paid.workers.refresh_stakes(paid.now()) == 1  # only the staked worker is left to read
+    assert rpc.batches == [1]
+
+    # An expired worker that comes back registers afresh, with a new unstaked period.
+    again = paid.workers.challenge(idle[0].address, paid.now())
+    req = register_request(idle[0].account, again.nonce, again.message)
+    assert paid.workers.register(req, paid.now()).worker_id == idle[0].id
+    assert paid.workers.expire_unstaked(paid.now()) == 0

@@ -90,7 +90,9 @@ async def _finish(worker: OrchestratorClient, job: LeasedJob, energy_j: float) -
         attempt=job.attempt,
         output=output,
         output_sha256=digest,
-        signature=sign_result(worker.account.key, job.job_id, job.attempt, digest),
+        signature=sign_result(
+            worker.account.key, job.job_id, job.attempt, digest, len(texts), job.price_wei_per_unit
+        ),
         duration_s=0.25,
         energy_j=energy_j,
         energy_source="estimate",

@@ -64,7 +64,12 @@ def _check_result(market: Market, spec: dict[str, Any], job: dict[str, Any]) -> 
     assert first["worker_address"] == job["worker_address"]
     assert first["cost_wei"] == job["cost_wei"] and int(first["cost_wei"]) > 0
     signer = recover_result_signer(
-        job["id"], first["attempt"], first["output_sha256"], first["signature"]
+        job["id"],
+        first["attempt"],
+        first["output_sha256"],
+        first["units"],
+        int(first["price_wei_per_unit"]),
+        first["signature"],
     )
     assert signer == first["worker_address"], f"job {job['id']}: result not signed by its worker"
     if spec["type"] == "inference":

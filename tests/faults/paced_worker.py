@@ -17,9 +17,11 @@ of ``gpumarket worker run``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from protocol import HeartbeatResponse, JobRef, JobType, LeasedJob, Precision
@@ -51,10 +53,26 @@ def transcode_units(heights: list[int]) -> int:
     return sum(FRAMES * rendition_width(h) * h for h in heights)
 
 
+TS_NULL_PACKET = b"\x47\x1f\xff\x10" + b"\xff" * 184  # MPEG-TS padding; demuxers skip it
+
+
 def rendition_bytes(input_sha256: str, height: int, size: int) -> bytes:
-    """The stand-in rendition file: a pure function of the input and the rung."""
-    seed = hashlib.sha256(f"{input_sha256}:{height}".encode()).digest()
-    return (seed * (size // len(seed) + 1))[:size]
+    """The stand-in rendition file: a real MPEG-TS clip of the rung's size and ``FRAMES``
+    frames (the orchestrator bills what it probes in the file), padded with null packets to
+    at least ``size`` bytes. The same for every input, so every attempt of a job agrees."""
+    clip = _rendition_clip(height)
+    missing = max(0, size - len(clip))
+    return clip + TS_NULL_PACKET * -(-missing // len(TS_NULL_PACKET))
+
+
+@functools.cache
+def _rendition_clip(height: int) -> bytes:
+    from worker.executors.transcode import make_test_clip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "clip.ts"
+        make_test_clip(path, rendition_width(height), height, FRAMES, 24, container="mpegts")
+        return path.read_bytes()
 
 
 class PacedInference:

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import pytest
 import schemathesis
 from hypothesis import settings
-from schemathesis.checks import not_a_server_error
 
 from contracts.anvil import Anvil
 from contracts.broker import PaymentBroker
@@ -21,7 +20,7 @@ from contracts.deploy import deploy, write_deployment
 from orchestrator.store import Store
 from tests.faults.conftest import TrialReport, repeat_count
 from tests.faults.market import DEPLOYER_KEY, MIN_STAKE_WEI, PAYER_DEPOSIT_WEI, PAYER_KEY
-from tests.fuzzing import HEALTH_CHECKS_OFF, FuzzTarget, build_target, openapi_schema
+from tests.fuzzing import CHECKS, HEALTH_CHECKS_OFF, FuzzTarget, build_target, openapi_schema
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -61,7 +60,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
 )
 def test_no_server_errors(case: schemathesis.Case, target: FuzzTarget) -> None:
     response = target.call(case)
-    case.validate_response(response, checks=[not_a_server_error])
+    case.validate_response(response, checks=CHECKS)
 
 
 def test_schemathesis_long_run(target: FuzzTarget, trial_report: TrialReport) -> None:

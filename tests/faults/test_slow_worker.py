@@ -73,7 +73,8 @@ def _stale_completion(url: str, key: str, job: dict[str, Any], attempt: int) -> 
             attempt=attempt,
             output=output,
             output_sha256=digest,
-            signature=sign_result(client.account.key, job["id"], attempt, digest),
+            # Stale: refused (409) before the signature or the price is looked at.
+            signature=sign_result(client.account.key, job["id"], attempt, digest, len(texts), 1),
             duration_s=SLOW_JOB_S,
             energy_j=1.0,
             energy_source="estimate",

@@ -1,8 +1,14 @@
-"""A dishonest worker for tests: ``python -m tests.integration.cheating_worker FRACTION ARGS``.
+"""Dishonest workers for tests: ``python -m tests.integration.cheating_worker MODE ARGS``.
 
-It is the real ``gpumarket worker run`` (ARGS as for that command) with one change: for a
-FRACTION of its inference jobs it skips the model and returns plausible junk (random unit
-vectors of the right shape), signed like any honest result. A lazy worker saving its compute.
+Each is the real ``gpumarket worker run`` (ARGS as for that command) with one change:
+
+- MODE a fraction such as ``0.5``: for that share of its inference jobs it skips the model and
+  returns plausible junk (random unit vectors of the right shape), signed like any honest
+  result. A lazy worker saving its compute.
+- MODE ``overbill``: its transcodes ignore the client's frame-rate ceiling, so its renditions
+  hold more frames than asked for, and it bills (and signs) every pixel its files hold. The
+  orchestrator's own count of the files agrees with the bill; only a re-run on another
+  worker shows that the job needed fewer.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import numpy as np
 
 from gpumarket.cli import app
 from worker.executors.base import Execution
-from worker.executors.pipelines import InferencePipeline
+from worker.executors.pipelines import InferencePipeline, TranscodePipeline
 
 
 def _forge(rows: list[list[float]], rng: np.random.Generator) -> list[list[float]]:
@@ -41,6 +47,25 @@ def install(fraction: float, seed: int = 0) -> None:
     InferencePipeline.run = run  # type: ignore[method-assign]
 
 
+def install_overbilling() -> None:
+    honest_run = TranscodePipeline.run
+
+    async def run(self: TranscodePipeline, job: Any, workdir: Path, fetch: Any) -> Execution:
+        if not any(r.fps for r in job.renditions or []):
+            return await honest_run(self, job, workdir, fetch)
+        padded = [r.model_copy(update={"fps": None}) for r in job.renditions]
+        execution = await honest_run(
+            self, job.model_copy(update={"renditions": padded}), workdir, fetch
+        )
+        print(f"overbilling job {job.job_id}: {execution.units} units", flush=True)
+        return execution
+
+    TranscodePipeline.run = run  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":
-    install(float(sys.argv[1]))
+    if sys.argv[1] == "overbill":
+        install_overbilling()
+    else:
+        install(float(sys.argv[1]))
     app(sys.argv[2:], prog_name="gpumarket")

@@ -1,17 +1,21 @@
-"""A cheating worker among honest ones, all real processes on a real chain.
+"""Cheating workers among honest ones, all real processes on a real chain.
 
 anvil with the contracts; an orchestrator that checks every result of a new worker
-(``GPUMARKET_VERIFY_RATE_NEW=1``); two honest ``gpumarket worker run`` processes and one that
-returns junk embeddings for half of its jobs (tests/integration/cheating_worker.py). The cheat
-is caught by a check, loses the tie-break, is slashed on chain and gets no more work, while the
-honest workers keep completing and earning, and every client result is right.
+(``GPUMARKET_VERIFY_RATE_NEW=1``); two honest ``gpumarket worker run`` processes and one cheat
+(tests/integration/cheating_worker.py): one that returns junk embeddings for half of its jobs,
+or one that bills transcode frames the client did not ask for. The cheat is caught by a check,
+loses the tie-break, is slashed on chain and gets no more work, while the honest workers keep
+completing and earning, and every client result (and bill) is right.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -65,6 +69,23 @@ def _cosine(a: list[float], b: list[float]) -> float:
 def test_a_cheat_is_caught_slashed_and_shut_out_while_honest_workers_earn(
     tmp_path: Path,
 ) -> None:
+    with _market(tmp_path, "inference", f"inference={PRICE}", "0.5") as market:
+        cheat = Account.from_key(WORKER_KEYS["cheat"]).address
+        _run_until_caught(market.orchestrator, market.registry, cheat, market.workers)
+
+
+@dataclass
+class Market:
+    orchestrator: OrchestratorProcess
+    registry: WorkerRegistry
+    workers: dict[str, WorkerProcess]
+
+
+@contextlib.contextmanager
+def _market(tmp_path: Path, job_type: str, price: str, cheat_mode: str) -> Iterator[Market]:
+    """anvil, the contracts, a paying client and the operator's check payer, an orchestrator
+    that checks every result of a new worker, and three workers of ``job_type`` (the "cheat"
+    one run as ``cheating_worker CHEAT_MODE``)."""
     with Anvil() as anvil:
         deployer = Chain.connect(anvil.url, DEPLOYER)
         deployment = deploy(deployer, min_stake_wei=MIN_STAKE, withdraw_delay_s=3600)
@@ -94,9 +115,9 @@ def test_a_cheat_is_caught_slashed_and_shut_out_while_honest_workers_earn(
                     root,
                     orchestrator.url,
                     "--job-type",
-                    "inference",
+                    job_type,
                     "--price",
-                    f"inference={PRICE}",
+                    price,
                     GPUMARKET_WORKER_STAKE_WEI=str(MIN_STAKE),
                     GPUMARKET_WORKER_REDEEM_THRESHOLD_WEI="1",
                     GPUMARKET_WORKER_REDEEM_POLL_S="1",
@@ -106,14 +127,13 @@ def test_a_cheat_is_caught_slashed_and_shut_out_while_honest_workers_earn(
                         sys.executable,
                         "-m",
                         "tests.integration.cheating_worker",
-                        "0.5",
+                        cheat_mode,
                         *proc.args[3:],
                     ]
                 proc.start()
                 workers[name] = proc
             wait_for_workers(orchestrator, 3)
-            cheat = Account.from_key(WORKER_KEYS["cheat"]).address
-            _run_until_caught(orchestrator, registry, cheat, workers)
+            yield Market(orchestrator, registry, workers)
         finally:
             for proc in workers.values():
                 proc.stop()
@@ -193,3 +213,65 @@ def _run_until_caught(
             with orchestrator.operator() as op:
                 report = op.get("/v1/settlement").json()
         assert http.get("/healthz").status_code == 200
+
+
+# --- an overbilling transcoder ------------------------------------------------------------------
+
+CLIP_SIZE, CLIP_FRAMES, CLIP_FPS = (160, 120), 24, 24  # one second of video
+LADDER = [{"name": "120p", "height": 120, "fps": 12, "bitrate_kbps": 200}]
+HONEST_UNITS = 160 * 120 * 12  # 12 fps for 1 s; the overbiller encodes (and bills) all 24 frames
+PIXEL_PRICE = 1  # wei per output pixel
+
+
+def test_a_worker_billing_frames_nobody_asked_for_is_slashed_like_any_cheat(
+    tmp_path: Path,
+) -> None:
+    from worker.executors.transcode import make_test_clip
+
+    clip = make_test_clip(tmp_path / "clip.mp4", *CLIP_SIZE, CLIP_FRAMES, CLIP_FPS)
+    with _market(tmp_path, "transcode", f"transcode={PIXEL_PRICE}", "overbill") as market:
+        orchestrator, registry = market.orchestrator, market.registry
+        cheat = Account.from_key(WORKER_KEYS["cheat"]).address
+        key = orchestrator.new_client_key()
+        with Client(orchestrator.url, key) as client:
+            client.link_payer(PAYER)
+            video = client.upload_blob(clip)
+            spec = {
+                "type": "transcode",
+                "input_blob": video,
+                "renditions": LADDER,
+                "max_price_wei_per_unit": str(PIXEL_PRICE),
+                "max_units": 2 * CLIP_FRAMES * CLIP_SIZE[0] * CLIP_SIZE[1],
+            }
+            done = _transcode_until_caught(client, spec, cheat, market.workers)
+            # The client got honest renditions, and paid for no frame it did not ask for.
+            for job in done:
+                [rendition] = client.result(job["id"])["output_blobs"]
+                assert rendition["frames"] == 12, job
+                assert int(job["cost_wei"]) in (0, HONEST_UNITS * PIXEL_PRICE), job
+            assert "overbilling job" in market.workers["cheat"].log()
+        deadline = time.monotonic() + 30
+        while not registry.is_slashed(cheat):
+            assert time.monotonic() < deadline, "no slash reached the chain"
+            time.sleep(0.5)
+        with orchestrator.operator() as http:
+            listed = {w["address"]: w for w in http.get("/v1/workers").json()}
+        assert listed[cheat]["reputation"] < 0.25
+
+
+def _transcode_until_caught(
+    client: Client, spec: dict[str, object], cheat: str, workers: dict[str, WorkerProcess]
+) -> list[dict]:
+    done: list[dict] = []
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not any((j.get("verification") or {}).get("slashed_address") == cheat for j in done):
+        assert time.monotonic() < deadline, (
+            "the overbiller was never caught:\n" + workers["cheat"].log()
+        )
+        ids = [client.submit(spec)["id"] for _ in range(3)]
+        for job_id in ids:
+            client.wait(job_id, JOB_TIMEOUT_S)
+            done.append(client.get(job_id))
+    convicted = [j for j in done if (j["verification"] or {}).get("slashed_address") == cheat]
+    assert all("billed units differ" in str(j["verification"]) for j in convicted), convicted
+    return done

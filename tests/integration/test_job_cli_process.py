@@ -51,7 +51,9 @@ async def _work_one_job(url: str) -> None:
             attempt=job.attempt,
             output=EMBEDDINGS,
             output_sha256=digest,
-            signature=sign_result(worker.account.key, job.job_id, job.attempt, digest),
+            signature=sign_result(
+                worker.account.key, job.job_id, job.attempt, digest, 2, job.price_wei_per_unit
+            ),
             duration_s=0.25,
             energy_j=1.5,
             energy_source="estimate",

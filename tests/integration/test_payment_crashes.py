@@ -65,7 +65,9 @@ async def _complete(worker: OrchestratorClient, job: LeasedJob) -> None:
             attempt=job.attempt,
             output=output,
             output_sha256=digest,
-            signature=sign_result(worker.account.key, job.job_id, job.attempt, digest),
+            signature=sign_result(
+                worker.account.key, job.job_id, job.attempt, digest, 2, job.price_wei_per_unit
+            ),
             duration_s=0.01,
             energy_j=0.01,
             energy_source="estimate",

@@ -130,3 +130,13 @@ def test_transcode_rows_quick() -> None:
     assert row.goal == transcode.GOAL
     assert_measured(row)
     assert "same x264 options" in row.note
+
+
+def test_stake_refresh_times_the_three_refreshes() -> None:
+    """bench.stake_refresh at a small size: every timing taken (the assert inside checks each
+    full re-read covered every worker); no figure is asserted."""
+    from bench import stake_refresh
+
+    figures = stake_refresh.measure(20)
+    assert set(figures) == {"per_worker_s", "full_reread_s", "nothing_changed_s"}
+    assert all(seconds > 0 for seconds in figures.values())

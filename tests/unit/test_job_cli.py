@@ -30,6 +30,7 @@ from orchestrator.wiring import build_services
 from protocol.signing import output_sha256, sign_result
 from tests.api.conftest import BASE_URL, Api, HttpWorker
 from tests.support import EMBED_MODEL, offer, video_clip
+from worker.executors.transcode import make_test_clip
 
 TEXTS = ["a cat sat on the mat", "GPUs are scarce"]
 DIM = 3
@@ -87,7 +88,9 @@ class Market:
             else:
                 resp = await self.api.http.post(
                     f"/v1/workers/jobs/{job_id}/complete",
-                    json=_blob_completion(worker, job_id, attempt, blobs),
+                    json=_blob_completion(
+                        worker, job_id, attempt, blobs, int(leased["price_wei_per_unit"])
+                    ),
                     headers=worker.headers,
                 )
             assert resp.status_code == 200, resp.text
@@ -96,19 +99,20 @@ class Market:
 
 
 def _blob_completion(
-    worker: HttpWorker, job_id: str, attempt: int, blobs: list[dict[str, Any]]
+    worker: HttpWorker, job_id: str, attempt: int, blobs: list[dict[str, Any]], price: int
 ) -> dict[str, Any]:
     """A transcode result: renditions the worker uploaded, priced per output pixel."""
     digest = output_sha256(blobs)
+    units = sum(b["width"] * b["height"] * b["frames"] for b in blobs)
     return {
         "attempt": attempt,
         "output_blobs": blobs,
         "output_sha256": digest,
-        "signature": sign_result(worker.account.key, job_id, attempt, digest),
+        "signature": sign_result(worker.account.key, job_id, attempt, digest, units, price),
         "duration_s": 1.5,
         "energy_j": 30.0,
         "energy_source": "estimate",
-        "units": sum(b["width"] * b["height"] * b["frames"] for b in blobs),
+        "units": units,
     }
 
 
@@ -208,7 +212,8 @@ def test_transcode_uploads_the_video_and_downloads_renditions(
     market: Market, tmp_path: Path
 ) -> None:
     worker = market.register_worker()
-    rendition = b"not really h264"  # the scripted worker decodes nothing
+    # The orchestrator bills what the file holds: a real 640x360 clip of 10 frames.
+    rendition = make_test_clip(tmp_path / "360p.mp4", 640, 360, 10, 24).read_bytes()
     uploaded = market.portal.call(market.api.upload, worker.headers, rendition)
     blob = {"name": "360p", "sha256": uploaded["sha256"], "size": len(rendition)}
     blob.update(width=640, height=360, frames=10)

@@ -9,11 +9,13 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
 from orchestrator.api.deps import AnyPrincipalDep, ServicesDep
+from orchestrator.api.openapi import problems
 from orchestrator.api.strict_json import StrictJSONRoute
 from protocol.units import SHA256_PATTERN
 
 router = APIRouter(prefix="/v1/blobs", tags=["blobs"], route_class=StrictJSONRoute)
 
+BINARY = {"type": "string", "format": "binary"}
 Sha256Path = Annotated[str, Path(pattern=SHA256_PATTERN, description="lower-case hex sha256")]
 
 
@@ -25,12 +27,11 @@ class BlobInfo(BaseModel):
 @router.post(
     "",
     status_code=201,
+    responses=problems(401, 413, 422, 507),
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
-            },
+            "content": {"application/octet-stream": {"schema": BINARY}},
         }
     },
 )
@@ -53,7 +54,17 @@ async def upload_blob(
     return BlobInfo(sha256=sha256, size=size)
 
 
-@router.get("/{sha256}", response_class=FileResponse)
+@router.get(
+    "/{sha256}",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "The blob's bytes",
+            "content": {"application/octet-stream": {"schema": BINARY}},
+        },
+        **problems(401, 404, 422),
+    },
+)
 def download_blob(
     sha256: Sha256Path, principal: AnyPrincipalDep, services: ServicesDep
 ) -> FileResponse:

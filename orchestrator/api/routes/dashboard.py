@@ -13,6 +13,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
 from orchestrator.api.deps import OperatorDep, ServicesDep
+from orchestrator.api.openapi import problems
 from orchestrator.api.strict_json import StrictJSONRoute
 from orchestrator.exceptions import NotFound
 from orchestrator.services.dashboard import DEFAULT_BUCKET_S, DEFAULT_RECENT_JOBS
@@ -34,7 +35,7 @@ PAGE_HEADERS = {
 }
 
 
-@router.get("/v1/dashboard")
+@router.get("/v1/dashboard", responses=problems(401, 422, 503))
 def dashboard(
     _: OperatorDep,
     services: ServicesDep,

@@ -19,7 +19,14 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
+@router.get(
+    "/readyz",
+    response_model=None,
+    responses={
+        200: {"description": "Ready: the database answers, its schema is current"},
+        503: {"description": "The database is unreachable or its schema is behind"},
+    },
+)
 def readyz(services: ServicesDep) -> dict[str, str] | JSONResponse:
     """The database answers and its schema is at the newest migration."""
     try:

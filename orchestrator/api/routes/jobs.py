@@ -10,6 +10,7 @@ from fastapi import APIRouter, BackgroundTasks, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
 from orchestrator.api.deps import ClientDep, ServicesDep
+from orchestrator.api.openapi import problems
 from orchestrator.api.strict_json import StrictJSONRoute
 from orchestrator.wiring import Services
 from protocol import FINAL_STATES, JobSpec, JobState, JobView, ResultView
@@ -24,7 +25,10 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=StrictJSONRoute
 @router.post(
     "",
     status_code=201,
-    responses={200: {"model": JobView, "description": "Same idempotency key: the existing job"}},
+    responses={
+        200: {"model": JobView, "description": "Same idempotency key: the existing job"},
+        **problems(400, 401, 402, 409, 413, 422, 503),
+    },
 )
 def submit_job(
     spec: JobSpec,
@@ -55,7 +59,7 @@ def _dispatch_after_submit(services: Services) -> None:
         log.exception("dispatch after a submit failed; the next round places the job")
 
 
-@router.get("")
+@router.get("", responses=problems(401, 422))
 def list_jobs(
     client: ClientDep,
     services: ServicesDep,
@@ -67,7 +71,7 @@ def list_jobs(
     return services.jobs.list(client, state=state, limit=limit, cursor=cursor)
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", responses=problems(401, 404, 422))
 async def get_job(
     job_id: str,
     client: ClientDep,
@@ -91,13 +95,13 @@ async def get_job(
     return view
 
 
-@router.get("/{job_id}/result")
+@router.get("/{job_id}/result", responses=problems(401, 404, 409, 422))
 def get_result(job_id: str, client: ClientDep, services: ServicesDep) -> ResultView:
     """The signed result of a succeeded job; 409 while it is not finished."""
     return services.jobs.result(client, job_id)
 
 
-@router.post("/{job_id}/cancel")
+@router.post("/{job_id}/cancel", responses=problems(401, 404, 409, 422))
 def cancel_job(job_id: str, client: ClientDep, services: ServicesDep) -> JobView:
     """Cancel a job that has not finished; a running worker is told at its next heartbeat."""
     return services.jobs.cancel(client, job_id, services.now())

@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import ServicesDep, WorkerDep
+from orchestrator.api.deps import RegistrationLimitDep, ServicesDep, WorkerDep
+from orchestrator.api.openapi import problems
 from orchestrator.api.strict_json import StrictJSONRoute
 from protocol import (
     ChallengeRequest,
@@ -31,19 +32,26 @@ from protocol.workers import (
 router = APIRouter(prefix="/v1/workers", tags=["workers"], route_class=StrictJSONRoute)
 
 
-@router.post("/challenge")
+@router.post(
+    "/challenge", dependencies=[RegistrationLimitDep], responses=problems(400, 413, 422, 429)
+)
 def challenge(req: ChallengeRequest, services: ServicesDep) -> ChallengeResponse:
     """Step 1 of registration: a one-time message to sign with the worker's key (EIP-191)."""
     return services.workers.challenge(req.address, services.now())
 
 
-@router.post("/register", status_code=201)
+@router.post(
+    "/register",
+    status_code=201,
+    dependencies=[RegistrationLimitDep],
+    responses=problems(400, 413, 422, 429, 503),
+)
 def register(req: RegisterRequest, services: ServicesDep) -> RegisterResponse:
     """Step 2: the signed challenge, hardware and offers; returns a session token."""
     return services.workers.register(req, services.now())
 
 
-@router.post("/heartbeat")
+@router.post("/heartbeat", responses=problems(400, 401, 413, 422))
 async def heartbeat(
     req: HeartbeatRequest, worker: WorkerDep, services: ServicesDep
 ) -> HeartbeatResponse:
@@ -53,7 +61,7 @@ async def heartbeat(
     return await run_in_threadpool(services.workers.heartbeat, worker, req.jobs, services.now())
 
 
-@router.post("/lease")
+@router.post("/lease", responses=problems(400, 401, 413, 422))
 async def lease(req: LeaseRequest, worker: WorkerDep, services: ServicesDep) -> LeaseResponse:
     """Long-poll for work: returns as soon as jobs are assigned, or empty after ``wait_s``."""
     now = services.now()
@@ -74,13 +82,15 @@ async def lease(req: LeaseRequest, worker: WorkerDep, services: ServicesDep) -> 
         await run_in_threadpool(leases.close_poll, worker, services.now())
 
 
-@router.post("/jobs/{job_id}/start", status_code=204)
+@router.post(
+    "/jobs/{job_id}/start", status_code=204, responses=problems(400, 401, 403, 404, 409, 413, 422)
+)
 def start_job(job_id: str, req: StartRequest, worker: WorkerDep, services: ServicesDep) -> None:
     """The worker began executing this attempt (ASSIGNED -> RUNNING)."""
     services.leases.start(worker, job_id, req.attempt, services.now())
 
 
-@router.post("/jobs/{job_id}/complete")
+@router.post("/jobs/{job_id}/complete", responses=problems(400, 401, 403, 404, 409, 413, 422, 503))
 def complete_job(
     job_id: str, req: CompleteRequest, worker: WorkerDep, services: ServicesDep
 ) -> ResultView:
@@ -88,7 +98,7 @@ def complete_job(
     return services.leases.complete(worker, job_id, req, services.now())
 
 
-@router.post("/jobs/{job_id}/fail")
+@router.post("/jobs/{job_id}/fail", responses=problems(400, 401, 403, 404, 409, 413, 422))
 def fail_job(
     job_id: str, req: FailRequest, worker: WorkerDep, services: ServicesDep
 ) -> FailResponse:
@@ -97,19 +107,19 @@ def fail_job(
     return FailResponse(job_id=job_id, state=state)
 
 
-@router.post("/drain", status_code=204)
+@router.post("/drain", status_code=204, responses=problems(401))
 def drain(worker: WorkerDep, services: ServicesDep) -> None:
     """Take no new jobs; jobs in hand may still complete."""
     services.workers.drain(worker, services.now())
 
 
-@router.post("/deregister")
+@router.post("/deregister", responses=problems(401))
 def deregister(worker: WorkerDep, services: ServicesDep) -> DeregisterResponse:
     """Leave: the session ends and any jobs still held go back to the queue."""
     return DeregisterResponse(requeued_jobs=services.workers.deregister(worker, services.now()))
 
 
-@router.get("/vouchers")
+@router.get("/vouchers", responses=problems(401, 503))
 def vouchers(worker: WorkerDep, services: ServicesDep) -> VoucherList:
     """Your latest cumulative voucher from each payer, ready to redeem on PaymentBroker."""
     deployment = services.payments.deployment

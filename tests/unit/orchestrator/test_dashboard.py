@@ -33,7 +33,14 @@ def test_snapshot_sums_wei_exactly_and_buckets_by_time(
     services.leases.dispatch(now)
     [leased] = services.leases.claim(worker.principal, 1, now)
     clock.advance(2.5)
-    req = completion(worker, leased.job_id, 1, {"embeddings": [[1.0], [2.0]]}, units=2)
+    req = completion(
+        worker,
+        leased.job_id,
+        1,
+        {"embeddings": [[1.0], [2.0]]},
+        units=2,
+        price_wei_per_unit=leased.price_wei_per_unit,
+    )
     services.leases.complete(worker.principal, leased.job_id, req, services.now())
     with services.store.transaction() as s:
         for attempt, age_s in [(1, 0.0), (2, 90.0)]:

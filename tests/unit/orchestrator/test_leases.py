@@ -32,7 +32,15 @@ from protocol import (
 )
 from protocol.signing import output_sha256, sign_result
 from tests.conftest import FakeClock
-from tests.support import EMBED_MODEL, TestWorker, completion, new_client, offer, register
+from tests.support import (
+    EMBED_MODEL,
+    TestWorker,
+    agreed_price,
+    completion,
+    new_client,
+    offer,
+    register,
+)
 
 TEXTS = ["first text", "second text", "third text"]
 POLL_S = 10.0
@@ -91,7 +99,10 @@ def _complete(
     services: Services, worker: TestWorker, job: LeasedJob | tuple[str, int], tag: float = 0.0
 ) -> ResultView:
     job_id, attempt = (job.job_id, job.attempt) if isinstance(job, LeasedJob) else job
-    req = completion(worker, job_id, attempt, _output(tag), units=len(TEXTS))
+    price = agreed_price(services, job_id)
+    req = completion(
+        worker, job_id, attempt, _output(tag), units=len(TEXTS), price_wei_per_unit=price
+    )
     return services.leases.complete(worker.principal, job_id, req, services.now())
 
 
@@ -380,8 +391,12 @@ def _assert_untouched(services: Services, worker: TestWorker, job: LeasedJob) ->
 def test_a_result_signed_by_another_key_is_refused(services: Services) -> None:
     _, worker, job = _running_job(services)
     digest = output_sha256(_output())
-    forged = completion(worker, job.job_id, 1, _output(), units=len(TEXTS)).model_copy(
-        update={"signature": sign_result(Account.create().key, job.job_id, 1, digest)}
+    price = job.price_wei_per_unit
+    honest = completion(worker, job.job_id, 1, _output(), len(TEXTS), price_wei_per_unit=price)
+    forged = honest.model_copy(
+        update={
+            "signature": sign_result(Account.create().key, job.job_id, 1, digest, len(TEXTS), price)
+        }
     )
     with pytest.raises(BadSignature, match="not by this worker's address"):
         services.leases.complete(worker.principal, job.job_id, forged, services.now())
@@ -391,8 +406,12 @@ def test_a_result_signed_by_another_key_is_refused(services: Services) -> None:
 def test_a_result_signed_for_another_attempt_is_refused(services: Services) -> None:
     _, worker, job = _running_job(services)
     digest = output_sha256(_output())
-    replayed = completion(worker, job.job_id, 1, _output(), units=len(TEXTS)).model_copy(
-        update={"signature": sign_result(worker.account.key, job.job_id, 2, digest)}
+    price = job.price_wei_per_unit
+    honest = completion(worker, job.job_id, 1, _output(), len(TEXTS), price_wei_per_unit=price)
+    replayed = honest.model_copy(
+        update={
+            "signature": sign_result(worker.account.key, job.job_id, 2, digest, len(TEXTS), price)
+        }
     )
     with pytest.raises(BadSignature):
         services.leases.complete(worker.principal, job.job_id, replayed, services.now())
@@ -407,7 +426,9 @@ def test_a_wrong_output_hash_is_invalid_input(services: Services) -> None:
         attempt=1,
         output=_output(),
         output_sha256=other,
-        signature=sign_result(worker.account.key, job.job_id, 1, other),
+        signature=sign_result(
+            worker.account.key, job.job_id, 1, other, len(TEXTS), job.price_wei_per_unit
+        ),
         duration_s=0.5,
         energy_j=1.0,
         energy_source="estimate",
@@ -419,14 +440,25 @@ def test_a_wrong_output_hash_is_invalid_input(services: Services) -> None:
     _assert_untouched(services, worker, job)
 
 
-@pytest.mark.parametrize("units", [len(TEXTS) - 1, len(TEXTS) + 1, 0])
-def test_a_wrong_unit_count_is_invalid_input(services: Services, units: int) -> None:
+@pytest.mark.parametrize("units", [len(TEXTS) - 1, len(TEXTS) + 1, 0, 10_000_000])
+def test_a_signed_bill_for_other_units_is_refused_and_the_job_goes_elsewhere(
+    services: Services, units: int
+) -> None:
+    """Signed by the worker, so no typo: refused, the worker loses reputation (and the job),
+    and the job is queued again for another worker, its units unbilled."""
     _, worker, job = _running_job(services)
-    req = completion(worker, job.job_id, 1, _output(), units=units)
-    with pytest.raises(InvalidInput, match=f"units is {units}") as refused:
+    before = _worker_view(services, worker).reputation
+    req = completion(
+        worker, job.job_id, 1, _output(), units=units, price_wei_per_unit=job.price_wei_per_unit
+    )
+    with pytest.raises(InvalidInput, match=f"units is {units}, but the result holds 3") as refused:
         services.leases.complete(worker.principal, job.job_id, req, services.now())
-    assert type(refused.value) is InvalidInput
-    _assert_untouched(services, worker, job)
+    assert refused.value.extra == {"derived_units": len(TEXTS)}
+    row = _row(services, job.job_id)
+    assert (row.state, row.attempt, row.output, row.cost_wei) == (JobState.QUEUED, 2, None, None)
+    assert row.excluded_workers == [worker.id]
+    view = _worker_view(services, worker)
+    assert view.reputation < before and view.jobs_failed == 1
 
 
 def test_cost_is_units_times_the_workers_offer_not_the_clients_max(any_services: Services) -> None:

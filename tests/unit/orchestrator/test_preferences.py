@@ -43,7 +43,16 @@ def _run(services: Services, worker: TestWorker, job_id: str, name: str) -> None
     [leased] = services.leases.claim(worker.principal, 1, now)
     assert leased.job_id == job_id
     output = {"embeddings": [[1.0, 0.0]] * len(TEXTS)}
-    req = completion(worker, job_id, leased.attempt, output, len(TEXTS), seconds, joules)
+    req = completion(
+        worker,
+        job_id,
+        leased.attempt,
+        output,
+        len(TEXTS),
+        seconds,
+        joules,
+        price_wei_per_unit=leased.price_wei_per_unit,
+    )
     services.leases.complete(worker.principal, job_id, req, now)
 
 

@@ -32,7 +32,7 @@ from orchestrator.store.models import Base, Client, Job, JobEvent, Worker
 from orchestrator.wiring import Services, build_services
 from protocol import JobSpec, JobState
 from tests.conftest import FakeClock
-from tests.support import EMBED_MODEL, TestWorker, completion, new_client, register
+from tests.support import EMBED_MODEL, TestWorker, agreed_price, completion, new_client, register
 
 BIG_WEI = [0, 1, 10**30 + 7, 2**63, 2**255 + 1, 2**256 - 1]  # 2**256 - 1: the uint256 maximum
 THREAD_TIMEOUT_S = 60
@@ -467,7 +467,10 @@ def _complete_all(
         services = replicas[n % 2]
         worker = by_id[worker_id]
         services.leases.start(worker.principal, job_id, 1, now)
-        req = completion(worker, job_id, 1, {"embeddings": [[0.5, 0.5]]}, units=1)
+        price = agreed_price(services, job_id)
+        req = completion(
+            worker, job_id, 1, {"embeddings": [[0.5, 0.5]]}, units=1, price_wei_per_unit=price
+        )
         services.leases.complete(worker.principal, job_id, req, now)
 
 

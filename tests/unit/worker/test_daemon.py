@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import gc
 import hashlib
 import math
@@ -30,7 +31,9 @@ from fastapi import FastAPI
 
 from orchestrator.app import create_app
 from orchestrator.config import Settings
+from orchestrator.exceptions import TooManyRequests
 from orchestrator.services.auth import Principal
+from orchestrator.services.ratelimit import RateLimiter
 from orchestrator.store import Store
 from orchestrator.wiring import Services, build_services
 from protocol import JobType, LeasedJob, Offer, Precision
@@ -50,6 +53,7 @@ from worker.executors.base import (
     OutputFile,
 )
 from worker.executors.pipelines import TranscodePipeline
+from worker.executors.transcode import make_test_clip
 
 BASE_URL = "http://orchestrator"
 TEST_TIMEOUT_S = 30.0
@@ -63,6 +67,11 @@ TRANSCODE_PRICE_WEI = 2
 MAX_PRICE_WEI = 1_000
 
 TERMINAL = {"succeeded", "failed", "cancelled", "expired"}
+
+
+def _billed(result: dict[str, Any]) -> tuple[int, int]:
+    """The units and price (wei per unit) a result's signature covers."""
+    return result["units"], int(result["price_wei_per_unit"])
 
 
 # --- running an async body -------------------------------------------------------------------
@@ -273,7 +282,8 @@ def vectors(texts: list[str]) -> list[list[float]]:
 
 
 class FakeTranscoder:
-    """Transcode stand-in: writes two "renditions" derived from the input bytes."""
+    """Transcode stand-in: writes two small real H.264 "renditions", whatever the input (the
+    orchestrator bills the frames and sizes it finds in the files)."""
 
     job_type = JobType.TRANSCODE
     RENDITIONS = (("720p", 1280, 720), ("360p", 640, 360))
@@ -301,7 +311,16 @@ class FakeTranscoder:
 
 
 def rendition_bytes(source: bytes, name: str) -> bytes:
-    return name.encode() + b":" + source[::-1]
+    """The file FakeTranscoder writes for rendition ``name`` (the same for any ``source``)."""
+    return _rendition_clip(name)
+
+
+@functools.cache
+def _rendition_clip(name: str) -> bytes:
+    [(width, height)] = [(w, h) for n, w, h in FakeTranscoder.RENDITIONS if n == name]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_test_clip(Path(tmp) / "clip.mp4", width, height, FakeTranscoder.FRAMES, 24)
+        return path.read_bytes()
 
 
 @dataclass
@@ -445,7 +464,7 @@ def test_submitted_jobs_are_leased_run_and_completed_with_signed_priced_metered_
                 assert result["output_blobs"] is None
                 assert result["output_sha256"] == output_sha256(result["output"])
                 signer = recover_result_signer(
-                    job_id, 1, result["output_sha256"], result["signature"]
+                    job_id, 1, result["output_sha256"], *_billed(result), result["signature"]
                 )
                 assert signer == worker.address == result["worker_address"]
                 assert result["units"] == 3
@@ -511,7 +530,7 @@ def test_rejected_job_fails_for_good_a_crash_is_retried_elsewhere_and_the_worker
                     assert job["worker_address"] == other.address
                     result = await market.result(crashed)
                     signer = recover_result_signer(
-                        crashed, 2, result["output_sha256"], result["signature"]
+                        crashed, 2, result["output_sha256"], *_billed(result), result["signature"]
                     )
                     assert signer == other.address
                 # the first worker was excluded from the retry
@@ -764,6 +783,36 @@ def test_registers_after_backoff_while_the_orchestrator_is_unreachable(
     run(body)
 
 
+def test_a_rate_limited_registration_waits_as_long_as_it_is_told(
+    live_services: Services, worker_settings: WorkerSettings
+) -> None:
+    """A 429's retry_after_s (1 s here) outweighs the worker's own short backoff (0.05 s): one
+    refusal, then the registration goes through, instead of a burst of refused retries."""
+    limit = RateLimiter(2.0, 2, what="worker challenges and registrations")
+    live_services.registration_limit = limit
+    refusals: list[float] = []
+    take = limit.take
+
+    def counted_take(key: str, now: float) -> None:
+        try:
+            take(key, now)
+        except TooManyRequests:
+            refusals.append(now)
+            raise
+
+    limit.take = counted_take  # type: ignore[method-assign]
+    for _ in range(2):  # someone else at this address spent the burst
+        limit.take("127.0.0.1", time.time())
+
+    async def body() -> None:
+        async with open_market(live_services) as market:
+            async with start_worker(market, [ScriptedEmbedder()], worker_settings) as worker:
+                await worker.registered()
+        assert len(refusals) == 1
+
+    run(body)
+
+
 def test_lost_lease_polls_and_reports_are_retried(
     live_services: Services, worker_settings: WorkerSettings
 ) -> None:
@@ -982,7 +1031,7 @@ def test_output_files_are_uploaded_and_the_client_can_download_them(
                     assert got.content == expected
                 assert result["output_sha256"] == output_sha256(blobs)
                 signer = recover_result_signer(
-                    job_id, 1, result["output_sha256"], result["signature"]
+                    job_id, 1, result["output_sha256"], *_billed(result), result["signature"]
                 )
                 assert signer == worker.address
                 pixels = (1280 * 720 + 640 * 360) * 3

@@ -195,7 +195,14 @@ class Orchestrator:
         assert self.services.leases.dispatch(now) == [(job.id, worker.id)]
         [leased] = self.services.leases.claim(worker.principal, 1, now)
         output = {"embeddings": [[float(i)] for i in range(texts)]}
-        req = completion(worker, job.id, leased.attempt, output, units=texts)
+        req = completion(
+            worker,
+            job.id,
+            leased.attempt,
+            output,
+            units=texts,
+            price_wei_per_unit=leased.price_wei_per_unit,
+        )
         result = self.services.leases.complete(worker.principal, job.id, req, now)
         return int(result.cost_wei or 0)
 

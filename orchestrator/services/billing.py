@@ -1,0 +1,149 @@
+"""Billing: the units a result is billed for, derived by the orchestrator from what it holds.
+
+A worker reports ``units`` with each result and signs them (protocol/signing.py), but its
+figure is never taken on trust:
+
+- **transcode**: units are output pixels, ``frames x width x height`` summed over the
+  renditions. The orchestrator holds every output blob, so it probes each file (PyAV: the
+  video stream's size, and its packets counted without decoding, one per frame for H.264)
+  and sums. The sizes and frame counts a worker lists for its blobs must match the files.
+- **inference**: units are input items (texts or tensor rows), counted from the job's input
+  (inline, or the JSON input blob the orchestrator holds), as the worker counts them.
+
+A result whose reported units differ from the derived figure is refused (422) and counts
+against the worker's reputation (see leases.complete). What the files cannot tell (a worker
+that encoded more frames than the client's frame-rate ceiling allows, for instance) is what
+verification's re-run on another worker compares (verification.compare).
+
+Probing reads container headers and packets only: milliseconds per rendition, done before the
+completion's transaction so the store's write lock is never held for it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.exceptions import InvalidInput
+from orchestrator.store.models import Job
+from protocol import JobType, OutputBlob
+
+MAX_INPUT_JSON_BYTES = 16 * 1024 * 1024
+"""The largest JSON input blob counted for inference units (the worker refuses larger)."""
+
+
+@dataclass(frozen=True)
+class VideoProbe:
+    """What one output file holds: size in pixels and the number of video frames."""
+
+    width: int
+    height: int
+    frames: int
+
+    @property
+    def pixels(self) -> int:
+        """Output pixels: frames x width x height (the transcode price unit)."""
+        return self.frames * self.width * self.height
+
+
+class NotAVideo(ValueError):
+    """A file that cannot be billed as a rendition; the message says why, for a person."""
+
+
+def probe_video(path: Path) -> VideoProbe:
+    """Size and frame count of the first video stream in ``path``; NotAVideo if the file is
+    not a video PyAV can read. Frames are counted from packets, without decoding."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise NotAVideo("it has no video stream")
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
+    except NotAVideo:
+        raise
+    except Exception as exc:  # an untrusted file: whatever PyAV raises, it is not billable
+        raise NotAVideo(f"it is not a readable video ({type(exc).__name__}: {exc})") from exc
+    if width <= 0 or height <= 0:
+        raise NotAVideo("its video stream has no frame size")
+    return VideoProbe(width=width, height=height, frames=frames)
+
+
+def transcode_units(blobs: list[OutputBlob], blob_path: Callable[[str], Path]) -> int:
+    """Output pixels over all ``blobs``, from the files themselves; InvalidInput when a file
+    is not a video or does not match the width, height or frames listed for it."""
+    total = 0
+    for blob in blobs:
+        try:
+            probe = probe_video(blob_path(blob.sha256))
+        except NotAVideo as exc:
+            raise InvalidInput(
+                f"output blob {blob.sha256} ({blob.name}) cannot be billed: {exc}"
+            ) from exc
+        listed = {"width": blob.width, "height": blob.height, "frames": blob.frames}
+        found = {"width": probe.width, "height": probe.height, "frames": probe.frames}
+        wrong = [
+            f"{k} {v} (the file has {found[k]})"
+            for k, v in listed.items()
+            if v not in (None, found[k])
+        ]
+        if wrong:
+            raise InvalidInput(
+                f"output blob {blob.sha256} ({blob.name}) lists {', '.join(wrong)}; "
+                "describe each rendition as its file is"
+            )
+        total += probe.pixels
+    return total
+
+
+def inference_units(job: Job, blob_path: Callable[[str], Path]) -> int:
+    """Input items of an inference job: inline texts or tensor rows, else those in its JSON
+    input blob; InvalidInput when the input blob cannot be counted."""
+    inline: Any = (job.spec or {}).get("input")
+    if inline is not None:
+        return _item_count(inline)
+    if job.input_blob is None:
+        raise InvalidInput(f"job {job.id} has no input to count units from")
+    path = blob_path(job.input_blob)
+    try:
+        if path.stat().st_size > MAX_INPUT_JSON_BYTES:
+            raise InvalidInput(f"input blob {job.input_blob} is over {MAX_INPUT_JSON_BYTES} bytes")
+        body = json.loads(path.read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"input blob {job.input_blob} cannot be counted: {exc}") from exc
+    return _item_count(body)
+
+
+def _item_count(body: Any) -> int:
+    """Items as the worker counts them: the ``texts`` list, else the ``tensors`` list."""
+    if not isinstance(body, dict):
+        return 0
+    items = body.get("texts") or body.get("tensors")
+    return len(items) if isinstance(items, list) else 0
+
+
+def derive_units(
+    job: Job, output_blobs: list[OutputBlob] | None, blob_path: Callable[[str], Path]
+) -> int:
+    """The units this result is billed for, as the orchestrator counts them (see above)."""
+    if job.type == JobType.TRANSCODE:
+        if not output_blobs:
+            raise InvalidInput("transcode results are files: send output_blobs")
+        return transcode_units(output_blobs, blob_path)
+    return inference_units(job, blob_path)
+
+
+def units_mismatch(reported: int, derived: int, job: Job) -> str:
+    """The 422 detail for a result that reports other units than those derived."""
+    what = "output pixels (frames x width x height of the output blobs)"
+    if job.type != JobType.TRANSCODE:
+        what = "input items"
+    return (
+        f"units is {reported}, but the result holds {derived} {what}; "
+        f"report and sign units={derived}"
+    )
