@@ -224,13 +224,20 @@ async def transcode_setup(api: Api) -> tuple[dict[str, str], HttpWorker, dict[st
     )
     video = (await api.upload(client, video_clip(1280, 720, frames=2)))["sha256"]
     unrelated = (await api.upload(client, b"the client's private notes"))["sha256"]
-    spec = {"type": "transcode", "input_blob": video, "max_price_wei_per_unit": "5"}
+    # The default ladder (720p, 480p, 360p) and the 240p the tests' rendition file is.
+    ladder = [{"name": f"{h}p", "height": h, "bitrate_kbps": 800} for h in (720, 480, 360, 240)]
+    spec = {
+        "type": "transcode",
+        "input_blob": video,
+        "renditions": ladder,
+        "max_price_wei_per_unit": "5",
+    }
     resp = await api.http.post("/v1/jobs", json=spec, headers=client)
     assert resp.status_code == 201, resp.text
     job = resp.json()
     assert job["type"] == "transcode" and job["model"] == "h264"
     assert job["input_blob"] == video
-    assert [r["name"] for r in job["renditions"]] == ["720p", "480p", "360p"]
+    assert [r["name"] for r in job["renditions"]] == ["720p", "480p", "360p", "240p"]
     assert job["container"] == "mp4"
     assert job["units"] is None  # priced per output pixel, known only at completion
 
@@ -239,7 +246,7 @@ async def transcode_setup(api: Api) -> tuple[dict[str, str], HttpWorker, dict[st
     assert leased[0]["job_id"] == job["id"]
     assert leased[0]["input_blob"] == video
     assert leased[0]["container"] == "mp4"
-    assert [r["height"] for r in leased[0]["renditions"]] == [720, 480, 360]
+    assert [r["height"] for r in leased[0]["renditions"]] == [720, 480, 360, 240]
     return client, worker, job, unrelated
 
 
@@ -442,8 +449,14 @@ def test_a_transcode_over_the_clients_max_units_is_refused_without_blame(run_api
         worker = await api.register_worker(
             offers=[offer("h264", price=WEI_PER_PIXEL, job_type="transcode")]
         )
-        video = (await api.upload(client, VIDEO))["sha256"]
-        spec = {"type": "transcode", "input_blob": video, "max_units": PIXELS - 1}
+        video = (await api.upload(client, video_clip(1280, 720, frames=2)))["sha256"]
+        ladder = [{"height": 240, "bitrate_kbps": 800}]
+        spec = {
+            "type": "transcode",
+            "input_blob": video,
+            "renditions": ladder,
+            "max_units": PIXELS - 1,
+        }
         resp = await api.http.post(
             "/v1/jobs", json={**spec, "max_price_wei_per_unit": "5"}, headers=client
         )

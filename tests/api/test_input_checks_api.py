@@ -137,8 +137,8 @@ def test_a_ladder_that_would_only_upscale_is_refused_and_a_partial_one_lists_wha
         assert resp.status_code == 201, resp.text
         job_id = resp.json()["id"]
         [leased] = await api.lease(worker)
-        sd = (await api.upload(worker.headers, b"sd rendition"))["sha256"]
-        blobs = [{"name": "sd", "sha256": sd, "size": 12, "width": 640, "height": 360}]
+        sd = (await api.upload(worker.headers, RENDITION))["sha256"]
+        blobs = [{"name": "sd", "sha256": sd, "size": len(RENDITION), "width": 640, "height": 360}]
         skipped = [{"name": "1080p", "reason": "1920x1080 would upscale the 640x360 input"}]
         req = _blob_result(worker, job_id, leased["attempt"], blobs, skipped)
         resp = await api.http.post(
@@ -154,6 +154,11 @@ def test_a_ladder_that_would_only_upscale_is_refused_and_a_partial_one_lists_wha
         ]
 
     run_api(body)
+
+
+# A worker's 640x360 rendition of the 2-frame clips below: what the orchestrator bills.
+RENDITION = video_clip(640, 360, frames=2)
+RENDITION_PIXELS = 640 * 360 * 2
 
 
 def _blob_result(
@@ -172,11 +177,11 @@ def _blob_result(
         "attempt": attempt,
         "output_blobs": listed,
         "output_sha256": digest,
-        "signature": sign_result(worker.account.key, job_id, attempt, digest),
+        "signature": sign_result(worker.account.key, job_id, attempt, digest, RENDITION_PIXELS, 1),
         "duration_s": 1.0,
         "energy_j": 1.0,
         "energy_source": "estimate",
-        "units": 640 * 360,
+        "units": RENDITION_PIXELS,
         "skipped_renditions": skipped,
     }
 
@@ -192,8 +197,8 @@ def test_a_result_naming_a_rendition_the_job_did_not_ask_for_is_refused(run_api:
         )
         job_id = resp.json()["id"]
         [leased] = await api.lease(worker)
-        made = (await api.upload(worker.headers, b"360p rendition"))["sha256"]
-        blobs = [{"name": "360p", "sha256": made, "size": 14}]
+        made = (await api.upload(worker.headers, RENDITION))["sha256"]
+        blobs = [{"name": "360p", "sha256": made, "size": len(RENDITION)}]
         skipped = [{"name": "4k", "reason": "made up"}]
         req = _blob_result(worker, job_id, leased["attempt"], blobs, skipped)
 

@@ -25,7 +25,7 @@ from orchestrator.wiring import Services, build_services
 from protocol.signing import output_sha256, sign_result
 from tests.api.conftest import Api, HttpWorker, RunApi, assert_problem
 from tests.conftest import FakeClock
-from tests.support import offer
+from tests.support import offer, video_clip
 from worker.executors.transcode import make_test_clip
 
 RIGHT = {"embeddings": [[0.6, 0.8], [1.0, 0.0]]}
@@ -298,7 +298,7 @@ def test_a_worker_billing_frames_the_client_did_not_ask_for_is_convicted(
         transcoder = [offer("h264", price=TRANSCODE_PRICE, job_type="transcode")]
         cheat = await api.register_worker(offers=transcoder)
         honest = [await api.register_worker(offers=transcoder) for _ in range(2)]
-        video = (await api.upload(client, b"the client's 24 fps video"))["sha256"]
+        video = (await api.upload(client, video_clip(320, 240, frames=3)))["sha256"]
         ladder = [{"name": "120p", "height": 120, "fps": 12, "bitrate_kbps": 200}]
         spec = {"type": "transcode", "input_blob": video, "renditions": ladder}
         resp = await api.http.post(

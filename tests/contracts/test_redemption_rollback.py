@@ -89,7 +89,15 @@ class PaidMarket:
         assert svc.leases.dispatch(svc.now()) == [(job.id, worker.id)]
         [leased] = svc.leases.claim(worker.principal, 1, svc.now())
         output = {"embeddings": [[1.0]] * len(TEXTS)}
-        req = completion(worker, job.id, leased.attempt, output, units=len(TEXTS))
+        assert leased.price_wei_per_unit is not None
+        req = completion(
+            worker,
+            job.id,
+            leased.attempt,
+            output,
+            units=len(TEXTS),
+            price_wei_per_unit=leased.price_wei_per_unit,
+        )
         svc.leases.complete(worker.principal, job.id, req, svc.now())
         self.clock.advance(6)  # the poll above is over: the next job goes where it is sent
 

@@ -19,7 +19,7 @@ from orchestrator.store.models import Client
 from orchestrator.wiring import Services
 from protocol import FailRequest, Fault, JobSpec, JobState, WorkerView
 from tests.conftest import FakeClock
-from tests.support import TestWorker, completion, new_client, offer, register
+from tests.support import TestWorker, agreed_price, completion, new_client, offer, register
 
 MODEL = "doubler"  # a TorchScript model, as an operator would drop in its models folder
 ROWS = [[1.0, 2.0], [3.0, 4.0]]
@@ -116,7 +116,14 @@ def test_a_false_input_claim_is_charged_to_the_claimant_when_another_worker_comp
     # The confirmation run is the market's: the client's one attempt is not its last.
     assert _lease(services, honest) == (job_id, 2)
     output = {"outputs": [[2.0, 4.0], [6.0, 8.0]]}
-    req = completion(honest, job_id, 2, output, units=len(ROWS))
+    req = completion(
+        honest,
+        job_id,
+        2,
+        output,
+        units=len(ROWS),
+        price_wei_per_unit=agreed_price(services, job_id),
+    )
     services.leases.complete(honest.principal, job_id, req, services.now())
 
     job = services.jobs.get(client, job_id)
