@@ -61,7 +61,7 @@ def _submit(client: Client, n: int) -> list[str]:
             {
                 "type": "inference",
                 "model": EMBED_MODEL,
-                "input": {"texts": [f"sentence number {i}", "x" * i]},
+                "input": {"texts": [f"sentence number {i}", "x" * (i + 1)]},
                 "max_price_wei_per_unit": "1000",
             },
             idempotency_key=f"job-{i}",
