@@ -25,9 +25,9 @@ import httpx
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
 
 from gpumarket.exceptions import GpumarketAPIError, JobFailed, JobTimeout
+from gpumarket.output import Column, err_console, out_console, print_fields, print_table
 from gpumarket.sdk import DEFAULT_WAIT_TIMEOUT_S, Client
 from protocol.jobs import DEFAULT_LADDER, Container, Precision, Preference, Rendition
 
@@ -70,14 +70,12 @@ JobIdArg = Annotated[str, typer.Argument(help="The job's id, as submit printed i
 
 
 def _out() -> Console:
-    return Console(highlight=False)
+    return out_console()
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    # soft_wrap: one line however narrow the terminal, so scripts can grep it.
-    Console(stderr=True, highlight=False).print(
-        f"error: {message}", style="red", markup=False, soft_wrap=True
-    )
+    # One line however narrow the terminal (soft wrap), so scripts can grep it.
+    err_console().print(f"error: {message}", style="red", markup=False)
     raise typer.Exit(code=code)
 
 
@@ -127,12 +125,6 @@ def _print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2))
 
 
-def _short_address(address: str | None) -> str:
-    if not address:
-        return "-"
-    return f"{address[:6]}…{address[-4:]}"
-
-
 def _energy(item: dict[str, Any]) -> str:
     energy = item.get("energy_j")
     if energy is None:
@@ -145,26 +137,35 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} s"
 
 
-def jobs_table(jobs: list[dict[str, Any]]) -> Table:
-    """id, type, model, state, worker, cost (wei), energy (J) and duration of each job."""
-    table = Table()
-    table.add_column("id", no_wrap=True)
-    for name in ("type", "model", "state", "worker"):
-        table.add_column(name)
-    for name in ("cost wei", "energy J", "duration"):
-        table.add_column(name, justify="right")
-    for job in jobs:
-        table.add_row(
-            job["id"],
-            job["type"],
-            job["model"],
-            job["state"],
-            _short_address(job.get("worker_address")),
-            job.get("cost_wei") or "-",
-            _energy(job),
-            _seconds(job.get("duration_s")),
-        )
-    return table
+JOB_COLUMNS = (
+    Column("id"),
+    Column("type"),
+    Column("model"),
+    Column("state"),
+    Column("worker"),
+    Column("cost wei", right=True),
+    Column("energy J", right=True),
+    Column("duration", right=True),
+)
+
+
+def job_row(job: dict[str, Any]) -> list[str]:
+    """A job's cells under JOB_COLUMNS; ids and addresses whole."""
+    return [
+        job["id"],
+        job["type"],
+        job["model"],
+        job["state"],
+        job.get("worker_address") or "-",
+        job.get("cost_wei") or "-",
+        _energy(job),
+        _seconds(job.get("duration_s")),
+    ]
+
+
+def print_jobs(jobs: list[dict[str, Any]]) -> None:
+    """A table on a wide terminal, else one job per line (see gpumarket.output)."""
+    print_table(_out(), JOB_COLUMNS, [job_row(job) for job in jobs])
 
 
 def _shape(value: Any) -> str:
@@ -176,38 +177,43 @@ def _shape(value: Any) -> str:
     return " x ".join(str(d) for d in dims) if dims else json.dumps(value)
 
 
+RENDITION_COLUMNS = (
+    Column("name"),
+    Column("size"),
+    Column("frames", right=True),
+    Column("bytes", right=True),
+    Column("sha256"),
+)
+
+
 def _print_result(result: dict[str, Any]) -> None:
     console = _out()
-    summary = Table(show_header=False, box=None)
-    summary.add_row("job", result["job_id"])
-    summary.add_row("worker", result["worker_address"])
-    summary.add_row("units", str(result["units"]))
-    summary.add_row("cost wei", result["cost_wei"])
-    summary.add_row("duration", _seconds(result["duration_s"]))
-    summary.add_row("energy J", _energy(result))
-    summary.add_row("output sha256", result["output_sha256"])
-    for key, value in (result.get("output") or {}).items():
-        summary.add_row(key, _shape(value))
-    console.print(summary)
-    blobs = result.get("output_blobs") or []
-    if blobs:
-        renditions = Table(title="renditions")
-        renditions.add_column("name")
-        renditions.add_column("size")
-        for name in ("frames", "bytes"):
-            renditions.add_column(name, justify="right")
-        renditions.add_column("sha256", no_wrap=True)
-        for blob in blobs:
-            size = f"{blob.get('width')}x{blob.get('height')}" if blob.get("height") else "-"
-            frames = blob.get("frames")
-            renditions.add_row(
+    fields = [
+        ("job", result["job_id"]),
+        ("worker", result["worker_address"]),
+        ("units", str(result["units"])),
+        ("cost wei", result["cost_wei"]),
+        ("duration", _seconds(result["duration_s"])),
+        ("energy J", _energy(result)),
+        ("output sha256", result["output_sha256"]),
+    ]
+    fields += [(key, _shape(value)) for key, value in (result.get("output") or {}).items()]
+    print_fields(console, fields)
+    rows = []
+    for blob in result.get("output_blobs") or []:
+        size = f"{blob.get('width')}x{blob.get('height')}" if blob.get("height") else "-"
+        frames = blob.get("frames")
+        rows.append(
+            [
                 blob["name"],
                 size,
                 "-" if frames is None else str(frames),
                 str(blob["size"]),
                 blob["sha256"],
-            )
-        console.print(renditions)
+            ]
+        )
+    if rows:
+        print_table(console, RENDITION_COLUMNS, rows, title="renditions")
 
 
 def _read_texts(texts: list[str], texts_file: Path | None) -> list[str]:
@@ -356,7 +362,7 @@ def _follow(client: Client, job: dict[str, Any], timeout_s: float, quiet: bool) 
     """``wait`` with a spinner showing the job's state on stderr (nothing with ``quiet``)."""
     if quiet:
         return client.wait(job["id"], timeout_s)
-    console = Console(stderr=True, highlight=False)
+    console = err_console()
     seen: list[str] = []
 
     def label(view: dict[str, Any]) -> str:
@@ -388,11 +394,11 @@ def status(
     if as_json:
         _print_json(job)
         return
-    console = _out()
-    console.print(jobs_table([job]))
+    fields = list(zip((c.name for c in JOB_COLUMNS), job_row(job), strict=True))
     for key in ("waiting_reason", "failure_reason"):
         if job.get(key):
-            console.print(f"{key.replace('_', ' ')}: {job[key]}", markup=False, soft_wrap=True)
+            fields.append((key.replace("_", " "), _one_line(job[key])))
+    print_fields(_out(), fields)
 
 
 @job_app.command("list")
@@ -412,7 +418,7 @@ def list_jobs(
     if as_json:
         _print_json(jobs)
     elif jobs:
-        _out().print(jobs_table(jobs))
+        print_jobs(jobs)
     else:
         _out().print("no jobs" + (f" in state {state}" if state else ""))
 

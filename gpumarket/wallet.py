@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.table import Table
+
+from gpumarket.output import err_console, out_console, print_fields
 
 if TYPE_CHECKING:
     from contracts.broker import PaymentBroker
@@ -155,12 +155,12 @@ def _when(unix_s: int, chain_now_s: int) -> str:
 
 
 def _say(text: str) -> None:
-    Console(highlight=False, soft_wrap=True).print(text, markup=False)
+    out_console().print(text, markup=False)
 
 
 def _fail(text: str, code: int = EXIT_REFUSED) -> NoReturn:
     """One red line on stderr, then exit ``code``: no traceback for what a person can fix."""
-    Console(stderr=True, highlight=False, soft_wrap=True).print(text, style="red", markup=False)
+    err_console().print(text, style="red", markup=False)
     raise typer.Exit(code=code)
 
 
@@ -472,33 +472,35 @@ def balance(
     signers = [_address_argument(value, "--signer") for value in signer or []]
     options = WalletOptions(deployment, rpc_url, key_file, dev_account)
     with _session(options, "balance", signing=shown is None) as wallet:
-        table = _balance_table(wallet, shown or wallet.address, signers)
-    Console().print(table)
+        address_shown = shown or wallet.address
+        fields = _balance_fields(wallet, address_shown, signers)
+    console = out_console()
+    console.print(f"{address_shown} on chain {wallet.chain.chain_id}", markup=False)
+    print_fields(console, fields)
 
 
-def _balance_table(wallet: _Wallet, address: str, signers: list[str]) -> Table:
+def _balance_fields(wallet: _Wallet, address: str, signers: list[str]) -> list[tuple[str, str]]:
+    """(what, value) lines: balances, deposit, allowances, stake and eligibility."""
     broker, registry, now = wallet.broker, wallet.registry, wallet.chain_now_s()
-    table = Table(title=f"{address} on chain {wallet.chain.chain_id}", show_header=False)
-    table.add_column("what", style="bold")
-    table.add_column("value")
-    table.add_row("ETH balance", wei_and_eth(wallet.chain.balance_wei(address)))
-    table.add_row("broker deposit", wei_and_eth(broker.balance_of(address)))
-    table.add_row("deposit unlockAt", _unlock_status(broker.unlock_at(address), now, wallet))
+    fields: list[tuple[str, str]] = []
+    fields.append(("ETH balance", wei_and_eth(wallet.chain.balance_wei(address))))
+    fields.append(("broker deposit", wei_and_eth(broker.balance_of(address))))
+    fields.append(("deposit unlockAt", _unlock_status(broker.unlock_at(address), now, wallet)))
     for signer in signers:
         allowance = broker.allowance(address, signer)
-        table.add_row("signer", signer)
-        table.add_row("  cap", wei_and_eth(allowance.cap_wei))
-        table.add_row("  spent", wei_and_eth(allowance.spent_wei))
-        table.add_row("  remaining", wei_and_eth(allowance.remaining_wei))
+        fields.append(("signer", signer))
+        fields.append(("  cap", wei_and_eth(allowance.cap_wei)))
+        fields.append(("  spent", wei_and_eth(allowance.spent_wei)))
+        fields.append(("  remaining", wei_and_eth(allowance.remaining_wei)))
     stake = registry.stake_of(address)
     unbonding = registry.unbonding_of(address)
-    table.add_row("stake (active)", wei_and_eth(stake))
-    table.add_row("stake (unbonding)", wei_and_eth(unbonding.amount_wei))
+    fields.append(("stake (active)", wei_and_eth(stake)))
+    fields.append(("stake (unbonding)", wei_and_eth(unbonding.amount_wei)))
     if unbonding.amount_wei:
-        table.add_row("  withdrawable", _when(unbonding.ready_at, now))
-    table.add_row("minimum stake", wei_and_eth(wallet.deployment.min_stake_wei))
-    table.add_row("eligible for jobs", _eligibility(wallet, address, stake, unbonding.amount_wei))
-    return table
+        fields.append(("  withdrawable", _when(unbonding.ready_at, now)))
+    fields.append(("minimum stake", wei_and_eth(wallet.deployment.min_stake_wei)))
+    fields.append(("eligible for jobs", _eligibility(wallet, address, stake, unbonding.amount_wei)))
+    return fields
 
 
 def _unlock_status(unlock_at: int, now: int, wallet: _Wallet) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import httpx
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -301,3 +302,72 @@ def test_an_unreachable_orchestrator_is_one_line() -> None:
     [line] = closed.stderr.strip().splitlines()
     assert "cannot reach the orchestrator at http://127.0.0.1:9" in line
     assert "GPUMARKET_URL" in line
+
+
+# -- output at any width: ids, addresses and hashes whole, one record per line when narrow ------
+
+WIDTHS = ("40", "80", "200")
+
+
+def _lines_with(text: str, token: str) -> list[str]:
+    return [line for line in text.splitlines() if token in line]
+
+
+@pytest.mark.parametrize("columns", WIDTHS)
+def test_job_list_in_a_pipe_is_one_whole_record_per_line(market: Market, columns: str) -> None:
+    worker = market.register_worker()
+    market.complete_soon(worker)
+    done = _json(market.invoke(*_submit_args("--wait", "--json")))
+    queued = _json(market.invoke(*_submit_args("--json")))
+
+    listed = market.invoke("list", COLUMNS=columns)
+    assert listed.exit_code == 0, listed.output
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 2, listed.stdout  # one line per job, whatever the width
+    [first] = _lines_with(listed.stdout, queued["id"])
+    [second] = _lines_with(listed.stdout, done["job_id"])
+    assert "state: queued" in first and f"model: {EMBED_MODEL}" in first
+    assert f"worker: {worker.address}" in second and "cost wei: 200" in second
+
+    shown = market.invoke("status", done["job_id"], COLUMNS=columns)
+    assert _lines_with(shown.stdout, done["job_id"]) and _lines_with(shown.stdout, worker.address)
+    result = market.invoke("result", done["job_id"], COLUMNS=columns)
+    for whole in (done["job_id"], worker.address, done["output_sha256"]):
+        assert _lines_with(result.stdout, whole), (whole, result.stdout)
+
+
+@pytest.mark.parametrize(("columns", "drawn"), [("40", False), ("80", False), ("200", True)])
+def test_job_list_on_a_terminal_is_a_table_only_when_every_cell_fits(
+    market: Market, columns: str, drawn: bool
+) -> None:
+    worker = market.register_worker()
+    market.complete_soon(worker)
+    done = _json(market.invoke(*_submit_args("--wait", "--json")))
+
+    listed = market.invoke("list", COLUMNS=columns, TTY_COMPATIBLE="1")
+    assert listed.exit_code == 0, listed.output
+    assert ("│" in listed.stdout) is drawn, listed.stdout
+    assert _lines_with(listed.stdout, done["job_id"]), listed.stdout
+    assert _lines_with(listed.stdout, worker.address), listed.stdout
+    if drawn:  # a drawn table fits the terminal; records are long lines the terminal wraps
+        assert max(len(click.unstyle(line)) for line in listed.stdout.splitlines()) <= 200
+
+
+@pytest.mark.parametrize("columns", WIDTHS)
+def test_renditions_are_one_whole_line_each_at_any_width(
+    market: Market, tmp_path: Path, columns: str
+) -> None:
+    worker = market.register_worker()
+    rendition = b"not really h264"
+    uploaded = market.portal.call(market.api.upload, worker.headers, rendition)
+    blob = {"name": "360p", "sha256": uploaded["sha256"], "size": len(rendition)}
+    blob.update(width=640, height=360, frames=10)
+    market.complete_soon(worker, blobs=[blob])
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(os.urandom(4096))
+
+    args = ["submit", "--video", str(video), "--rendition", "360p", "--max-price", "1", "--wait"]
+    done = market.invoke(*args, COLUMNS=columns)
+    assert done.exit_code == 0, done.output
+    [line] = _lines_with(done.stdout, uploaded["sha256"])
+    assert "name: 360p" in line and "size: 640x360" in line and "frames: 10" in line
