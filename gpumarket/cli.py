@@ -237,19 +237,54 @@ def worker_run(
 
 
 @app.command("up")
-def up() -> None:
+def up(
+    port: Annotated[
+        int | None, typer.Option(help="Orchestrator port on 127.0.0.1 (default: any free port).")
+    ] = None,
+    chain_port: Annotated[
+        int | None, typer.Option(help="anvil RPC port on 127.0.0.1 (default: any free port).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Keep logs and state in this new or empty folder (default: a temporary "
+            "folder, removed on stop).",
+            file_okay=False,
+        ),
+    ] = None,
+    deployment: Annotated[
+        Path,
+        typer.Option(
+            help="Where to write the contract addresses, where `gpumarket wallet` looks; "
+            "removed on stop."
+        ),
+    ] = DEFAULT_DEPLOYMENT,
+) -> None:
     """Start a whole local marketplace (anvil, contracts, orchestrator, two workers) and keep
-    it running until Ctrl-C; prints the dashboard, API and RPC addresses."""
-    from gpumarket.demo import console
+    it running until Ctrl-C or SIGTERM; prints the dashboard, API and RPC addresses and
+    commands to try it."""
+    from gpumarket.demo import UpRefused
+    from gpumarket.demo import console as up_console
     from gpumarket.demo import up as run_up
 
     try:
-        raise typer.Exit(run_up())
+        code = run_up(
+            port=port,
+            chain_port=chain_port,
+            data_dir=data_dir,
+            deployment_file=deployment,
+            default_deployment=DEFAULT_DEPLOYMENT,
+        )
     except KeyboardInterrupt:
-        console.print("stopped; every process was shut down")
+        up_console.print("stopped; every process was shut down")
+        return
+    except UpRefused as exc:
+        console.print(f"gpumarket up: {exc}", style="red", markup=False)
+        raise typer.Exit(2) from exc
     except RuntimeError as exc:
-        console.print(f"[red]gpumarket up failed: {exc}[/red]")
+        console.print(f"gpumarket up failed: {exc}", style="red", markup=False)
         raise typer.Exit(1) from exc
+    raise typer.Exit(code)
 
 
 @chain_app.command("up")
