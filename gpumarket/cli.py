@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from gpumarket.job_cli import job_app
-from gpumarket.wallet import wallet_app
+from gpumarket.wallet import chain_fund, wallet_app
 
 if TYPE_CHECKING:
     from contracts.chain import Chain
@@ -26,6 +26,7 @@ worker_app = typer.Typer(help="Run a worker on this machine.", no_args_is_help=T
 app.add_typer(worker_app, name="worker")
 chain_app = typer.Typer(help="The local development chain (anvil).", no_args_is_help=True)
 app.add_typer(chain_app, name="chain")
+chain_app.command("fund")(chain_fund)
 app.add_typer(wallet_app, name="wallet")
 app.add_typer(job_app, name="job")
 

@@ -312,6 +312,7 @@ def _session(options: WalletOptions, action: str, *, signing: bool = True) -> It
     """The wallet for ``options``; any chain error inside becomes one line and exit 1."""
     from web3.exceptions import Web3Exception
 
+    from contracts.anvil import DEV_CHAIN_ID
     from contracts.broker import PaymentBroker
     from contracts.chain import ChainError, ContractRevert, InsufficientFundsForGas, ReceiptTimeout
     from contracts.registry import WorkerRegistry
@@ -319,8 +320,10 @@ def _session(options: WalletOptions, action: str, *, signing: bool = True) -> It
     key = _signing_key(options, required=signing)
     deployment = _load_deployment(options.deployment)
     url = options.rpc_url or deployment.rpc_url
+    dev_chain = False
     try:
         chain = _connect(options, deployment, url)
+        dev_chain = chain.chain_id == DEV_CHAIN_ID
         if key is not None:
             chain = chain.with_key(key)
         yield _Wallet(
@@ -332,7 +335,7 @@ def _session(options: WalletOptions, action: str, *, signing: bool = True) -> It
     except ContractRevert as exc:
         _fail(f"{action} refused: {describe_revert(exc, deployment)}")
     except InsufficientFundsForGas as exc:
-        _fail(describe_insufficient_funds(action, exc))
+        _fail(describe_insufficient_funds(action, exc, url if dev_chain else None))
     except ReceiptTimeout as exc:
         _fail(
             f"{action}: transaction {exc.tx_hash} was sent but not mined within "
@@ -414,13 +417,21 @@ def describe_revert(exc: ContractRevert, deployment: Deployment | None = None) -
             return str(exc)
 
 
-def describe_insufficient_funds(action: str, exc: InsufficientFundsForGas) -> str:
+def describe_insufficient_funds(
+    action: str, exc: InsufficientFundsForGas, dev_rpc_url: str | None = None
+) -> str:
+    """The shortfall and, on the dev chain at ``dev_rpc_url``, the command that covers it."""
+    from contracts.anvil import fund_command
+
     short = max(exc.needed_wei - exc.balance_wei, 0)
-    return (
+    text = (
         f"{action}: account {exc.address} holds {wei_and_eth(exc.balance_wei)} but this "
         f"transaction needs {wei_and_eth(exc.needed_wei)} for gas plus value; send it at "
         f"least {wei_and_eth(short)}"
     )
+    if dev_rpc_url is not None:
+        text += f" (on the dev chain: `{fund_command(exc.address, dev_rpc_url)}`)"
+    return text
 
 
 # --- options shared by every command --------------------------------------------------------
@@ -740,3 +751,61 @@ def withdraw_stake(
         unbonding = wallet.registry.unbonding_of(wallet.address)
         result = wallet.registry.withdraw()
     _say(f"withdrew {wei_and_eth(unbonding.amount_wei)} of unbonded stake {_tx(result)}")
+
+
+# --- the dev chain ----------------------------------------------------------------------------
+
+DEFAULT_DEV_RPC_URL = "http://127.0.0.1:8545"
+DEFAULT_FUND = "1eth"
+
+
+def chain_fund(
+    address: Annotated[str, typer.Argument(help="The account to fund, e.g. a new worker's.")],
+    amount: Annotated[
+        str, typer.Argument(help=f"Amount, {AMOUNT_EXAMPLES}.", show_default=True)
+    ] = DEFAULT_FUND,
+    rpc_url: Annotated[
+        str | None,
+        typer.Option(
+            "--rpc-url",
+            help=f"The dev chain's JSON-RPC URL (default: the deployment file's, else "
+            f"{DEFAULT_DEV_RPC_URL}).",
+        ),
+    ] = None,
+    deployment: Annotated[
+        Path, typer.Option("--deployment", help="Deployment file naming the chain.")
+    ] = DEFAULT_DEPLOYMENT,
+) -> None:
+    """Send ETH to ADDRESS from one of anvil's dev accounts (dev chain 31337 only), e.g. so a
+    new worker key can pay its stake and gas."""
+    from contracts.anvil import DEV_CHAIN_ID, DEV_FUND_FROM, DEV_PRIVATE_KEYS
+    from contracts.chain import Chain, ChainError
+
+    shown = _address_argument(address, "ADDRESS")
+    amount_wei = _amount_argument(amount, "AMOUNT", positive=True)
+    if rpc_url is not None:
+        url = rpc_url
+    elif deployment.exists():
+        url = _load_deployment(deployment).rpc_url
+    else:
+        url = DEFAULT_DEV_RPC_URL
+    try:
+        chain = Chain.connect(url, DEV_PRIVATE_KEYS[DEV_FUND_FROM])
+    except ChainError:
+        _fail(
+            f"no JSON-RPC answer from {url}: is the dev chain running? (`gpumarket up` or "
+            "`gpumarket chain up`; --rpc-url picks another endpoint)"
+        )
+    if chain.chain_id != DEV_CHAIN_ID:
+        _usage(
+            f"{url} serves chain {chain.chain_id}, not the dev chain {DEV_CHAIN_ID}: "
+            "fund accounts there from a wallet of your own"
+        )
+    try:
+        result = chain.send_value(shown, amount_wei)
+    except ChainError as exc:
+        _fail(f"fund: {exc}")
+    _say(
+        f"sent {wei_and_eth(amount_wei)} to {shown}; it holds "
+        f"{wei_and_eth(chain.balance_wei(shown))} {_tx(result)}"
+    )

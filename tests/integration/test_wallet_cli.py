@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,6 +351,27 @@ def test_unfunded_key_is_told_its_address_and_what_it_needs(m: Market, tmp_path:
     assert message.startswith(f"deposit: account {poor} holds 0 wei (0 ETH)")
     needed = re.search(r"needs (\d+) wei", message)
     assert needed is not None and int(needed[1]) > ETH
+
+    # The message names the command that funds the key on the dev chain; run as printed, it
+    # makes a deposit work.
+    command = re.search(r"`(gpumarket chain fund [^`]+)`", message)
+    assert command is not None, message
+    program, *args = shlex.split(command[1])
+    assert program == "gpumarket" and poor in args
+    out = ok(_runner().invoke(app, args, env={"COLUMNS": "40"}))
+    assert f"sent 1000000000000000000 wei (1 ETH) to {poor}" in out
+    assert m.chain.balance_wei(poor) == ETH
+    ok(wallet(m, "deposit", "0.5eth", "--key-file", str(key_file)))
+
+
+def test_chain_fund_reads_the_deployment_file_and_refuses_junk(m: Market) -> None:
+    someone = Account.create().address
+    fund = ["chain", "fund", someone, "--deployment", str(m.deployment_path)]
+    out = ok(_runner().invoke(app, fund, env={"COLUMNS": "200"}))
+    assert m.chain.balance_wei(someone) == ETH  # the default amount
+    assert re.search(rf"^sent 1000000000000000000 wei \(1 ETH\) to {someone}; it holds", out)
+    bad = _runner().invoke(app, ["chain", "fund", "0x12", "--deployment", str(m.deployment_path)])
+    assert bad.exit_code == 2 and "not an address" in bad.stderr
 
 
 def test_signing_key_from_the_environment(m: Market) -> None:

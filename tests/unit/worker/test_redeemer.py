@@ -18,6 +18,8 @@ import asyncio
 import json
 import logging
 import random
+import re
+import shlex
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ import httpx
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from typer.testing import CliRunner
 from web3 import Web3
 
 from contracts.anvil import DEV_PRIVATE_KEYS, Anvil, AnvilNotInstalled, anvil_binary
@@ -35,6 +38,7 @@ from contracts.broker import PaymentBroker
 from contracts.chain import Chain
 from contracts.deploy import Deployment, deploy, write_deployment
 from contracts.registry import WorkerRegistry
+from gpumarket.cli import app as cli_app
 from orchestrator.app import create_app
 from orchestrator.config import Settings
 from orchestrator.services.auth import Principal
@@ -750,3 +754,34 @@ def test_run_payments_returns_at_once_when_the_orchestrator_does_not_pay(
         run(body)
     finally:
         services.store.dispose()
+
+
+def test_an_unfunded_worker_is_told_the_command_that_funds_it(
+    market: Market, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stake error names `gpumarket chain fund`; run as printed, it makes staking work."""
+    new_key = Account.create().key
+    registry = WorkerRegistry(market.chain(new_key), market.deployment.worker_registry)
+    address = registry.chain.address
+
+    async def refused() -> None:
+        assert await stake_if_needed(registry, MIN_STAKE_WEI) is None
+
+    async def staked() -> None:
+        assert await stake_if_needed(registry, MIN_STAKE_WEI) is not None
+
+    with caplog.at_level(logging.ERROR, logger="gpumarket.worker.redeemer"):
+        run(refused)
+    [line] = [r.getMessage() for r in caplog.records if "cannot stake" in r.getMessage()]
+    assert "without stake this worker gets no paid jobs" in line
+    command = re.search(r"`(gpumarket chain fund [^`]+)`", line)
+    assert command, line
+    assert address in command.group(1) and market.node.url in command.group(1)
+
+    program, *args = shlex.split(command.group(1))
+    assert program == "gpumarket"
+    funded = CliRunner().invoke(cli_app, args, env={"COLUMNS": "80"})
+    assert funded.exit_code == 0, funded.output
+    assert f"to {address}" in funded.output
+    run(staked)
+    assert registry.is_eligible(address)
