@@ -349,33 +349,76 @@ def submit(
             if as_json:
                 _print_json(job)
             else:
-                _out().print(f"job {job['id']} {job['state']}", soft_wrap=True)
+                _out().print(_job_line(job), markup=False)
             return
-        result = _follow(client, job, timeout_s, quiet=as_json)
+        try:
+            result = _follow(client, job, timeout_s, quiet=as_json)
+        except PricedOut as exc:
+            _fail(str(exc))
     if as_json:
         _print_json(result)
     else:
         _print_result(result)
 
 
+def _job_line(view: dict[str, Any]) -> str:
+    """``job ID STATE``, and why it waits when no worker can take it."""
+    why = view.get("waiting_reason")
+    return f"job {view['id']} {view['state']}" + (f": {_one_line(why)}" if why else "")
+
+
+class PricedOut(Exception):
+    """Every available worker asks more than the job's max price: waiting would not help."""
+
+
+PRICE_EXCLUSION = re.compile(
+    r"^[0-9]+ asks (?P<ask>[0-9]+) wei/unit, above the job's (?P<max>[0-9]+)$"
+)
+NO_WORKER_CAN_TAKE_IT = "no available worker can take it: "
+
+
+def lowest_ask_above_max(view: dict[str, Any]) -> int | None:
+    """The cheapest price (wei/unit) available workers ask, when the job is queued only
+    because each asks more than its max price; None when anything else holds it back."""
+    why = view.get("waiting_reason") or ""
+    if view.get("state") != "queued" or not why.startswith(NO_WORKER_CAN_TAKE_IT):
+        return None
+    asks = []
+    for part in why.removeprefix(NO_WORKER_CAN_TAKE_IT).split("; "):
+        match = PRICE_EXCLUSION.match(part)
+        if match is None:
+            return None
+        asks.append(int(match["ask"]))
+    return min(asks) if asks else None
+
+
+def _stop_if_priced_out(view: dict[str, Any]) -> None:
+    ask = lowest_ask_above_max(view)
+    if ask is not None:
+        raise PricedOut(
+            f"job {view['id']} waits: {_one_line(view['waiting_reason'])}; the cheapest worker "
+            f"would take it at --max-price {ask} (wei/unit). It stays queued until a worker "
+            f"takes it or its deadline: `gpumarket job cancel {view['id']}` withdraws it"
+        )
+
+
 def _follow(client: Client, job: dict[str, Any], timeout_s: float, quiet: bool) -> dict[str, Any]:
-    """``wait`` with a spinner showing the job's state on stderr (nothing with ``quiet``)."""
+    """``wait`` with a spinner showing the job's state on stderr (nothing with ``quiet``).
+    Raises PricedOut at once when every available worker asks more than the job allows."""
+    _stop_if_priced_out(job)
     if quiet:
-        return client.wait(job["id"], timeout_s)
+        return client.wait(job["id"], timeout_s, on_progress=_stop_if_priced_out)
     console = err_console()
     seen: list[str] = []
 
-    def label(view: dict[str, Any]) -> str:
-        why = view.get("waiting_reason")
-        return f"job {view['id']}: {view['state']}" + (f" ({why})" if why else "")
-
-    with console.status(label(job)) as status:
+    with console.status(_job_line(job)) as status:
 
         def show(view: dict[str, Any]) -> None:
-            status.update(label(view))
+            status.update(_job_line(view))
             if not seen or seen[-1] != view["state"]:
                 seen.append(view["state"])
-                console.print(label(view), markup=False, soft_wrap=True)
+                console.print(_job_line(view), markup=False)
+            _stop_if_priced_out(view)
 
         return client.wait(job["id"], timeout_s, on_progress=show)
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from gpumarket.cli import app
 from orchestrator.app import create_app
 from orchestrator.config import Settings
 from orchestrator.store import Store
+from orchestrator.store.models import Worker as WorkerRow
 from orchestrator.wiring import build_services
 from protocol.signing import output_sha256, sign_result
 from tests.api.conftest import BASE_URL, Api, HttpWorker
@@ -76,6 +78,19 @@ class Market:
     def register_worker(self) -> HttpWorker:
         offers = [offer(price=100), offer(job_type="transcode", model="h264", price=1)]
         return self.portal.call(lambda: self.api.register_worker(offers=offers))
+
+    def listening(self, worker: HttpWorker, wait_s: float = 5.0) -> None:
+        """The worker long-polls for work in the background (and gets none at its price);
+        returns once the orchestrator counts it as available."""
+        self.portal.start_task_soon(lambda: self.api.lease(worker, wait_s=wait_s))
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self.api.services.store.read() as s:
+                row = s.get(WorkerRow, worker.worker_id)
+                if row is not None and row.available_until and row.free_slots:
+                    return
+            assert time.monotonic() < deadline, "the worker never started polling"
+            time.sleep(0.05)
 
     def complete_soon(self, worker: HttpWorker, blobs: list[dict[str, Any]] | None = None) -> None:
         """In the background on the app's loop: lease (long-polling) one job and complete it
@@ -371,3 +386,50 @@ def test_renditions_are_one_whole_line_each_at_any_width(
     assert done.exit_code == 0, done.output
     [line] = _lines_with(done.stdout, uploaded["sha256"])
     assert "name: 360p" in line and "size: 640x360" in line and "frames: 10" in line
+
+
+# -- a job no worker will take at its price ------------------------------------------------------
+
+
+def test_submit_says_why_no_worker_takes_the_job(market: Market) -> None:
+    worker = market.register_worker()  # asks 100 wei per text
+    market.listening(worker)
+    submitted = market.invoke(*_submit_args()[:-2], "--max-price", "50")
+    assert submitted.exit_code == 0, submitted.output
+    [line] = submitted.stdout.splitlines()
+    assert re.fullmatch(
+        r"job \S+ queued: no available worker can take it: 1 asks 100 wei/unit, above the "
+        r"job's 50",
+        line,
+    ), line
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_wait_stops_at_once_with_the_price_that_would_be_taken(
+    market: Market, as_json: bool
+) -> None:
+    worker = market.register_worker()
+    market.listening(worker)
+    args = [*_submit_args()[:-2], "--max-price", "50", "--wait", "--timeout-s", "300"]
+    # Stopped by the price, not after the 300 s timeout (whose message says "still queued").
+    waited = market.invoke(*args, *(["--json"] if as_json else []), COLUMNS="40")
+    assert waited.exit_code == 1, waited.output
+    message = waited.stderr.strip().splitlines()[-1]
+    assert "1 asks 100 wei/unit, above the job's 50" in message
+    assert "--max-price 100" in message
+    cancel = re.search(r"`gpumarket job (cancel \S+)`", message)
+    assert cancel, message
+    assert _json(market.invoke(*cancel[1].split(), "--json"))["state"] == "cancelled"
+
+
+def test_a_job_held_back_by_anything_but_price_is_waited_for() -> None:
+    from gpumarket.job_cli import lowest_ask_above_max
+
+    busy = {"state": "queued", "waiting_reason": "no available worker can take it: 1 busy"}
+    mixed = "no available worker can take it: 1 asks 9 wei/unit, above the job's 5; 1 busy"
+    priced = "no available worker can take it: 2 asks 9 wei/unit, above the job's 5; 1 asks 7 "
+    priced += "wei/unit, above the job's 5"
+    assert lowest_ask_above_max(busy) is None
+    assert lowest_ask_above_max({"state": "queued", "waiting_reason": mixed}) is None
+    assert lowest_ask_above_max({"state": "queued", "waiting_reason": priced}) == 7
+    assert lowest_ask_above_max({"state": "assigned", "waiting_reason": priced}) is None

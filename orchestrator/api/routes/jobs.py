@@ -33,12 +33,16 @@ def submit_job(
     ] = None,
 ) -> JobView:
     """Submit a job. Prices are wei per unit (input item for inference, output pixel for
-    transcode); the job never costs more than ``max_price_wei_per_unit`` per unit."""
+    transcode); the job never costs more than ``max_price_wei_per_unit`` per unit. A job no
+    available worker can take comes back ``queued`` with its ``waiting_reason``."""
     job, created = services.jobs.submit(client, spec, services.now(), idempotency_key)
-    if created:
-        services.leases.dispatch(services.now())
-    else:
+    if not created:
         response.status_code = 200
+        return job
+    assigned = services.leases.dispatch(services.now())
+    if all(job_id != job.id for job_id, _ in assigned):
+        # Not placed: read it back, so the answer carries the waiting reason dispatch found.
+        job = services.jobs.get(client, job.id)
     return job
 
 
