@@ -17,6 +17,7 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from itertools import islice
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -36,6 +37,8 @@ API_KEY_ENV = "GPUMARKET_API_KEY"
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_LIST_LIMIT = 20
 MAX_PAGE = 200  # the API's own page limit
+NOT_A_PROBLEM_CODE = "error"  # ProblemError's code for a body that is no problem document
+MAX_FOREIGN_DETAIL_CHARS = 120
 HOW_TO_GET_A_KEY = (
     f"pass --api-key or set {API_KEY_ENV}; the orchestrator's operator makes one with "
     "`gpumarket orchestrator create-client NAME`"
@@ -73,9 +76,21 @@ def _out() -> Console:
     return out_console()
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    # One line however narrow the terminal (soft wrap), so scripts can grep it.
-    err_console().print(f"error: {message}", style="red", markup=False)
+_json_errors: ContextVar[bool] = ContextVar("json_errors", default=False)
+"""Set by a command run with --json: its errors are then a JSON object on stderr too."""
+
+
+def _fail(message: str, code: int = 1, problem: GpumarketAPIError | None = None) -> NoReturn:
+    """The error on stderr and exit ``code``: one red line however narrow the terminal (soft
+    wrap), or with --json one JSON object: ``{"error": message, "exit_code": code}`` plus the
+    orchestrator's ``status`` and ``code`` when it answered with a problem."""
+    if _json_errors.get():
+        body: dict[str, Any] = {"error": message, "exit_code": code}
+        if problem is not None:
+            body.update(status=problem.status, code=problem.code)
+        typer.echo(json.dumps(body), err=True)
+    else:
+        err_console().print(f"error: {message}", style="red", markup=False)
     raise typer.Exit(code=code)
 
 
@@ -83,9 +98,18 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def describe_problem(exc: GpumarketAPIError) -> str:
-    """The orchestrator's error in one line, with the fix where the status implies one."""
+def describe_problem(exc: GpumarketAPIError, url: str = DEFAULT_URL) -> str:
+    """The orchestrator's error in one line, with the fix where the status implies one. An
+    answer that is no problem document came from something else than an orchestrator."""
+    if exc.code == NOT_A_PROBLEM_CODE:
+        said = _one_line(exc.detail)[:MAX_FOREIGN_DETAIL_CHARS] or "an empty body"
+        return (
+            f"{url} answered HTTP {exc.status} with {said!r}, not as a gpumarket orchestrator "
+            f"does; is that its address? set --orchestrator or {URL_ENV}"
+        )
     fix = FIX_BY_STATUS.get(exc.status)
+    if fix is None and "max_units" in exc.detail:
+        fix = "set it with --max-units"
     if fix is None and exc.retryable:
         fix = "the orchestrator is busy or restarting; try again shortly"
     line = f"{_one_line(exc.detail)} ({exc.status} {exc.code})"
@@ -105,7 +129,7 @@ def _client(ctx: typer.Context, url: str, api_key: str | None) -> Iterator[Clien
         with Client(url, api_key, transport=transport) as client:
             yield client
     except GpumarketAPIError as exc:
-        _fail(describe_problem(exc))
+        _fail(describe_problem(exc, url), problem=exc)
     except JobFailed as exc:
         job = exc.job
         reason = job.get("failure_reason") or "no reason given"
@@ -253,6 +277,34 @@ def parse_rendition(text: str) -> dict[str, Any]:
     return rendition.model_dump(mode="json", exclude_none=True)
 
 
+def _transcode_max_units(video: Path, ladder: list[dict[str, Any]], quiet: bool) -> int:
+    """The output pixels a transcode of ``video`` into ``ladder`` (empty: the default ladder)
+    can encode at most, from probing the file here; said on stderr unless ``quiet``."""
+    from worker.executors import transcode
+
+    rungs = [Rendition.model_validate(r) for r in ladder] or list(DEFAULT_LADDER)
+    try:
+        estimate = transcode.estimate_output_pixels(
+            video,
+            [
+                transcode.Rendition(
+                    r.name or f"{r.height}p", r.width, r.height, r.fps, r.bitrate_kbps
+                )
+                for r in rungs
+            ],
+        )
+    except (transcode.TranscodeError, OSError) as exc:
+        _fail(f"--video {video}: {_one_line(str(exc))}", code=2)
+    sizes = " + ".join(f"{w}x{h}" for w, h in estimate.sizes)
+    if not quiet:
+        err_console().print(
+            f"--max-units {estimate.output_pixels}: {estimate.frames} frames x ({sizes}) output "
+            "pixels at most; give --max-units to set another cap",
+            markup=False,
+        )
+    return estimate.output_pixels
+
+
 def _parse_price(text: str) -> int:
     from gpumarket.wallet import parse_amount_wei
 
@@ -296,7 +348,11 @@ def submit(
     container: Annotated[Container, typer.Option(help="Transcode output.")] = Container.MP4,
     max_units: Annotated[
         int | None,
-        typer.Option(help="Most units you pay for (transcode on a paid orchestrator: pixels)."),
+        typer.Option(
+            help="Most units you pay for (default: the number of texts; for a --video, its "
+            "frames x the ladder's output pixels, probed here).",
+            min=1,
+        ),
     ] = None,
     preference: Annotated[
         Preference, typer.Option(help="What matters most in picking a worker.")
@@ -316,6 +372,7 @@ def submit(
     as_json: JsonOpt = False,
 ) -> None:
     """Submit an inference job (--model with --text/--texts-file) or a transcode (--video)."""
+    _json_errors.set(as_json)
     spec: dict[str, Any] = {
         "max_price_wei_per_unit": str(_parse_price(max_price)),
         "preference": preference.value,
@@ -337,6 +394,8 @@ def submit(
             _fail("give --model and --text (or --texts-file) for inference, or --video", code=2)
         spec.update(type="inference", model=model, precision=precision.value)
         spec["input"] = {"texts": texts}
+    if video is not None and max_units is None:
+        max_units = _transcode_max_units(video, ladder, quiet=as_json)
     if max_units is not None:
         spec["max_units"] = max_units
     if deadline_s is not None:
@@ -355,6 +414,8 @@ def submit(
             result = _follow(client, job, timeout_s, quiet=as_json)
         except PricedOut as exc:
             _fail(str(exc))
+        except JobTimeout as exc:
+            _fail(f"{exc}; it carries on: follow it with `gpumarket job status {job['id']}`")
     if as_json:
         _print_json(result)
     else:
@@ -432,6 +493,7 @@ def status(
     as_json: JsonOpt = False,
 ) -> None:
     """One job: its state, worker, cost, energy and duration."""
+    _json_errors.set(as_json)
     with _client(ctx, orchestrator, api_key) as client:
         job = client.get(job_id)
     if as_json:
@@ -456,6 +518,7 @@ def list_jobs(
     as_json: JsonOpt = False,
 ) -> None:
     """Your jobs, newest first."""
+    _json_errors.set(as_json)
     with _client(ctx, orchestrator, api_key) as client:
         jobs = list(islice(client.list(state=state, limit=min(limit, MAX_PAGE)), limit))
     if as_json:
@@ -483,6 +546,7 @@ def result(
     as_json: JsonOpt = False,
 ) -> None:
     """The signed result of a succeeded job: outputs, cost, duration and energy."""
+    _json_errors.set(as_json)
     saved: list[Path] = []
     with _client(ctx, orchestrator, api_key) as client:
         found = client.result(job_id)
@@ -523,6 +587,7 @@ def cancel(
     as_json: JsonOpt = False,
 ) -> None:
     """Cancel a job that has not finished; a running worker stops at its next heartbeat."""
+    _json_errors.set(as_json)
     with _client(ctx, orchestrator, api_key) as client:
         job = client.cancel(job_id)
     if as_json:

@@ -34,9 +34,11 @@ from orchestrator.wiring import build_services
 from protocol.signing import output_sha256, sign_result
 from tests.api.conftest import BASE_URL, Api, HttpWorker
 from tests.support import EMBED_MODEL, offer
+from worker.executors.transcode import make_test_clip
 
 TEXTS = ["a cat sat on the mat", "GPUs are scarce"]
 DIM = 3
+CLIP_FRAMES = 6
 EMBEDDINGS = {"embeddings": [[0.5, -0.25, 1.0]] * len(TEXTS)}
 
 
@@ -228,10 +230,9 @@ def test_transcode_uploads_the_video_and_downloads_renditions(
     rendition = b"not really h264"  # the scripted worker decodes nothing
     uploaded = market.portal.call(market.api.upload, worker.headers, rendition)
     blob = {"name": "360p", "sha256": uploaded["sha256"], "size": len(rendition)}
-    blob.update(width=640, height=360, frames=10)
+    blob.update(width=640, height=360, frames=CLIP_FRAMES)
     market.complete_soon(worker, blobs=[blob])
-    video = tmp_path / "clip.mp4"
-    video.write_bytes(os.urandom(4096))
+    video = make_test_clip(tmp_path / "clip.mp4", width=640, height=360, frames=CLIP_FRAMES)
 
     args = ["submit", "--video", str(video), "--rendition", "360p", "--rendition", "1080p:6000"]
     done = market.invoke(*args, "--max-price", "1", "--wait")
@@ -241,7 +242,11 @@ def test_transcode_uploads_the_video_and_downloads_renditions(
     [job] = _json(market.invoke("list", "--json"))
     assert (job["type"], job["state"]) == ("transcode", "succeeded")
     assert job["input_blob"] == hashlib.sha256(video.read_bytes()).hexdigest()
-    assert job["cost_wei"] == str(640 * 360 * 10)  # 1 wei per output pixel
+    assert job["cost_wei"] == str(640 * 360 * CLIP_FRAMES)  # 1 wei per output pixel
+    assert job["max_units"] == 640 * 360 * CLIP_FRAMES  # probed: 1080p would upscale
+    assert f"--max-units {640 * 360 * CLIP_FRAMES}: {CLIP_FRAMES} frames x (640x360)" in (
+        done.stderr
+    )
     assert [(r["name"], r["height"], r["bitrate_kbps"]) for r in job["renditions"]] == [
         ("360p", 360, 800),  # the default ladder's bitrate
         ("1080p", 1080, 6000),
@@ -376,16 +381,15 @@ def test_renditions_are_one_whole_line_each_at_any_width(
     rendition = b"not really h264"
     uploaded = market.portal.call(market.api.upload, worker.headers, rendition)
     blob = {"name": "360p", "sha256": uploaded["sha256"], "size": len(rendition)}
-    blob.update(width=640, height=360, frames=10)
+    blob.update(width=640, height=360, frames=CLIP_FRAMES)
     market.complete_soon(worker, blobs=[blob])
-    video = tmp_path / "clip.mp4"
-    video.write_bytes(os.urandom(4096))
+    video = make_test_clip(tmp_path / "clip.mp4", width=640, height=360, frames=CLIP_FRAMES)
 
     args = ["submit", "--video", str(video), "--rendition", "360p", "--max-price", "1", "--wait"]
     done = market.invoke(*args, COLUMNS=columns)
     assert done.exit_code == 0, done.output
     [line] = _lines_with(done.stdout, uploaded["sha256"])
-    assert "name: 360p" in line and "size: 640x360" in line and "frames: 10" in line
+    assert "name: 360p" in line and "size: 640x360" in line and f"frames: {CLIP_FRAMES}" in line
 
 
 # -- a job no worker will take at its price ------------------------------------------------------
@@ -433,3 +437,53 @@ def test_a_job_held_back_by_anything_but_price_is_waited_for() -> None:
     assert lowest_ask_above_max({"state": "queued", "waiting_reason": mixed}) is None
     assert lowest_ask_above_max({"state": "queued", "waiting_reason": priced}) == 7
     assert lowest_ask_above_max({"state": "assigned", "waiting_reason": priced}) is None
+
+
+def test_a_video_that_is_not_one_is_refused_before_upload(market: Market, tmp_path: Path) -> None:
+    junk = tmp_path / "clip.mp4"
+    junk.write_bytes(os.urandom(4096))
+    refused = market.invoke("submit", "--video", str(junk), "--max-price", "1")
+    assert refused.exit_code == 2, refused.output
+    [line] = refused.stderr.splitlines()
+    assert line.startswith(f"error: --video {junk}: input is not")
+    assert _json(market.invoke("list", "--json")) == []
+
+
+# -- errors: JSON with --json, and a server that is no orchestrator ------------------------------
+
+
+def test_json_errors_are_one_json_object_on_stderr(market: Market) -> None:
+    missing = market.invoke("status", "nope", "--json")
+    assert missing.exit_code == 1
+    assert missing.stdout == ""
+    error = json.loads(missing.stderr)
+    assert error["status"] == 404 and error["exit_code"] == 1
+    assert "no job nope" in error["error"] and "gpumarket job list" in error["error"]
+
+    usage = market.invoke("submit", "--max-price", "1", "--json")
+    assert usage.exit_code == 2
+    assert json.loads(usage.stderr)["error"].startswith("give --model and --text")
+
+
+def _answering(status: int, body: bytes, *args: str) -> Result:
+    """``gpumarket job ARGS`` against a server that answers every request with ``body``."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body))
+    env = {"GPUMARKET_API_KEY": "gmk_x", "GPUMARKET_URL": BASE_URL, "COLUMNS": "80"}
+    return CliRunner().invoke(app, ["job", *args], env=env, obj=transport)
+
+
+@pytest.mark.parametrize("body", [b"", b'{"detail": "Not Found"}', b"<html>nginx</html>"])
+def test_a_server_that_is_no_orchestrator_is_named_as_such(body: bytes) -> None:
+    wrong = _answering(404, body, "list")
+    assert wrong.exit_code == 1
+    [line] = wrong.stderr.splitlines()
+    assert f"{BASE_URL} answered HTTP 404 with " in line
+    assert "not as a gpumarket orchestrator does" in line and "GPUMARKET_URL" in line
+    assert "error:  (" not in line
+
+
+def test_a_missing_max_units_names_the_option() -> None:
+    problem = b'{"code": "invalid_input", "detail": "transcode jobs here need max_units, ..."}'
+    refused = _answering(422, problem, "list")
+    assert refused.exit_code == 1
+    assert "set it with --max-units" in refused.stderr
