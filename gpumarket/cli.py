@@ -152,6 +152,41 @@ def _parse_prices(values: list[str]) -> dict[str, int]:
     return prices
 
 
+def env_prices() -> set[str]:
+    """Price keys set through GPUMARKET_WORKER_PRICES_WEI (JSON), if any."""
+    import json
+    import os
+
+    raw = os.environ.get("GPUMARKET_WORKER_PRICES_WEI")
+    try:
+        found = json.loads(raw) if raw else {}
+    except ValueError:
+        return set()
+    return set(found) if isinstance(found, dict) else set()
+
+
+def default_price_notes(settings: Any, given: set[str]) -> list[str]:
+    """A line for each job type the worker offers at a default price nobody chose (no --price
+    for the type): so an operator who priced only inference knows what transcoding costs."""
+    from worker.config import DEFAULT_PRICES_WEI
+
+    offered = [t.value for t in settings.job_types]
+    notes = []
+    for kind in offered:
+        if kind in given:
+            continue
+        unit = "output pixel" if kind == "transcode" else "input item"
+        others = " ".join(f"--job-type {o}" for o in offered if o != kind)
+        fix = f"set it with --price {kind}=WEI" + (
+            f", or leave it out with {others}" if others else ""
+        )
+        notes.append(
+            f"{kind}: offered at the default price, {DEFAULT_PRICES_WEI[kind]} wei per {unit}; "
+            + fix
+        )
+    return notes
+
+
 @worker_app.command("run")
 def worker_run(
     orchestrator: Annotated[
@@ -231,6 +266,8 @@ def worker_run(
     if created:
         console.print(f"new worker key written to {settings.key_file.resolve()} (keep it safe)")
     console.print(f"worker {account.address} -> {settings.orchestrator_url}")
+    for line in default_price_notes(settings, set(_parse_prices(price or [])) | env_prices()):
+        console.print(line, markup=False)
     from gpumarket.logs import configure_logging
 
     configure_logging(settings.log_level, json=settings.log_format == "json")

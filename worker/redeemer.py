@@ -355,6 +355,8 @@ class Redeemer:
             result.fee_wei,
             result.gas_used,
         )
+        if self.metrics is not None:
+            self.metrics.redeemed(result.paid_wei)
         outcomes = []
         for claim in due:
             event = events.get(claim.payer)

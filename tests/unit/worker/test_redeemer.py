@@ -51,7 +51,9 @@ from tests.support import EMBED_MODEL, TestWorker, completion, hardware, offer
 from worker.client import OrchestratorClient
 from worker.config import WorkerSettings
 from worker.main import run_payments
+from worker.metrics import WorkerMetrics
 from worker.redeemer import Redeemer, RedeemOutcome, RedeemStatus, stake_if_needed
+from worker.status import StatusBoard
 
 ETH = 10**18
 FEE_BPS = 100
@@ -703,6 +705,8 @@ def test_run_payments_stakes_then_redeems_what_the_jobs_earned(
     settings = WorkerSettings(redeem_threshold_wei=THRESHOLD_WEI, stake_wei=MIN_STAKE_WEI)
     registry = WorkerRegistry(market.chain(DEPLOYER_KEY), market.deployment.worker_registry)
     services = paying.services
+    metrics = WorkerMetrics()
+    board = StatusBoard(account.address, metrics, {EMBED_MODEL: PRICE_WEI}, lambda: 0, 1)
 
     async def body() -> None:
         app = create_app(services.settings, services=services, run_sweeper=False)
@@ -712,7 +716,15 @@ def test_run_payments_stakes_then_redeems_what_the_jobs_earned(
             try:
                 stop = asyncio.Event()
                 payments = asyncio.create_task(
-                    run_payments(settings, client, account, stop, poll_interval_s=LOOP_POLL_S)
+                    run_payments(
+                        settings,
+                        client,
+                        account,
+                        stop,
+                        poll_interval_s=LOOP_POLL_S,
+                        metrics=metrics,
+                        board=board,
+                    )
                 )
                 await eventually(lambda: registry.stake_of(account.address) == MIN_STAKE_WEI)
                 registration = await client.register(
@@ -726,8 +738,52 @@ def test_run_payments_stakes_then_redeems_what_the_jobs_earned(
                 await asyncio.wait_for(payments, WAIT_S)
             finally:
                 await client.aclose()
+        # The status line's money: what the vouchers say, and what reached the account.
+        assert board.problem is None
+        assert metrics.earned_wei == owed
+        assert metrics.redeemed_wei == owed - owed * FEE_BPS // 10_000
+        assert f"vouchers {owed} wei, redeemed {metrics.redeemed_wei} wei" in board.line()
 
     run(body)
+
+
+def test_an_unstaked_worker_is_told_loudly_it_gets_no_work(
+    market: Market, orchestrator: OrchestratorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    account = Account.create()  # no ETH, no stake, and not asked to stake
+    services = orchestrator().services
+    board = StatusBoard(account.address, WorkerMetrics(), {EMBED_MODEL: PRICE_WEI}, lambda: 0, 1)
+
+    async def body() -> None:
+        app = create_app(services.settings, services=services, run_sweeper=False)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            client = OrchestratorClient(BASE_URL, account, transport=transport)
+            try:
+                stop = asyncio.Event()
+                payments = asyncio.create_task(
+                    run_payments(
+                        WorkerSettings(),
+                        client,
+                        account,
+                        stop,
+                        poll_interval_s=LOOP_POLL_S,
+                        board=board,
+                    )
+                )
+                await eventually(lambda: board.problem is not None)
+                stop.set()
+                await asyncio.wait_for(payments, WAIT_S)
+            finally:
+                await client.aclose()
+
+    with caplog.at_level(logging.ERROR, logger="gpumarket.worker.status"):
+        run(body)
+    [loud] = [r.getMessage() for r in caplog.records if r.name == "gpumarket.worker.status"]
+    assert loud.startswith(f"NO WORK FOR THIS WORKER: {account.address} is not eligible")
+    assert f"minimum {MIN_STAKE_WEI} wei" in loud
+    assert f"GPUMARKET_WORKER_STAKE_WEI={MIN_STAKE_WEI}" in loud
+    assert "NO WORK: " in board.line()
 
 
 def test_run_payments_returns_at_once_when_the_orchestrator_does_not_pay(
