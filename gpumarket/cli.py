@@ -51,23 +51,35 @@ def _orchestrator_settings(**overrides: Any) -> Any:
 
 @orchestrator_app.command("serve")
 def orchestrator_serve(
-    host: Annotated[str | None, typer.Option(help="Address to bind [env GPUMARKET_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="TCP port [env GPUMARKET_PORT].")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (default 127.0.0.1; env GPUMARKET_HOST).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="TCP port (default 8000; env GPUMARKET_PORT).")
+    ] = None,
     db: Annotated[
         str | None,
         typer.Option(
-            help="Database URL: sqlite:///file.db or postgresql://... [GPUMARKET_DB_URL]."
+            help="Database URL: sqlite:///file.db or postgresql://... (default: SQLite in the "
+            "state folder; env GPUMARKET_DB_URL)."
         ),
     ] = None,
     data_dir: Annotated[
-        Path | None, typer.Option(help="State folder [env GPUMARKET_DATA_DIR].")
+        Path | None, typer.Option(help="State folder (default .gpumarket; env GPUMARKET_DATA_DIR).")
     ] = None,
     blob_dir: Annotated[
-        Path | None, typer.Option(help="Blob folder [env GPUMARKET_BLOB_DIR].")
+        Path | None,
+        typer.Option(
+            help="Blob folder (default: blobs in the state folder; env GPUMARKET_BLOB_DIR)."
+        ),
     ] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error.")] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="debug|info|warning|error (default info; env GPUMARKET_LOG_LEVEL)."),
+    ] = None,
     log_format: Annotated[
-        str | None, typer.Option(help="text|json (JSON lines) [env GPUMARKET_LOG_FORMAT].")
+        str | None,
+        typer.Option(help="text|json (JSON lines) (default text; env GPUMARKET_LOG_FORMAT)."),
     ] = None,
 ) -> None:
     """Serve the orchestrator's REST API (docs at /docs)."""
@@ -118,8 +130,15 @@ def orchestrator_serve(
 @orchestrator_app.command("create-client")
 def orchestrator_create_client(
     name: Annotated[str, typer.Argument(help="A label for the client, e.g. a team or app.")],
-    db: Annotated[str | None, typer.Option(help="Database URL [env GPUMARKET_DB_URL].")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="State folder.")] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            help="Database URL (default: SQLite in the state folder; env GPUMARKET_DB_URL)."
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="State folder (default .gpumarket; env GPUMARKET_DATA_DIR).")
+    ] = None,
 ) -> None:
     """Create a client account in the orchestrator's database and print its API key."""
     from orchestrator.services.auth import create_client
@@ -190,32 +209,54 @@ def default_price_notes(settings: Any, given: set[str]) -> list[str]:
 @worker_app.command("run")
 def worker_run(
     orchestrator: Annotated[
-        str | None, typer.Option(help="Orchestrator URL [env GPUMARKET_WORKER_ORCHESTRATOR_URL].")
+        str | None,
+        typer.Option(
+            help="Orchestrator URL (default http://127.0.0.1:8000; env "
+            "GPUMARKET_WORKER_ORCHESTRATOR_URL)."
+        ),
     ] = None,
     key_file: Annotated[
-        Path | None, typer.Option(help="Signing key file; made on first run if missing.")
+        Path | None,
+        typer.Option(
+            help="Signing key file, made on first run if missing (default .gpumarket/worker.key)."
+        ),
     ] = None,
     models_dir: Annotated[
-        Path | None, typer.Option(help="Folder of TorchScript models with JSON manifests.")
+        Path | None,
+        typer.Option(help="Folder of TorchScript models with JSON manifests (default: none)."),
     ] = None,
-    max_concurrency: Annotated[int | None, typer.Option(help="Jobs run at once.")] = None,
+    max_concurrency: Annotated[
+        int | None, typer.Option(help="Jobs run at once (default 4).")
+    ] = None,
     price: Annotated[
         list[str] | None,
-        typer.Option(help="Price in wei per unit: TYPE_OR_MODEL=WEI (repeatable)."),
+        typer.Option(
+            help="Price in wei per unit: TYPE_OR_MODEL=WEI (repeatable; default "
+            "inference=1000000000 per text, transcode=1000 per output pixel)."
+        ),
     ] = None,
     job_type: Annotated[
-        list[str] | None, typer.Option(help="Job types to offer: inference, transcode.")
+        list[str] | None,
+        typer.Option(help="Job types to offer: inference, transcode (default: both)."),
     ] = None,
     carbon_intensity: Annotated[
-        float | None, typer.Option(help="Grid carbon intensity here, gCO2/kWh.")
+        float | None, typer.Option(help="Grid carbon intensity here, gCO2/kWh (default: unknown).")
     ] = None,
-    work_dir: Annotated[Path | None, typer.Option(help="Scratch folder for job files.")] = None,
+    work_dir: Annotated[
+        Path | None, typer.Option(help="Scratch folder for job files (default .gpumarket/work).")
+    ] = None,
     redeem_threshold: Annotated[
-        int | None, typer.Option(help="Redeem a payer's voucher once it owes this many wei.")
+        int | None,
+        typer.Option(
+            help="Redeem a payer's voucher once it owes this many wei (default 10**16, 0.01 ETH)."
+        ),
     ] = None,
     redeem_interval: Annotated[
         float | None,
-        typer.Option(help="Redeem anything owed at least this often, seconds (0: threshold only)."),
+        typer.Option(
+            help="Redeem anything owed at least this often, seconds (default 3600; 0: threshold "
+            "only)."
+        ),
     ] = None,
     metrics_port: Annotated[
         int | None,
@@ -225,7 +266,8 @@ def worker_run(
         str | None, typer.Option(help="Address the metrics port binds (default 127.0.0.1).")
     ] = None,
     log_format: Annotated[
-        str | None, typer.Option(help="text|json (JSON lines) [env GPUMARKET_LOG_FORMAT].")
+        str | None,
+        typer.Option(help="text|json (JSON lines) (default text; env GPUMARKET_LOG_FORMAT)."),
     ] = None,
 ) -> None:
     """Register with an orchestrator and run jobs until SIGTERM (drain) or a second SIGTERM."""

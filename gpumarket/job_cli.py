@@ -30,7 +30,14 @@ from rich.console import Console
 from gpumarket.exceptions import GpumarketAPIError, JobFailed, JobTimeout
 from gpumarket.output import Column, err_console, out_console, print_fields, print_table
 from gpumarket.sdk import DEFAULT_WAIT_TIMEOUT_S, Client
-from protocol.jobs import DEFAULT_LADDER, Container, Precision, Preference, Rendition
+from protocol.jobs import (
+    DEFAULT_DEADLINE_S,
+    DEFAULT_LADDER,
+    Container,
+    Precision,
+    Preference,
+    Rendition,
+)
 
 URL_ENV = "GPUMARKET_URL"
 API_KEY_ENV = "GPUMARKET_API_KEY"
@@ -358,7 +365,11 @@ def submit(
         Preference, typer.Option(help="What matters most in picking a worker.")
     ] = Preference.BALANCED,
     deadline_s: Annotated[
-        float | None, typer.Option(help="Give up after this many seconds (default 1 h).")
+        float | None,
+        typer.Option(
+            help="Give up after this many seconds (default 1 h, or less where the orchestrator "
+            "takes payment: at most half the payer's withdrawal delay; submit says which).",
+        ),
     ] = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="Resubmitting with the same key returns the same job.")
@@ -404,6 +415,8 @@ def submit(
         if video is not None:
             spec["input_blob"] = client.upload_blob(video)
         job = client.submit(spec, idempotency_key)
+        if not as_json:
+            _say_a_shortened_deadline(job, deadline_s)
         if not wait:
             if as_json:
                 _print_json(job)
@@ -420,6 +433,21 @@ def submit(
         _print_json(result)
     else:
         _print_result(result)
+
+
+def _say_a_shortened_deadline(job: dict[str, Any], asked_s: float | None) -> None:
+    """On stderr, when the orchestrator gave the job less time than the default deadline."""
+    from datetime import datetime
+
+    given_s = (
+        datetime.fromisoformat(job["deadline_at"]) - datetime.fromisoformat(job["created_at"])
+    ).total_seconds()
+    if asked_s is None and given_s < DEFAULT_DEADLINE_S - 1:
+        err_console().print(
+            f"job {job['id']}: deadline in {given_s:g} s, not the default {DEFAULT_DEADLINE_S:g} "
+            "s: this orchestrator's limit for paid jobs",
+            markup=False,
+        )
 
 
 def _job_line(view: dict[str, Any]) -> str:

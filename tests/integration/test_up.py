@@ -111,6 +111,8 @@ def test_up_prints_commands_that_work_then_sigterm_stops_every_process(tmp_path:
         assert re.search(r"^cost wei\s+\d+$", ran.stdout, re.M), ran.stdout  # the job's result
         assert re.search(r"^embeddings\s+1 x 384$", ran.stdout, re.M), ran.stdout
         assert "state: succeeded" in ran.stdout  # job list
+        # A paid job's deadline is half the dev payer's withdrawal delay, and submit says so.
+        assert "deadline in 1800 s, not the default 3600 s" in ran.stderr, ran.stderr
         assert re.search(r"^broker deposit\s+\d+ wei", ran.stdout, re.M), ran.stdout
 
         children = _children(proc.pid)
