@@ -73,9 +73,9 @@ def print_table(
         console.print(table, soft_wrap=False)  # it fits: nothing is cut
         return
     if title:
-        console.print(f"{title}:", markup=False)
+        console.print(f"{title}:", markup=False, highlight=False)
     for row in rows:
-        console.print(record_line(columns, row), markup=False)
+        console.print(record_line(columns, row), markup=False, highlight=False)
 
 
 def print_fields(console: Console, fields: Sequence[tuple[str, str]]) -> None:
@@ -84,4 +84,4 @@ def print_fields(console: Console, fields: Sequence[tuple[str, str]]) -> None:
         return
     pad = max(len(name) for name, _ in fields)
     for name, value in fields:
-        console.print(f"{name.ljust(pad)}  {value}", markup=False)
+        console.print(f"{name.ljust(pad)}  {value}", markup=False, highlight=False)

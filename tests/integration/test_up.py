@@ -20,6 +20,7 @@ from gpumarket.demo import TRY_IT, UP_READY
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 START_TIMEOUT_S = 180.0
+REPO = Path(__file__).resolve().parents[2]
 COMMANDS_TIMEOUT_S = 120.0
 
 
@@ -98,6 +99,9 @@ def test_up_prints_commands_that_work_then_sigterm_stops_every_process(tmp_path:
 
         commands = _printed_commands(text)
         assert commands[0].startswith(f"export GPUMARKET_URL={url} GPUMARKET_API_KEY=gmk_")
+        readme = (REPO / "README.md").read_text().splitlines()
+        for command in commands[1:]:  # the README shows what this test runs
+            assert command in readme, command
         assert any(c.startswith("gpumarket job submit") for c in commands), commands
         ran = subprocess.run(
             ["bash", "-e", "-c", "\n".join(commands)],
