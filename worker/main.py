@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 
 import httpx
 from eth_account.signers.local import LocalAccount
@@ -223,8 +224,12 @@ async def serve(settings: WorkerSettings, account: LocalAccount) -> WorkerDaemon
     )
     try:
         metrics_server = _serve_metrics(settings, metrics)
+        board.phase = "loading models"
+        began = time.monotonic()
         for executor in executors:
             await executor.warm_up()
+        board.phase = None
+        log.info("models loaded in %.1f s; taking jobs", time.monotonic() - began)
         await daemon.run()
     finally:
         await _stop_payments(payments, stop_payments)

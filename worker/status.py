@@ -38,6 +38,7 @@ class StatusBoard:
     running: Callable[[], int]
     capacity: int
     problem: str | None = None
+    phase: str | None = None  # e.g. "loading models" before the first job can run
 
     def cannot_get_work(self, why: str) -> None:
         """Say loudly, once per distinct reason, why the orchestrator will give no work."""
@@ -54,6 +55,8 @@ class StatusBoard:
             f"running {self.running()}/{self.capacity} | vouchers {m.earned_wei} wei, "
             f"redeemed {m.redeemed_wei} wei | prices {prices} wei/unit"
         )
+        if self.phase:
+            text += f" | {self.phase}"
         if self.problem:
             text += f" | NO WORK: {self.problem}"
         return text

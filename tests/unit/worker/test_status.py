@@ -41,8 +41,10 @@ def test_the_line_has_jobs_money_load_and_prices_whole() -> None:
         "1600000000000000000000 wei, redeemed 1584000000000000000000 wei | prices "
         "all-MiniLM-L6-v2 800, h264 10 wei/unit"
     )
+    board.phase = "loading models"
+    assert board.line().endswith("wei/unit | loading models")
     board.cannot_get_work("not staked")
-    assert board.line().endswith(" | NO WORK: not staked")
+    assert board.line().endswith(" | loading models | NO WORK: not staked")
 
 
 def test_into_a_file_it_logs_each_change_once_then_a_summary(
