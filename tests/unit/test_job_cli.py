@@ -487,3 +487,20 @@ def test_a_missing_max_units_names_the_option() -> None:
     refused = _answering(422, problem, "list")
     assert refused.exit_code == 1
     assert "set it with --max-units" in refused.stderr
+
+
+def test_submit_says_when_no_worker_is_free_or_none_offers_the_model(market: Market) -> None:
+    alone = market.invoke(*_submit_args())
+    assert alone.exit_code == 0, alone.output
+    assert alone.stdout.strip().endswith(
+        f"queued: no worker that offers inference/{EMBED_MODEL} is connected"
+    )
+
+    other = market.portal.call(
+        lambda: market.api.register_worker(offers=[offer(job_type="transcode", model="h264")])
+    )
+    market.listening(other)
+    elsewhere = market.invoke(*_submit_args("--json"))
+    assert json.loads(elsewhere.stdout)["waiting_reason"] == (
+        f"none of the 1 free worker(s) offers inference/{EMBED_MODEL}"
+    )

@@ -41,7 +41,8 @@ def submit_job(
         return job
     assigned = services.leases.dispatch(services.now())
     if all(job_id != job.id for job_id, _ in assigned):
-        # Not placed: read it back, so the answer carries the waiting reason dispatch found.
+        # Not placed: read it back, so the answer carries why it waits.
+        services.leases.explain_unplaced(job.id, services.now())
         job = services.jobs.get(client, job.id)
     return job
 
