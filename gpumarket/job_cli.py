@@ -7,7 +7,11 @@
     gpumarket job result JOB_ID --download out/
 
 Every command takes ``--json`` for machine output on stdout. An error is one red line on
-stderr that says what to do, with exit code 1 (2 for a command line that cannot work).
+stderr that says what to do (with ``--json``, one JSON object), with exit code 1 (2 for a
+command line that cannot work). Tables are drawn only on a terminal wide enough for every
+cell whole; in a pipe or a narrow terminal each record is one line (gpumarket/output.py).
+``submit`` prints why a job waits; ``--wait`` stops at once when every available worker asks
+more than ``--max-price``. A ``--video`` is probed here to set ``--max-units`` when not given.
 """
 
 from __future__ import annotations
