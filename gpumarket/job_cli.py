@@ -535,6 +535,10 @@ def status(
     for key in ("waiting_reason", "failure_reason"):
         if job.get(key):
             fields.append((key.replace("_", " "), _one_line(job[key])))
+    verification = job.get("verification")
+    if verification:
+        said = _one_line(verification.get("detail") or "")
+        fields.append(("verification", f"{verification['status']}" + (f": {said}" if said else "")))
     print_fields(_out(), fields)
 
 

@@ -29,6 +29,7 @@ from gpumarket.cli import app
 from orchestrator.app import create_app
 from orchestrator.config import Settings
 from orchestrator.store import Store
+from orchestrator.store.models import Job as JobRow
 from orchestrator.store.models import Worker as WorkerRow
 from orchestrator.wiring import build_services
 from protocol.signing import output_sha256, sign_result
@@ -504,3 +505,16 @@ def test_submit_says_when_no_worker_is_free_or_none_offers_the_model(market: Mar
     assert json.loads(elsewhere.stdout)["waiting_reason"] == (
         f"none of the 1 free worker(s) offers inference/{EMBED_MODEL}"
     )
+
+
+def test_status_says_how_verification_went(market: Market) -> None:
+    worker = market.register_worker()
+    market.complete_soon(worker)
+    done = _json(market.invoke(*_submit_args("--wait", "--json")))
+    released = "no worker could re-run it within 120 s (1 busy); released unchecked"
+    with market.api.services.store.transaction() as s:
+        row = s.get(JobRow, done["job_id"])
+        assert row is not None
+        row.verification = {"status": "inconclusive", "checks": [], "detail": released}
+    shown = market.invoke("status", done["job_id"], COLUMNS="40")
+    assert f"verification  inconclusive: {released}" in shown.stdout.splitlines()
