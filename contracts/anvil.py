@@ -36,6 +36,15 @@ DEV_PRIVATE_KEYS = (
     "0x2a871d0798f97d79848a013d4936a73bf4cc922c825d33c1cf7073dff6d409c6",
 )
 
+DEV_FUND_FROM = 0
+"""``gpumarket chain fund`` pays from this dev account (anvil gives each 10,000 ETH)."""
+
+
+def fund_command(address: str, rpc_url: str) -> str:
+    """The command that funds ``address`` on the dev chain at ``rpc_url``, as error messages
+    print it (runnable as written)."""
+    return f"gpumarket chain fund {address} --rpc-url {rpc_url}"
+
 
 class AnvilNotInstalled(RuntimeError):
     pass

@@ -404,6 +404,11 @@ class Chain:
         errors = ErrorTable.from_abi(contract.abi)
         return self.wait(self.send(contract.address, data, errors, value_wei=value_wei))
 
+    def send_value(self, to: str, value_wei: int) -> TxResult:
+        """Send ``value_wei`` to ``to`` (a plain transfer) and wait for it to be mined."""
+        sent = self.send(to, HexStr("0x"), ErrorTable.from_abi(), value_wei=value_wei)
+        return TxResult.from_receipt(self.wait(sent))
+
     def deploy(self, artifact: Artifact, *constructor_args: Any) -> SentTx:
         """Send the creation transaction of ``artifact``; ``wait`` gives the receipt, whose
         ``contractAddress`` is the new contract."""

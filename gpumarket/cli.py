@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from gpumarket.job_cli import job_app
-from gpumarket.wallet import wallet_app
+from gpumarket.wallet import chain_fund, wallet_app
 
 KEEP_ALIVE_S = 30
 
@@ -22,6 +22,7 @@ worker_app = typer.Typer(help="Run a worker on this machine.", no_args_is_help=T
 app.add_typer(worker_app, name="worker")
 chain_app = typer.Typer(help="The local development chain (anvil).", no_args_is_help=True)
 app.add_typer(chain_app, name="chain")
+chain_app.command("fund")(chain_fund)
 app.add_typer(wallet_app, name="wallet")
 app.add_typer(job_app, name="job")
 
@@ -46,23 +47,35 @@ def _orchestrator_settings(**overrides: Any) -> Any:
 
 @orchestrator_app.command("serve")
 def orchestrator_serve(
-    host: Annotated[str | None, typer.Option(help="Address to bind [env GPUMARKET_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="TCP port [env GPUMARKET_PORT].")] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (default 127.0.0.1; env GPUMARKET_HOST).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="TCP port (default 8000; env GPUMARKET_PORT).")
+    ] = None,
     db: Annotated[
         str | None,
         typer.Option(
-            help="Database URL: sqlite:///file.db or postgresql://... [GPUMARKET_DB_URL]."
+            help="Database URL: sqlite:///file.db or postgresql://... (default: SQLite in the "
+            "state folder; env GPUMARKET_DB_URL)."
         ),
     ] = None,
     data_dir: Annotated[
-        Path | None, typer.Option(help="State folder [env GPUMARKET_DATA_DIR].")
+        Path | None, typer.Option(help="State folder (default .gpumarket; env GPUMARKET_DATA_DIR).")
     ] = None,
     blob_dir: Annotated[
-        Path | None, typer.Option(help="Blob folder [env GPUMARKET_BLOB_DIR].")
+        Path | None,
+        typer.Option(
+            help="Blob folder (default: blobs in the state folder; env GPUMARKET_BLOB_DIR)."
+        ),
     ] = None,
-    log_level: Annotated[str | None, typer.Option(help="debug|info|warning|error.")] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="debug|info|warning|error (default info; env GPUMARKET_LOG_LEVEL)."),
+    ] = None,
     log_format: Annotated[
-        str | None, typer.Option(help="text|json (JSON lines) [env GPUMARKET_LOG_FORMAT].")
+        str | None,
+        typer.Option(help="text|json (JSON lines) (default text; env GPUMARKET_LOG_FORMAT)."),
     ] = None,
 ) -> None:
     """Serve the orchestrator's REST API (docs at /docs)."""
@@ -118,8 +131,15 @@ def orchestrator_serve(
 @orchestrator_app.command("create-client")
 def orchestrator_create_client(
     name: Annotated[str, typer.Argument(help="A label for the client, e.g. a team or app.")],
-    db: Annotated[str | None, typer.Option(help="Database URL [env GPUMARKET_DB_URL].")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="State folder.")] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            help="Database URL (default: SQLite in the state folder; env GPUMARKET_DB_URL)."
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="State folder (default .gpumarket; env GPUMARKET_DATA_DIR).")
+    ] = None,
 ) -> None:
     """Create a client account in the orchestrator's database and print its API key."""
     from orchestrator.services.auth import create_client
@@ -152,39 +172,92 @@ def _parse_prices(values: list[str]) -> dict[str, int]:
     return prices
 
 
+def env_prices() -> set[str]:
+    """Price keys set through GPUMARKET_WORKER_PRICES_WEI (JSON), if any."""
+    import json
+    import os
+
+    raw = os.environ.get("GPUMARKET_WORKER_PRICES_WEI")
+    try:
+        found = json.loads(raw) if raw else {}
+    except ValueError:
+        return set()
+    return set(found) if isinstance(found, dict) else set()
+
+
+def default_price_notes(settings: Any, given: set[str]) -> list[str]:
+    """A line for each job type the worker offers at a default price nobody chose (no --price
+    for the type): so an operator who priced only inference knows what transcoding costs."""
+    from worker.config import DEFAULT_PRICES_WEI
+
+    offered = [t.value for t in settings.job_types]
+    notes = []
+    for kind in offered:
+        if kind in given:
+            continue
+        unit = "output pixel" if kind == "transcode" else "input item"
+        others = " ".join(f"--job-type {o}" for o in offered if o != kind)
+        fix = f"set it with --price {kind}=WEI" + (
+            f", or leave it out with {others}" if others else ""
+        )
+        notes.append(
+            f"{kind}: offered at the default price, {DEFAULT_PRICES_WEI[kind]} wei per {unit}; "
+            + fix
+        )
+    return notes
+
+
 @worker_app.command("run")
 def worker_run(
     orchestrator: Annotated[
         list[str] | None,
         typer.Option(
-            help="Orchestrator URL; repeat it (or separate with commas) for several replicas "
-            "[env GPUMARKET_WORKER_ORCHESTRATOR_URL]."
+            help="Orchestrator URL (default http://127.0.0.1:8000); repeat it, or separate "
+            "with commas, for several replicas (env GPUMARKET_WORKER_ORCHESTRATOR_URL)."
         ),
     ] = None,
     key_file: Annotated[
-        Path | None, typer.Option(help="Signing key file; made on first run if missing.")
+        Path | None,
+        typer.Option(
+            help="Signing key file, made on first run if missing (default .gpumarket/worker.key)."
+        ),
     ] = None,
     models_dir: Annotated[
-        Path | None, typer.Option(help="Folder of TorchScript models with JSON manifests.")
+        Path | None,
+        typer.Option(help="Folder of TorchScript models with JSON manifests (default: none)."),
     ] = None,
-    max_concurrency: Annotated[int | None, typer.Option(help="Jobs run at once.")] = None,
+    max_concurrency: Annotated[
+        int | None, typer.Option(help="Jobs run at once (default 4).")
+    ] = None,
     price: Annotated[
         list[str] | None,
-        typer.Option(help="Price in wei per unit: TYPE_OR_MODEL=WEI (repeatable)."),
+        typer.Option(
+            help="Price in wei per unit: TYPE_OR_MODEL=WEI (repeatable; default "
+            "inference=1000000000 per text, transcode=1000 per output pixel)."
+        ),
     ] = None,
     job_type: Annotated[
-        list[str] | None, typer.Option(help="Job types to offer: inference, transcode.")
+        list[str] | None,
+        typer.Option(help="Job types to offer: inference, transcode (default: both)."),
     ] = None,
     carbon_intensity: Annotated[
-        float | None, typer.Option(help="Grid carbon intensity here, gCO2/kWh.")
+        float | None, typer.Option(help="Grid carbon intensity here, gCO2/kWh (default: unknown).")
     ] = None,
-    work_dir: Annotated[Path | None, typer.Option(help="Scratch folder for job files.")] = None,
+    work_dir: Annotated[
+        Path | None, typer.Option(help="Scratch folder for job files (default .gpumarket/work).")
+    ] = None,
     redeem_threshold: Annotated[
-        int | None, typer.Option(help="Redeem a payer's voucher once it owes this many wei.")
+        int | None,
+        typer.Option(
+            help="Redeem a payer's voucher once it owes this many wei (default 10**16, 0.01 ETH)."
+        ),
     ] = None,
     redeem_interval: Annotated[
         float | None,
-        typer.Option(help="Redeem anything owed at least this often, seconds (0: threshold only)."),
+        typer.Option(
+            help="Redeem anything owed at least this often, seconds (default 3600; 0: threshold "
+            "only)."
+        ),
     ] = None,
     metrics_port: Annotated[
         int | None,
@@ -194,7 +267,8 @@ def worker_run(
         str | None, typer.Option(help="Address the metrics port binds (default 127.0.0.1).")
     ] = None,
     log_format: Annotated[
-        str | None, typer.Option(help="text|json (JSON lines) [env GPUMARKET_LOG_FORMAT].")
+        str | None,
+        typer.Option(help="text|json (JSON lines) (default text; env GPUMARKET_LOG_FORMAT)."),
     ] = None,
 ) -> None:
     """Register with an orchestrator and run jobs until SIGTERM (drain) or a second SIGTERM."""
@@ -235,6 +309,8 @@ def worker_run(
     if created:
         console.print(f"new worker key written to {settings.key_file.resolve()} (keep it safe)")
     console.print(f"worker {account.address} -> {settings.orchestrator_url}")
+    for line in default_price_notes(settings, set(_parse_prices(price or [])) | env_prices()):
+        console.print(line, markup=False)
     from gpumarket.logs import configure_logging
 
     configure_logging(settings.log_level, json=settings.log_format == "json")
@@ -242,19 +318,54 @@ def worker_run(
 
 
 @app.command("up")
-def up() -> None:
+def up(
+    port: Annotated[
+        int | None, typer.Option(help="Orchestrator port on 127.0.0.1 (default: any free port).")
+    ] = None,
+    chain_port: Annotated[
+        int | None, typer.Option(help="anvil RPC port on 127.0.0.1 (default: any free port).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Keep logs and state in this new or empty folder (default: a temporary "
+            "folder, removed on stop).",
+            file_okay=False,
+        ),
+    ] = None,
+    deployment: Annotated[
+        Path,
+        typer.Option(
+            help="Where to write the contract addresses, where `gpumarket wallet` looks; "
+            "removed on stop."
+        ),
+    ] = DEFAULT_DEPLOYMENT,
+) -> None:
     """Start a whole local marketplace (anvil, contracts, orchestrator, two workers) and keep
-    it running until Ctrl-C; prints the dashboard, API and RPC addresses."""
-    from gpumarket.demo import console
+    it running until Ctrl-C or SIGTERM; prints the dashboard, API and RPC addresses and
+    commands to try it."""
+    from gpumarket.demo import UpRefused
+    from gpumarket.demo import console as up_console
     from gpumarket.demo import up as run_up
 
     try:
-        raise typer.Exit(run_up())
+        code = run_up(
+            port=port,
+            chain_port=chain_port,
+            data_dir=data_dir,
+            deployment_file=deployment,
+            default_deployment=DEFAULT_DEPLOYMENT,
+        )
     except KeyboardInterrupt:
-        console.print("stopped; every process was shut down")
+        up_console.print("stopped; every process was shut down")
+        return
+    except UpRefused as exc:
+        console.print(f"gpumarket up: {exc}", style="red", markup=False)
+        raise typer.Exit(2) from exc
     except RuntimeError as exc:
-        console.print(f"[red]gpumarket up failed: {exc}[/red]")
+        console.print(f"gpumarket up failed: {exc}", style="red", markup=False)
         raise typer.Exit(1) from exc
+    raise typer.Exit(code)
 
 
 @chain_app.command("up")

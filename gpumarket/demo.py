@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +29,6 @@ from eth_account import Account
 from eth_typing import HexStr
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from contracts.anvil import DEV_PRIVATE_KEYS, Anvil
 from contracts.broker import PaymentBroker
@@ -35,6 +36,7 @@ from contracts.chain import Chain
 from contracts.deploy import Deployment, deploy, write_deployment
 from contracts.events import Redeemed
 from contracts.registry import WorkerRegistry
+from gpumarket.output import Column, print_fields, print_table
 from gpumarket.sdk import FINAL_STATES, Client
 
 READY_TIMEOUT_S = 120.0
@@ -63,9 +65,14 @@ SENTENCES = [
     "The weather today is sunny with a light breeze.",
 ]
 OPERATOR_TOKEN_BYTES = 24
+EMBED_MODEL = "all-MiniLM-L6-v2"
+TRY_IT = "Try it, from this folder"
+UP_READY = "Ctrl-C (or SIGTERM) stops everything."
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CLIP_FRAMES = 48
 
-console = Console()
+# soft_wrap: a URL, key or command is never folded, on a terminal or into a file.
+console = Console(soft_wrap=True, highlight=False)
 
 
 def _free_port() -> int:
@@ -100,6 +107,12 @@ class Stack:
                 raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
 
     def stop(self) -> None:
+        """Every child, in reverse start order. A second Ctrl-C or SIGTERM while stopping is
+        ignored, so it cannot cut the shutdown short and leave a child running."""
+        with _signals_ignored():
+            self._stop()
+
+    def _stop(self) -> None:
         for _, proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -110,6 +123,34 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored inside (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _raise_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM stops the stack as Ctrl-C does: every child stopped, the temp folder removed."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass(frozen=True)
@@ -123,12 +164,15 @@ class Market:
 
 
 @contextlib.contextmanager
-def local_stack(root: Path) -> Iterator[Market]:
-    """anvil with the contracts, a funded payer, an orchestrator and two staked workers."""
-    port = _free_port()
+def local_stack(
+    root: Path, port: int | None = None, chain_port: int | None = None
+) -> Iterator[Market]:
+    """anvil with the contracts, a funded payer, an orchestrator and two staked workers, on
+    ``port`` and ``chain_port`` (None: any free port)."""
+    port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
     token = "gmo_demo_" + os.urandom(OPERATOR_TOKEN_BYTES).hex()
-    with (root / "anvil.log").open("ab") as anvil_log, Anvil(log=anvil_log) as node:
+    with (root / "anvil.log").open("ab") as anvil_log, Anvil(chain_port, log=anvil_log) as node:
         deployer = Chain.connect(node.url, DEV_KEY)  # anvil dev keys: dev chain
         deployment = deploy(deployer, withdraw_delay_s=3600, min_stake_wei=MIN_STAKE_WEI)
         write_deployment(deployment, root / "deployment.json")
@@ -245,11 +289,28 @@ def _track(client: Client, job_ids: list[str]) -> dict[str, dict[str, object]]:
     return final
 
 
+JOB_REPORT_COLUMNS = (
+    Column("job"),
+    Column("state"),
+    Column("worker"),
+    Column("verified"),
+    Column("units", right=True),
+    Column("cost wei", right=True),
+    Column("s", right=True),
+    Column("J", right=True),
+    Column("gCO2", right=True),
+    Column("result"),
+)
+MONEY_COLUMNS = (
+    Column("account"),
+    Column("before", right=True),
+    Column("after", right=True),
+    Column("change", right=True),
+)
+
+
 def _report(client: Client, jobs: dict[str, dict[str, object]], labels: dict[str, str]) -> None:
-    table = Table(title="Jobs")
-    columns = ("job", "state", "worker", "verified", "units", "cost (wei)", "s", "J", "gCO2")
-    for column in (*columns, "result"):
-        table.add_column(column, overflow="fold")
+    rows = []
     for job_id, job in jobs.items():
         summary = "-"
         if job["state"] == "succeeded":
@@ -267,19 +328,21 @@ def _report(client: Client, jobs: dict[str, dict[str, object]], labels: dict[str
             checks = verification.get("checks") or []
             if checks and checks[0].get("value") is not None:
                 verified += f" ({checks[0]['metric']} {checks[0]['value']:.4f})"
-        table.add_row(
-            labels[job_id],
-            str(job["state"]),
-            worker[:8],
-            verified,
-            str(job.get("units")),
-            str(job.get("cost_wei")),
-            f"{job.get('duration_s') or 0:.2f}",
-            f"{job.get('energy_j') or 0:.2f}",
-            f"{job.get('co2_g') or 0:.3g}",
-            summary,
+        rows.append(
+            [
+                labels[job_id],
+                str(job["state"]),
+                worker,
+                verified,
+                str(job.get("units")),
+                str(job.get("cost_wei")),
+                f"{job.get('duration_s') or 0:.2f}",
+                f"{job.get('energy_j') or 0:.2f}",
+                f"{job.get('co2_g') or 0:.3g}",
+                summary,
+            ]
         )
-    console.print(table)
+    print_table(console, JOB_REPORT_COLUMNS, rows, title="Jobs")
     sources = {str(j.get("energy_source")) for j in jobs.values()}
     console.print(
         f"energy source: {', '.join(sorted(sources))} (nvml/rapl measured, else estimate)"
@@ -336,19 +399,18 @@ def _redemption_gas(market: Market) -> tuple[int, int]:
 def _report_money(
     before: dict[str, int], after: dict[str, int], settled: dict[str, object]
 ) -> None:
-    table = Table(title="On chain (wei)")
-    for column in ("account", "before", "after", "change"):
-        table.add_column(column, overflow="fold")
-    for account, was in before.items():
-        table.add_row(account[:12], str(was), str(after[account]), f"{after[account] - was:+d}")
-    console.print(table)
+    rows = [
+        [account, str(was), str(after[account]), f"{after[account] - was:+d}"]
+        for account, was in before.items()
+    ]
+    print_table(console, MONEY_COLUMNS, rows, title="On chain (wei)")
     pairs = settled["pairs"]
     assert isinstance(pairs, list)
     operator = Account.from_key(DEV_KEY).address
     for p in pairs:
         payer = "operator (checks)" if p["payer"] == operator else "client"
         console.print(
-            f"{payer} -> worker {p['payee'][:10]}: ledger {p['ledger_wei']} wei = voucher "
+            f"{payer} -> worker {p['payee']}: ledger {p['ledger_wei']} wei = voucher "
             f"{p['voucher_wei']} = redeemed on chain {p['redeemed_wei']}"
         )
     console.print(
@@ -373,7 +435,7 @@ def _submit_all(client: Client, clip: Path) -> dict[str, str]:
         job = client.submit(
             {
                 "type": "inference",
-                "model": "all-MiniLM-L6-v2",
+                "model": EMBED_MODEL,
                 "input": {"texts": [sentence]},
                 "max_price_wei_per_unit": "1000000000000000",
                 "preference": ["cost", "speed", "green", "balanced"][i % 4],
@@ -449,31 +511,115 @@ def _demo_client(market: Market) -> str:
     return key
 
 
-def up() -> int:
-    """``gpumarket up``: the demo's stack, left running until Ctrl-C; prints where it is."""
+def port_in_use(port: int) -> bool:
+    """True when something already listens on 127.0.0.1:``port``."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _check_up_options(port: int | None, chain_port: int | None, data_dir: Path | None) -> None:
+    """Refuse, with the fix, what would make ``up`` fail half-way."""
+    for option, value in (("--port", port), ("--chain-port", chain_port)):
+        if value is not None and port_in_use(value):
+            raise UpRefused(f"{option} {value}: the port is in use; pick another (or leave it out)")
+    if port is not None and port == chain_port:
+        raise UpRefused("--port and --chain-port must differ")
+    if data_dir is not None and data_dir.exists() and any(data_dir.iterdir()):
+        raise UpRefused(
+            f"--data-dir {data_dir}: not empty (state from an earlier chain would not match "
+            "the new one); give a new or empty folder"
+        )
+
+
+class UpRefused(ValueError):
+    """``gpumarket up`` cannot start as asked; the message says what to change."""
+
+
+@contextlib.contextmanager
+def _up_root(data_dir: Path | None) -> Iterator[Path]:
+    """``data_dir`` (kept afterwards), or a temporary folder removed when ``up`` stops."""
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        yield data_dir.resolve()
+        return
     with tempfile.TemporaryDirectory(prefix="gpumarket-up-") as tmp:
-        root = Path(tmp)
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def _published_deployment(deployment: Deployment, path: Path) -> Iterator[None]:
+    """The contracts' addresses at ``path``, where ``wallet`` and ``orchestrator`` commands look;
+    removed on stop unless something else rewrote it meanwhile (the chain it names is gone)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_deployment(deployment, path)
+    written = path.read_bytes()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_bytes() == written:
+                path.unlink()
+
+
+def up_commands(url: str, key: str, deployment_file: Path, default_deployment: Path) -> list[str]:
+    """The commands ``up`` prints to try the stack, each runnable as written from the folder
+    ``up`` was started in (a test runs them verbatim)."""
+    wallet = "gpumarket wallet balance --dev-account 2"
+    if deployment_file != default_deployment:
+        wallet += f" --deployment {shlex.quote(str(deployment_file))}"
+    top_price = max(int(price) for price, _ in WORKER_OFFERS)
+    return [
+        f"export GPUMARKET_URL={url} GPUMARKET_API_KEY={key}",
+        f'gpumarket job submit --model {EMBED_MODEL} --text "hello world" '
+        f"--max-price {top_price} --wait",
+        "gpumarket job list",
+        wallet,
+    ]
+
+
+def up(
+    *,
+    port: int | None = None,
+    chain_port: int | None = None,
+    data_dir: Path | None = None,
+    deployment_file: Path,
+    default_deployment: Path,
+) -> int:
+    """``gpumarket up``: the demo's stack, left running until Ctrl-C or SIGTERM; prints where
+    it is and commands to try it. Raises UpRefused for options that cannot work."""
+    _check_up_options(port, chain_port, data_dir)
+    with sigterm_as_ctrl_c(), _up_root(data_dir) as root:
         console.rule("gpumarket up")
-        with local_stack(root) as market:
+        with (
+            local_stack(root, port, chain_port) as market,
+            _published_deployment(market.deployment, deployment_file),
+        ):
             _wait_workers(market.url, market.token, 2)
             _wait_staked(market)
             key = _demo_client(market)
-            table = Table(title="local marketplace", show_header=False)
-            table.add_column("what")
-            table.add_column("where", overflow="fold")
-            table.add_row("dashboard", f"{market.url}/#token={market.token}")
-            table.add_row("API docs", f"{market.url}/docs")
-            table.add_row("metrics", f"{market.url}/metrics")
-            table.add_row("chain RPC", market.rpc_url)
-            table.add_row("PaymentBroker", market.deployment.payment_broker)
-            table.add_row("WorkerRegistry", market.deployment.worker_registry)
-            table.add_row("workers", ", ".join(market.workers))
-            table.add_row("logs", str(root))
-            console.print(table)
-            console.print("A client that pays from a funded dev account is ready:")
-            console.print(f"  export GPUMARKET_URL={market.url} GPUMARKET_API_KEY={key}")
-            console.print('  gpumarket job submit --text "hello world" --wait')
-            console.print("Ctrl-C stops everything.")
+            console.print("local marketplace:", markup=False)
+            print_fields(
+                console,
+                [
+                    ("dashboard", f"{market.url}/#token={market.token}"),
+                    ("API docs", f"{market.url}/docs"),
+                    ("metrics", f"{market.url}/metrics"),
+                    ("chain RPC", market.rpc_url),
+                    ("PaymentBroker", market.deployment.payment_broker),
+                    ("WorkerRegistry", market.deployment.worker_registry),
+                    ("deployment", str(deployment_file)),
+                    *((f"worker {i + 1}", w) for i, w in enumerate(market.workers)),
+                    ("logs", str(root)),
+                ],
+            )
+            console.print(f"{TRY_IT} (a client paying from a funded dev account is ready):")
+            for command in up_commands(market.url, key, deployment_file, default_deployment):
+                console.print(f"  {command}", markup=False)
+            console.print(UP_READY)
             while True:
                 market.stack.check_alive()
                 time.sleep(1)

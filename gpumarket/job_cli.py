@@ -7,7 +7,11 @@
     gpumarket job result JOB_ID --download out/
 
 Every command takes ``--json`` for machine output on stdout. An error is one red line on
-stderr that says what to do, with exit code 1 (2 for a command line that cannot work).
+stderr that says what to do (with ``--json``, one JSON object), with exit code 1 (2 for a
+command line that cannot work). Tables are drawn only on a terminal wide enough for every
+cell whole; in a pipe or a narrow terminal each record is one line (gpumarket/output.py).
+``submit`` prints why a job waits; ``--wait`` stops at once when every available worker asks
+more than ``--max-price``. A ``--video`` is probed here to set ``--max-units`` when not given.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from itertools import islice
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -25,17 +30,26 @@ import httpx
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
 
 from gpumarket.exceptions import GpumarketAPIError, JobFailed, JobTimeout
+from gpumarket.output import Column, err_console, out_console, print_fields, print_table
 from gpumarket.sdk import DEFAULT_WAIT_TIMEOUT_S, Client
-from protocol.jobs import DEFAULT_LADDER, Container, Precision, Preference, Rendition
+from protocol.jobs import (
+    DEFAULT_DEADLINE_S,
+    DEFAULT_LADDER,
+    Container,
+    Precision,
+    Preference,
+    Rendition,
+)
 
 URL_ENV = "GPUMARKET_URL"
 API_KEY_ENV = "GPUMARKET_API_KEY"
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_LIST_LIMIT = 20
 MAX_PAGE = 200  # the API's own page limit
+NOT_A_PROBLEM_CODE = "error"  # ProblemError's code for a body that is no problem document
+MAX_FOREIGN_DETAIL_CHARS = 120
 HOW_TO_GET_A_KEY = (
     f"pass --api-key or set {API_KEY_ENV}; the orchestrator's operator makes one with "
     "`gpumarket orchestrator create-client NAME`"
@@ -70,14 +84,24 @@ JobIdArg = Annotated[str, typer.Argument(help="The job's id, as submit printed i
 
 
 def _out() -> Console:
-    return Console(highlight=False)
+    return out_console()
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    # soft_wrap: one line however narrow the terminal, so scripts can grep it.
-    Console(stderr=True, highlight=False).print(
-        f"error: {message}", style="red", markup=False, soft_wrap=True
-    )
+_json_errors: ContextVar[bool] = ContextVar("json_errors", default=False)
+"""Set by a command run with --json: its errors are then a JSON object on stderr too."""
+
+
+def _fail(message: str, code: int = 1, problem: GpumarketAPIError | None = None) -> NoReturn:
+    """The error on stderr and exit ``code``: one red line however narrow the terminal (soft
+    wrap), or with --json one JSON object: ``{"error": message, "exit_code": code}`` plus the
+    orchestrator's ``status`` and ``code`` when it answered with a problem."""
+    if _json_errors.get():
+        body: dict[str, Any] = {"error": message, "exit_code": code}
+        if problem is not None:
+            body.update(status=problem.status, code=problem.code)
+        typer.echo(json.dumps(body), err=True)
+    else:
+        err_console().print(f"error: {message}", style="red", markup=False)
     raise typer.Exit(code=code)
 
 
@@ -85,9 +109,18 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def describe_problem(exc: GpumarketAPIError) -> str:
-    """The orchestrator's error in one line, with the fix where the status implies one."""
+def describe_problem(exc: GpumarketAPIError, url: str = DEFAULT_URL) -> str:
+    """The orchestrator's error in one line, with the fix where the status implies one. An
+    answer that is no problem document came from something else than an orchestrator."""
+    if exc.code == NOT_A_PROBLEM_CODE:
+        said = _one_line(exc.detail)[:MAX_FOREIGN_DETAIL_CHARS] or "an empty body"
+        return (
+            f"{url} answered HTTP {exc.status} with {said!r}, not as a gpumarket orchestrator "
+            f"does; is that its address? set --orchestrator or {URL_ENV}"
+        )
     fix = FIX_BY_STATUS.get(exc.status)
+    if fix is None and "max_units" in exc.detail:
+        fix = "set it with --max-units"
     if fix is None and exc.retryable:
         fix = "the orchestrator is busy or restarting; try again shortly"
     line = f"{_one_line(exc.detail)} ({exc.status} {exc.code})"
@@ -107,7 +140,7 @@ def _client(ctx: typer.Context, url: str, api_key: str | None) -> Iterator[Clien
         with Client(url, api_key, transport=transport) as client:
             yield client
     except GpumarketAPIError as exc:
-        _fail(describe_problem(exc))
+        _fail(describe_problem(exc, url), problem=exc)
     except JobFailed as exc:
         job = exc.job
         reason = job.get("failure_reason") or "no reason given"
@@ -127,12 +160,6 @@ def _print_json(value: Any) -> None:
     typer.echo(json.dumps(value, indent=2))
 
 
-def _short_address(address: str | None) -> str:
-    if not address:
-        return "-"
-    return f"{address[:6]}…{address[-4:]}"
-
-
 def _energy(item: dict[str, Any]) -> str:
     energy = item.get("energy_j")
     if energy is None:
@@ -145,26 +172,35 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} s"
 
 
-def jobs_table(jobs: list[dict[str, Any]]) -> Table:
-    """id, type, model, state, worker, cost (wei), energy (J) and duration of each job."""
-    table = Table()
-    table.add_column("id", no_wrap=True)
-    for name in ("type", "model", "state", "worker"):
-        table.add_column(name)
-    for name in ("cost wei", "energy J", "duration"):
-        table.add_column(name, justify="right")
-    for job in jobs:
-        table.add_row(
-            job["id"],
-            job["type"],
-            job["model"],
-            job["state"],
-            _short_address(job.get("worker_address")),
-            job.get("cost_wei") or "-",
-            _energy(job),
-            _seconds(job.get("duration_s")),
-        )
-    return table
+JOB_COLUMNS = (
+    Column("id"),
+    Column("type"),
+    Column("model"),
+    Column("state"),
+    Column("worker"),
+    Column("cost wei", right=True),
+    Column("energy J", right=True),
+    Column("duration", right=True),
+)
+
+
+def job_row(job: dict[str, Any]) -> list[str]:
+    """A job's cells under JOB_COLUMNS; ids and addresses whole."""
+    return [
+        job["id"],
+        job["type"],
+        job["model"],
+        job["state"],
+        job.get("worker_address") or "-",
+        job.get("cost_wei") or "-",
+        _energy(job),
+        _seconds(job.get("duration_s")),
+    ]
+
+
+def print_jobs(jobs: list[dict[str, Any]]) -> None:
+    """A table on a wide terminal, else one job per line (see gpumarket.output)."""
+    print_table(_out(), JOB_COLUMNS, [job_row(job) for job in jobs])
 
 
 def _shape(value: Any) -> str:
@@ -176,38 +212,43 @@ def _shape(value: Any) -> str:
     return " x ".join(str(d) for d in dims) if dims else json.dumps(value)
 
 
+RENDITION_COLUMNS = (
+    Column("name"),
+    Column("size"),
+    Column("frames", right=True),
+    Column("bytes", right=True),
+    Column("sha256"),
+)
+
+
 def _print_result(result: dict[str, Any]) -> None:
     console = _out()
-    summary = Table(show_header=False, box=None)
-    summary.add_row("job", result["job_id"])
-    summary.add_row("worker", result["worker_address"])
-    summary.add_row("units", str(result["units"]))
-    summary.add_row("cost wei", result["cost_wei"])
-    summary.add_row("duration", _seconds(result["duration_s"]))
-    summary.add_row("energy J", _energy(result))
-    summary.add_row("output sha256", result["output_sha256"])
-    for key, value in (result.get("output") or {}).items():
-        summary.add_row(key, _shape(value))
-    console.print(summary)
-    blobs = result.get("output_blobs") or []
-    if blobs:
-        renditions = Table(title="renditions")
-        renditions.add_column("name")
-        renditions.add_column("size")
-        for name in ("frames", "bytes"):
-            renditions.add_column(name, justify="right")
-        renditions.add_column("sha256", no_wrap=True)
-        for blob in blobs:
-            size = f"{blob.get('width')}x{blob.get('height')}" if blob.get("height") else "-"
-            frames = blob.get("frames")
-            renditions.add_row(
+    fields = [
+        ("job", result["job_id"]),
+        ("worker", result["worker_address"]),
+        ("units", str(result["units"])),
+        ("cost wei", result["cost_wei"]),
+        ("duration", _seconds(result["duration_s"])),
+        ("energy J", _energy(result)),
+        ("output sha256", result["output_sha256"]),
+    ]
+    fields += [(key, _shape(value)) for key, value in (result.get("output") or {}).items()]
+    print_fields(console, fields)
+    rows = []
+    for blob in result.get("output_blobs") or []:
+        size = f"{blob.get('width')}x{blob.get('height')}" if blob.get("height") else "-"
+        frames = blob.get("frames")
+        rows.append(
+            [
                 blob["name"],
                 size,
                 "-" if frames is None else str(frames),
                 str(blob["size"]),
                 blob["sha256"],
-            )
-        console.print(renditions)
+            ]
+        )
+    if rows:
+        print_table(console, RENDITION_COLUMNS, rows, title="renditions")
 
 
 def _read_texts(texts: list[str], texts_file: Path | None) -> list[str]:
@@ -245,6 +286,34 @@ def parse_rendition(text: str) -> dict[str, Any]:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise typer.BadParameter(f"{text!r}: {problems}", param_hint="--rendition") from exc
     return rendition.model_dump(mode="json", exclude_none=True)
+
+
+def _transcode_max_units(video: Path, ladder: list[dict[str, Any]], quiet: bool) -> int:
+    """The output pixels a transcode of ``video`` into ``ladder`` (empty: the default ladder)
+    can encode at most, from probing the file here; said on stderr unless ``quiet``."""
+    from worker.executors import transcode
+
+    rungs = [Rendition.model_validate(r) for r in ladder] or list(DEFAULT_LADDER)
+    try:
+        estimate = transcode.estimate_output_pixels(
+            video,
+            [
+                transcode.Rendition(
+                    r.name or f"{r.height}p", r.width, r.height, r.fps, r.bitrate_kbps
+                )
+                for r in rungs
+            ],
+        )
+    except (transcode.TranscodeError, OSError) as exc:
+        _fail(f"--video {video}: {_one_line(str(exc))}", code=2)
+    sizes = " + ".join(f"{w}x{h}" for w, h in estimate.sizes)
+    if not quiet:
+        err_console().print(
+            f"--max-units {estimate.output_pixels}: {estimate.frames} frames x ({sizes}) output "
+            "pixels at most; give --max-units to set another cap",
+            markup=False,
+        )
+    return estimate.output_pixels
 
 
 def _parse_price(text: str) -> int:
@@ -290,13 +359,21 @@ def submit(
     container: Annotated[Container, typer.Option(help="Transcode output.")] = Container.MP4,
     max_units: Annotated[
         int | None,
-        typer.Option(help="Most units you pay for (transcode on a paid orchestrator: pixels)."),
+        typer.Option(
+            help="Most units you pay for (default: the number of texts; for a --video, its "
+            "frames x the ladder's output pixels, probed here).",
+            min=1,
+        ),
     ] = None,
     preference: Annotated[
         Preference, typer.Option(help="What matters most in picking a worker.")
     ] = Preference.BALANCED,
     deadline_s: Annotated[
-        float | None, typer.Option(help="Give up after this many seconds (default 1 h).")
+        float | None,
+        typer.Option(
+            help="Give up after this many seconds (default 1 h, or less where the orchestrator "
+            "takes payment: at most half the payer's withdrawal delay; submit says which).",
+        ),
     ] = None,
     idempotency_key: Annotated[
         str | None, typer.Option(help="Resubmitting with the same key returns the same job.")
@@ -310,6 +387,7 @@ def submit(
     as_json: JsonOpt = False,
 ) -> None:
     """Submit an inference job (--model with --text/--texts-file) or a transcode (--video)."""
+    _json_errors.set(as_json)
     spec: dict[str, Any] = {
         "max_price_wei_per_unit": str(_parse_price(max_price)),
         "preference": preference.value,
@@ -331,6 +409,8 @@ def submit(
             _fail("give --model and --text (or --texts-file) for inference, or --video", code=2)
         spec.update(type="inference", model=model, precision=precision.value)
         spec["input"] = {"texts": texts}
+    if video is not None and max_units is None:
+        max_units = _transcode_max_units(video, ladder, quiet=as_json)
     if max_units is not None:
         spec["max_units"] = max_units
     if deadline_s is not None:
@@ -339,37 +419,99 @@ def submit(
         if video is not None:
             spec["input_blob"] = client.upload_blob(video)
         job = client.submit(spec, idempotency_key)
+        if not as_json:
+            _say_a_shortened_deadline(job, deadline_s)
         if not wait:
             if as_json:
                 _print_json(job)
             else:
-                _out().print(f"job {job['id']} {job['state']}", soft_wrap=True)
+                _out().print(_job_line(job), markup=False)
             return
-        result = _follow(client, job, timeout_s, quiet=as_json)
+        try:
+            result = _follow(client, job, timeout_s, quiet=as_json)
+        except PricedOut as exc:
+            _fail(str(exc))
+        except JobTimeout as exc:
+            _fail(f"{exc}; it carries on: follow it with `gpumarket job status {job['id']}`")
     if as_json:
         _print_json(result)
     else:
         _print_result(result)
 
 
+def _say_a_shortened_deadline(job: dict[str, Any], asked_s: float | None) -> None:
+    """On stderr, when the orchestrator gave the job less time than the default deadline."""
+    from datetime import datetime
+
+    given_s = (
+        datetime.fromisoformat(job["deadline_at"]) - datetime.fromisoformat(job["created_at"])
+    ).total_seconds()
+    if asked_s is None and given_s < DEFAULT_DEADLINE_S - 1:
+        err_console().print(
+            f"job {job['id']}: deadline in {given_s:g} s, not the default {DEFAULT_DEADLINE_S:g} "
+            "s: this orchestrator's limit for paid jobs",
+            markup=False,
+        )
+
+
+def _job_line(view: dict[str, Any]) -> str:
+    """``job ID STATE``, and why it waits when no worker can take it."""
+    why = view.get("waiting_reason")
+    return f"job {view['id']} {view['state']}" + (f": {_one_line(why)}" if why else "")
+
+
+class PricedOut(Exception):
+    """Every available worker asks more than the job's max price: waiting would not help."""
+
+
+PRICE_EXCLUSION = re.compile(
+    r"^[0-9]+ asks (?P<ask>[0-9]+) wei/unit, above the job's (?P<max>[0-9]+)$"
+)
+NO_WORKER_CAN_TAKE_IT = "no available worker can take it: "
+
+
+def lowest_ask_above_max(view: dict[str, Any]) -> int | None:
+    """The cheapest price (wei/unit) available workers ask, when the job is queued only
+    because each asks more than its max price; None when anything else holds it back."""
+    why = view.get("waiting_reason") or ""
+    if view.get("state") != "queued" or not why.startswith(NO_WORKER_CAN_TAKE_IT):
+        return None
+    asks = []
+    for part in why.removeprefix(NO_WORKER_CAN_TAKE_IT).split("; "):
+        match = PRICE_EXCLUSION.match(part)
+        if match is None:
+            return None
+        asks.append(int(match["ask"]))
+    return min(asks) if asks else None
+
+
+def _stop_if_priced_out(view: dict[str, Any]) -> None:
+    ask = lowest_ask_above_max(view)
+    if ask is not None:
+        raise PricedOut(
+            f"job {view['id']} waits: {_one_line(view['waiting_reason'])}; the cheapest worker "
+            f"would take it at --max-price {ask} (wei/unit). It stays queued until a worker "
+            f"takes it or its deadline: `gpumarket job cancel {view['id']}` withdraws it"
+        )
+
+
 def _follow(client: Client, job: dict[str, Any], timeout_s: float, quiet: bool) -> dict[str, Any]:
-    """``wait`` with a spinner showing the job's state on stderr (nothing with ``quiet``)."""
+    """``wait`` with a spinner showing the job's state on stderr (nothing with ``quiet``).
+    Raises PricedOut at once when every available worker asks more than the job allows."""
+    _stop_if_priced_out(job)
     if quiet:
-        return client.wait(job["id"], timeout_s)
-    console = Console(stderr=True, highlight=False)
+        return client.wait(job["id"], timeout_s, on_progress=_stop_if_priced_out)
+    console = err_console()
     seen: list[str] = []
 
-    def label(view: dict[str, Any]) -> str:
-        why = view.get("waiting_reason")
-        return f"job {view['id']}: {view['state']}" + (f" ({why})" if why else "")
-
-    with console.status(label(job)) as status:
+    with console.status(_job_line(job)) as status:
 
         def show(view: dict[str, Any]) -> None:
-            status.update(label(view))
+            status.update(_job_line(view))
             if not seen or seen[-1] != view["state"]:
                 seen.append(view["state"])
-                console.print(label(view), markup=False, soft_wrap=True)
+                console.print(_job_line(view), markup=False)
+            _stop_if_priced_out(view)
 
         return client.wait(job["id"], timeout_s, on_progress=show)
 
@@ -383,16 +525,21 @@ def status(
     as_json: JsonOpt = False,
 ) -> None:
     """One job: its state, worker, cost, energy and duration."""
+    _json_errors.set(as_json)
     with _client(ctx, orchestrator, api_key) as client:
         job = client.get(job_id)
     if as_json:
         _print_json(job)
         return
-    console = _out()
-    console.print(jobs_table([job]))
+    fields = list(zip((c.name for c in JOB_COLUMNS), job_row(job), strict=True))
     for key in ("waiting_reason", "failure_reason"):
         if job.get(key):
-            console.print(f"{key.replace('_', ' ')}: {job[key]}", markup=False, soft_wrap=True)
+            fields.append((key.replace("_", " "), _one_line(job[key])))
+    verification = job.get("verification")
+    if verification:
+        said = _one_line(verification.get("detail") or "")
+        fields.append(("verification", f"{verification['status']}" + (f": {said}" if said else "")))
+    print_fields(_out(), fields)
 
 
 @job_app.command("list")
@@ -407,12 +554,13 @@ def list_jobs(
     as_json: JsonOpt = False,
 ) -> None:
     """Your jobs, newest first."""
+    _json_errors.set(as_json)
     with _client(ctx, orchestrator, api_key) as client:
         jobs = list(islice(client.list(state=state, limit=min(limit, MAX_PAGE)), limit))
     if as_json:
         _print_json(jobs)
     elif jobs:
-        _out().print(jobs_table(jobs))
+        print_jobs(jobs)
     else:
         _out().print("no jobs" + (f" in state {state}" if state else ""))
 
@@ -434,6 +582,7 @@ def result(
     as_json: JsonOpt = False,
 ) -> None:
     """The signed result of a succeeded job: outputs, cost, duration and energy."""
+    _json_errors.set(as_json)
     saved: list[Path] = []
     with _client(ctx, orchestrator, api_key) as client:
         found = client.result(job_id)
@@ -474,6 +623,7 @@ def cancel(
     as_json: JsonOpt = False,
 ) -> None:
     """Cancel a job that has not finished; a running worker stops at its next heartbeat."""
+    _json_errors.set(as_json)
     with _client(ctx, orchestrator, api_key) as client:
         job = client.cancel(job_id)
     if as_json:

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.table import Table
+
+from gpumarket.output import err_console, out_console, print_fields
 
 if TYPE_CHECKING:
     from contracts.broker import PaymentBroker
@@ -155,12 +155,12 @@ def _when(unix_s: int, chain_now_s: int) -> str:
 
 
 def _say(text: str) -> None:
-    Console(highlight=False, soft_wrap=True).print(text, markup=False)
+    out_console().print(text, markup=False)
 
 
 def _fail(text: str, code: int = EXIT_REFUSED) -> NoReturn:
     """One red line on stderr, then exit ``code``: no traceback for what a person can fix."""
-    Console(stderr=True, highlight=False, soft_wrap=True).print(text, style="red", markup=False)
+    err_console().print(text, style="red", markup=False)
     raise typer.Exit(code=code)
 
 
@@ -312,6 +312,7 @@ def _session(options: WalletOptions, action: str, *, signing: bool = True) -> It
     """The wallet for ``options``; any chain error inside becomes one line and exit 1."""
     from web3.exceptions import Web3Exception
 
+    from contracts.anvil import DEV_CHAIN_ID
     from contracts.broker import PaymentBroker
     from contracts.chain import ChainError, ContractRevert, InsufficientFundsForGas, ReceiptTimeout
     from contracts.registry import WorkerRegistry
@@ -319,8 +320,10 @@ def _session(options: WalletOptions, action: str, *, signing: bool = True) -> It
     key = _signing_key(options, required=signing)
     deployment = _load_deployment(options.deployment)
     url = options.rpc_url or deployment.rpc_url
+    dev_chain = False
     try:
         chain = _connect(options, deployment, url)
+        dev_chain = chain.chain_id == DEV_CHAIN_ID
         if key is not None:
             chain = chain.with_key(key)
         yield _Wallet(
@@ -332,7 +335,7 @@ def _session(options: WalletOptions, action: str, *, signing: bool = True) -> It
     except ContractRevert as exc:
         _fail(f"{action} refused: {describe_revert(exc, deployment)}")
     except InsufficientFundsForGas as exc:
-        _fail(describe_insufficient_funds(action, exc))
+        _fail(describe_insufficient_funds(action, exc, url if dev_chain else None))
     except ReceiptTimeout as exc:
         _fail(
             f"{action}: transaction {exc.tx_hash} was sent but not mined within "
@@ -414,13 +417,21 @@ def describe_revert(exc: ContractRevert, deployment: Deployment | None = None) -
             return str(exc)
 
 
-def describe_insufficient_funds(action: str, exc: InsufficientFundsForGas) -> str:
+def describe_insufficient_funds(
+    action: str, exc: InsufficientFundsForGas, dev_rpc_url: str | None = None
+) -> str:
+    """The shortfall and, on the dev chain at ``dev_rpc_url``, the command that covers it."""
+    from contracts.anvil import fund_command
+
     short = max(exc.needed_wei - exc.balance_wei, 0)
-    return (
+    text = (
         f"{action}: account {exc.address} holds {wei_and_eth(exc.balance_wei)} but this "
         f"transaction needs {wei_and_eth(exc.needed_wei)} for gas plus value; send it at "
         f"least {wei_and_eth(short)}"
     )
+    if dev_rpc_url is not None:
+        text += f" (on the dev chain: `{fund_command(exc.address, dev_rpc_url)}`)"
+    return text
 
 
 # --- options shared by every command --------------------------------------------------------
@@ -472,33 +483,35 @@ def balance(
     signers = [_address_argument(value, "--signer") for value in signer or []]
     options = WalletOptions(deployment, rpc_url, key_file, dev_account)
     with _session(options, "balance", signing=shown is None) as wallet:
-        table = _balance_table(wallet, shown or wallet.address, signers)
-    Console().print(table)
+        address_shown = shown or wallet.address
+        fields = _balance_fields(wallet, address_shown, signers)
+    console = out_console()
+    console.print(f"{address_shown} on chain {wallet.chain.chain_id}", markup=False)
+    print_fields(console, fields)
 
 
-def _balance_table(wallet: _Wallet, address: str, signers: list[str]) -> Table:
+def _balance_fields(wallet: _Wallet, address: str, signers: list[str]) -> list[tuple[str, str]]:
+    """(what, value) lines: balances, deposit, allowances, stake and eligibility."""
     broker, registry, now = wallet.broker, wallet.registry, wallet.chain_now_s()
-    table = Table(title=f"{address} on chain {wallet.chain.chain_id}", show_header=False)
-    table.add_column("what", style="bold")
-    table.add_column("value")
-    table.add_row("ETH balance", wei_and_eth(wallet.chain.balance_wei(address)))
-    table.add_row("broker deposit", wei_and_eth(broker.balance_of(address)))
-    table.add_row("deposit unlockAt", _unlock_status(broker.unlock_at(address), now, wallet))
+    fields: list[tuple[str, str]] = []
+    fields.append(("ETH balance", wei_and_eth(wallet.chain.balance_wei(address))))
+    fields.append(("broker deposit", wei_and_eth(broker.balance_of(address))))
+    fields.append(("deposit unlockAt", _unlock_status(broker.unlock_at(address), now, wallet)))
     for signer in signers:
         allowance = broker.allowance(address, signer)
-        table.add_row("signer", signer)
-        table.add_row("  cap", wei_and_eth(allowance.cap_wei))
-        table.add_row("  spent", wei_and_eth(allowance.spent_wei))
-        table.add_row("  remaining", wei_and_eth(allowance.remaining_wei))
+        fields.append(("signer", signer))
+        fields.append(("  cap", wei_and_eth(allowance.cap_wei)))
+        fields.append(("  spent", wei_and_eth(allowance.spent_wei)))
+        fields.append(("  remaining", wei_and_eth(allowance.remaining_wei)))
     stake = registry.stake_of(address)
     unbonding = registry.unbonding_of(address)
-    table.add_row("stake (active)", wei_and_eth(stake))
-    table.add_row("stake (unbonding)", wei_and_eth(unbonding.amount_wei))
+    fields.append(("stake (active)", wei_and_eth(stake)))
+    fields.append(("stake (unbonding)", wei_and_eth(unbonding.amount_wei)))
     if unbonding.amount_wei:
-        table.add_row("  withdrawable", _when(unbonding.ready_at, now))
-    table.add_row("minimum stake", wei_and_eth(wallet.deployment.min_stake_wei))
-    table.add_row("eligible for jobs", _eligibility(wallet, address, stake, unbonding.amount_wei))
-    return table
+        fields.append(("  withdrawable", _when(unbonding.ready_at, now)))
+    fields.append(("minimum stake", wei_and_eth(wallet.deployment.min_stake_wei)))
+    fields.append(("eligible for jobs", _eligibility(wallet, address, stake, unbonding.amount_wei)))
+    return fields
 
 
 def _unlock_status(unlock_at: int, now: int, wallet: _Wallet) -> str:
@@ -738,3 +751,61 @@ def withdraw_stake(
         unbonding = wallet.registry.unbonding_of(wallet.address)
         result = wallet.registry.withdraw()
     _say(f"withdrew {wei_and_eth(unbonding.amount_wei)} of unbonded stake {_tx(result)}")
+
+
+# --- the dev chain ----------------------------------------------------------------------------
+
+DEFAULT_DEV_RPC_URL = "http://127.0.0.1:8545"
+DEFAULT_FUND = "1eth"
+
+
+def chain_fund(
+    address: Annotated[str, typer.Argument(help="The account to fund, e.g. a new worker's.")],
+    amount: Annotated[
+        str, typer.Argument(help=f"Amount, {AMOUNT_EXAMPLES}.", show_default=True)
+    ] = DEFAULT_FUND,
+    rpc_url: Annotated[
+        str | None,
+        typer.Option(
+            "--rpc-url",
+            help=f"The dev chain's JSON-RPC URL (default: the deployment file's, else "
+            f"{DEFAULT_DEV_RPC_URL}).",
+        ),
+    ] = None,
+    deployment: Annotated[
+        Path, typer.Option("--deployment", help="Deployment file naming the chain.")
+    ] = DEFAULT_DEPLOYMENT,
+) -> None:
+    """Send ETH to ADDRESS from one of anvil's dev accounts (dev chain 31337 only), e.g. so a
+    new worker key can pay its stake and gas."""
+    from contracts.anvil import DEV_CHAIN_ID, DEV_FUND_FROM, DEV_PRIVATE_KEYS
+    from contracts.chain import Chain, ChainError
+
+    shown = _address_argument(address, "ADDRESS")
+    amount_wei = _amount_argument(amount, "AMOUNT", positive=True)
+    if rpc_url is not None:
+        url = rpc_url
+    elif deployment.exists():
+        url = _load_deployment(deployment).rpc_url
+    else:
+        url = DEFAULT_DEV_RPC_URL
+    try:
+        chain = Chain.connect(url, DEV_PRIVATE_KEYS[DEV_FUND_FROM])
+    except ChainError:
+        _fail(
+            f"no JSON-RPC answer from {url}: is the dev chain running? (`gpumarket up` or "
+            "`gpumarket chain up`; --rpc-url picks another endpoint)"
+        )
+    if chain.chain_id != DEV_CHAIN_ID:
+        _usage(
+            f"{url} serves chain {chain.chain_id}, not the dev chain {DEV_CHAIN_ID}: "
+            "fund accounts there from a wallet of your own"
+        )
+    try:
+        result = chain.send_value(shown, amount_wei)
+    except ChainError as exc:
+        _fail(f"fund: {exc}")
+    _say(
+        f"sent {wei_and_eth(amount_wei)} to {shown}; it holds "
+        f"{wei_and_eth(chain.balance_wei(shown))} {_tx(result)}"
+    )

@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     verify_trusted_reputation: float = Field(default=0.8, ge=0, le=1)
     # A check still unfinished after this long is given up: the first result stands, unverified.
     verify_timeout_s: float = Field(default=900.0, gt=0)
+    # A check no worker has taken after this long (none free at the job's price, say) is
+    # withdrawn, and the result is released, paid, marked inconclusive with the reason.
+    verify_unplaced_timeout_s: float = Field(default=120.0, gt=0)
     # Who pays the workers that run checks (an on-chain payer that authorised this orchestrator's
     # signer); default: the signer's own address. Without budget there, checks run unpaid.
     verification_payer: str | None = None

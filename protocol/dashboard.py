@@ -64,7 +64,8 @@ class DashboardJob(BaseModel):
 
 
 class DashboardTotals(BaseModel):
-    """Whole-market figures (all time, deregistered workers included in the money)."""
+    """Whole-market figures (all time, deregistered workers included in the money). Jobs
+    are the clients' own: verification re-runs (checks) are not counted."""
 
     workers_registered: int
     workers_online: int
@@ -75,6 +76,8 @@ class DashboardTotals(BaseModel):
     wei_redeemed_total: Wei
     ledger_entries: int
     energy_j_total: float
+    # The part of energy_j_total workers estimated (no power meter readable), joules.
+    energy_j_estimated: float = 0.0
 
 
 class DashboardBucket(BaseModel):

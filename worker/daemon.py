@@ -325,6 +325,14 @@ class WorkerDaemon:
             self.metrics.job_finished(job.type, duration_s, energy_j, self.energy.source)
             await self._report_success(job, execution, duration_s, energy_j)
             self.completed += 1
+            log.info(
+                "job %s: done, %d unit(s) in %.2f s, %.1f J",
+                job.job_id,
+                execution.units,
+                duration_s,
+                energy_j,
+                extra=self._log_fields(job),
+            )
             self.metrics.job_completed(job.type)
         except asyncio.CancelledError:
             log.info("job %s: stopped", job.job_id, extra=self._log_fields(job))

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 
 import httpx
 from eth_account.signers.local import LocalAccount
@@ -25,6 +26,7 @@ from worker.executors.base import Executor
 from worker.hardware import probe_hardware
 from worker.metrics import MetricsServer, WorkerMetrics
 from worker.redeemer import POLL_INTERVAL_S, Redeemer, stake_if_needed
+from worker.status import StatusBoard, show_status
 
 log = logging.getLogger("gpumarket.worker")
 
@@ -65,16 +67,20 @@ async def run_payments(
     *,
     poll_interval_s: float = POLL_INTERVAL_S,
     metrics: WorkerMetrics | None = None,
+    board: StatusBoard | None = None,
 ) -> None:
     """Stake if asked, then redeem this worker's vouchers until ``stop`` is set, looking every
-    ``poll_interval_s`` seconds. Returns at once when the orchestrator runs without payments."""
+    ``poll_interval_s`` seconds. Returns at once when the orchestrator runs without payments.
+    A worker left without the stake paid jobs need is said loudly on ``board``."""
     found = await _connect_to_chain(settings, client, account, stop)
     if found is None:
         return
     chain, deployment = found
+    registry = WorkerRegistry(chain, deployment.worker_registry)
     if settings.stake_wei is not None:
-        registry = WorkerRegistry(chain, deployment.worker_registry)
         await stake_if_needed(registry, settings.stake_wei)
+    if board is not None:
+        await _check_eligible(registry, board)
     broker = PaymentBroker(chain, deployment.payment_broker)
     redeemer = Redeemer(
         client,
@@ -93,6 +99,32 @@ async def run_payments(
         settings.redeem_interval_s,
     )
     await redeemer.run(stop)
+
+
+async def _check_eligible(registry: WorkerRegistry, board: StatusBoard) -> None:
+    """Tell the operator when the registry does not count this worker as staked: the
+    orchestrator then gives it no paid job, however long it waits."""
+    address = registry.chain.address
+    try:
+        eligible, stake_wei, minimum_wei = await asyncio.wait_for(
+            asyncio.to_thread(
+                lambda: (
+                    registry.is_eligible(address),
+                    registry.stake_of(address),
+                    registry.min_stake_wei(),
+                )
+            ),
+            timeout=CHAIN_CONNECT_TIMEOUT_S,
+        )
+    except (ChainError, Web3Exception, OSError, TimeoutError) as exc:
+        log.warning("cannot read this worker's stake: %r", exc)
+        return
+    if not eligible:
+        board.cannot_get_work(
+            f"{address} is not eligible in WorkerRegistry (active stake {stake_wei} wei, "
+            f"minimum {minimum_wei} wei, or unbonding or slashed): the orchestrator gives it "
+            f"no paid jobs; set GPUMARKET_WORKER_STAKE_WEI={minimum_wei} to stake at start"
+        )
 
 
 async def _connect_to_chain(
@@ -156,6 +188,13 @@ async def serve(settings: WorkerSettings, account: LocalAccount) -> WorkerDaemon
     client = OrchestratorClient(settings.orchestrator_urls, account)
     metrics = WorkerMetrics()
     daemon = WorkerDaemon(settings, client, executors, hardware, energy, metrics)
+    board = StatusBoard(
+        address=account.address,
+        metrics=metrics,
+        prices={offer.model: offer.price_wei_per_unit for offer in daemon.offers()},
+        running=lambda: len(daemon.running),
+        capacity=settings.max_concurrency,
+    )
     metrics_server: MetricsServer | None = None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -170,9 +209,12 @@ async def serve(settings: WorkerSettings, account: LocalAccount) -> WorkerDaemon
             stop_payments,
             poll_interval_s=settings.redeem_poll_s,
             metrics=metrics,
+            board=board,
         ),
         name="payments",
     )
+    stop_status = asyncio.Event()
+    status = asyncio.create_task(show_status(board, stop_status), name="status")
     log.info(
         "hardware: %s, %d cores, %d GPU(s); energy from %s",
         hardware.cpu_model,
@@ -182,11 +224,17 @@ async def serve(settings: WorkerSettings, account: LocalAccount) -> WorkerDaemon
     )
     try:
         metrics_server = _serve_metrics(settings, metrics)
+        board.phase = "loading models"
+        began = time.monotonic()
         for executor in executors:
             await executor.warm_up()
+        board.phase = None
+        log.info("models loaded in %.1f s; taking jobs", time.monotonic() - began)
         await daemon.run()
     finally:
         await _stop_payments(payments, stop_payments)
+        stop_status.set()
+        await status
         for executor in executors:
             await executor.close()
         await client.aclose()

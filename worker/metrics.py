@@ -139,6 +139,11 @@ class WorkerMetrics:
         self._batches = _BatchSizeCollector()
         self.registry.register(self._batches)
         self._voucher_wei: Gauge | None = None
+        # Plain totals for the status line (worker/status.py): exact ints, no float64.
+        self.completed_total = 0
+        self.failed_total = 0
+        self.earned_wei = 0
+        self.redeemed_wei = 0
 
     def start_at_zero(self, job_types: Iterable[str], energy_source: str) -> None:
         """Show every series this worker can produce from the start (at 0), not from its first
@@ -164,9 +169,15 @@ class WorkerMetrics:
 
     def job_completed(self, job_type: str) -> None:
         self.jobs_completed.labels(job_type).inc()
+        self.completed_total += 1
 
     def job_failed(self, job_type: str, *, retryable: bool) -> None:
         self.jobs_failed.labels(job_type, str(retryable).lower()).inc()
+        self.failed_total += 1
+
+    def redeemed(self, paid_wei: int) -> None:
+        """A redemption this worker sent paid it ``paid_wei`` (after the broker's fee)."""
+        self.redeemed_wei += paid_wei
 
     def vouchers_seen(self, cumulative_wei: int) -> None:
         """The sum over payers of the latest cumulative voucher each has signed to us, in wei."""
@@ -177,6 +188,7 @@ class WorkerMetrics:
                 registry=self.registry,
             )
         self._voucher_wei.set(cumulative_wei)
+        self.earned_wei = cumulative_wei
 
     def serve(self, host: str, port: int) -> MetricsServer:
         """Serve ``/metrics`` on ``host:port`` (0: any free port) from a daemon thread."""

@@ -26,9 +26,11 @@ from eth_account.signers.local import LocalAccount
 from eth_typing import HexStr
 from web3.exceptions import TransactionNotFound, Web3Exception
 
+from contracts.anvil import DEV_CHAIN_ID, fund_command
 from contracts.broker import PaymentBroker, RedeemResult
 from contracts.chain import (
     RPC_TIMEOUT_S,
+    Chain,
     ChainError,
     ContractRevert,
     InsufficientFundsForGas,
@@ -353,6 +355,8 @@ class Redeemer:
             result.fee_wei,
             result.gas_used,
         )
+        if self.metrics is not None:
+            self.metrics.redeemed(result.paid_wei)
         outcomes = []
         for claim in due:
             event = events.get(claim.payer)
@@ -375,13 +379,14 @@ class Redeemer:
         if isinstance(exc, InsufficientFundsForGas):
             log.error(
                 "cannot pay the gas to redeem %d wei from payer %s: account %s holds %d wei, "
-                "needs %d wei; send it at least %d wei",
+                "needs %d wei; send it at least %d wei%s",
                 claim.owed_wei,
                 claim.payer,
                 exc.address,
                 exc.balance_wei,
                 exc.needed_wei,
                 exc.needed_wei - exc.balance_wei,
+                dev_chain_fund_hint(self.broker.chain, exc.address),
             )
         elif isinstance(exc, TimeoutError):
             log.error(
@@ -420,6 +425,17 @@ def _covers(exc: ContractRevert, cumulative_wei: int) -> bool:
 # --- stake ---------------------------------------------------------------------------------
 
 
+def dev_chain_fund_hint(chain: Chain, address: str) -> str:
+    """On anvil's dev chain, the command that funds ``address``, as a clause to append to an
+    error; elsewhere nothing (real money comes from the operator's own wallet)."""
+    try:
+        if chain.chain_id != DEV_CHAIN_ID or chain.rpc_url is None:
+            return ""
+    except CHAIN_FAILURES:
+        return ""
+    return f" (on the dev chain: `{fund_command(address, chain.rpc_url)}`)"
+
+
 async def stake_if_needed(registry: WorkerRegistry, stake_wei: int) -> TxResult | None:
     """If the sender's active stake is below the registry's minimum, stake the difference up
     to ``stake_wei`` in total (wei). Returns the mined stake, or None when nothing was sent
@@ -452,7 +468,11 @@ async def stake_if_needed(registry: WorkerRegistry, stake_wei: int) -> TxResult 
         send_timeout_s = registry.chain.receipt_timeout_s + SEND_RPC_ALLOWANCE_S
         result = await _on_chain(lambda: registry.stake(amount_wei), send_timeout_s)
     except InsufficientFundsForGas as exc:
-        log.error("cannot stake: %s", exc)
+        log.error(
+            "cannot stake: %s%s; without stake this worker gets no paid jobs",
+            exc,
+            dev_chain_fund_hint(registry.chain, exc.address),
+        )
         return None
     except CHAIN_FAILURES as exc:
         log.error("staking failed: %r", exc)

@@ -70,7 +70,8 @@
     return `${(s / 60).toFixed(1)} min`;
   }
 
-  const clock = (date) => date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  // 24-hour, like the status line's time: "14:05", never "02:05 PM".
+  const clock = (date) => date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hour12: false });
   const clockS = (date) => date.toLocaleTimeString([], { hour12: false });
   const short = (id) => (id && id.length > 12 ? `${id.slice(0, 6)}…${id.slice(-4)}` : id || "");
 
@@ -284,6 +285,16 @@
     }
     $("total-energy").textContent = joules(t.energy_j_total);
     $("total-energy").title = `${t.energy_j_total} J`;
+    $("total-energy-source").textContent = energySource(t.energy_j_total, t.energy_j_estimated || 0);
+  }
+
+  /** How the energy total was found: metered (NVML, RAPL), estimated, or some of each. */
+  function energySource(total, estimated) {
+    if (!total) return "succeeded jobs; none reported energy yet";
+    if (estimated >= total) return "succeeded jobs, estimated by workers (no power meter readable)";
+    if (!estimated) return "succeeded jobs, as measured by workers (NVML or RAPL)";
+    const share = Math.round((estimated / total) * 100);
+    return `succeeded jobs; ${share}% estimated by workers without a power meter, the rest measured`;
   }
 
   function emptyRow(tbody, columns, text) {

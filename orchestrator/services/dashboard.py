@@ -35,6 +35,8 @@ DEFAULT_RECENT_JOBS = 50
 MAX_BUCKETS = 720
 SUCCEEDED = JobState.SUCCEEDED.value
 FAILED = JobState.FAILED.value
+CLIENT_JOB = "job"  # Job.kind of a client's job; "check" is a verification re-run
+ESTIMATE = "estimate"  # Job.energy_source when the worker had no power meter
 OFFLINE = "offline"  # the status WorkerService shows for a worker not heard from in a lease
 
 
@@ -82,7 +84,7 @@ class DashboardService:
             )
         end = (math.floor(now / bucket_s) + 1) * bucket_s
         start = end - buckets * bucket_s
-        views = self._worker_views.list(now)
+        views = self._worker_views.list(now, include_gone=True)
         with self._store.read() as s:
             settled = _sum_by(s.execute(select(LedgerEntry.payee, LedgerEntry.amount_wei)))
             redeemed = _sum_by(
@@ -119,10 +121,12 @@ class DashboardService:
                 )
             )
         )
-        return [
+        shown = [
             _worker(w, billed.get(w.id, 0), settled.get(w.address, 0), redeemed.get(w.address, 0))
             for w in views
         ]
+        # A worker that left stays on the board while it has anything to show for its time.
+        return [w for w in shown if w.status != DEREGISTERED or _has_a_record(w)]
 
     def _totals(
         self,
@@ -131,13 +135,18 @@ class DashboardService:
         settled: dict[str, int],
         redeemed: dict[str, int],
     ) -> DashboardTotals:
-        by_state = job_state_counts(s)
+        by_state = job_state_counts(s, kind=CLIENT_JOB)
         succeeded = Job.state == SUCCEEDED
         costs = s.scalars(select(Job.cost_wei).where(succeeded, Job.cost_wei.is_not(None)))
         energy = s.scalar(select(func.coalesce(func.sum(Job.energy_j), 0.0)).where(succeeded))
+        estimated = s.scalar(
+            select(func.coalesce(func.sum(Job.energy_j), 0.0)).where(
+                succeeded, Job.energy_source == ESTIMATE
+            )
+        )
         entries = s.scalar(select(func.count()).select_from(LedgerEntry)) or 0
         return DashboardTotals(
-            workers_registered=len(workers),
+            workers_registered=sum(1 for w in workers if w.status != DEREGISTERED),
             workers_online=sum(1 for w in workers if w.online),
             jobs_by_state=by_state,
             queue_depth=by_state[JobState.QUEUED.value],
@@ -146,6 +155,7 @@ class DashboardService:
             wei_redeemed_total=sum(redeemed.values()),
             ledger_entries=entries,
             energy_j_total=float(energy or 0.0),
+            energy_j_estimated=float(estimated or 0.0),
         )
 
     def _recent_jobs(self, s: Session, limit: int) -> list[DashboardJob]:
@@ -228,6 +238,11 @@ def _worker(w: WorkerView, billed: int, settled: int, redeemed: int) -> Dashboar
         redeemed_wei=redeemed,
         last_seen_at=w.last_seen_at,
     )
+
+
+def _has_a_record(w: DashboardWorker) -> bool:
+    """Did this worker run anything or earn anything?"""
+    return bool(w.jobs_succeeded or w.jobs_failed or w.billed_wei or w.settled_wei)
 
 
 def _job(job: Job, worker_address: str | None) -> DashboardJob:

@@ -61,6 +61,7 @@ from protocol.units import MAX_WEI
 
 log = logging.getLogger("gpumarket.orchestrator.leases")
 PERF_EWMA_ALPHA = 0.3
+OFFERED_MODELS_TTL_S = 1.0  # how stale explain_unplaced's view of live workers' models may be
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,8 @@ class LeaseService:
         # True while a dispatch round waits for _dispatch_lock and has not yet read the store.
         self._round_waiting = False
         self._round_waiting_guard = threading.Lock()
+        # (read at, models): see _live_models.
+        self._live_models_cache: tuple[float, frozenset[str]] = (float("-inf"), frozenset())
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -236,6 +239,52 @@ class LeaseService:
             by_id[choice.worker_id].free_slots -= 1
             assigned.append((job.id, choice.worker_id))
         return assigned
+
+    def explain_unplaced(self, job_id: str, now: float) -> None:
+        """For a job dispatch just left queued without a reason (dispatch looks only at jobs
+        some free worker could run): say that no worker is free, or that none offers its
+        model. When a live worker offers the model (the busy market's case: it is only
+        waiting for a slot) this costs nothing but a look at a cache renewed every
+        ``OFFERED_MODELS_TTL_S``. The next dispatch round that sees the job replaces the reason."""
+        with self._store.read() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state != JobState.QUEUED or job.waiting_reason is not None:
+                return
+            if job.model in self._live_models(s, now):
+                return
+            wanted = f"{job.type}/{job.model}"
+            free = list(
+                s.scalars(
+                    select(Worker.offers).where(
+                        Worker.status == REGISTERED,
+                        Worker.available_until >= now,
+                        Worker.free_slots > 0,
+                    )
+                )
+            )
+            if free:
+                reason = f"none of the {len(free)} free worker(s) offers {wanted}"
+            else:
+                reason = f"no worker that offers {wanted} is connected"
+        with self._store.transaction() as s:
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is not None and job.state == JobState.QUEUED and job.waiting_reason is None:
+                job.waiting_reason = reason
+
+    def _live_models(self, s: Session, now: float) -> frozenset[str]:
+        """Models offered by registered workers heard from within a lease's time (cached)."""
+        read_at, models = self._live_models_cache
+        if now - read_at < OFFERED_MODELS_TTL_S:
+            return models
+        offers = s.scalars(
+            select(Worker.offers).where(
+                Worker.status == REGISTERED,
+                Worker.last_seen_at >= now - self._settings.lease_ttl_s,
+            )
+        )
+        models = frozenset(o.get("model") for worker_offers in offers for o in worker_offers)
+        self._live_models_cache = (now, models)
+        return models
 
     # -- the lease long-poll -----------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.config import Settings
@@ -153,6 +153,8 @@ class VerificationService:
         return True
 
     def _another_worker_offers(self, s: Session, job: Job, exclude: list[str]) -> bool:
+        """Is another registered worker offering this job type and model at or under the
+        job's max price (the check's price cap too)?"""
         rows = s.execute(
             select(Worker.id, Worker.offers).where(
                 Worker.status == REGISTERED, Worker.id.not_in(exclude)
@@ -160,7 +162,11 @@ class VerificationService:
         ).all()
         for _, offers in rows:
             for offer in offers:
-                if offer.get("job_type") == job.type and offer.get("model") == job.model:
+                if (
+                    offer.get("job_type") == job.type
+                    and offer.get("model") == job.model
+                    and int(offer.get("price_wei_per_unit", 0)) <= job.max_price_wei_per_unit
+                ):
                     return True
         return False
 
@@ -443,8 +449,10 @@ class VerificationService:
     # -- the sweeper's part -------------------------------------------------------------------
 
     def resolve_stalled(self, now: float) -> int:
-        """Release jobs whose checks all ended without a result (expired, failed, cancelled):
-        the result stands, paid, marked inconclusive. Returns how many were released."""
+        """Release jobs held in VERIFYING that no check will decide: every check ended without
+        a result (expired, failed, cancelled), or no worker has taken the one waiting for
+        ``verify_unplaced_timeout_s`` (it is withdrawn). The result stands, paid, marked
+        inconclusive with the reason. Returns how many were released."""
         released = 0
         with self._store.transaction() as s:
             parents = list(
@@ -455,20 +463,63 @@ class VerificationService:
                 )
             )
             for parent in parents:
-                states = s.scalars(
-                    select(Job.state).where(Job.parent_id == parent.id, Job.kind == CHECK)
-                ).all()
-                if any(state in UNFINISHED for state in states):
-                    continue
-                record = VerificationView.model_validate(parent.verification)
-                record.status = VerificationStatus.INCONCLUSIVE
-                record.detail = (
-                    f"no check finished within {self._settings.verify_timeout_s:g} s; "
-                    "the result stands"
+                # SKIP LOCKED: a completion holds its check and then waits for this parent;
+                # waiting here for that check could deadlock. A check held elsewhere is
+                # being decided: look again next round.
+                of_parent = (Job.parent_id == parent.id, Job.kind == CHECK)
+                checks = list(
+                    s.scalars(select(Job).where(*of_parent).with_for_update(skip_locked=True))
                 )
+                if len(checks) < (
+                    s.scalar(select(func.count()).select_from(Job).where(*of_parent)) or 0
+                ):
+                    continue
+                unfinished = [c for c in checks if c.state in UNFINISHED]
+                record = VerificationView.model_validate(parent.verification)
+                if not unfinished:
+                    record.detail = (
+                        f"no check finished within {self._settings.verify_timeout_s:g} s; "
+                        "the result stands"
+                    )
+                elif self._unplaced_too_long(unfinished, now):
+                    record.detail = self._withdraw(s, unfinished, now)
+                else:
+                    self._say_why_checks_wait(parent, record, unfinished)
+                    continue
+                record.status = VerificationStatus.INCONCLUSIVE
                 self._release(s, parent, record, now, pay=True)
                 released += 1
         return released
+
+    def _unplaced_too_long(self, unfinished: list[Job], now: float) -> bool:
+        """Every unfinished check still queued, none taken within the unplaced timeout."""
+        limit = self._settings.verify_unplaced_timeout_s
+        return all(c.state == JobState.QUEUED and now - c.created_at >= limit for c in unfinished)
+
+    def _withdraw(self, s: Session, unfinished: list[Job], now: float) -> str:
+        """Cancel checks no worker took; returns why, for the released job's record."""
+        why = next((c.waiting_reason for c in unfinished if c.waiting_reason), None)
+        why = why or "no worker offering this model at the job's price was free"
+        limit = self._settings.verify_unplaced_timeout_s
+        for check in unfinished:
+            transition(s, check, JobState.CANCELLED, now, detail=f"not taken within {limit:g} s")
+        return f"no worker could re-run it within {limit:g} s ({why}); released unchecked"
+
+    def _say_why_checks_wait(
+        self, parent: Job, record: VerificationView, unfinished: list[Job]
+    ) -> None:
+        """While a check is queued, the job's record says what it waits for, and until when."""
+        why = next((c.waiting_reason for c in unfinished if c.waiting_reason), None)
+        if why is None:
+            return
+        limit = self._settings.verify_unplaced_timeout_s
+        detail = (
+            f"sampled: the re-run on another worker waits ({why}); released unchecked if no "
+            f"worker takes it within {limit:g} s"
+        )
+        if record.detail != detail:
+            record.detail = detail
+            parent.verification = record.model_dump(mode="json")
 
     def send_slashes(self) -> int:
         """Send owed slashes to the chain; returns how many were settled this round."""

@@ -393,8 +393,13 @@ class WorkerService:
             s.execute(delete(Challenge).where(Challenge.expires_at < now))
 
 
-def job_state_counts(session: Session) -> dict[str, int]:
-    rows = session.execute(select(Job.state, func.count()).group_by(Job.state))
+def job_state_counts(session: Session, kind: str | None = None) -> dict[str, int]:
+    """Jobs per state (every state present, 0 if none); only jobs of ``kind`` when given
+    ("job": clients' jobs, "check": verification re-runs)."""
+    query = select(Job.state, func.count()).group_by(Job.state)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    rows = session.execute(query)
     counts = {state.value: 0 for state in JobState}
     counts.update({state: n for state, n in rows})
     return counts

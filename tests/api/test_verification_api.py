@@ -20,7 +20,7 @@ from sqlalchemy import select
 from orchestrator.config import Settings
 from orchestrator.services.comparators import COSINE_THRESHOLDS, Comparison, compare_tensors
 from orchestrator.store import Store
-from orchestrator.store.models import Slash, Worker
+from orchestrator.store.models import Job, Slash, Worker
 from orchestrator.wiring import Services, build_services
 from protocol.signing import output_sha256, sign_result
 from tests.api.conftest import Api, HttpWorker, RunApi, assert_problem
@@ -28,6 +28,7 @@ from tests.conftest import FakeClock
 from tests.support import offer, video_clip
 from worker.executors.transcode import make_test_clip
 
+UNPLACED_TIMEOUT_S = 60.0
 RIGHT = {"embeddings": [[0.6, 0.8], [1.0, 0.0]]}
 # Plausible but wrong: unit vectors, the right shape, pointing elsewhere.
 WRONG = {"embeddings": [[0.8, -0.6], [0.0, 1.0]]}
@@ -45,6 +46,7 @@ def services(tmp_path: Path, sqlite_store: Store, clock: FakeClock) -> Services:
         long_poll_max_s=5.0,
         verify_rate=1.0,  # every result is checked
         verify_timeout_s=120.0,
+        verify_unplaced_timeout_s=UNPLACED_TIMEOUT_S,
     )
     return build_services(settings, store=sqlite_store, clock=clock, rng=random.Random(7))
 
@@ -332,5 +334,51 @@ def test_a_worker_billing_frames_the_client_did_not_ask_for_is_convicted(
             [slash] = s.scalars(select(Slash)).all()
             assert slash.worker_address == cheat.address
         assert _worker_row(api, cheat).verifications_failed == 1
+
+
+def test_a_check_no_worker_takes_is_withdrawn_and_the_job_released_saying_why(
+    run_api: RunApi, clock: FakeClock
+) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        first = await api.register_worker()
+        await api.register_worker()  # could check, but never polls
+        job = await api.submit(client)
+        await _run_on(api, first, RIGHT)
+        assert await api.lease(first) == []  # polls again: the check is not for it
+        assert api.services.verification.resolve_stalled(clock()) == 0
+        held = await api.job(client, job["id"])
+        assert held["state"] == "verifying"
+        detail = held["verification"]["detail"]
+        assert "waits (no available worker can take it: 1 already failed or lost" in detail
+        assert f"within {UNPLACED_TIMEOUT_S:g} s" in detail
+
+        clock.advance(UNPLACED_TIMEOUT_S + 1)  # before the check's own deadline
+        api.services.leases.sweep(clock())
+        assert api.services.verification.resolve_stalled(clock()) == 1
+        done = await api.job(client, job["id"])
+        assert done["state"] == "succeeded"
+        assert done["cost_wei"] == str(2 * 100)  # released paid
+        assert done["verification"]["status"] == "inconclusive"
+        released = done["verification"]["detail"]
+        assert f"no worker could re-run it within {UNPLACED_TIMEOUT_S:g} s" in released
+        assert "already failed or lost" in released
+        with api.services.store.read() as s:
+            [check] = s.scalars(select(Job).where(Job.kind == "check")).all()
+            assert check.state == "cancelled"
+        assert await api.lease(first) == []  # nothing left to run
+
+    run_api(body)
+
+
+def test_no_check_is_sampled_when_every_other_worker_asks_more(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        first = await api.register_worker()
+        await api.register_worker(offers=[offer(price=10**6)])  # above the job's max price
+        job = await api.submit(client)
+        await _run_on(api, first, RIGHT)
+        done = await api.job(client, job["id"])
+        assert done["state"] == "succeeded" and done["verification"] is None
 
     run_api(body)

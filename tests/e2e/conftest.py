@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -100,6 +101,33 @@ def screenshot(driver: WebDriver, name: str) -> Path:
         driver.save_screenshot(str(path))
     finally:
         driver.set_window_size(*WINDOW)
+    return path
+
+
+PHONE_WIDTH = 390  # CSS pixels, a common phone's viewport
+PHONE_HEIGHT = 844
+
+
+@contextmanager
+def phone(driver: WebDriver) -> Iterator[None]:
+    """The page as a phone shows it: a ``PHONE_WIDTH``-pixel mobile viewport (touch layout,
+    device metrics emulated), back to the desktop window afterwards."""
+    metrics = {"width": PHONE_WIDTH, "height": PHONE_HEIGHT, "deviceScaleFactor": 1}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {**metrics, "mobile": True})
+    try:
+        yield
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def phone_screenshot(driver: WebDriver, name: str) -> Path:
+    """Inside ``phone``: the whole page at phone width to test-output/<name>."""
+    SCREENSHOT_DIR.mkdir(exist_ok=True)
+    path = SCREENSHOT_DIR / name
+    height = int(driver.execute_script("return document.documentElement.scrollHeight"))
+    metrics = {"width": PHONE_WIDTH, "height": max(PHONE_HEIGHT, height), "deviceScaleFactor": 1}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {**metrics, "mobile": True})
+    driver.save_screenshot(str(path))
     return path
 
 

@@ -8,6 +8,7 @@ the error banner.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +26,14 @@ from contracts.registry import WorkerRegistry
 from gpumarket import Client
 from protocol import CompleteRequest, HardwareDescriptor, LeasedJob, Offer
 from protocol.signing import output_sha256, sign_result
-from tests.e2e.conftest import console_errors, require_selenium, screenshot
+from tests.e2e.conftest import (
+    PHONE_WIDTH,
+    console_errors,
+    phone,
+    phone_screenshot,
+    require_selenium,
+    screenshot,
+)
 from tests.integration.conftest import OPERATOR_TOKEN, OrchestratorProcess
 from tests.support import EMBED_MODEL
 from worker.client import OrchestratorClient, SignedVoucher
@@ -378,10 +386,37 @@ def test_dashboard_shows_workers_jobs_money_and_charts(browser: WebDriver, marke
     assert all(height > 0 for _, _, height in bars)
     assert _attr(browser, "#chart-wei", "data-total") == str(paid)
 
+    # every energy figure here is an estimate, and the card says so
+    assert _text(browser, "#total-energy-source") == (
+        "succeeded jobs, estimated by workers (no power meter readable)"
+    )
+    # the time axis in 24-hour time, like the status line
+    ticks = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#chart-throughput text.tick'), "
+        "(t) => t.textContent).filter((t) => t.includes(':'));"
+    )
+    assert ticks and all(re.fullmatch(r"[0-2][0-9]:[0-5][0-9]", t) for t in ticks), ticks
+
     # no script error, no CSP refusal (nothing inline, nothing from elsewhere), no failed load
     assert console_errors(browser) == []
     path = screenshot(browser, "dashboard.png")
     assert path.stat().st_size > 10_000
+
+    # on a phone: nothing wider than the screen, legends inside their charts
+    with phone(browser):
+        browser.refresh()
+        _wait_table(browser, "jobs", "job-id", len(market.job_ids))
+        page_width, view_width = browser.execute_script(
+            "return [document.documentElement.scrollWidth, window.innerWidth]"
+        )
+        assert view_width == PHONE_WIDTH and page_width <= view_width, (page_width, view_width)
+        outside = browser.execute_script(
+            "return Array.from(document.querySelectorAll('.legend, .card, .chart'))"
+            ".filter((e) => { const r = e.getBoundingClientRect(); "
+            "return r.left < 0 || r.right > window.innerWidth; }).map((e) => e.className);"
+        )
+        assert outside == []
+        assert phone_screenshot(browser, "dashboard-phone.png").stat().st_size > 10_000
 
 
 def test_a_wrong_token_shows_the_error_banner_and_asks_again(

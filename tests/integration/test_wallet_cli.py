@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +100,8 @@ def _runner() -> CliRunner:
 
 
 def wallet(m: Market | None, *args: str, env: dict[str, str | None] | None = None) -> Result:
-    """``gpumarket wallet ARGS --deployment FILE`` in-process, with a wide terminal so the
-    balance table never wraps an amount, and no signing key from the caller's environment."""
+    """``gpumarket wallet ARGS --deployment FILE`` in-process, 200 columns unless ``env`` says
+    otherwise, and no signing key from the caller's environment."""
     deployment = ["--deployment", str(m.deployment_path)] if m is not None else []
     result = _runner().invoke(
         app,
@@ -209,11 +210,14 @@ def test_deposit_then_balance_shows_it_in_wei_and_eth(m: Market) -> None:
     assert "deposit now 1500000000000000000 wei (1.5 ETH)" in out
     assert m.broker.balance_of(m.address(PAYER)) == 3 * ETH // 2
 
-    out = ok(wallet(m, "balance", *dev(PAYER)))
-    assert m.address(PAYER) in out
-    assert re.search(r"broker deposit\s*│\s*1500000000000000000 wei \(1\.5 ETH\)", out), out
-    assert "none (locked" in out
-    assert re.search(r"eligible for jobs\s*│\s*no \(active stake below the minimum\)", out)
+    for columns in ("40", "80", "200"):  # one whole line per field at any width
+        out = ok(wallet(m, "balance", *dev(PAYER), env={"COLUMNS": columns}))
+        assert re.search(rf"^{m.address(PAYER)} on chain \d+$", out, re.M), out
+        deposit = r"^broker deposit\s+1500000000000000000 wei \(1\.5 ETH\)$"
+        assert re.search(deposit, out, re.M), out
+        assert re.search(r"^deposit unlockAt\s+none \(locked; `gpumarket wallet unlock`", out, re.M)
+        eligible = r"^eligible for jobs\s+no \(active stake below the minimum\)"
+        assert re.search(eligible, out, re.M), out
 
 
 def test_balance_of_any_address_needs_no_key(m: Market) -> None:
@@ -230,8 +234,8 @@ def test_authorise_then_the_allowance_is_visible(m: Market) -> None:
 
     ok(wallet(m, "authorize", signer.lower(), "1000000000gwei", *dev(PAYER)))  # US spelling
     out = ok(wallet(m, "balance", *dev(PAYER), "--signer", signer))
-    assert re.search(r"cap\s*│\s*1000000000000000000 wei \(1 ETH\)", out), out
-    assert re.search(r"remaining\s*│\s*1000000000000000000 wei \(1 ETH\)", out), out
+    assert re.search(r"cap\s+1000000000000000000 wei \(1 ETH\)", out), out
+    assert re.search(r"remaining\s+1000000000000000000 wei \(1 ETH\)", out), out
 
 
 def test_withdraw_needs_unlock_and_the_delay(m: Market) -> None:
@@ -275,7 +279,7 @@ def test_stake_unstake_withdraw_stake(m: Market) -> None:
     assert "unbonding 40000000000000000 wei (0.04 ETH)" in out
     assert f"withdraw-stake` from {format_utc(ready_at)} (in 10m 0s)" in out
     out = ok(wallet(m, "balance", *dev(STAKER)))
-    assert re.search(r"stake \(unbonding\)\s*│\s*40000000000000000 wei", out), out
+    assert re.search(r"stake \(unbonding\)\s+40000000000000000 wei", out), out
     assert "no (active stake below the minimum, stake is unbonding)" in out
 
     message = refused(wallet(m, "withdraw-stake", *dev(STAKER)))
@@ -347,6 +351,27 @@ def test_unfunded_key_is_told_its_address_and_what_it_needs(m: Market, tmp_path:
     assert message.startswith(f"deposit: account {poor} holds 0 wei (0 ETH)")
     needed = re.search(r"needs (\d+) wei", message)
     assert needed is not None and int(needed[1]) > ETH
+
+    # The message names the command that funds the key on the dev chain; run as printed, it
+    # makes a deposit work.
+    command = re.search(r"`(gpumarket chain fund [^`]+)`", message)
+    assert command is not None, message
+    program, *args = shlex.split(command[1])
+    assert program == "gpumarket" and poor in args
+    out = ok(_runner().invoke(app, args, env={"COLUMNS": "40"}))
+    assert f"sent 1000000000000000000 wei (1 ETH) to {poor}" in out
+    assert m.chain.balance_wei(poor) == ETH
+    ok(wallet(m, "deposit", "0.5eth", "--key-file", str(key_file)))
+
+
+def test_chain_fund_reads_the_deployment_file_and_refuses_junk(m: Market) -> None:
+    someone = Account.create().address
+    fund = ["chain", "fund", someone, "--deployment", str(m.deployment_path)]
+    out = ok(_runner().invoke(app, fund, env={"COLUMNS": "200"}))
+    assert m.chain.balance_wei(someone) == ETH  # the default amount
+    assert re.search(rf"^sent 1000000000000000000 wei \(1 ETH\) to {someone}; it holds", out)
+    bad = _runner().invoke(app, ["chain", "fund", "0x12", "--deployment", str(m.deployment_path)])
+    assert bad.exit_code == 2 and "not an address" in bad.stderr
 
 
 def test_signing_key_from_the_environment(m: Market) -> None:

@@ -5,6 +5,7 @@ restart."""
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -107,7 +108,14 @@ def test_sigterm_drains_then_deregisters(stack) -> None:  # type: ignore[no-unty
             time.sleep(0.05)
         workers[0].terminate()
         assert workers[0].wait(60) == 0
-        assert "deregistered" in workers[0].log()
+        log = workers[0].log()
+        assert "deregistered" in log
+        # The operator's view of it, into a file: models loaded, a line per job, a summary.
+        assert "models loaded in " in log
+        done = re.findall(r"job \S+: done, 1 unit\(s\) in ", log)
+        summary = re.search(r"worker (0x[0-9a-fA-F]{40}) stopped: (\d+) job\(s\) done", log)
+        assert summary and int(summary[2]) == len(done) > 0, log
+        assert re.search(rf"worker {summary[1]}: \d+ done, 0 failed, running \d+/\d+", log)
         for job_id in ids:  # nothing lost: the other worker finishes whatever remained
             assert client.wait(job_id, JOB_TIMEOUT_S)["units"] == 1
     with proc.operator() as http:

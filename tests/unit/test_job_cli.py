@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import httpx
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -26,14 +29,17 @@ from gpumarket.cli import app
 from orchestrator.app import create_app
 from orchestrator.config import Settings
 from orchestrator.store import Store
+from orchestrator.store.models import Job as JobRow
+from orchestrator.store.models import Worker as WorkerRow
 from orchestrator.wiring import build_services
 from protocol.signing import output_sha256, sign_result
 from tests.api.conftest import BASE_URL, Api, HttpWorker
-from tests.support import EMBED_MODEL, offer, video_clip
+from tests.support import EMBED_MODEL, offer
 from worker.executors.transcode import make_test_clip
 
 TEXTS = ["a cat sat on the mat", "GPUs are scarce"]
 DIM = 3
+CLIP_FRAMES = 6
 EMBEDDINGS = {"embeddings": [[0.5, -0.25, 1.0]] * len(TEXTS)}
 
 
@@ -75,6 +81,19 @@ class Market:
     def register_worker(self) -> HttpWorker:
         offers = [offer(price=100), offer(job_type="transcode", model="h264", price=1)]
         return self.portal.call(lambda: self.api.register_worker(offers=offers))
+
+    def listening(self, worker: HttpWorker, wait_s: float = 5.0) -> None:
+        """The worker long-polls for work in the background (and gets none at its price);
+        returns once the orchestrator counts it as available."""
+        self.portal.start_task_soon(lambda: self.api.lease(worker, wait_s=wait_s))
+        deadline = time.monotonic() + wait_s
+        while True:
+            with self.api.services.store.read() as s:
+                row = s.get(WorkerRow, worker.worker_id)
+                if row is not None and row.available_until and row.free_slots:
+                    return
+            assert time.monotonic() < deadline, "the worker never started polling"
+            time.sleep(0.05)
 
     def complete_soon(self, worker: HttpWorker, blobs: list[dict[str, Any]] | None = None) -> None:
         """In the background on the app's loop: lease (long-polling) one job and complete it
@@ -216,10 +235,9 @@ def test_transcode_uploads_the_video_and_downloads_renditions(
     rendition = make_test_clip(tmp_path / "360p.mp4", 640, 360, 10, 24).read_bytes()
     uploaded = market.portal.call(market.api.upload, worker.headers, rendition)
     blob = {"name": "360p", "sha256": uploaded["sha256"], "size": len(rendition)}
-    blob.update(width=640, height=360, frames=10)
+    blob.update(width=640, height=360, frames=CLIP_FRAMES)
     market.complete_soon(worker, blobs=[blob])
-    video = tmp_path / "clip.mp4"
-    video.write_bytes(video_clip(640, 360, frames=2))  # the orchestrator probes it at submit
+    video = make_test_clip(tmp_path / "clip.mp4", width=640, height=360, frames=CLIP_FRAMES)
 
     args = ["submit", "--video", str(video), "--rendition", "360p", "--rendition", "1080p:6000"]
     done = market.invoke(*args, "--max-price", "1", "--wait")
@@ -229,7 +247,11 @@ def test_transcode_uploads_the_video_and_downloads_renditions(
     [job] = _json(market.invoke("list", "--json"))
     assert (job["type"], job["state"]) == ("transcode", "succeeded")
     assert job["input_blob"] == hashlib.sha256(video.read_bytes()).hexdigest()
-    assert job["cost_wei"] == str(640 * 360 * 10)  # 1 wei per output pixel
+    assert job["cost_wei"] == str(640 * 360 * CLIP_FRAMES)  # 1 wei per output pixel
+    assert job["max_units"] == 640 * 360 * CLIP_FRAMES  # probed: 1080p would upscale
+    assert f"--max-units {640 * 360 * CLIP_FRAMES}: {CLIP_FRAMES} frames x (640x360)" in (
+        done.stderr
+    )
     assert [(r["name"], r["height"], r["bitrate_kbps"]) for r in job["renditions"]] == [
         ("360p", 360, 800),  # the default ladder's bitrate
         ("1080p", 1080, 6000),
@@ -305,3 +327,198 @@ def test_an_unreachable_orchestrator_is_one_line() -> None:
     [line] = closed.stderr.strip().splitlines()
     assert "cannot reach the orchestrator at http://127.0.0.1:9" in line
     assert "GPUMARKET_URL" in line
+
+
+# -- output at any width: ids, addresses and hashes whole, one record per line when narrow ------
+
+WIDTHS = ("40", "80", "200")
+
+
+def _lines_with(text: str, token: str) -> list[str]:
+    return [line for line in text.splitlines() if token in line]
+
+
+@pytest.mark.parametrize("columns", WIDTHS)
+def test_job_list_in_a_pipe_is_one_whole_record_per_line(market: Market, columns: str) -> None:
+    worker = market.register_worker()
+    market.complete_soon(worker)
+    done = _json(market.invoke(*_submit_args("--wait", "--json")))
+    queued = _json(market.invoke(*_submit_args("--json")))
+
+    listed = market.invoke("list", COLUMNS=columns)
+    assert listed.exit_code == 0, listed.output
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 2, listed.stdout  # one line per job, whatever the width
+    [first] = _lines_with(listed.stdout, queued["id"])
+    [second] = _lines_with(listed.stdout, done["job_id"])
+    assert "state: queued" in first and f"model: {EMBED_MODEL}" in first
+    assert f"worker: {worker.address}" in second and "cost wei: 200" in second
+
+    shown = market.invoke("status", done["job_id"], COLUMNS=columns)
+    assert _lines_with(shown.stdout, done["job_id"]) and _lines_with(shown.stdout, worker.address)
+    result = market.invoke("result", done["job_id"], COLUMNS=columns)
+    for whole in (done["job_id"], worker.address, done["output_sha256"]):
+        assert _lines_with(result.stdout, whole), (whole, result.stdout)
+
+
+@pytest.mark.parametrize(("columns", "drawn"), [("40", False), ("80", False), ("200", True)])
+def test_job_list_on_a_terminal_is_a_table_only_when_every_cell_fits(
+    market: Market, columns: str, drawn: bool
+) -> None:
+    worker = market.register_worker()
+    market.complete_soon(worker)
+    done = _json(market.invoke(*_submit_args("--wait", "--json")))
+
+    listed = market.invoke("list", COLUMNS=columns, TTY_COMPATIBLE="1")
+    assert listed.exit_code == 0, listed.output
+    assert ("│" in listed.stdout) is drawn, listed.stdout
+    assert _lines_with(listed.stdout, done["job_id"]), listed.stdout
+    assert _lines_with(listed.stdout, worker.address), listed.stdout
+    if drawn:  # a drawn table fits the terminal; records are long lines the terminal wraps
+        assert max(len(click.unstyle(line)) for line in listed.stdout.splitlines()) <= 200
+
+
+@pytest.mark.parametrize("columns", WIDTHS)
+def test_renditions_are_one_whole_line_each_at_any_width(
+    market: Market, tmp_path: Path, columns: str
+) -> None:
+    worker = market.register_worker()
+    rendition = b"not really h264"
+    uploaded = market.portal.call(market.api.upload, worker.headers, rendition)
+    blob = {"name": "360p", "sha256": uploaded["sha256"], "size": len(rendition)}
+    blob.update(width=640, height=360, frames=CLIP_FRAMES)
+    market.complete_soon(worker, blobs=[blob])
+    video = make_test_clip(tmp_path / "clip.mp4", width=640, height=360, frames=CLIP_FRAMES)
+
+    args = ["submit", "--video", str(video), "--rendition", "360p", "--max-price", "1", "--wait"]
+    done = market.invoke(*args, COLUMNS=columns)
+    assert done.exit_code == 0, done.output
+    [line] = _lines_with(done.stdout, uploaded["sha256"])
+    assert "name: 360p" in line and "size: 640x360" in line and f"frames: {CLIP_FRAMES}" in line
+
+
+# -- a job no worker will take at its price ------------------------------------------------------
+
+
+def test_submit_says_why_no_worker_takes_the_job(market: Market) -> None:
+    worker = market.register_worker()  # asks 100 wei per text
+    market.listening(worker)
+    submitted = market.invoke(*_submit_args()[:-2], "--max-price", "50")
+    assert submitted.exit_code == 0, submitted.output
+    [line] = submitted.stdout.splitlines()
+    assert re.fullmatch(
+        r"job \S+ queued: no available worker can take it: 1 asks 100 wei/unit, above the "
+        r"job's 50",
+        line,
+    ), line
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_wait_stops_at_once_with_the_price_that_would_be_taken(
+    market: Market, as_json: bool
+) -> None:
+    worker = market.register_worker()
+    market.listening(worker)
+    args = [*_submit_args()[:-2], "--max-price", "50", "--wait", "--timeout-s", "300"]
+    # Stopped by the price, not after the 300 s timeout (whose message says "still queued").
+    waited = market.invoke(*args, *(["--json"] if as_json else []), COLUMNS="40")
+    assert waited.exit_code == 1, waited.output
+    message = waited.stderr.strip().splitlines()[-1]
+    assert "1 asks 100 wei/unit, above the job's 50" in message
+    assert "--max-price 100" in message
+    cancel = re.search(r"`gpumarket job (cancel \S+)`", message)
+    assert cancel, message
+    assert _json(market.invoke(*cancel[1].split(), "--json"))["state"] == "cancelled"
+
+
+def test_a_job_held_back_by_anything_but_price_is_waited_for() -> None:
+    from gpumarket.job_cli import lowest_ask_above_max
+
+    busy = {"state": "queued", "waiting_reason": "no available worker can take it: 1 busy"}
+    mixed = "no available worker can take it: 1 asks 9 wei/unit, above the job's 5; 1 busy"
+    priced = "no available worker can take it: 2 asks 9 wei/unit, above the job's 5; 1 asks 7 "
+    priced += "wei/unit, above the job's 5"
+    assert lowest_ask_above_max(busy) is None
+    assert lowest_ask_above_max({"state": "queued", "waiting_reason": mixed}) is None
+    assert lowest_ask_above_max({"state": "queued", "waiting_reason": priced}) == 7
+    assert lowest_ask_above_max({"state": "assigned", "waiting_reason": priced}) is None
+
+
+def test_a_video_that_is_not_one_is_refused_before_upload(market: Market, tmp_path: Path) -> None:
+    junk = tmp_path / "clip.mp4"
+    junk.write_bytes(os.urandom(4096))
+    refused = market.invoke("submit", "--video", str(junk), "--max-price", "1")
+    assert refused.exit_code == 2, refused.output
+    [line] = refused.stderr.splitlines()
+    assert line.startswith(f"error: --video {junk}: input is not")
+    assert _json(market.invoke("list", "--json")) == []
+
+
+# -- errors: JSON with --json, and a server that is no orchestrator ------------------------------
+
+
+def test_json_errors_are_one_json_object_on_stderr(market: Market) -> None:
+    missing = market.invoke("status", "nope", "--json")
+    assert missing.exit_code == 1
+    assert missing.stdout == ""
+    error = json.loads(missing.stderr)
+    assert error["status"] == 404 and error["exit_code"] == 1
+    assert "no job nope" in error["error"] and "gpumarket job list" in error["error"]
+
+    usage = market.invoke("submit", "--max-price", "1", "--json")
+    assert usage.exit_code == 2
+    assert json.loads(usage.stderr)["error"].startswith("give --model and --text")
+
+
+def _answering(status: int, body: bytes, *args: str) -> Result:
+    """``gpumarket job ARGS`` against a server that answers every request with ``body``."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body))
+    env = {"GPUMARKET_API_KEY": "gmk_x", "GPUMARKET_URL": BASE_URL, "COLUMNS": "80"}
+    return CliRunner().invoke(app, ["job", *args], env=env, obj=transport)
+
+
+@pytest.mark.parametrize("body", [b"", b'{"detail": "Not Found"}', b"<html>nginx</html>"])
+def test_a_server_that_is_no_orchestrator_is_named_as_such(body: bytes) -> None:
+    wrong = _answering(404, body, "list")
+    assert wrong.exit_code == 1
+    [line] = wrong.stderr.splitlines()
+    assert f"{BASE_URL} answered HTTP 404 with " in line
+    assert "not as a gpumarket orchestrator does" in line and "GPUMARKET_URL" in line
+    assert "error:  (" not in line
+
+
+def test_a_missing_max_units_names_the_option() -> None:
+    problem = b'{"code": "invalid_input", "detail": "transcode jobs here need max_units, ..."}'
+    refused = _answering(422, problem, "list")
+    assert refused.exit_code == 1
+    assert "set it with --max-units" in refused.stderr
+
+
+def test_submit_says_when_no_worker_is_free_or_none_offers_the_model(market: Market) -> None:
+    alone = market.invoke(*_submit_args())
+    assert alone.exit_code == 0, alone.output
+    assert alone.stdout.strip().endswith(
+        f"queued: no worker that offers inference/{EMBED_MODEL} is connected"
+    )
+
+    other = market.portal.call(
+        lambda: market.api.register_worker(offers=[offer(job_type="transcode", model="h264")])
+    )
+    market.listening(other)
+    elsewhere = market.invoke(*_submit_args("--json"))
+    assert json.loads(elsewhere.stdout)["waiting_reason"] == (
+        f"none of the 1 free worker(s) offers inference/{EMBED_MODEL}"
+    )
+
+
+def test_status_says_how_verification_went(market: Market) -> None:
+    worker = market.register_worker()
+    market.complete_soon(worker)
+    done = _json(market.invoke(*_submit_args("--wait", "--json")))
+    released = "no worker could re-run it within 120 s (1 busy); released unchecked"
+    with market.api.services.store.transaction() as s:
+        row = s.get(JobRow, done["job_id"])
+        assert row is not None
+        row.verification = {"status": "inconclusive", "checks": [], "detail": released}
+    shown = market.invoke("status", done["job_id"], COLUMNS="40")
+    assert f"verification  inconclusive: {released}" in shown.stdout.splitlines()

@@ -85,6 +85,7 @@ __all__ = [
     "DEFAULT_PRESET",
     "DEFAULT_VIDEO_CODEC",
     "InvalidRendition",
+    "PixelEstimate",
     "Rendition",
     "RenditionOutput",
     "SkippedRendition",
@@ -92,6 +93,7 @@ __all__ = [
     "TranscodeError",
     "TranscodeInputError",
     "TranscodeResult",
+    "estimate_output_pixels",
     "make_test_clip",
     "transcode",
 ]
@@ -933,3 +935,39 @@ def _write_tone(output: OutputContainer, stream: AudioStream, seconds: Fraction)
         frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
         output.mux(stream.encode(frame))
     output.mux(stream.encode(None))
+
+
+# --- the price unit before the job runs -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PixelEstimate:
+    """What a transcode of an input will encode, found before it runs (by a client setting
+    ``max_units``): ``frames`` video frames in, ``sizes`` (width, height) per rendition kept."""
+
+    frames: int
+    sizes: tuple[tuple[int, int], ...]
+
+    @property
+    def output_pixels(self) -> int:
+        """An upper bound on ``TranscodeResult.total_output_pixels``: no rendition encodes more
+        frames than the input has (a lower frame rate only drops frames)."""
+        return self.frames * sum(width * height for width, height in self.sizes)
+
+
+def estimate_output_pixels(input_path: Path, renditions: Sequence[Rendition]) -> PixelEstimate:
+    """Probe ``input_path`` (its packets are read, not decoded) and plan ``renditions`` as
+    ``transcode`` would: sizes from the display aspect, renditions that would upscale left out.
+
+    Raises the errors ``transcode`` raises for a bad input or ladder.
+    """
+    _check_request(renditions, "mp4", None)
+    with _open_input(Path(input_path)) as source:
+        stream = _video_stream(source)
+        probe = _probe_video(stream)
+        plans, _ = _plan_ladder(renditions, probe, "mp4", Path("."))
+        try:
+            frames = sum(1 for packet in source.demux(stream) if packet.size)
+        except av.FFmpegError as exc:
+            raise TranscodeInputError(f"input cannot be read to its end: {_reason(exc)}") from exc
+    return PixelEstimate(frames, tuple((plan.width, plan.height) for plan in plans))

@@ -6,13 +6,12 @@ import logging
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
 from orchestrator.api.deps import ClientDep, ServicesDep
 from orchestrator.api.openapi import problems
 from orchestrator.api.strict_json import StrictJSONRoute
-from orchestrator.wiring import Services
 from protocol import FINAL_STATES, JobSpec, JobState, JobView, ResultView
 from protocol.jobs import JobList
 
@@ -35,28 +34,28 @@ def submit_job(
     client: ClientDep,
     services: ServicesDep,
     response: Response,
-    background: BackgroundTasks,
     idempotency_key: Annotated[
         str | None, Header(alias="Idempotency-Key", min_length=1, max_length=128)
     ] = None,
 ) -> JobView:
     """Submit a job. Prices are wei per unit (input item for inference, output pixel for
-    transcode); the job never costs more than ``max_price_wei_per_unit`` per unit."""
+    transcode); the job never costs more than ``max_price_wei_per_unit`` per unit. A job no
+    available worker can take comes back ``queued`` with its ``waiting_reason``."""
     job, created = services.jobs.submit(client, spec, services.now(), idempotency_key)
-    if created:
-        # After the answer: the job is committed, so the client learns its id whatever
-        # dispatch meets (a failed round leaves the job queued for the next one).
-        background.add_task(_dispatch_after_submit, services)
-    else:
+    if not created:
         response.status_code = 200
-    return job
-
-
-def _dispatch_after_submit(services: Services) -> None:
+        return job
+    # The job is committed: whatever dispatch meets, the client gets its id (a failed round
+    # leaves the job queued for the next one).
     try:
-        services.leases.dispatch(services.now())
+        assigned = services.leases.dispatch(services.now())
+        if all(job_id != job.id for job_id, _ in assigned):
+            # Not placed: read it back, so the answer carries why it waits.
+            services.leases.explain_unplaced(job.id, services.now())
+            job = services.jobs.get(client, job.id)
     except Exception:
         log.exception("dispatch after a submit failed; the next round places the job")
+    return job
 
 
 @router.get("", responses=problems(401, 422))

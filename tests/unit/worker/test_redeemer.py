@@ -18,6 +18,8 @@ import asyncio
 import json
 import logging
 import random
+import re
+import shlex
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ import httpx
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from typer.testing import CliRunner
 from web3 import Web3
 
 from contracts.anvil import DEV_PRIVATE_KEYS, Anvil, AnvilNotInstalled, anvil_binary
@@ -35,6 +38,7 @@ from contracts.broker import PaymentBroker
 from contracts.chain import Chain
 from contracts.deploy import Deployment, deploy, write_deployment
 from contracts.registry import WorkerRegistry
+from gpumarket.cli import app as cli_app
 from orchestrator.app import create_app
 from orchestrator.config import Settings
 from orchestrator.services.auth import Principal
@@ -47,7 +51,9 @@ from tests.support import EMBED_MODEL, TestWorker, completion, hardware, offer
 from worker.client import OrchestratorClient
 from worker.config import WorkerSettings
 from worker.main import run_payments
+from worker.metrics import WorkerMetrics
 from worker.redeemer import Redeemer, RedeemOutcome, RedeemStatus, stake_if_needed
+from worker.status import StatusBoard
 
 ETH = 10**18
 FEE_BPS = 100
@@ -706,6 +712,8 @@ def test_run_payments_stakes_then_redeems_what_the_jobs_earned(
     settings = WorkerSettings(redeem_threshold_wei=THRESHOLD_WEI, stake_wei=MIN_STAKE_WEI)
     registry = WorkerRegistry(market.chain(DEPLOYER_KEY), market.deployment.worker_registry)
     services = paying.services
+    metrics = WorkerMetrics()
+    board = StatusBoard(account.address, metrics, {EMBED_MODEL: PRICE_WEI}, lambda: 0, 1)
 
     async def body() -> None:
         app = create_app(services.settings, services=services, run_sweeper=False)
@@ -715,7 +723,15 @@ def test_run_payments_stakes_then_redeems_what_the_jobs_earned(
             try:
                 stop = asyncio.Event()
                 payments = asyncio.create_task(
-                    run_payments(settings, client, account, stop, poll_interval_s=LOOP_POLL_S)
+                    run_payments(
+                        settings,
+                        client,
+                        account,
+                        stop,
+                        poll_interval_s=LOOP_POLL_S,
+                        metrics=metrics,
+                        board=board,
+                    )
                 )
                 await eventually(lambda: registry.stake_of(account.address) == MIN_STAKE_WEI)
                 registration = await client.register(
@@ -729,8 +745,52 @@ def test_run_payments_stakes_then_redeems_what_the_jobs_earned(
                 await asyncio.wait_for(payments, WAIT_S)
             finally:
                 await client.aclose()
+        # The status line's money: what the vouchers say, and what reached the account.
+        assert board.problem is None
+        assert metrics.earned_wei == owed
+        assert metrics.redeemed_wei == owed - owed * FEE_BPS // 10_000
+        assert f"vouchers {owed} wei, redeemed {metrics.redeemed_wei} wei" in board.line()
 
     run(body)
+
+
+def test_an_unstaked_worker_is_told_loudly_it_gets_no_work(
+    market: Market, orchestrator: OrchestratorFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    account = Account.create()  # no ETH, no stake, and not asked to stake
+    services = orchestrator().services
+    board = StatusBoard(account.address, WorkerMetrics(), {EMBED_MODEL: PRICE_WEI}, lambda: 0, 1)
+
+    async def body() -> None:
+        app = create_app(services.settings, services=services, run_sweeper=False)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            client = OrchestratorClient(BASE_URL, account, transport=transport)
+            try:
+                stop = asyncio.Event()
+                payments = asyncio.create_task(
+                    run_payments(
+                        WorkerSettings(),
+                        client,
+                        account,
+                        stop,
+                        poll_interval_s=LOOP_POLL_S,
+                        board=board,
+                    )
+                )
+                await eventually(lambda: board.problem is not None)
+                stop.set()
+                await asyncio.wait_for(payments, WAIT_S)
+            finally:
+                await client.aclose()
+
+    with caplog.at_level(logging.ERROR, logger="gpumarket.worker.status"):
+        run(body)
+    [loud] = [r.getMessage() for r in caplog.records if r.name == "gpumarket.worker.status"]
+    assert loud.startswith(f"NO WORK FOR THIS WORKER: {account.address} is not eligible")
+    assert f"minimum {MIN_STAKE_WEI} wei" in loud
+    assert f"GPUMARKET_WORKER_STAKE_WEI={MIN_STAKE_WEI}" in loud
+    assert "NO WORK: " in board.line()
 
 
 def test_run_payments_returns_at_once_when_the_orchestrator_does_not_pay(
@@ -757,3 +817,34 @@ def test_run_payments_returns_at_once_when_the_orchestrator_does_not_pay(
         run(body)
     finally:
         services.store.dispose()
+
+
+def test_an_unfunded_worker_is_told_the_command_that_funds_it(
+    market: Market, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stake error names `gpumarket chain fund`; run as printed, it makes staking work."""
+    new_key = Account.create().key
+    registry = WorkerRegistry(market.chain(new_key), market.deployment.worker_registry)
+    address = registry.chain.address
+
+    async def refused() -> None:
+        assert await stake_if_needed(registry, MIN_STAKE_WEI) is None
+
+    async def staked() -> None:
+        assert await stake_if_needed(registry, MIN_STAKE_WEI) is not None
+
+    with caplog.at_level(logging.ERROR, logger="gpumarket.worker.redeemer"):
+        run(refused)
+    [line] = [r.getMessage() for r in caplog.records if "cannot stake" in r.getMessage()]
+    assert "without stake this worker gets no paid jobs" in line
+    command = re.search(r"`(gpumarket chain fund [^`]+)`", line)
+    assert command, line
+    assert address in command.group(1) and market.node.url in command.group(1)
+
+    program, *args = shlex.split(command.group(1))
+    assert program == "gpumarket"
+    funded = CliRunner().invoke(cli_app, args, env={"COLUMNS": "80"})
+    assert funded.exit_code == 0, funded.output
+    assert f"to {address}" in funded.output
+    run(staked)
+    assert registry.is_eligible(address)

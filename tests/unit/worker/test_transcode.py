@@ -19,6 +19,7 @@ from worker.executors.transcode import (
     TranscodeError,
     TranscodeInputError,
     TranscodeResult,
+    estimate_output_pixels,
     make_test_clip,
     transcode,
 )
@@ -404,3 +405,36 @@ def test_invalid_request_is_refused_before_reading_input(
     # The input does not exist: the request is checked first.
     with pytest.raises(InvalidRendition, match=message):
         transcode(tmp_path / "missing.mp4", renditions, container, tmp_path)
+
+
+@pytest.mark.parametrize(("container", "fps_cap"), [("mp4", None), ("mpegts", 12.0)])
+def test_the_estimate_before_the_job_bounds_what_it_bills(
+    tmp_path: Path, container: str, fps_cap: float | None
+) -> None:
+    """The pixels a client authorises (max_units) from probing the input: exactly what the
+    transcode bills at the input's rate, an upper bound when a rendition lowers the rate."""
+    clip = make_test_clip(
+        tmp_path / f"in{EXTENSIONS[container]}",
+        640,
+        360,
+        frames=12,
+        fps=CLIP_FPS,
+        container=container,
+    )
+    ladder = [Rendition("360p", None, 360, fps_cap, 800), Rendition("240p", None, 240, None, 400)]
+    ladder.append(Rendition("720p", None, 720, None, 3000))  # would upscale: left out
+    estimate = estimate_output_pixels(clip, ladder)
+    assert estimate.frames == 12
+    assert estimate.sizes == ((640, 360), (426, 240))
+    billed = transcode(clip, ladder, "mp4", tmp_path / "out").total_output_pixels
+    if fps_cap is None:
+        assert estimate.output_pixels == billed
+    else:
+        assert billed < estimate.output_pixels
+
+
+def test_the_estimate_refuses_what_transcode_refuses(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\0" * 1000)
+    with pytest.raises(TranscodeInputError):
+        estimate_output_pixels(junk, SMALL_LADDER)
