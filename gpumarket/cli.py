@@ -212,8 +212,10 @@ def worker_run(
     orchestrator: Annotated[
         list[str] | None,
         typer.Option(
-            help="Orchestrator URL (default http://127.0.0.1:8000); repeat it, or separate "
-            "with commas, for several replicas (env GPUMARKET_WORKER_ORCHESTRATOR_URL)."
+            metavar="<url>",
+            help="Orchestrator URL (default http://127.0.0.1:8000; env "
+            "GPUMARKET_WORKER_ORCHESTRATOR_URL); repeat it, or separate with commas, for several "
+            "replicas.",
         ),
     ] = None,
     key_file: Annotated[
@@ -386,7 +388,7 @@ def chain_up(
         typer.Option(
             min=1,
             help="Seconds between writes of --state: what a hard kill can lose at most "
-            "[default: 1].",
+            "(default 1).",
         ),
     ] = None,
 ) -> None:

@@ -143,7 +143,7 @@ def test_a_rollback_re_mined_with_other_transactions_rebuilds_the_rows(
     market.paid_job(first)
     market.redeem(first)
     market.paid_job(second)
-    market.redeem(second)
+    lost = market.redeem(second)
     assert market.payments.reconcile() == 2
     assert market.rows() == market.chain_events()
     report = market.services.accounts.settlement()
@@ -156,8 +156,10 @@ def test_a_rollback_re_mined_with_other_transactions_rebuilds_the_rows(
     assert any("no longer has block" in p for p in report.problems), report.problems
     assert sum("is not on chain" in p for p in report.problems) == 2, report.problems
 
-    # Other transactions re-mine the same heights: the second worker's redemption first.
-    market.redeem(second)
+    # Other transactions re-mine the same heights: the second worker's redemption first, one
+    # block lower, at another base fee: another transaction (the very same one, re-mined, is
+    # not new: test_the_same_transaction_re_mined_elsewhere_is_read_again_not_new).
+    assert market.redeem(second) != lost
     while w3.eth.block_number < head_before:
         PaymentBroker(
             Chain.connect(market.anvil.url, PAYER), market.payments.deployment.payment_broker
@@ -206,6 +208,37 @@ def _assert_metrics_and_dashboard_show_the_chain(market: PaidMarket) -> None:
     board = market.services.dashboard.snapshot(now, window_s=300, bucket_s=60)
     assert board.totals.wei_redeemed_total == sum(paid.values())
     assert {w.address: w.redeemed_wei for w in board.workers if w.redeemed_wei} == paid
+
+
+def test_the_same_transaction_re_mined_elsewhere_is_read_again_not_new(
+    market: PaidMarket, w3: Web3
+) -> None:
+    """A reorg usually re-includes the lost transactions, at another height: the row follows
+    its transaction to its new block and is not counted again."""
+    first, _ = market.workers
+    market.paid_job(first)
+    # At anvil's lowest base fee (7 wei) fees no longer move, so the worker's redemption, sent
+    # again at the same nonce after the rollback, is the very same transaction.
+    _rpc(w3, "anvil_setNextBlockBaseFeePerGas", hex(7))
+    _rpc(w3, "evm_mine")
+    snapshot = _rpc(w3, "evm_snapshot")
+    lost = market.redeem(first)
+    assert market.payments.reconcile() == 1
+    [(_, _, lost_block, _)] = market.rows()
+
+    assert _rpc(w3, "evm_revert", snapshot)
+    PaymentBroker(
+        Chain.connect(market.anvil.url, PAYER), market.payments.deployment.payment_broker
+    ).deposit(1)  # another transaction takes the lost block's height
+    assert market.redeem(first) == lost  # mined again, one block higher
+    assert market.payments.reconcile() == 0  # the same redemption, not a new one
+    assert market.rows() == market.chain_events()
+    [(tx_hash, _, block_hash, _)] = market.rows()
+    assert tx_hash == lost
+    assert block_hash != lost_block  # the row moved with its transaction
+    report = market.services.accounts.settlement()
+    assert report.consistent, report.problems
+    assert market.payments.reconcile() == 0
 
 
 def test_a_head_below_the_cursor_drops_the_rows_above_it(market: PaidMarket, w3: Web3) -> None:
