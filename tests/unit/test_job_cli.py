@@ -14,7 +14,8 @@ import random
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ class Market:
     api: Api
     transport: PortalTransport
     api_key: str
+    background: list[Future[None]] = field(default_factory=list)
 
     def invoke(self, *args: str, api_key: str | None = None, **env: str) -> Result:
         """``gpumarket job ARGS`` with the key in GPUMARKET_API_KEY (``api_key`` overrides)."""
@@ -114,7 +116,7 @@ class Market:
                 )
             assert resp.status_code == 200, resp.text
 
-        self.portal.start_task_soon(work)
+        self.background.append(self.portal.start_task_soon(work))
 
 
 def _blob_completion(
@@ -155,10 +157,14 @@ def market(tmp_path: Path, sqlite_store: Store) -> Iterator[Market]:
         http = httpx.AsyncClient(transport=asgi, base_url=BASE_URL)
         api = Api(http, services)
         key = portal.call(api.new_client)["Authorization"].removeprefix("Bearer ")
+        market = Market(portal, api, PortalTransport(asgi, portal), key)
         try:
-            yield Market(portal, api, PortalTransport(asgi, portal), key)
+            yield market
         finally:
             portal.call(http.aclose)
+        for task in market.background:  # a scripted worker's failed result fails its test
+            if task.done() and task.exception() is not None:
+                raise AssertionError("the scripted worker failed") from task.exception()
 
 
 def _submit_args(*extra: str) -> list[str]:
@@ -232,7 +238,7 @@ def test_transcode_uploads_the_video_and_downloads_renditions(
 ) -> None:
     worker = market.register_worker()
     # The orchestrator bills what the file holds: a real 640x360 clip of 10 frames.
-    rendition = make_test_clip(tmp_path / "360p.mp4", 640, 360, 10, 24).read_bytes()
+    rendition = make_test_clip(tmp_path / "360p.mp4", 640, 360, CLIP_FRAMES, 24).read_bytes()
     uploaded = market.portal.call(market.api.upload, worker.headers, rendition)
     blob = {"name": "360p", "sha256": uploaded["sha256"], "size": len(rendition)}
     blob.update(width=640, height=360, frames=CLIP_FRAMES)
@@ -240,7 +246,7 @@ def test_transcode_uploads_the_video_and_downloads_renditions(
     video = make_test_clip(tmp_path / "clip.mp4", width=640, height=360, frames=CLIP_FRAMES)
 
     args = ["submit", "--video", str(video), "--rendition", "360p", "--rendition", "1080p:6000"]
-    done = market.invoke(*args, "--max-price", "1", "--wait")
+    done = market.invoke(*args, "--max-price", "1", "--wait", "--timeout-s", "60")
     assert done.exit_code == 0, done.output
     assert uploaded["sha256"] in done.stdout and "640x360" in done.stdout
 
@@ -383,7 +389,7 @@ def test_renditions_are_one_whole_line_each_at_any_width(
     market: Market, tmp_path: Path, columns: str
 ) -> None:
     worker = market.register_worker()
-    rendition = b"not really h264"
+    rendition = make_test_clip(tmp_path / "360p.mp4", 640, 360, CLIP_FRAMES, 24).read_bytes()
     uploaded = market.portal.call(market.api.upload, worker.headers, rendition)
     blob = {"name": "360p", "sha256": uploaded["sha256"], "size": len(rendition)}
     blob.update(width=640, height=360, frames=CLIP_FRAMES)
@@ -391,6 +397,7 @@ def test_renditions_are_one_whole_line_each_at_any_width(
     video = make_test_clip(tmp_path / "clip.mp4", width=640, height=360, frames=CLIP_FRAMES)
 
     args = ["submit", "--video", str(video), "--rendition", "360p", "--max-price", "1", "--wait"]
+    args += ["--timeout-s", "60"]  # not the default hour if the scripted worker's result fails
     done = market.invoke(*args, COLUMNS=columns)
     assert done.exit_code == 0, done.output
     [line] = _lines_with(done.stdout, uploaded["sha256"])
