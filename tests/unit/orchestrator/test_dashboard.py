@@ -108,7 +108,14 @@ def test_a_worker_that_left_stays_while_it_has_a_record_and_checks_are_not_clien
     services.leases.open_poll(earner.principal, 1, until=now + 10, now=now)
     services.leases.dispatch(now)
     [leased] = services.leases.claim(earner.principal, 1, now)
-    req = completion(earner, leased.job_id, 1, {"embeddings": [[1.0], [2.0]]}, units=2)
+    req = completion(
+        earner,
+        leased.job_id,
+        1,
+        {"embeddings": [[1.0], [2.0]]},
+        units=2,
+        price_wei_per_unit=leased.price_wei_per_unit,
+    )
     services.leases.complete(earner.principal, leased.job_id, req, services.now())
     with services.store.transaction() as s:  # a verification re-run, queued
         s.add(
