@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from orchestrator.config import Settings
@@ -62,6 +62,10 @@ from protocol.units import MAX_WEI
 log = logging.getLogger("gpumarket.orchestrator.leases")
 PERF_EWMA_ALPHA = 0.3
 OFFERED_MODELS_TTL_S = 1.0  # how stale explain_unplaced's view of live workers' models may be
+# A poll advertises its worker's free slots for this long at a time; the replica holding the
+# long-poll renews it at every look (claim, at least every second). A replica that dies stops
+# renewing, so its workers stop being offered work within this time, not at the poll's end.
+POLL_TTL_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -290,7 +294,8 @@ class LeaseService:
 
     @retry_transient
     def open_poll(self, worker: Principal, free_slots: int, until: float, now: float) -> None:
-        """The worker is listening until ``until`` with ``free_slots`` free."""
+        """The worker is listening until ``until`` with ``free_slots`` free: advertised for
+        ``POLL_TTL_S`` at a time, renewed by ``claim(poll_until=until)``."""
         with self._store.transaction() as s:
             row = s.get(Worker, worker.id, with_for_update=True)
             assert row is not None
@@ -299,7 +304,7 @@ class LeaseService:
                 return
             held = leased_counts(s, [worker.id]).get(worker.id, 0)
             row.free_slots = max(0, min(free_slots, row.max_concurrency - held))
-            row.available_until = until
+            row.available_until = min(until, now + POLL_TTL_S)
 
     @retry_transient
     def close_poll(self, worker: Principal, now: float) -> None:
@@ -311,8 +316,12 @@ class LeaseService:
             row.last_seen_at = now
 
     @retry_transient
-    def claim(self, worker: Principal, max_jobs: int, now: float) -> list[LeasedJob]:
-        """Hand over jobs assigned to this worker that it has not received yet."""
+    def claim(
+        self, worker: Principal, max_jobs: int, now: float, poll_until: float | None = None
+    ) -> list[LeasedJob]:
+        """Hand over jobs assigned to this worker that it has not received yet. With
+        ``poll_until``, the worker's open poll (``open_poll``) is renewed in the same
+        transaction: its free slots stay advertised ``POLL_TTL_S`` longer, up to its end."""
         with self._store.transaction() as s:
             jobs = list(
                 s.scalars(
@@ -332,6 +341,12 @@ class LeaseService:
                 job.delivered = True
                 job.lease_expires_at = now + self._settings.lease_ttl_s
                 leased.append(self._leased_job(job))
+            if poll_until is not None:  # jobs, then the worker's row: the store's lock order
+                s.execute(
+                    update(Worker)
+                    .where(Worker.id == worker.id, Worker.available_until > 0)
+                    .values(available_until=min(poll_until, now + POLL_TTL_S))
+                )
         return leased
 
     def _leased_job(self, job: Job) -> LeasedJob:
@@ -420,8 +435,19 @@ class LeaseService:
                     )
                 return result_view(job, self._address(s, worker))
             job = self._held_job(s, worker, job_id, req.attempt)
-            # Locked: its counters and perf are read, then written (lost updates otherwise).
-            row = s.get(Worker, worker.id, with_for_update=True)
+            # Locked: its counters and perf are read, then written (lost updates otherwise);
+            # with it, every worker this result's verdict or blame touches (store lock order:
+            # several workers are locked at once, in id order, never one while holding another).
+            touched = {worker.id, *(c["worker_id"] for c in job.input_claims or [])}
+            if job.kind == CHECK:
+                touched |= self._verification.verdict_workers(s, job)
+            s.execute(
+                select(Worker.id)
+                .where(Worker.id.in_(sorted(touched)))
+                .order_by(Worker.id)
+                .with_for_update()
+            )
+            row = s.get(Worker, worker.id, with_for_update=True, populate_existing=True)
             assert row is not None
             self._check_result(s, job, row, req, worker)
             if isinstance(derived, InvalidInput):

@@ -232,6 +232,19 @@ class VerificationService:
 
     # -- verdicts -----------------------------------------------------------------------------
 
+    def verdict_workers(self, s: Session, check: Job) -> set[str]:
+        """Before a check's result is recorded: lock its parent job (jobs come first in the
+        store's lock order, orchestrator/store/engine.py) and name every worker the verdict
+        may reward or convict (the parent's, each check's), for the caller to lock with its
+        own, all at once in ``id`` order."""
+        parent = s.get(Job, check.parent_id, with_for_update=True)
+        if parent is None:
+            return set()
+        ids = set(
+            s.scalars(select(Job.worker_id).where(Job.parent_id == parent.id, Job.kind == CHECK))
+        )
+        return {i for i in (*ids, parent.worker_id) if i}
+
     def check_completed(self, s: Session, check: Job, now: float) -> None:
         """A check succeeded (in the caller's transaction): compare and maybe decide."""
         parent = s.get(Job, check.parent_id, with_for_update=True)

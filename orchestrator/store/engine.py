@@ -12,7 +12,9 @@ Lock order (PostgreSQL; SQLite has one writer at a time and cannot deadlock). Ev
 transaction takes row locks in this order, so no two can wait on each other in a cycle:
 
 1. ``jobs`` rows: the job being changed, then (a verification check) its parent job;
-2. ``workers`` rows: at most one the transaction waits for, or several in ``id`` order;
+2. ``workers`` rows: at most one the transaction waits for, or several in ``id`` order, all
+   at once (a result locks its worker with every worker its verification verdict or its
+   input blame may touch, in one ``SELECT ... ORDER BY id FOR UPDATE``);
 3. ledger, voucher, slash and redemption rows.
 
 Dispatch is the one path that locks many workers at once and then jobs; it takes both with

@@ -71,7 +71,9 @@ async def lease(req: LeaseRequest, worker: WorkerDep, services: ServicesDep) -> 
         await run_in_threadpool(leases.open_poll, worker, req.max_jobs, deadline, now)
         await run_in_threadpool(leases.dispatch, services.now())
         while True:
-            jobs = await run_in_threadpool(leases.claim, worker, req.max_jobs, services.now())
+            jobs = await run_in_threadpool(
+                leases.claim, worker, req.max_jobs, services.now(), deadline
+            )
             remaining = deadline - services.now()
             if jobs or remaining <= 0:
                 return LeaseResponse(jobs=jobs)

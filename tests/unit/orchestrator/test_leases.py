@@ -16,7 +16,7 @@ from eth_account import Account
 from orchestrator.config import Settings
 from orchestrator.exceptions import BadSignature, Conflict, Forbidden, InvalidInput
 from orchestrator.services.auth import Principal
-from orchestrator.services.leases import LeaseService
+from orchestrator.services.leases import POLL_TTL_S, LeaseService
 from orchestrator.store import Store
 from orchestrator.store.models import Job
 from orchestrator.wiring import Services, build_services
@@ -153,6 +153,34 @@ def test_dispatch_only_to_workers_with_an_open_poll_and_a_free_slot(
     view = services.jobs.get(client, job_id)
     assert view.state is JobState.ASSIGNED
     assert view.worker_address == listening.address
+
+
+def test_a_poll_nobody_renews_stops_advertising_within_its_ttl(
+    any_services: Services, clock: FakeClock
+) -> None:
+    """The replica holding a long-poll renews it at each look (claim with poll_until); one
+    that died does not, and its worker is offered no work past POLL_TTL_S, long before the
+    poll's own end."""
+    services = any_services
+    client, _ = new_client(services)
+    renewed, orphaned = _worker(services), _worker(services)
+    until = clock() + 60.0
+    for worker in (renewed, orphaned):
+        services.leases.open_poll(worker.principal, 1, until=until, now=clock())
+    for _ in range(3):  # looks a second apart, past the first TTL, for one of them only
+        clock.advance(POLL_TTL_S / 2)
+        assert services.leases.claim(renewed.principal, 1, clock(), poll_until=until) == []
+
+    jobs = {_submit(services, client), _submit(services, client)}
+    [(placed, taker)] = services.leases.dispatch(clock())
+    assert taker == renewed.id  # not `orphaned`, whose poll nobody renewed
+    [left] = jobs - {placed}
+    assert services.jobs.get(client, left).state is JobState.QUEUED
+
+    clock.advance(POLL_TTL_S + 1)  # `renewed`'s replica stopped looking too: nobody is offered
+    assert services.leases.dispatch(clock()) == []
+    services.leases.open_poll(orphaned.principal, 1, until=clock() + 60.0, now=clock())
+    assert services.leases.dispatch(clock()) == [(left, orphaned.id)]  # it polls again
 
 
 def test_dispatch_never_exceeds_max_concurrency(services: Services, clock: FakeClock) -> None:
