@@ -9,7 +9,8 @@
    = what the chain says was redeemed = the sum of the succeeded jobs' costs = the
    orchestrator's ledger = its latest voucher, and there is one ledger entry per paid job;
 4. the orchestrator's redemption rows are exactly the chain's Redeemed events: per worker the
-   same count, paid and fee wei, and ``/v1/settlement`` finds no row or event without the other.
+   same count, paid and fee wei, and ``/v1/settlement`` finds no row or event without the other;
+5. a job whose result verification replaced (a cheat's) holds the right output and cost 0.
 """
 
 from __future__ import annotations
@@ -34,18 +35,36 @@ def check_exactly_once(market: Market) -> dict[str, int]:
     _check_one_job_per_key(market)
     states = Counter(jobs[job_id]["state"] for _, job_id in market.jobs.values())
     paid = Counter[str]()
+    paid_jobs = replaced = 0
     for spec, job_id in market.jobs.values():
         job = jobs[job_id]
-        if job["state"] == "succeeded":
-            result = _check_result(market, spec, job)
-            paid[result["worker_address"]] += int(result["cost_wei"])
-    redemptions = _check_paid_once(market, paid, paid_jobs=states["succeeded"])
+        if job["state"] != "succeeded":
+            continue
+        if (job.get("verification") or {}).get("status") == "replaced":
+            _check_replaced(market, spec, job)
+            replaced += 1
+            continue
+        result = _check_result(market, spec, job)
+        paid[result["worker_address"]] += int(result["cost_wei"])
+        paid_jobs += 1
+    redemptions = _check_paid_once(market, paid, paid_jobs=paid_jobs)
     return {
         "jobs": len(market.jobs),
         **{f"jobs_{state}": n for state, n in sorted(states.items())},
+        "jobs_replaced": replaced,
         "paid_wei": sum(paid.values()),
         "redemptions": redemptions,
     }
+
+
+def _check_replaced(market: Market, spec: dict[str, Any], job: dict[str, Any]) -> None:
+    """A result verification proved wrong: the client has the result two other workers agreed
+    on (the right output for its input), pays nothing, and the job's worker was slashed."""
+    result = market.api.result(job["id"])
+    assert job["cost_wei"] == result["cost_wei"] == "0", job
+    assert job["verification"]["slashed_address"] == job["worker_address"], job
+    texts = spec["input"]["texts"]
+    assert result["output"] == {"embeddings": [embedding(t) for t in texts]}, job["id"]
 
 
 def _check_one_job_per_key(market: Market) -> None:

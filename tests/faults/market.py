@@ -28,6 +28,7 @@ from gpumarket import Client
 from gpumarket.sdk import FINAL_STATES
 from protocol.problems import ProblemError
 from tests.faults.paced_worker import (
+    CHEAT_ENV,
     EMBED_MODEL,
     JOB_S_ENV,
     LOSE_HEARTBEATS_ENV,
@@ -121,6 +122,7 @@ class PacedWorker(WorkerProcess):
         max_concurrency: int = 2,
         output_bytes: int | None = None,
         lose_heartbeats: bool = False,
+        cheat: bool = False,
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         (root / "worker.key").write_text(key + "\n")
@@ -129,6 +131,8 @@ class PacedWorker(WorkerProcess):
             env[OUTPUT_BYTES_ENV] = str(output_bytes)
         if lose_heartbeats:
             env[LOSE_HEARTBEATS_ENV] = "1"
+        if cheat:
+            env[CHEAT_ENV] = "1"
         super().__init__(
             root,
             orchestrator_url,

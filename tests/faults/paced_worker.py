@@ -10,6 +10,9 @@ restart workers dozens of times.
 ``GPUMARKET_FAULTS_LOSE_HEARTBEATS=1`` drops every heartbeat before it is sent, as a lossy
 link would: the worker keeps working, but its leases are not extended.
 
+``GPUMARKET_FAULTS_CHEAT=1`` makes a lazy cheat: every embedding it returns is made up (the
+stand-in embedding of other text), signed like an honest result; verification must catch it.
+
 Run: ``python -m tests.faults.paced_worker --orchestrator URL --key-file K ...`` (the options
 of ``gpumarket worker run``).
 """
@@ -32,6 +35,7 @@ EMBED_MODEL = "all-MiniLM-L6-v2"
 JOB_S_ENV = "GPUMARKET_FAULTS_JOB_S"
 OUTPUT_BYTES_ENV = "GPUMARKET_FAULTS_OUTPUT_BYTES"
 LOSE_HEARTBEATS_ENV = "GPUMARKET_FAULTS_LOSE_HEARTBEATS"
+CHEAT_ENV = "GPUMARKET_FAULTS_CHEAT"
 DEFAULT_JOB_S = 1.0
 DEFAULT_OUTPUT_BYTES = 64 * 1024
 FRAMES = 2  # frames "encoded" per rendition: units = frames x width x height
@@ -78,8 +82,9 @@ def _rendition_clip(height: int) -> bytes:
 class PacedInference:
     job_type = JobType.INFERENCE
 
-    def __init__(self, job_s: float) -> None:
+    def __init__(self, job_s: float, cheat: bool = False) -> None:
         self.job_s = job_s
+        self.cheat = cheat
 
     def capabilities(self) -> list[Capability]:
         return [Capability(EMBED_MODEL, Precision.FP32)]
@@ -90,6 +95,8 @@ class PacedInference:
     async def run(self, job: LeasedJob, workdir: Path, fetch: FetchBlob) -> Execution:
         await asyncio.sleep(self.job_s)
         texts = list((job.input or {}).get("texts") or [])
+        if self.cheat:  # made up, not computed: right shape, wrong numbers
+            texts = [f"made up {t}" for t in texts]
         return Execution(units=len(texts), output={"embeddings": [embedding(t) for t in texts]})
 
     async def close(self) -> None:
@@ -136,7 +143,8 @@ class PacedTranscode:
 def _paced_executors(_settings: object) -> list[Executor]:
     job_s = float(os.environ.get(JOB_S_ENV, DEFAULT_JOB_S))
     output_bytes = int(os.environ.get(OUTPUT_BYTES_ENV, DEFAULT_OUTPUT_BYTES))
-    return [PacedInference(job_s), PacedTranscode(job_s, output_bytes)]
+    cheat = os.environ.get(CHEAT_ENV) == "1"
+    return [PacedInference(job_s, cheat), PacedTranscode(job_s, output_bytes)]
 
 
 async def _lost_heartbeat(self: object, jobs: list[JobRef]) -> HeartbeatResponse:

@@ -1,11 +1,14 @@
 """Trial: three orchestrator replicas on one PostgreSQL database; SIGKILL one of them mid-run,
 again and again, and start it again.
 
-Three paced workers know all three replicas (``--orchestrator a,b,c``) and fail over when theirs
-dies; the client submits through every live replica in turn, retrying with the same idempotency
-key when a replica dies under it. Whichever replica dies (the one holding the background duties
+Three paced workers and a cheat know all three replicas (``--orchestrator a,b,c``) and fail
+over when theirs dies; the client submits through every live replica in turn, retrying with the
+same idempotency key when a replica dies under it. Every result of a new worker is checked on
+another one, so verdicts (row locks on several workers at once) run beside dispatch, polls and
+completions on every replica. Whichever replica dies (the one holding the background duties
 included: the first one started holds them at first), every job must end once and be paid once
-on chain, ledger = voucher = redeemed, and no replica may answer 500 or log a deadlock.
+on chain, ledger = voucher = redeemed, the cheat's results are replaced and it is slashed on
+chain, and no replica may answer 500 or log a deadlock or a serialization failure.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import pytest
 from contracts.broker import PaymentBroker
 from contracts.chain import Chain
 from contracts.deploy import deploy, write_deployment
+from contracts.events import Slashed
+from contracts.registry import WorkerRegistry
 from gpumarket import Client
 from tests.conftest import PG_URL, require_postgres
 from tests.faults.checks import check_exactly_once
@@ -43,7 +48,9 @@ from tests.integration.conftest import OrchestratorProcess
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.postgres]
 
 REPLICAS = 3
-WORKERS = 3
+WORKERS = 3  # honest ones; one cheat besides
+# Every result of a worker with fewer than 20 is checked: all of the cheat's, before and after.
+REPLICA_ORCHESTRATOR_ENV = {"GPUMARKET_VERIFY_RATE_NEW": "1"}
 JOB_S = 0.3
 JOBS_PER_ROUND = 15
 KILL_DELAY_MAX_S = 0.5
@@ -71,7 +78,7 @@ class ReplicatedMarket(Market):
     folder, one operator token, one signer and one deployment."""
 
     def __init__(self, root: Path, db_url: str) -> None:
-        super().__init__(root)
+        super().__init__(root, orchestrator_env=REPLICA_ORCHESTRATOR_ENV)
         self.db_url = db_url
         self.replicas: list[OrchestratorProcess] = []
         self.clients: list[Client] = []
@@ -166,6 +173,7 @@ def test_replica_sigkill_mid_run(
     with ReplicatedMarket(tmp_path, market_database) as market:
         for i in range(WORKERS):
             market.add_worker(f"worker{i}", job_s=JOB_S)
+        cheat = market.add_worker("cheat", job_s=JOB_S, cheat=True)
         market.wait_for_workers()
         for kill in range(kills_wanted):
             paid_before = _ledger_entries(market)
@@ -181,12 +189,27 @@ def test_replica_sigkill_mid_run(
         counts = check_exactly_once(market)
         assert counts["jobs_succeeded"] == counts["jobs"]
         assert market.forbidden_log_lines() == []
+        slashes = _slashes_on_chain(market, cheat.address)
         trial_report.record(
             replicas=REPLICAS,
             replica_kills=market.replica_kills,
             workers=WORKERS,
+            cheats=1,
+            slashes_on_chain=slashes,
             **counts,
         )
+
+
+def _slashes_on_chain(market: ReplicatedMarket, cheat: str) -> int:
+    """The cheat is slashed on chain; only the cheat, and each proof is sent once."""
+    assert market.deployment is not None
+    registry = WorkerRegistry(Chain.connect(market.anvil.url), market.deployment.worker_registry)
+    until(lambda: registry.is_slashed(cheat), "the cheat's slash on chain", 60.0)
+    slashed = list(registry.events.read(Slashed, market.deployment.deployed_at_block))
+    assert {e.worker for e in slashed} == {cheat}, slashed
+    proofs = [e.evidence_hash for e in slashed]
+    assert len(set(proofs)) == len(proofs), f"a proof was sent twice: {slashed}"
+    return len(slashed)
 
 
 def _ledger_entries_above(market: ReplicatedMarket, count: int) -> bool:
