@@ -30,6 +30,13 @@ import httpx
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from typer.core import TyperGroup
+
+try:  # typer carries its own copy of click since 0.2x; before, it used click itself
+    from typer._click.core import Context
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover - older typer
+    from click import Context, UsageError  # type: ignore[assignment]
 
 from gpumarket.exceptions import GpumarketAPIError, JobFailed, JobTimeout
 from gpumarket.output import Column, err_console, out_console, print_fields, print_table
@@ -65,9 +72,33 @@ CONTAINER_SUFFIX = {Container.MP4.value: ".mp4", Container.MPEGTS.value: ".ts"}
 RENDITION_FORMAT = re.compile(r"^(?P<height>[0-9]{2,4})p(?::(?P<kbps>[0-9]+))?$")
 LADDER: dict[str, Rendition] = {r.name: r for r in DEFAULT_LADDER if r.name}
 
+
+class _JsonUsageErrors(TyperGroup):
+    """``gpumarket job``: with ``--json`` on the line, a usage error (an unknown option, a bad
+    or missing value) is a JSON object on stderr like every other error of the command:
+    ``{"error": message, "exit_code": 2, "usage": "gpumarket job CMD [OPTIONS]"}``."""
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        ctx.meta["json_errors"] = "--json" in args
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            if not ctx.meta.get("json_errors"):
+                raise
+            body: dict[str, Any] = {"error": exc.format_message(), "exit_code": exc.exit_code}
+            if exc.ctx is not None:
+                body["usage"] = " ".join(exc.ctx.get_usage().split()).removeprefix("Usage: ")
+            typer.echo(json.dumps(body), err=True)
+            raise typer.Exit(code=exc.exit_code) from None
+
+
 job_app = typer.Typer(
     help=f"Submit jobs and follow them (orchestrator from {URL_ENV}, key from {API_KEY_ENV}).",
     no_args_is_help=True,
+    cls=_JsonUsageErrors,
 )
 
 OrchestratorOpt = Annotated[

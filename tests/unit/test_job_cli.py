@@ -477,6 +477,32 @@ def test_json_errors_are_one_json_object_on_stderr(market: Market) -> None:
     assert json.loads(usage.stderr)["error"].startswith("give --model and --text")
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["submit", "--max-price", "nope", "--text", "hi"],
+            "Invalid value for --max-price: 'nope'",
+        ),
+        (["submit", "--bogus"], "No such option: --bogus"),
+        (["status"], "Missing argument 'job_id'"),
+    ],
+)
+def test_usage_errors_with_json_are_json_too(args: list[str], said: str) -> None:
+    """Click's own errors (parsing, before the command runs) follow --json like the rest."""
+    env = {"GPUMARKET_API_KEY": "gmk_x", "GPUMARKET_URL": BASE_URL, "COLUMNS": "40"}
+    as_json = CliRunner().invoke(app, ["job", *args, "--json"], env=env, prog_name="gpumarket")
+    assert as_json.exit_code == 2 and as_json.stdout == ""
+    error = json.loads(as_json.stderr)
+    assert error["exit_code"] == 2 and said in error["error"], error
+    assert error["usage"].startswith(f"gpumarket job {args[0]} [OPTIONS]")
+
+    plain = CliRunner().invoke(app, ["job", *args], env=env)
+    assert plain.exit_code == 2 and said.split(":")[0] in " ".join(plain.stderr.split())
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(plain.stderr)
+
+
 def _answering(status: int, body: bytes, *args: str) -> Result:
     """``gpumarket job ARGS`` against a server that answers every request with ``body``."""
     transport = httpx.MockTransport(lambda request: httpx.Response(status, content=body))
