@@ -627,7 +627,9 @@ def up(
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        with sigterm_as_ctrl_c():  # `make demo` stopped by SIGTERM stops what it started
+            code = main()
+        sys.exit(code)
     except KeyboardInterrupt:
         console.print("interrupted; every process was stopped")
         sys.exit(130)

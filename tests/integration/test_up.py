@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -152,3 +154,48 @@ def test_up_refuses_a_port_in_use_with_the_fix(tmp_path: Path) -> None:
     assert done.returncode == 2, done
     [line] = done.stderr.splitlines()
     assert f"--port {port}: the port is in use" in line
+
+
+def test_the_demo_stopped_by_sigterm_stops_every_process_it_started(tmp_path: Path) -> None:
+    """`make demo` killed with SIGTERM (a CI timeout, `kill`) leaves nothing running: as Ctrl-C."""
+    log_path = tmp_path / "demo.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gpumarket.demo"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            env={**_environment_of_a_new_shell(), "COLUMNS": "200"},
+        )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while "dashboard http" not in log_path.read_text():  # anvil, orchestrator, workers up
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        children = _children(proc.pid)
+        assert len(children) >= 4, children  # anvil, the orchestrator, two workers
+        temp = re.search(r"gpumarket-demo-\w+", " ".join(_open_paths(children)))
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130, log_path.read_text()
+        time.sleep(0.5)
+        alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+        zombies = [p for p in alive if "Z" in Path(f"/proc/{p}/stat").read_text().split()[2]]
+        assert set(alive) <= set(zombies), f"still running: {alive}"
+        assert "interrupted; every process was stopped" in log_path.read_text()
+        if temp is not None:
+            assert not (Path(tempfile.gettempdir()) / temp.group(0)).exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _open_paths(pids: set[int]) -> list[str]:
+    """The command lines of ``pids`` (the demo's temporary folder is in its children's)."""
+    lines = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return lines
