@@ -69,17 +69,7 @@ class OrchestratorProcess:
 
     def _wait_ready(self) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"orchestrator exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"orchestrator not ready in {READY_TIMEOUT_S}s")
+        wait_ready(self.url, self.proc, self.log_path)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown hooks, no flushing; what survives is what was committed."""
@@ -106,6 +96,21 @@ class OrchestratorProcess:
             response = http.post("/v1/clients", json={"name": "integration"})
             response.raise_for_status()
             return str(response.json()["api_key"])
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Until the orchestrator ``proc`` (logging to ``log_path``) answers ``/readyz`` at ``url``."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"orchestrator exited: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"orchestrator not ready in {READY_TIMEOUT_S}s")
 
 
 @pytest.fixture

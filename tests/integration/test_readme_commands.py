@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from eth_account import Account
 
@@ -30,6 +29,7 @@ from contracts.chain import Chain
 from contracts.deploy import read_deployment
 from contracts.registry import WorkerRegistry
 from gpumarket import Client
+from tests.integration.conftest import READY_TIMEOUT_S, wait_ready
 from tests.support import EMBED_MODEL
 from worker.executors.transcode import make_test_clip
 
@@ -38,7 +38,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
 COMMAND_TIMEOUT_S = 150.0
-READY_TIMEOUT_S = 30.0
 
 
 def readme_block(first: str) -> list[str]:
@@ -82,7 +81,7 @@ class Shell:
         assert ran.returncode == 0, (line, ran.stdout, ran.stderr)
         return ran
 
-    def start(self, line: str, log: Path) -> None:
+    def start(self, line: str, log: Path) -> subprocess.Popen[bytes]:
         with log.open("wb") as out:
             self.background.append(
                 subprocess.Popen(
@@ -94,6 +93,7 @@ class Shell:
                     start_new_session=True,  # bash and what it runs: one group to stop
                 )
             )
+        return self.background[-1]
 
     def stop(self) -> None:
         for proc in reversed(self.background):  # the worker drains before its orchestrator
@@ -117,18 +117,6 @@ def shell(tmp_path: Path) -> Iterator[Shell]:
         sh.stop()
 
 
-def _wait_ready(url: str, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"the orchestrator never got ready: {log.read_text()[-2000:]}")
-
-
 def _job_id(submitted: str) -> str:
     found = re.search(r"\bjob ([0-9a-f]{32})\b", submitted)
     assert found, submitted
@@ -143,8 +131,8 @@ def test_the_readme_operator_worker_and_client_commands_run_as_written(
 
     # Operate an orchestrator: serve (on a free port), then make a client key.
     operate = readme_block("gpumarket orchestrator serve --port 8000")
-    shell.start(operate[0].replace("--port 8000", f"--port {port}"), tmp_path / "serve.log")
-    _wait_ready(url, tmp_path / "serve.log")
+    serving = shell.start(operate[0].replace("--port 8000", f"--port {port}"), tmp_path / "log")
+    wait_ready(url, serving, tmp_path / "log")
     [create] = [line for line in operate if line.startswith("gpumarket orchestrator create-client")]
     keys = re.findall(r"\bgmk_[A-Za-z0-9_-]+", shell.run(create).stdout)
     assert len(keys) == 1, keys
@@ -205,8 +193,7 @@ def test_the_readme_paying_on_chain_commands_run_as_written(shell: Shell, tmp_pa
     shell.start(f"{chain_up} --port {chain_port}", tmp_path / "chain.log")
     deployment_file = shell.cwd / ".gpumarket" / "deployment.json"
     _wait_for_file(deployment_file, tmp_path / "chain.log")
-    shell.start(f"{serve} --port {port}", tmp_path / "serve.log")
-    _wait_ready(url, tmp_path / "serve.log")
+    wait_ready(url, shell.start(f"{serve} --port {port}", tmp_path / "log"), tmp_path / "log")
     [create] = [
         line
         for line in readme_block("gpumarket orchestrator serve --port 8000")

@@ -45,6 +45,17 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def _sigterm(proc: subprocess.Popen[bytes], children: set[int]) -> int:
+    """SIGTERM ``proc``; its exit code, once every one of ``children`` is gone too."""
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    time.sleep(0.5)
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    zombies = [p for p in alive if "Z" in Path(f"/proc/{p}/stat").read_text().split()[2]]
+    assert set(alive) <= set(zombies), f"still running: {alive}"
+    return code
+
+
 def _printed_commands(text: str) -> list[str]:
     """The commands ``up`` printed to try the stack: the indented lines after TRY_IT."""
     lines = text.splitlines()
@@ -124,12 +135,7 @@ def test_up_prints_commands_that_work_then_sigterm_stops_every_process(tmp_path:
         children = _children(proc.pid)
         assert len(children) >= 4  # anvil, the orchestrator, two workers
 
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, log_path.read_text()
-        time.sleep(0.5)
-        alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
-        zombies = [p for p in alive if "Z" in Path(f"/proc/{p}/stat").read_text().split()[2]]
-        assert set(alive) <= set(zombies), f"still running: {alive}"
+        assert _sigterm(proc, children) == 0, log_path.read_text()
         assert not Path(logs.group(1)).exists()  # the temporary folder is removed
         assert not deployment.exists()  # it named a chain that is gone
         assert "stopped; every process was shut down" in log_path.read_text()
@@ -177,12 +183,7 @@ def test_the_demo_stopped_by_sigterm_stops_every_process_it_started(tmp_path: Pa
         assert len(children) >= 4, children  # anvil, the orchestrator, two workers
         temp = re.search(r"gpumarket-demo-\w+", " ".join(_open_paths(children)))
 
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 130, log_path.read_text()
-        time.sleep(0.5)
-        alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
-        zombies = [p for p in alive if "Z" in Path(f"/proc/{p}/stat").read_text().split()[2]]
-        assert set(alive) <= set(zombies), f"still running: {alive}"
+        assert _sigterm(proc, children) == 130, log_path.read_text()
         assert "interrupted; every process was stopped" in log_path.read_text()
         if temp is not None:
             assert not (Path(tempfile.gettempdir()) / temp.group(0)).exists()
