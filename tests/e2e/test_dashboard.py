@@ -435,8 +435,10 @@ def test_a_wrong_token_shows_the_error_banner_and_asks_again(
     browser.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
     WebDriverWait(browser, UI_TIMEOUT_S).until(lambda d: _banner(d) is None, "banner gone")
     assert len(_wait_table(browser, "workers", "worker-id", 2)) == 2
+    WebDriverWait(browser, UI_TIMEOUT_S).until(
+        lambda d: d.find_element(By.ID, "board").is_displayed(), "the figures shown"
+    )
     assert not browser.find_element(By.ID, "token-form").is_displayed()
-    assert browser.find_element(By.ID, "board").is_displayed()
 
 
 def test_without_payments_and_when_the_server_goes_away(browser: WebDriver, tmp_path: Path) -> None:
