@@ -52,6 +52,19 @@ def build_executors(settings: WorkerSettings) -> list[Executor]:
                 registry, max_batch=settings.max_batch, max_wait_s=settings.batch_wait_s
             )
         )
+    if JobType.GENERATE in settings.job_types:
+        from worker.executors.generation import (
+            builtin_generation_specs,
+            discover_generation_models,
+        )
+        from worker.executors.pipelines import GenerationPipeline
+
+        specs = builtin_generation_specs() + discover_generation_models(settings.models_dir)
+        executors.append(
+            GenerationPipeline(
+                specs, max_batch=settings.max_batch, max_wait_s=max(settings.batch_wait_s, 0.02)
+            )
+        )
     if JobType.TRANSCODE in settings.job_types:
         from worker.executors.pipelines import TranscodePipeline
 
