@@ -1,0 +1,115 @@
+"""Token streams: the text a generate job's worker sends while it runs, held in memory for the
+client reading it live (SSE: ``GET /v1/jobs/{id}/stream`` and the OpenAI-compatible routes).
+
+A stream is a preview, never what is billed: the job's signed result (``output.text``, with its
+token count) is what the client pays for and what verification checks. So streams live in this
+process's memory only, one per job, for the job's current attempt: a chunk of an older attempt
+is dropped, a newer attempt starts the stream over (readers are told, see ``StreamView``).
+Chunks carry a sequence number, so a resent chunk is taken once. Writers are woken readers via
+the hub (``stream:<job id>``). With several replicas, a client reads the stream on the replica
+its worker sends to, or waits for the result (the stream ends with the job either way).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from orchestrator.exceptions import Conflict, Forbidden, NotFound
+from orchestrator.services.auth import Principal
+from orchestrator.services.lifecycle import is_leased
+from orchestrator.services.wakeups import WakeHub
+from orchestrator.store import Store
+from orchestrator.store.models import Job
+from protocol.generation import StreamChunk
+
+STREAMS_KEPT = 1024
+"""Streams kept in memory at most (the oldest go first; a finished job's result stays)."""
+MAX_STREAM_CHARS = 1_000_000
+"""Text kept per stream at most; a worker that sends more is cut off there."""
+
+
+def stream_key(job_id: str) -> str:
+    return f"stream:{job_id}"
+
+
+@dataclass
+class _Stream:
+    attempt: int
+    chunks: list[str] = field(default_factory=list)
+    tokens: int = 0
+    chars: int = 0
+    next_seq: int = 0
+
+
+@dataclass(frozen=True)
+class StreamView:
+    """What a reader has not seen yet: chunks from ``offset`` of ``attempt``'s stream."""
+
+    attempt: int
+    offset: int
+    chunks: list[str]
+    tokens: int
+
+
+class TokenStreams:
+    def __init__(self, store: Store, hub: WakeHub) -> None:
+        self._store = store
+        self._hub = hub
+        self._lock = threading.Lock()
+        self._streams: OrderedDict[str, _Stream] = OrderedDict()
+
+    def append(self, worker: Principal, job_id: str, chunk: StreamChunk) -> None:
+        """Take a chunk from the worker holding the job's lease for ``chunk.attempt``."""
+        self._check_holder(worker, job_id, chunk.attempt)
+        with self._lock:
+            stream = self._streams.get(job_id)
+            if stream is None or chunk.attempt > stream.attempt:
+                stream = self._streams[job_id] = _Stream(attempt=chunk.attempt)
+                while len(self._streams) > STREAMS_KEPT:
+                    self._streams.popitem(last=False)
+            if chunk.attempt < stream.attempt or chunk.seq < stream.next_seq:
+                return  # an older attempt's, or a resent chunk
+            if stream.chars + len(chunk.text) > MAX_STREAM_CHARS:
+                return
+            stream.next_seq = chunk.seq + 1  # a skipped seq was dropped by the worker
+            stream.chunks.append(chunk.text)
+            stream.tokens += chunk.tokens
+            stream.chars += len(chunk.text)
+        self._hub.notify_waiting(stream_key(job_id))
+
+    def _check_holder(self, worker: Principal, job_id: str, attempt: int) -> None:
+        with self._store.read() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id}")
+            if job.worker_id != worker.id:
+                raise Forbidden(f"job {job_id} is not leased to you")
+            if job.attempt != attempt or not is_leased(job):
+                raise Conflict(
+                    f"attempt {attempt} of job {job_id} is not running (the job is attempt "
+                    f"{job.attempt}, {job.state}); stop streaming it",
+                    current_attempt=job.attempt,
+                )
+
+    def read(self, job_id: str, attempt: int | None, offset: int) -> StreamView | None:
+        """Chunks after ``offset`` of the current attempt's stream; from 0 when the attempt is
+        not ``attempt`` (a retry started over). None when nothing was streamed yet."""
+        with self._lock:
+            stream = self._streams.get(job_id)
+            if stream is None:
+                return None
+            start = offset if attempt == stream.attempt else 0
+            return StreamView(
+                attempt=stream.attempt,
+                offset=len(stream.chunks),
+                chunks=stream.chunks[start:],
+                tokens=stream.tokens,
+            )
+
+    async def wait(self, job_id: str, timeout_s: float) -> None:
+        await self._hub.watch(stream_key(job_id), timeout_s)
+
+    def wake(self, job_id: str) -> None:
+        self._hub.notify_waiting(stream_key(job_id))
