@@ -256,8 +256,8 @@ class GenerationModel:
         room = self.context_tokens - len(ids)
         if room < 1:
             raise PromptTooLong(
-                f"the prompt is {len(ids)} tokens; {self.name} reads at most "
-                f"{self.context_tokens} (prompt + completion): shorten it"
+                f"the prompt is {len(ids)} tokens, longer than {self.name}'s context of "
+                f"{self.context_tokens} tokens (prompt + completion): shorten it"
             )
         return GenerationRequest(
             prompt_ids=ids,
