@@ -60,9 +60,15 @@ class TokenStreams:
         self._lock = threading.Lock()
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
 
-    def append(self, worker: Principal, job_id: str, chunk: StreamChunk) -> None:
-        """Take a chunk from the worker holding the job's lease for ``chunk.attempt``."""
-        self._check_holder(worker, job_id, chunk.attempt)
+    def append(self, worker: Principal, job_id: str, chunk: StreamChunk, now: float) -> None:
+        """Take a chunk from the worker holding the job's lease for ``chunk.attempt``; the
+        job's first text is timed (``first_token_at``, for /metrics)."""
+        first = self._check_holder(worker, job_id, chunk.attempt)
+        if first and chunk.text:
+            with self._store.transaction() as s:
+                job = s.get(Job, job_id, with_for_update=True)
+                if job is not None and job.first_token_at is None:
+                    job.first_token_at = now
         with self._lock:
             stream = self._streams.get(job_id)
             if stream is None or chunk.attempt > stream.attempt:
@@ -79,7 +85,9 @@ class TokenStreams:
             stream.chars += len(chunk.text)
         self._hub.notify_waiting(stream_key(job_id))
 
-    def _check_holder(self, worker: Principal, job_id: str, attempt: int) -> None:
+    def _check_holder(self, worker: Principal, job_id: str, attempt: int) -> bool:
+        """Refuse a chunk from anyone but the lease holder; True if the job has no first
+        token time yet."""
         with self._store.read() as s:
             job = s.get(Job, job_id)
             if job is None:
@@ -92,6 +100,7 @@ class TokenStreams:
                     f"{job.attempt}, {job.state}); stop streaming it",
                     current_attempt=job.attempt,
                 )
+            return job.first_token_at is None
 
     def read(self, job_id: str, attempt: int | None, offset: int) -> StreamView | None:
         """Chunks after ``offset`` of the current attempt's stream; from 0 when the attempt is

@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from tests.api.conftest import Api, RunApi, bearer
+from tests.api.test_metrics_api import scrape, value
 from tests.support import offer
 
 LLM = "SmolLM2-135M-Instruct"
@@ -103,6 +104,9 @@ def test_the_workers_stream_reaches_the_client_once_in_order(run_api: RunApi) ->
                     events.append(json.loads(line[5:]))
         assert [e["text"] for e in events if "text" in e] == ["hi there"]
         assert events[-1]["done"] and events[-1]["job"]["state"] == "succeeded"
+        samples = await scrape(api)  # the first text was timed, the tokens counted
+        assert value(samples, "gpumarket_generated_tokens_total") == 5
+        assert value(samples, "gpumarket_time_to_first_token_seconds_count", type="generate") == 1
 
     run_api(body)
 

@@ -43,7 +43,9 @@ from protocol import FINAL_STATES, JobSpec, JobState, JobType, JobView, ResultVi
 from protocol.generation import GenerationInput
 
 log = logging.getLogger("gpumarket.orchestrator.openai")
-router = APIRouter(prefix="/v1", tags=["openai"])
+# Not in /openapi.json: these follow OpenAI's published API (and its error shape), not this
+# service's problem documents; the official openai client is their reference.
+router = APIRouter(prefix="/v1", tags=["openai"], include_in_schema=False)
 
 RESULT_WAIT_S = 600.0
 """The longest an OpenAI-style request waits for its job (its deadline is as long)."""

@@ -97,7 +97,7 @@ def start_job(job_id: str, req: StartRequest, worker: WorkerDep, services: Servi
 def stream_job(job_id: str, chunk: StreamChunk, worker: WorkerDep, services: ServicesDep) -> None:
     """Text a generate job produced so far, relayed live to its client (a preview: the signed
     result is what is billed). 409 when the attempt's lease is gone: stop generating."""
-    services.streams.append(worker, job_id, chunk)
+    services.streams.append(worker, job_id, chunk, services.now())
 
 
 @router.post("/jobs/{job_id}/complete", responses=problems(400, 401, 403, 404, 409, 413, 422, 503))
