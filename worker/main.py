@@ -57,12 +57,14 @@ def build_executors(settings: WorkerSettings) -> list[Executor]:
             builtin_generation_specs,
             discover_generation_models,
         )
-        from worker.executors.pipelines import GenerationPipeline
+        from worker.executors.pipelines import GENERATION_BATCH_WAIT_S, GenerationPipeline
 
         specs = builtin_generation_specs() + discover_generation_models(settings.models_dir)
         executors.append(
             GenerationPipeline(
-                specs, max_batch=settings.max_batch, max_wait_s=max(settings.batch_wait_s, 0.02)
+                specs,
+                max_batch=settings.max_batch,
+                max_wait_s=max(settings.batch_wait_s, GENERATION_BATCH_WAIT_S),
             )
         )
     if JobType.TRANSCODE in settings.job_types:

@@ -59,11 +59,22 @@ class TokenStreams:
         self._hub = hub
         self._lock = threading.Lock()
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
+        # (job id, attempt, worker id) whose lease was checked: a stream's later chunks are not
+        # (a lost lease shows at the worker's completion, refused; the stream is a preview).
+        self._holders: OrderedDict[tuple[str, int, str], None] = OrderedDict()
 
     def append(self, worker: Principal, job_id: str, chunk: StreamChunk, now: float) -> None:
         """Take a chunk from the worker holding the job's lease for ``chunk.attempt``; the
         job's first text is timed (``first_token_at``, for /metrics)."""
-        first = self._check_holder(worker, job_id, chunk.attempt)
+        holder = (job_id, chunk.attempt, worker.id)
+        with self._lock:
+            known = holder in self._holders
+        first = False if known else self._check_holder(worker, job_id, chunk.attempt)
+        if not known:
+            with self._lock:  # checked once per attempt: later chunks skip the store
+                self._holders[holder] = None
+                while len(self._holders) > STREAMS_KEPT:
+                    self._holders.popitem(last=False)
         if first and chunk.text:
             with self._store.transaction() as s:
                 job = s.get(Job, job_id, with_for_update=True)

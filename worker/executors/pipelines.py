@@ -195,8 +195,12 @@ class TranscodePipeline:
 PublishChunk = Callable[[str, StreamChunk], Awaitable[None]]
 CALIBRATION_PROMPT = "Write one sentence about graphics cards."
 CALIBRATION_TOKENS = 16
-STREAM_FLUSH_S = 0.05
-"""How long streamed text gathers before it is sent: fewer requests, tokens still arrive live."""
+STREAM_FLUSH_S = 0.2
+"""How long streamed text gathers before it is sent (the first piece goes at once, for the time
+to first token): fewer requests for the orchestrator, tokens still arrive live."""
+GENERATION_BATCH_WAIT_S = 0.05
+"""How long a generation batch waits for more requests before it starts: concurrent requests
+reach the worker over several lease polls, and a batch cannot be joined once it decodes."""
 
 
 class _GenerationBatcher:
@@ -278,7 +282,8 @@ class _ChunkSender:
         assert self.publish is not None
         while True:
             await self._wake.wait()
-            await asyncio.sleep(STREAM_FLUSH_S)
+            if self.seq > 0:
+                await asyncio.sleep(STREAM_FLUSH_S)
             self._wake.clear()
             if self._text or self._tokens:
                 text, tokens = "".join(self._text), self._tokens
