@@ -242,6 +242,8 @@ def market_extras(result: ResultView) -> dict[str, Any]:
         "price_wei_per_unit": str(result.price_wei_per_unit),
         "units": result.units,
         "energy_j": result.energy_j,
+        # Per unit: per token for generation, per text for embeddings.
+        "energy_j_per_unit": result.energy_j / result.units if result.units else None,
         "energy_source": result.energy_source,
         "duration_s": result.duration_s,
         "worker_address": result.worker_address,
