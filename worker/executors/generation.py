@@ -201,6 +201,8 @@ class GenerationRequest:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
+    # Set from another thread when the job was cancelled: its row stops at the next token.
+    cancelled: bool = False
     _emitted: int = 0
     _unsent_tokens: int = 0
 
@@ -293,6 +295,9 @@ class GenerationModel:
         past, logits = out.cache, out.logits[:, -1, :].float().cpu()
         next_position = positions[:, -1:] + 1
         for _ in range(max(r.max_new_tokens for r in requests)):
+            for r in requests:
+                if r.cancelled and not r.done:
+                    r.finish_reason = FinishReason.STOP  # nobody waits for the rest
             chosen = [
                 self.pad_id if r.done else self._accept(r, _choose(logits[i], r, generators[i]))
                 for i, r in enumerate(requests)

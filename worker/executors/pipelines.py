@@ -399,6 +399,9 @@ class GenerationPipeline:
             raise JobRejected(str(exc), fault=Fault.INPUT) from exc
         try:
             await self._batcher(model, job.precision).submit(entry)
+        except asyncio.CancelledError:
+            entry.cancelled = True  # the job was cancelled: free its place in the batch
+            raise
         finally:
             await sender.close()
         assert entry.finish_reason is not None

@@ -191,3 +191,12 @@ def test_the_pipeline_batches_eight_concurrent_jobs_and_refuses_a_prompt_too_lon
         assert execution.units == usage["prompt_tokens"] + usage["completion_tokens"]
         assert len(execution.output["token_ids"]) == usage["completion_tokens"] == 6
     assert {job_id for job_id, _ in sent} == {f"job{i}" for i in range(8)}
+
+
+@pytest.mark.slow
+def test_a_cancelled_request_leaves_its_batch_at_once(llm: generation.GenerationModel) -> None:
+    kept, dropped = (llm.request_for(_chat(t, max_tokens=8)) for t in ("Hi.", "Hello."))
+    dropped.cancelled = True
+    llm.generate([kept, dropped])
+    assert dropped.token_ids == [] and dropped.finish_reason == "stop"
+    assert len(kept.token_ids) > 0
