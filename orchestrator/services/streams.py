@@ -3,8 +3,9 @@ client reading it live (SSE: ``GET /v1/jobs/{id}/stream`` and the OpenAI-compati
 
 A stream is a preview, never what is billed: the job's signed result (``output.text``, with its
 token count) is what the client pays for and what verification checks. So streams live in this
-process's memory only, one per job, for the job's current attempt: a chunk of an older attempt
-is dropped, a newer attempt starts the stream over (readers are told, see ``StreamView``).
+process's memory only, one per job, for the job's current attempt: a newer attempt starts the
+stream over (readers are told, see ``StreamView``), and a chunk of an older attempt after that
+is refused (409), which tells its worker to stop generating.
 Chunks carry a sequence number, so a resent chunk is taken once. Writers are woken readers via
 the hub (``stream:<job id>``). With several replicas, a client reads the stream on the replica
 its worker sends to, or waits for the result (the stream ends with the job either way).
@@ -86,8 +87,14 @@ class TokenStreams:
                 stream = self._streams[job_id] = _Stream(attempt=chunk.attempt)
                 while len(self._streams) > STREAMS_KEPT:
                     self._streams.popitem(last=False)
-            if chunk.attempt < stream.attempt or chunk.seq < stream.next_seq:
-                return  # an older attempt's, or a resent chunk
+            if chunk.attempt < stream.attempt:
+                raise Conflict(
+                    f"attempt {chunk.attempt} of job {job_id} is over (attempt "
+                    f"{stream.attempt} streams now); stop generating it",
+                    current_attempt=stream.attempt,
+                )
+            if chunk.seq < stream.next_seq:
+                return  # a resent chunk
             if stream.chars + len(chunk.text) > MAX_STREAM_CHARS:
                 return
             stream.next_seq = chunk.seq + 1  # a skipped seq was dropped by the worker

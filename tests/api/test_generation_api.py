@@ -137,3 +137,31 @@ def test_openai_routes_speak_openais_error_shape(run_api: RunApi) -> None:
         assert listed["gpumarket"]["context_tokens"] == 8192
 
     run_api(body)
+
+
+def test_a_retried_attempt_starts_the_stream_over(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client, worker = await _market(api)
+        job = (await api.http.post("/v1/jobs", json=_spec(), headers=client)).json()
+        url = f"/v1/workers/jobs/{job['id']}/stream"
+        await api.lease(worker)
+        first = {"attempt": 1, "seq": 0, "text": "half an ans", "tokens": 3}
+        assert (await api.http.post(url, json=first, headers=worker.headers)).status_code == 204
+        assert api.services.streams.read(job["id"], None, 0).chunks == ["half an ans"]
+        gave_up = await api.http.post(
+            f"/v1/workers/jobs/{job['id']}/fail",
+            json={"attempt": 1, "retryable": True, "reason": "out of memory", "fault": "none"},
+            headers=worker.headers,
+        )
+        assert gave_up.status_code == 200, gave_up.text
+        other = await api.register_worker(offers=[offer(LLM, price=PRICE, job_type="generate")])
+        [again] = await api.lease(other)
+        assert again["attempt"] == 2
+        second = {"attempt": 2, "seq": 0, "text": "a whole answer", "tokens": 3}
+        assert (await api.http.post(url, json=second, headers=other.headers)).status_code == 204
+        late = await api.http.post(url, json={**first, "seq": 1}, headers=worker.headers)
+        assert late.status_code == 409  # attempt 1 is over: told to stop, its text goes nowhere
+        view = api.services.streams.read(job["id"], 1, 1)
+        assert view is not None and view.attempt == 2 and view.chunks == ["a whole answer"]
+
+    run_api(body)

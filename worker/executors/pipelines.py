@@ -19,6 +19,7 @@ from protocol import Fault, JobType, LeasedJob, Precision, SkippedRendition
 from protocol.generation import GenerationInput, StreamChunk
 from protocol.jobs import DEFAULT_LADDER, MAX_INPUT_JSON_BYTES
 from protocol.jobs import Rendition as WireRendition
+from protocol.problems import ProblemError
 from protocol.workers import TensorShape
 from worker.batching import BatcherPool
 from worker.executors import generation, inference, transcode
@@ -262,9 +263,15 @@ class _ChunkSender:
     send is in flight. A failed send is logged and dropped: the stream is a preview, the
     signed result is what counts (and what is billed)."""
 
-    def __init__(self, job: LeasedJob, publish: PublishChunk | None) -> None:
+    def __init__(
+        self,
+        job: LeasedJob,
+        publish: PublishChunk | None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
         self.job = job
         self.publish = publish
+        self.on_lost = on_lost
         self.seq = 0
         self._text: list[str] = []
         self._tokens = 0
@@ -294,6 +301,13 @@ class _ChunkSender:
                 self.seq += 1
                 try:
                     await self.publish(self.job.job_id, chunk)
+                except ProblemError as exc:
+                    if exc.status in (403, 404, 409) and self.on_lost is not None:
+                        log.warning("job %s: %s; stopping it", self.job.job_id, exc.detail)
+                        self.on_lost()  # the lease is gone: generating more helps nobody
+                        self.on_lost = None
+                    else:
+                        log.warning("job %s: stream chunk not sent: %s", self.job.job_id, exc)
                 except Exception as exc:
                     log.warning("job %s: stream chunk not sent: %s", self.job.job_id, exc)
             if self._closed and not self._text:
@@ -387,7 +401,13 @@ class GenerationPipeline:
         if request.check_tokens is not None:
             return await self._check(model, request)
         loop = asyncio.get_running_loop()
-        sender = _ChunkSender(job, self.publish)
+        entry: generation.GenerationRequest | None = None
+
+        def lost() -> None:
+            if entry is not None:
+                entry.cancelled = True
+
+        sender = _ChunkSender(job, self.publish, lost)
 
         def on_text(text: str, tokens: int) -> None:  # on the generating thread
             loop.call_soon_threadsafe(sender.add, text, tokens)

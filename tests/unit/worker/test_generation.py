@@ -200,3 +200,40 @@ def test_a_cancelled_request_leaves_its_batch_at_once(llm: generation.Generation
     llm.generate([kept, dropped])
     assert dropped.token_ids == [] and dropped.finish_reason == "stop"
     assert len(kept.token_ids) > 0
+
+
+@pytest.mark.slow
+def test_a_job_whose_lease_is_gone_stops_generating(
+    llm: generation.GenerationModel, tmp_path: Path
+) -> None:
+    from protocol.problems import ProblemError
+
+    pipeline = GenerationPipeline(
+        generation.builtin_generation_specs(), max_batch=8, max_wait_s=0.0, device="cpu"
+    )
+
+    async def refuse(job_id: str, chunk: Any) -> None:
+        raise ProblemError(409, "conflict", "attempt 1 is over")
+
+    pipeline.publish = refuse
+    now = datetime.now(UTC)
+    job = LeasedJob(
+        job_id="gone",
+        attempt=1,
+        type=JobType.GENERATE,
+        model=LLM,
+        precision=Precision.FP32,
+        input={"prompt": "Tell me a very long story.", "max_tokens": 400},
+        price_wei_per_unit=1,
+        lease_expires_at=now,
+        deadline_at=now,
+    )
+
+    async def run() -> Any:
+        try:
+            return await pipeline.run(job, tmp_path, None)  # type: ignore[arg-type]
+        finally:
+            await pipeline.close()
+
+    execution = asyncio.run(run())
+    assert execution.output["usage"]["completion_tokens"] < 50
