@@ -250,6 +250,14 @@ def market_extras(result: ResultView) -> dict[str, Any]:
     }
 
 
+def generation_extras(result: ResultView) -> dict[str, Any]:
+    """``market_extras`` and, for generation, the energy per output (completion) token."""
+    extras = market_extras(result)
+    completion = usage_of(result)["completion_tokens"]
+    extras["energy_j_per_output_token"] = result.energy_j / completion if completion else None
+    return extras
+
+
 def usage_of(result: ResultView) -> dict[str, int]:
     raw = (result.output or {}).get("usage") or {}
     prompt, completion = int(raw.get("prompt_tokens", 0)), int(raw.get("completion_tokens", 0))
@@ -275,7 +283,7 @@ def completion_body(result: ResultView, model: str, *, chat: bool) -> dict[str, 
         "model": model,
         "choices": [choice],
         "usage": usage_of(result),
-        "gpumarket": market_extras(result),
+        "gpumarket": generation_extras(result),
     }
 
 

@@ -67,6 +67,7 @@ def test_chat_completion_answers_with_usage_cost_and_worker(client: openai.OpenA
     # Charged exactly the tokens used, at the worker's price per token.
     assert int(extras["cost_wei"]) == usage.total_tokens * TOKEN_PRICE
     assert extras["worker_address"].startswith("0x") and extras["energy_j"] >= 0
+    assert extras["energy_j_per_output_token"] == extras["energy_j"] / usage.completion_tokens
 
 
 def test_streamed_chat_arrives_in_pieces_ending_with_usage(client: openai.OpenAI) -> None:
@@ -135,7 +136,9 @@ def test_embeddings_and_models(client: openai.OpenAI) -> None:
     assert one.data[0].embedding == pytest.approx(two.data[0].embedding, abs=1e-6)
     models = {m.id: m for m in client.models.list().data}
     assert {LLM, EMBED_MODEL} <= set(models)
-    assert (models[LLM].model_extra or {})["gpumarket"]["context_tokens"] == 8192
+    offered = (models[LLM].model_extra or {})["gpumarket"]
+    assert offered["context_tokens"] == 8192
+    assert offered["units_per_s"] > 1  # the worker's own tokens/s, measured at warm-up
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from orchestrator.api.openai_dialect import (
     embeddings_body,
     from_validation,
     generate_spec,
-    market_extras,
+    generation_extras,
     market_fields,
     parse,
     sse,
@@ -185,7 +185,7 @@ async def _relay(
                 chat=chat,
                 text=None if chat else "",
                 finish=finish,
-                extras=market_extras(result),
+                extras=generation_extras(result),
             )
         )
         if include_usage:
