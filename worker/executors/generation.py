@@ -203,6 +203,7 @@ class GenerationRequest:
     finish_reason: FinishReason | None = None
     # Set from another thread when the job was cancelled: its row stops at the next token.
     cancelled: bool = False
+    _reported: bool = False
     _emitted: int = 0
     _unsent_tokens: int = 0
 
@@ -273,14 +274,55 @@ class GenerationModel:
 
     # -- generation ------------------------------------------------------------------------
 
-    def generate(self, requests: list[GenerationRequest]) -> None:
-        """Run ``requests`` as one batch to their ends (each request's fields are filled in)."""
+    def generate(
+        self,
+        requests: list[GenerationRequest],
+        admit: Admit | None = None,
+        finished: Callable[[GenerationRequest], None] | None = None,
+    ) -> None:
+        """Run ``requests`` as one batch to their ends (each request's fields are filled in).
+
+        Continuous batching: between two tokens, ``admit(active)`` (given how many requests
+        are still decoding) may hand over requests that arrived meanwhile; they are prefilled
+        and join the batch at once, and finished ones leave it. ``finished(r)`` is called as
+        soon as a request is done, while the others carry on."""
         if not requests:
             return
         with self._lock, torch.inference_mode():
-            self._generate(requests)
+            self._generate(requests, admit, finished or (lambda _: None))
 
-    def _generate(self, requests: list[GenerationRequest]) -> None:
+    def _generate(
+        self,
+        requests: list[GenerationRequest],
+        admit: Admit | None,
+        finished: Callable[[GenerationRequest], None],
+    ) -> None:
+        batch: _Batch | None = self._prefill(requests)
+        while batch is not None:
+            for r in batch.requests:
+                if r.cancelled and not r.done:
+                    r.finish_reason = FinishReason.STOP  # nobody waits for the rest
+            chosen = [
+                self.pad_id if r.done else self._accept(r, _choose(batch.logits[i], r, g))
+                for i, (r, g) in enumerate(zip(batch.requests, batch.generators, strict=True))
+            ]
+            for r in batch.requests:
+                if r.done and not r._reported:
+                    r._reported = True
+                    finished(r)
+            live = [i for i, r in enumerate(batch.requests) if not r.done]
+            joining = admit(len(live)) if admit is not None else []
+            if not live:
+                batch = self._prefill(joining) if joining else None
+                continue
+            self._step(batch, chosen)
+            if len(live) < len(batch.requests):
+                batch.keep(live)
+            if joining:
+                batch.join(self._prefill(joining))
+
+    def _prefill(self, requests: list[GenerationRequest]) -> _Batch:
+        """One forward pass over the left-padded prompts: the batch, ready for its first token."""
         n = len(requests)
         width = max(len(r.prompt_ids) for r in requests)
         ids = torch.full((n, width), self.pad_id, dtype=torch.long)
@@ -289,35 +331,30 @@ class GenerationModel:
             ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        generators = [torch.Generator().manual_seed(r.seed) for r in requests]
         ids, mask, positions = (t.to(self.device) for t in (ids, mask, positions))
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        past, logits = out.cache, out.logits[:, -1, :].float().cpu()
-        next_position = positions[:, -1:] + 1
-        for _ in range(max(r.max_new_tokens for r in requests)):
-            for r in requests:
-                if r.cancelled and not r.done:
-                    r.finish_reason = FinishReason.STOP  # nobody waits for the rest
-            chosen = [
-                self.pad_id if r.done else self._accept(r, _choose(logits[i], r, generators[i]))
-                for i, r in enumerate(requests)
-            ]
-            if all(r.done for r in requests):
-                break
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=mask.device)], 1)
-            out = self.model(
-                input_ids=torch.tensor(chosen, device=self.device)[:, None],
-                attention_mask=mask,
-                position_ids=next_position,
-                cache=past,
-                use_cache=True,
-            )
-            past, logits = out.cache, out.logits[:, -1, :].float().cpu()
-            next_position = next_position + 1
-        for r in requests:  # a request still open here used all of its tokens
-            if not r.done:
-                r.finish_reason = FinishReason.LENGTH
-                self._emit(r, final=True)
+        return _Batch(
+            requests=list(requests),
+            generators=[torch.Generator().manual_seed(r.seed) for r in requests],
+            cache=out.cache,
+            mask=mask,
+            next_position=positions[:, -1:] + 1,
+            logits=out.logits[:, -1, :].float().cpu(),
+        )
+
+    def _step(self, batch: _Batch, chosen: list[int]) -> None:
+        """Feed each row its chosen token: one forward pass for the whole batch."""
+        ones = torch.ones((len(chosen), 1), dtype=batch.mask.dtype, device=batch.mask.device)
+        batch.mask = torch.cat([batch.mask, ones], 1)
+        out = self.model(
+            input_ids=torch.tensor(chosen, device=self.device)[:, None],
+            attention_mask=batch.mask,
+            position_ids=batch.next_position,
+            cache=batch.cache,
+            use_cache=True,
+        )
+        batch.cache, batch.logits = out.cache, out.logits[:, -1, :].float().cpu()
+        batch.next_position = batch.next_position + 1
 
     def _accept(self, r: GenerationRequest, token: int) -> int:
         r.token_ids.append(token)
@@ -398,6 +435,58 @@ class GenerationModel:
         result["text"] = text
         result["finish_reason"] = finish
         return result
+
+
+Admit = Callable[[int], list[GenerationRequest]]
+"""Given how many requests are decoding, the requests that may join the batch now."""
+
+
+@dataclass
+class _Batch:
+    """Requests decoding together: their KV cache, attention mask (left padding is 0), next
+    positions, and the logits their next tokens are chosen from."""
+
+    requests: list[GenerationRequest]
+    generators: list[torch.Generator]
+    cache: Any
+    mask: torch.Tensor
+    next_position: torch.Tensor
+    logits: torch.Tensor
+
+    def keep(self, rows: list[int]) -> None:
+        """Drop every row not in ``rows`` (finished requests leave the batch)."""
+        index = torch.tensor(rows, device=self.mask.device)
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        self.requests = [self.requests[i] for i in rows]
+        self.generators = [self.generators[i] for i in rows]
+        self.mask, self.next_position = self.mask[index], self.next_position[index]
+        self.logits = self.logits[index.cpu()]
+
+    def join(self, other: _Batch) -> None:
+        """Append ``other``'s rows: the shorter cache is left-padded (masked out) to match."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+            mine.values = torch.cat(
+                [_left_pad(mine.values, width), _left_pad(theirs.values, width)]
+            )
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.requests += other.requests
+        self.generators += other.generators
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t`` zero-padded on the left of its sequence axis (a cache's -2, a mask's -1)."""
+    axis = -2 if t.dim() == 4 else -1
+    missing = width - t.shape[axis]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[axis] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=axis)
 
 
 def _choose(logits: torch.Tensor, r: GenerationRequest, generator: torch.Generator) -> int:

@@ -7,6 +7,7 @@ run, and count units (input items for inference, output pixels for transcode).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -199,22 +200,26 @@ CALIBRATION_TOKENS = 16
 STREAM_FLUSH_S = 0.2
 """How long streamed text gathers before it is sent (the first piece goes at once, for the time
 to first token): fewer requests for the orchestrator, tokens still arrive live."""
-GENERATION_BATCH_WAIT_S = 0.05
-"""How long a generation batch waits for more requests before it starts: concurrent requests
-reach the worker over several lease polls, and a batch cannot be joined once it decodes."""
+GENERATION_BATCH_WAIT_S = 0.02
+"""How long a generation batch waits for more requests before it starts (later ones join it
+between two tokens, at the cost of a prefill each time)."""
 
 
 class _GenerationBatcher:
-    """Dynamic batching for one generation model: requests that arrive within ``max_wait_s``
-    of each other (up to ``max_batch``) run as one padded batch; later ones wait for the next."""
+    """Continuous batching for one generation model: requests that arrive within
+    ``max_wait_s`` of each other start as one padded batch, and requests that arrive while it
+    decodes join it between two tokens (up to ``max_batch`` decoding at once); each request's
+    ``submit`` returns as soon as it is done."""
 
     def __init__(self, model: generation.GenerationModel, max_batch: int, max_wait_s: float):
         self.model = model
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self._queue: asyncio.Queue[tuple[generation.GenerationRequest, asyncio.Future[None]]] = (
-            asyncio.Queue()
-        )
+        # Appended on the event loop, taken on the generating thread (deque ops are atomic).
+        self._pending: collections.deque[
+            tuple[generation.GenerationRequest, asyncio.Future[None]]
+        ] = collections.deque()
+        self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.largest_batch = 0
@@ -223,39 +228,69 @@ class _GenerationBatcher:
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._loop(), name=f"generate-{self.model.name}")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._queue.put((request, done))
+        self._pending.append((request, done))
+        self._arrived.set()
         await done
+
+    def _take(self, room: int) -> list[tuple[generation.GenerationRequest, asyncio.Future[None]]]:
+        taken: list[tuple[generation.GenerationRequest, asyncio.Future[None]]] = []
+        while len(taken) < room and self._pending:
+            taken.append(self._pending.popleft())
+        return taken
 
     async def _loop(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            deadline = asyncio.get_running_loop().time() + self.max_wait_s
-            while len(batch) < self.max_batch:
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0 and self._queue.empty():
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), max(remaining, 0)))
-                except TimeoutError:
-                    break
-            self.batches += 1
-            self.largest_batch = max(self.largest_batch, len(batch))
-            try:
-                await asyncio.to_thread(self.model.generate, [r for r, _ in batch])
-            except Exception as exc:  # the batch failed: each of its jobs fails with it
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
+            await self._arrived.wait()
+            self._arrived.clear()
+            if not self._pending:
                 continue
-            for _, done in batch:
-                if not done.done():
-                    done.set_result(None)
+            await asyncio.sleep(self.max_wait_s)  # let a burst of requests start together
+            await self._run_batch(self._take(self.max_batch))
+            if self._pending:
+                self._arrived.set()
+
+    async def _run_batch(
+        self, first: list[tuple[generation.GenerationRequest, asyncio.Future[None]]]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        waiting = {id(r): done for r, done in first}
+
+        def admit(active: int) -> list[generation.GenerationRequest]:  # generating thread
+            joining = self._take(self.max_batch - active)
+            waiting.update({id(r): done for r, done in joining})
+            self.largest_batch = max(self.largest_batch, active + len(joining))
+            return [r for r, _ in joining]
+
+        def finished(request: generation.GenerationRequest) -> None:  # generating thread
+            done = waiting.pop(id(request), None)
+            if done is not None:
+                loop.call_soon_threadsafe(_resolve, done, None)
+
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(first))
+        try:
+            await asyncio.to_thread(self.model.generate, [r for r, _ in first], admit, finished)
+        except Exception as exc:  # the batch failed: each of its jobs fails with it
+            for done in list(waiting.values()):
+                _resolve(done, exc)
+            return
+        for done in list(waiting.values()):  # none should be left; never leave one hanging
+            _resolve(done, None)
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+def _resolve(done: asyncio.Future[None], error: Exception | None) -> None:
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
 
 
 class _ChunkSender:

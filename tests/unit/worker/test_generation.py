@@ -44,11 +44,14 @@ class _CountingModel:
     def __init__(self) -> None:
         self.batches: list[int] = []
 
-    def generate(self, requests: list[generation.GenerationRequest]) -> None:
+    def generate(
+        self, requests: list[generation.GenerationRequest], admit: Any, finished: Any
+    ) -> None:
         self.batches.append(len(requests))
         for r in requests:
             r.token_ids = [1]
             r.finish_reason = generation.FinishReason.STOP
+            finished(r)
 
 
 def test_concurrent_requests_share_a_batch_with_a_stand_in_model() -> None:
@@ -96,6 +99,36 @@ def test_it_answers_and_batched_decoding_matches_one_at_a_time(
     alone = [_run(llm, p)[0].token_ids for p in prompts]
     together = [e.token_ids for e in _run(llm, *prompts)]
     assert together == alone
+
+
+@pytest.mark.slow
+def test_requests_joining_a_running_batch_get_the_tokens_they_would_get_alone(
+    llm: generation.GenerationModel,
+) -> None:
+    first = _chat("What is the capital of France?", max_tokens=12)
+    later = [
+        _chat("Name a colour.", max_tokens=6),
+        GenerationInput(prompt="A very long prompt about many things " * 8, max_tokens=5),
+        _chat("Say hello.", max_tokens=20),
+    ]
+    alone = [_run(llm, one)[0].token_ids for one in (first, *later)]
+    joining = [llm.request_for(one) for one in later]
+    calls: list[int] = []
+    done: list[generation.GenerationRequest] = []
+
+    def admit(active: int) -> list[generation.GenerationRequest]:
+        calls.append(active)
+        if len(calls) == 3:  # two tokens in: the first joins alone, the others one token on
+            return joining[:2]
+        if len(calls) == 4:
+            return joining[2:]
+        return []
+
+    head = llm.request_for(first)
+    llm.generate([head], admit, done.append)
+    assert [r.token_ids for r in (head, *joining)] == alone
+    assert sorted(id(r) for r in done) == sorted(id(r) for r in (head, *joining))
+    assert done.index(joining[1]) < done.index(joining[2])  # each reported when it is done
 
 
 @pytest.mark.slow
