@@ -17,7 +17,9 @@ Loaded models are cached process-wide.
 Decoding: greedy when ``temperature`` is 0, else sampling from the top-p set with a
 ``torch.Generator`` seeded by the request's ``seed``. Concurrent requests for one model run as
 one batch (left padding, with an attention mask and position ids that skip the padding), one
-forward pass per token for the whole batch, with a KV cache.
+forward pass per token for the whole batch, with a KV cache. The batching is continuous: a
+request that arrives while a batch decodes is prefilled and joins it between two tokens (the
+shorter KV cache left-padded and masked), and a finished request leaves it at once.
 
 Verification by teacher forcing (:meth:`GenerationModel.check`): one forward pass over prompt
 + claimed completion; each claimed token must be the argmax (greedy, within

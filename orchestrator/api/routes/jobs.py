@@ -128,7 +128,8 @@ async def _stream_events(
         if view.state in FINAL_STATES or time.monotonic() > deadline:
             break
         await services.streams.wait(view.id, 1.0)
-        view = await run_in_threadpool(services.jobs.get, client, view.id)
+        if services.streams.read(view.id, None, 0) == streamed:  # no new text: read the job
+            view = await run_in_threadpool(services.jobs.get, client, view.id)
     if view.state is JobState.SUCCEEDED:  # what the stream missed (a retried attempt, say)
         result = await run_in_threadpool(services.jobs.result, client, view.id)
         final = str((result.output or {}).get("text", ""))

@@ -152,13 +152,15 @@ async def _relay(
         if chat:
             yield sse(chunk_body(job_id, model, chat=True, role=True, text=""))
         deadline = time.monotonic() + RESULT_WAIT_S
+        view = await run_in_threadpool(services.jobs.get, client, job_id)
         while True:
             streamed = services.streams.read(job_id, None, 0)
             text = "".join(streamed.chunks) if streamed else ""
             if len(text) > sent:
                 yield sse(chunk_body(job_id, model, chat=chat, text=text[sent:]))
                 sent = len(text)
-            view = await run_in_threadpool(services.jobs.get, client, job_id)
+            else:  # woken by no new text: the job may have changed (a store read, not per chunk)
+                view = await run_in_threadpool(services.jobs.get, client, job_id)
             if view.state in FINAL_STATES or time.monotonic() > deadline:
                 break
             if await request.is_disconnected():
