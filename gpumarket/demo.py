@@ -11,6 +11,7 @@ failure.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -165,10 +166,11 @@ class Market:
 
 @contextlib.contextmanager
 def local_stack(
-    root: Path, port: int | None = None, chain_port: int | None = None
+    root: Path, port: int | None = None, chain_port: int | None = None, *, generate: bool = False
 ) -> Iterator[Market]:
     """anvil with the contracts, a funded payer, an orchestrator and two staked workers, on
-    ``port`` and ``chain_port`` (None: any free port)."""
+    ``port`` and ``chain_port`` (None: any free port); with ``generate``, the workers also
+    offer the built-in LLM (per token)."""
     port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
     token = "gmo_demo_" + os.urandom(OPERATOR_TOKEN_BYTES).hex()
@@ -228,6 +230,7 @@ def local_stack(
                         intensity,
                         "--max-concurrency",
                         "4",
+                        *(GENERATE_FLAGS if generate else ()),
                     ],
                     {
                         "GPUMARKET_WORKER_LOG_LEVEL": "warning",
@@ -429,6 +432,65 @@ def _report_gas(market: Market, paid_jobs: int) -> None:
         )
 
 
+GENERATE_FLAGS = (
+    "--job-type",
+    "inference",
+    "--job-type",
+    "transcode",
+    "--job-type",
+    "generate",
+)
+CHAT_MODEL = "SmolLM2-135M-Instruct"
+CHAT_QUESTION = "What is the capital of France?"
+CHAT_TIMEOUT_S = 120.0
+
+
+def _chat(url: str, key: str) -> bool:
+    """One streamed chat completion through the OpenAI-compatible API: the answer as it comes,
+    then tokens/s, cost and energy. False if it did not finish."""
+    body = {
+        "model": CHAT_MODEL,
+        "messages": [{"role": "user", "content": CHAT_QUESTION}],
+        "max_tokens": 32,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    console.print(f"chat ({CHAT_MODEL}, POST /v1/chat/completions, streamed): {CHAT_QUESTION}")
+    started = time.monotonic()
+    extras: dict[str, object] = {}
+    usage: dict[str, int] = {}
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=CHAT_TIMEOUT_S
+    ) as response:
+        if response.status_code != 200:
+            response.read()
+            console.print(f"[red]chat failed: {response.status_code} {response.text}[/red]")
+            return False
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                console.print(f"[red]chat failed: {chunk['error']['message']}[/red]")
+                return False
+            for choice in chunk.get("choices") or []:
+                console.print((choice.get("delta") or {}).get("content") or "", end="")
+            extras = chunk.get("gpumarket") or extras
+            usage = chunk.get("usage") or usage
+    elapsed = time.monotonic() - started
+    completion = usage.get("completion_tokens", 0)
+    console.print()
+    console.print(
+        f"  {completion} tokens in {elapsed:.1f} s ({completion / elapsed:.1f} tokens/s), "
+        f"{usage.get('total_tokens', 0)} billed: {extras.get('cost_wei')} wei, "
+        f"{float(str(extras.get('energy_j', 0))):.1f} J, worker {extras.get('worker_address')}",
+        markup=False,
+    )
+    return bool(completion)
+
+
 def _submit_all(client: Client, clip: Path) -> dict[str, str]:
     labels: dict[str, str] = {}
     for i, sentence in enumerate(SENTENCES):
@@ -462,7 +524,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gpumarket-demo-") as tmp:
         root = Path(tmp)
         console.rule("gpumarket demo")
-        with local_stack(root) as market:
+        with local_stack(root, generate=True) as market:
             console.print(
                 f"anvil {market.rpc_url}; PaymentBroker {market.deployment.payment_broker}"
             )
@@ -485,6 +547,8 @@ def main() -> int:
                 labels = _submit_all(client, clip)
                 jobs = _track(client, list(labels))
                 _report(client, jobs, labels)
+                if not _chat(market.url, key):
+                    return 1
             failed = [j for j in jobs.values() if j["state"] != "succeeded"]
             if failed:
                 console.print(f"[red]{len(failed)} job(s) did not succeed[/red]")

@@ -370,8 +370,22 @@ def submit(
         ),
     ],
     model: Annotated[
-        str | None, typer.Option(help="Inference model, e.g. all-MiniLM-L6-v2.")
+        str | None,
+        typer.Option(help="Model, e.g. all-MiniLM-L6-v2 (inference), SmolLM2-135M-Instruct."),
     ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(help="Generate text from this prompt with --model (priced per token)."),
+    ] = None,
+    max_tokens: Annotated[
+        int, typer.Option(help="With --prompt: most tokens to generate.", min=1, max=4096)
+    ] = 128,
+    temperature: Annotated[
+        float, typer.Option(help="With --prompt: 0 is greedy; higher samples.", min=0, max=2)
+    ] = 0.0,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="With --prompt: print tokens as they come.")
+    ] = False,
     text: Annotated[
         list[str] | None, typer.Option("--text", help="A text to embed (repeatable).")
     ] = None,
@@ -433,6 +447,15 @@ def submit(
             spec["renditions"] = ladder
         if not video.is_file():
             _fail(f"--video {video}: no such file", code=2)
+    elif prompt is not None:
+        if texts or rendition or model is None:
+            _fail("--prompt makes a generate job: give --model, leave out --text", code=2)
+        spec.update(type="generate", model=model, precision=precision.value)
+        spec["generation"] = {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+        }
     else:
         if rendition:
             _fail("--rendition applies to transcode jobs: give the --video too", code=2)
@@ -452,6 +475,9 @@ def submit(
         job = client.submit(spec, idempotency_key)
         if not as_json:
             _say_a_shortened_deadline(job, deadline_s)
+        if stream and prompt is not None:
+            _print_stream(client, job["id"])
+            wait = True
         if not wait:
             if as_json:
                 _print_json(job)
@@ -468,6 +494,18 @@ def submit(
         _print_json(result)
     else:
         _print_result(result)
+
+
+def _print_stream(client: Client, job_id: str) -> None:
+    """A generate job's text on stdout as its worker produces it (then the result follows)."""
+
+    try:
+        for piece in client.stream(job_id):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except JobFailed:
+        pass  # the result's wait below says how it ended
+    sys.stdout.write("\n")
 
 
 def _say_a_shortened_deadline(job: dict[str, Any], asked_s: float | None) -> None:

@@ -51,6 +51,9 @@ UPLOAD_CHUNK_BYTES = 1 << 20
 
 Progress = Callable[[dict[str, Any]], object]
 """Called by ``wait`` with the job (as ``get`` returns it) after every poll."""
+Messages = list[dict[str, str]]
+"""Chat messages: ``[{"role": "user", "content": "..."}]``."""
+Stops = list[str]
 AsyncProgress = Callable[[dict[str, Any]], Awaitable[object] | object]
 
 
@@ -150,6 +153,53 @@ class Client:
             if changed["state"] == job["state"]:
                 time.sleep(waiting.pause_s())
             job = changed
+
+    def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int = 0,
+        stop: Stops | None = None,
+        max_price_wei_per_unit: int | str,
+        preference: str | None = None,
+        timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
+    ) -> dict[str, Any]:
+        """Generate text with an LLM (a ``prompt``, or chat ``messages``); returns the result:
+        ``output.text``, ``output.usage`` (tokens), ``cost_wei`` (wei, per token priced)."""
+        spec = _calls.generate_spec(
+            model,
+            prompt=prompt,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            stop=stop,
+            max_price_wei_per_unit=max_price_wei_per_unit,
+            preference=preference,
+        )
+        return self.wait(self.submit(spec)["id"], timeout_s)
+
+    def stream(self, job_id: str) -> Iterator[str]:
+        """A generate job's text, piece by piece as its worker produces it; ends when the job
+        is final (then ``result(job_id)`` has what was billed). Raises JobFailed if it failed."""
+        call = _calls.stream_job(job_id)
+        with self._http.stream(call.method, call.path, timeout=None) as response:
+            if response.status_code >= 400:
+                response.read()
+                _calls.check(response)
+            for line in response.iter_lines():
+                event = _calls.stream_event(line)
+                if event is None:
+                    continue
+                if event.get("done"):
+                    if event["job"]["state"] != "succeeded":
+                        raise JobFailed(event["job"])
+                    return
+                yield str(event.get("text", ""))
 
     def account(self) -> dict[str, Any]:
         """Your payer and, on a paid orchestrator, what it can still be charged (wei)."""
@@ -289,6 +339,52 @@ class AsyncClient:
             if changed["state"] == job["state"]:
                 await asyncio.sleep(waiting.pause_s())
             job = changed
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: Messages | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int = 0,
+        stop: Stops | None = None,
+        max_price_wei_per_unit: int | str,
+        preference: str | None = None,
+        timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
+    ) -> dict[str, Any]:
+        """As ``Client.generate``: the result of an LLM generation (tokens priced in wei)."""
+        spec = _calls.generate_spec(
+            model,
+            prompt=prompt,
+            messages=messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            stop=stop,
+            max_price_wei_per_unit=max_price_wei_per_unit,
+            preference=preference,
+        )
+        job = await self.submit(spec)
+        return await self.wait(job["id"], timeout_s)
+
+    async def stream(self, job_id: str) -> AsyncIterator[str]:
+        """As ``Client.stream``: a generate job's text while it is produced."""
+        call = _calls.stream_job(job_id)
+        async with self._http.stream(call.method, call.path, timeout=None) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                _calls.check(response)
+            async for line in response.aiter_lines():
+                event = _calls.stream_event(line)
+                if event is None:
+                    continue
+                if event.get("done"):
+                    if event["job"]["state"] != "succeeded":
+                        raise JobFailed(event["job"])
+                    return
+                yield str(event.get("text", ""))
 
     async def account(self) -> dict[str, Any]:
         """Your payer and, on a paid orchestrator, what it can still be charged (wei)."""

@@ -20,6 +20,7 @@ from orchestrator.api.routes import (
     health,
     jobs,
     metrics,
+    openai,
     operator,
     workers,
 )
@@ -129,6 +130,6 @@ def create_app(
     app.state.metrics_registry = build_registry(svc)
     install_problem_handlers(app)
     install_openapi(app)
-    for module in (jobs, blobs, workers, accounts, operator, health, dashboard, metrics):
+    for module in (jobs, blobs, workers, accounts, operator, health, dashboard, metrics, openai):
         app.include_router(module.router)
     return app

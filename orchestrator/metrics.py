@@ -21,6 +21,8 @@ gpumarket_wei_fees_total                    counter    orchestrator fees taken a
 gpumarket_energy_joules_total{type}         counter    energy the workers reported for results
 gpumarket_job_latency_seconds{type}         histogram  submission to result, succeeded jobs
 gpumarket_dispatch_latency_seconds{type}    histogram  submission to first start on a worker
+gpumarket_generated_tokens_total            counter    tokens billed by succeeded generate jobs
+gpumarket_time_to_first_token_seconds{type} histogram  submission to a generate job's first text
 ==========================================  =========  ==========================================
 
 Prometheus samples are float64: wei figures are exact up to 2**53 wei (about 0.009 ETH) and
@@ -82,6 +84,16 @@ class MarketCollector:
             "gpumarket_dispatch_latency_seconds",
             "Seconds from submission to the first start on a worker.",
             snap.dispatch_latency,
+        )
+        yield CounterMetricFamily(
+            "gpumarket_generated_tokens",
+            "Tokens (prompt + completion) billed by succeeded generate jobs.",
+            value=snap.tokens,
+        )
+        yield _histogram(
+            "gpumarket_time_to_first_token_seconds",
+            "Seconds from submission to a generate job's first streamed text.",
+            snap.first_token_latency,
         )
 
 

@@ -15,6 +15,7 @@ from orchestrator.services.accounts import AccountService
 from orchestrator.services.auth import Authenticator
 from orchestrator.services.blame import Blame
 from orchestrator.services.blobs import BlobService
+from orchestrator.services.catalog import Catalog
 from orchestrator.services.dashboard import DashboardService
 from orchestrator.services.inputs import InputChecks
 from orchestrator.services.jobs import JobService
@@ -30,6 +31,7 @@ from orchestrator.services.replicas import (
     shared_config,
 )
 from orchestrator.services.settlement import ChainPayments, NoPayments, Payments
+from orchestrator.services.streams import TokenStreams, stream_key
 from orchestrator.services.verification import VerificationService
 from orchestrator.services.wakeups import WakeHub
 from orchestrator.services.workers import WorkerService
@@ -48,6 +50,8 @@ class Services:
     leases: LeaseService
     blobs: BlobService
     hub: WakeHub
+    streams: TokenStreams
+    catalog: Catalog
     clock: Clock
     payments: Payments
     accounts: AccountService
@@ -80,6 +84,7 @@ def build_services(
     def wake_job_watchers(session: Session) -> None:
         for job_id in session.info.get(CHANGED_JOBS, ()):
             hub.notify_waiting(f"job:{job_id}")
+            hub.notify_waiting(stream_key(job_id))  # a stream's reader ends with its job
             if bus is not None:
                 bus.publish(f"{JOB_KEY}{job_id}")
 
@@ -120,6 +125,8 @@ def build_services(
         blobs=BlobService(store, blob_store, settings.max_blob_bytes),
         verification=verification,
         hub=hub,
+        streams=TokenStreams(store, hub),
+        catalog=Catalog(store, settings),
         clock=clock,
         payments=payments,
         accounts=AccountService(store, settings, payments),

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from protocol.generation import GenerationInput
 from protocol.units import MAX_UNITS, SHA256_PATTERN, Wei
 
 MAX_TEXTS_PER_JOB = 1024
@@ -31,6 +32,7 @@ _EXAMPLE_SIGNATURE = "0x" + "5e" * 64 + "1b"
 class JobType(StrEnum):
     INFERENCE = "inference"
     TRANSCODE = "transcode"
+    GENERATE = "generate"
 
 
 class JobState(StrEnum):
@@ -203,6 +205,8 @@ class JobSpec(_Strict):
     model: str | None = Field(default=None, min_length=1, max_length=128)
     precision: Precision = Precision.FP32
     input: InferenceInput | None = None
+    # Generate jobs: the chat or prompt, and how to sample (priced per token).
+    generation: GenerationInput | None = None
     input_blob: str | None = Field(default=None, pattern=SHA256_PATTERN)
     renditions: list[Rendition] | None = Field(default=None, min_length=1, max_length=8)
     container: Container = Container.MP4
@@ -222,7 +226,11 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_shape(self) -> JobSpec:
-        if self.type is JobType.INFERENCE:
+        if self.type is not JobType.GENERATE and self.generation is not None:
+            raise ValueError("generation applies to generate jobs only")
+        if self.type is JobType.GENERATE:
+            self._check_generate()
+        elif self.type is JobType.INFERENCE:
             if self.model is None:
                 raise ValueError("inference jobs need a model, e.g. 'all-MiniLM-L6-v2'")
             if (self.input is None) == (self.input_blob is None):
@@ -251,6 +259,23 @@ class JobSpec(_Strict):
                     f"repeated: {', '.join(repeated)}"
                 )
         return self
+
+    def _check_generate(self) -> None:
+        if self.model is None:
+            raise ValueError("generate jobs need a model, e.g. 'SmolLM2-135M-Instruct'")
+        if self.generation is None:
+            raise ValueError("generate jobs need generation: {messages: [...]} or {prompt: ...}")
+        if self.input is not None or self.input_blob is not None or self.renditions is not None:
+            raise ValueError("generate jobs take their prompt from generation only")
+        if self.precision is Precision.INT8:
+            raise ValueError("generate jobs run at fp32, fp16 or bf16")
+        bound = self.generation.units_bound()
+        if self.max_units is not None and self.max_units < bound:
+            raise ValueError(
+                f"max_units {self.max_units} is below this job's token bound {bound} (prompt "
+                "bytes + template + max_tokens); lower max_tokens to cap what it can cost"
+            )
+        self.max_units = bound
 
     @property
     def ladder(self) -> list[Rendition]:

@@ -104,6 +104,8 @@ class Offer(_Strict):
     units_per_s: float | None = Field(default=None, gt=0)
     energy_j_per_unit: float | None = Field(default=None, ge=0)
     input: TensorShape | None = None
+    # Generate offers: the model's context length in tokens (prompt + completion).
+    context_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
 
 
 class ChallengeRequest(_Strict):

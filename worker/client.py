@@ -35,6 +35,7 @@ from protocol import (
     RegisterResponse,
     ResultView,
 )
+from protocol.generation import StreamChunk
 from protocol.problems import ProblemError
 from protocol.signing import sign_registration
 from protocol.vouchers import ChecksumAddressStr, Voucher
@@ -196,6 +197,10 @@ class OrchestratorClient:
 
     async def start(self, job_id: str, attempt: int) -> None:
         await self._post(f"/v1/workers/jobs/{job_id}/start", {"attempt": attempt})
+
+    async def stream(self, job_id: str, chunk: StreamChunk) -> None:
+        """Send text a generate job produced so far (the orchestrator relays it to the client)."""
+        await self._post(f"/v1/workers/jobs/{job_id}/stream", chunk.model_dump(mode="json"))
 
     async def complete(self, job_id: str, request: CompleteRequest) -> ResultView:
         body = await self._post(

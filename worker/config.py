@@ -17,6 +17,7 @@ DEFAULT_PRICES_WEI: dict[str, int] = {
     # per input item (one sentence) and per output pixel
     JobType.INFERENCE.value: 1_000_000_000,
     JobType.TRANSCODE.value: 1_000,
+    JobType.GENERATE.value: 100_000_000,  # per token, prompt and completion
 }
 DEFAULT_REDEEM_THRESHOLD_WEI = 10**16
 """Redeem a payer's voucher once it owes this much (0.01 ETH): gas stays a small share."""
@@ -34,7 +35,8 @@ class WorkerSettings(BaseSettings):
     models_dir: Path | None = None
     work_dir: Path = Path(".gpumarket/work")
     max_concurrency: int = Field(default=4, ge=1, le=256)
-    job_types: list[JobType] = Field(default_factory=lambda: list(JobType))
+    # Generation is opted into (--job-type generate): its model takes memory and ~5-20 s to load.
+    job_types: list[JobType] = Field(default_factory=lambda: [JobType.INFERENCE, JobType.TRANSCODE])
     # Keys are a job type or a model name; a model's own price wins over its type's.
     prices_wei: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_PRICES_WEI))
     carbon_intensity_g_per_kwh: float | None = Field(default=None, ge=0, le=2000)

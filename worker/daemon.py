@@ -103,6 +103,9 @@ class WorkerDaemon:
         # Executors that batch (inference) expose their BatcherPool as ``batchers``.
         pools = [getattr(ex, "batchers", None) for ex in executors]
         self.metrics.watch_batchers(p for p in pools if isinstance(p, BatcherPool))
+        for ex in executors:  # executors that stream (generate) send their chunks through us
+            if hasattr(ex, "publish"):
+                ex.publish = self.client.stream
 
     # -- offers and registration ---------------------------------------------------------------
 
@@ -119,6 +122,7 @@ class WorkerDaemon:
                         max_batch=cap.max_batch,
                         units_per_s=cap.units_per_s,
                         input=cap.input,
+                        context_tokens=cap.context_tokens,
                     )
                 )
         return offers

@@ -52,6 +52,21 @@ def build_executors(settings: WorkerSettings) -> list[Executor]:
                 registry, max_batch=settings.max_batch, max_wait_s=settings.batch_wait_s
             )
         )
+    if JobType.GENERATE in settings.job_types:
+        from worker.executors.generation import (
+            builtin_generation_specs,
+            discover_generation_models,
+        )
+        from worker.executors.pipelines import GENERATION_BATCH_WAIT_S, GenerationPipeline
+
+        specs = builtin_generation_specs() + discover_generation_models(settings.models_dir)
+        executors.append(
+            GenerationPipeline(
+                specs,
+                max_batch=settings.max_batch,
+                max_wait_s=max(settings.batch_wait_s, GENERATION_BATCH_WAIT_S),
+            )
+        )
     if JobType.TRANSCODE in settings.job_types:
         from worker.executors.pipelines import TranscodePipeline
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from http import HTTPStatus
@@ -92,17 +93,44 @@ def _validation_problem(exc: RequestValidationError) -> JSONResponse:
     return problem(422, "invalid_input", detail, errors=items)
 
 
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models")
+"""Routes of the OpenAI dialect: their errors take OpenAI's shape, not a problem document."""
+
+
+def _dialect(request: Request, response: JSONResponse) -> JSONResponse:
+    """``response`` as OpenAI's ``{"error": {message, type, code}}`` on the OpenAI routes."""
+    if request.url.path.rstrip("/") not in OPENAI_PATHS:
+        return response
+    body = json.loads(bytes(response.body))
+    headers = {k: v for k, v in response.headers.items() if k.lower() in ("www-authenticate",)}
+    return JSONResponse(
+        openai_error_body(body["status"], body["code"], body["detail"]),
+        status_code=response.status_code,
+        headers=headers,
+    )
+
+
+def openai_error_body(status: int, code: str, message: str) -> dict[str, Any]:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+    default = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind.get(status, default), "code": code}}
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(GpumarketError)
-    async def _domain(_: Request, exc: GpumarketError) -> JSONResponse:
-        return problem(exc.status, exc.code, exc.detail, headers=exc.headers, **exc.extra)
+    async def _domain(request: Request, exc: GpumarketError) -> JSONResponse:
+        answer = problem(exc.status, exc.code, exc.detail, headers=exc.headers, **exc.extra)
+        return _dialect(request, answer)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_problem(exc)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _dialect(request, _validation_problem(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _dialect(request, _http_problem(request, exc))
+
+    def _http_problem(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         phrase = HTTPStatus(exc.status_code).phrase
         if exc.status_code in (404, 405) and exc.detail == phrase:
             return _routing_problem(request, exc)

@@ -7,6 +7,8 @@ figure is never taken on trust:
   renditions. The orchestrator holds every output blob, so it probes each file (PyAV: the
   video stream's size, and its packets counted without decoding, one per frame for H.264)
   and sums. The sizes and frame counts a worker lists for its blobs must match the files.
+- **generate**: units are tokens, prompt + completion, from the result's ``usage``; the
+  completion count must match the token ids it holds and the job's ``max_tokens``.
 - **inference**: units are input items (texts or tensor rows), counted from the job's input
   (inline, or the JSON input blob the orchestrator holds), as the worker counts them.
 
@@ -30,6 +32,7 @@ from typing import Any
 from orchestrator.exceptions import InvalidInput
 from orchestrator.store.models import Job
 from protocol import JobType, OutputBlob
+from protocol.generation import generation_output_usage
 
 MAX_INPUT_JSON_BYTES = 16 * 1024 * 1024
 """The largest JSON input blob counted for inference units (the worker refuses larger)."""
@@ -127,10 +130,43 @@ def _item_count(body: Any) -> int:
     return len(items) if isinstance(items, list) else 0
 
 
+def generation_units(job: Job, output: dict[str, Any] | None) -> int:
+    """Tokens a generation result bills: its prompt tokens + its completion tokens. The
+    completion tokens must be the token ids it holds, no more than the job's ``max_tokens``;
+    the prompt tokens at most the bound taken at submit. What a count cannot show (a prompt
+    count that is off, tokens another model would not produce) is verification's to catch:
+    teacher forcing on another worker recounts the prompt and checks every token."""
+    usage = generation_output_usage(output)
+    if usage is None or output is None:
+        raise InvalidInput(
+            "generation results need output.usage {prompt_tokens, completion_tokens}"
+        )
+    token_ids = output.get("token_ids")
+    if "check" not in output:
+        if not isinstance(token_ids, list) or len(token_ids) != usage.completion_tokens:
+            raise InvalidInput(
+                "output.usage.completion_tokens must equal the number of output.token_ids"
+            )
+        if not isinstance(output.get("text"), str):
+            raise InvalidInput("generation results need output.text")
+        max_tokens = int(((job.spec or {}).get("input") or {}).get("max_tokens") or 0)
+        if usage.completion_tokens > max_tokens:
+            raise InvalidInput(
+                f"{usage.completion_tokens} completion tokens, above the job's max_tokens "
+                f"{max_tokens}"
+            )
+    return usage.total_tokens
+
+
 def derive_units(
-    job: Job, output_blobs: list[OutputBlob] | None, blob_path: Callable[[str], Path]
+    job: Job,
+    output_blobs: list[OutputBlob] | None,
+    blob_path: Callable[[str], Path],
+    output: dict[str, Any] | None = None,
 ) -> int:
     """The units this result is billed for, as the orchestrator counts them (see above)."""
+    if job.type == JobType.GENERATE:
+        return generation_units(job, output)
     if job.type == JobType.TRANSCODE:
         if not output_blobs:
             raise InvalidInput("transcode results are files: send output_blobs")
@@ -141,7 +177,9 @@ def derive_units(
 def units_mismatch(reported: int, derived: int, job: Job) -> str:
     """The 422 detail for a result that reports other units than those derived."""
     what = "output pixels (frames x width x height of the output blobs)"
-    if job.type != JobType.TRANSCODE:
+    if job.type == JobType.GENERATE:
+        what = "tokens (output.usage: prompt + completion)"
+    elif job.type != JobType.TRANSCODE:
         what = "input items"
     return (
         f"units is {reported}, but the result holds {derived} {what}; "

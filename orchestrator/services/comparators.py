@@ -186,3 +186,71 @@ def compare_renditions(
         PSNR_THRESHOLD_DB,
         f"lowest PSNR {worst:.1f} dB (rendition {worst_name}), threshold {PSNR_THRESHOLD_DB} dB",
     )
+
+
+TEACHER_FORCING_METRIC = "tokens_confirmed"
+"""Generation checks: the share of claimed tokens the checker's model confirmed (1.0 agrees)."""
+
+
+def _generation_claim(output: dict[str, Any]) -> tuple[str, str, int] | None:
+    """(text, finish reason, prompt tokens) of a generation result; None if not one."""
+    usage = output.get("usage") or {}
+    if not isinstance(output.get("text"), str):
+        return None
+    return (
+        str(output["text"]),
+        str(output.get("finish_reason")),
+        int(usage.get("prompt_tokens", -1)),
+    )
+
+
+def compare_generations(first: dict[str, Any] | None, second: dict[str, Any] | None) -> Comparison:
+    """A generation result against a teacher-forcing check of it (or two checks of the same
+    claim). The claim agrees with a check when every claimed token was confirmed (argmax, or
+    inside the top-p set), the claimed text is what the tokens decode to, the finish reason is
+    what the tokens show (no truncation) and the prompt counts agree."""
+    threshold = 1.0
+
+    def differ(detail: str, value: float | None = None) -> Comparison:
+        return Comparison(False, TEACHER_FORCING_METRIC, value, threshold, detail)
+
+    if not isinstance(first, dict) or not isinstance(second, dict):
+        return differ("a result has no output")
+    checks = [o["check"] for o in (first, second) if isinstance(o.get("check"), dict)]
+    claims = [o for o in (first, second) if "check" not in o]
+    if len(checks) == 2:  # two checks of one claim: agree when their verdicts do
+        verdicts = [
+            (c.get("mismatches") == 0, c.get("text"), c.get("finish_reason")) for c in checks
+        ]
+        if verdicts[0] == verdicts[1]:
+            return Comparison(True, TEACHER_FORCING_METRIC, None, threshold, "the checks agree")
+        return differ("the two checks disagree")
+    if len(checks) != 1 or len(claims) != 1:
+        return differ("generation results are compared with a teacher-forcing check")
+    check, claim = checks[0], _generation_claim(claims[0])
+    if claim is None:
+        return differ("the result holds no text")
+    text, finish, prompt_tokens = claim
+    checked = int(check.get("checked") or 0)
+    mismatches = int(check.get("mismatches") or 0)
+    value = 1.0 - mismatches / checked if checked else 1.0
+    if mismatches:
+        return differ(
+            f"{mismatches} of {checked} tokens are not what the model would produce "
+            f"(first at token {check.get('first_mismatch')})",
+            value,
+        )
+    if check.get("text") != text:
+        return differ("the text is not what its tokens decode to", value)
+    if check.get("finish_reason") != finish:
+        return differ(
+            f"the result says it finished by {finish!r}, its tokens show "
+            f"{check.get('finish_reason')!r}",
+            value,
+        )
+    if check.get("prompt_tokens") != prompt_tokens:
+        return differ(
+            f"the prompt is {check.get('prompt_tokens')} tokens, the result billed {prompt_tokens}",
+            value,
+        )
+    return Comparison(True, TEACHER_FORCING_METRIC, value, threshold, "every token confirmed")

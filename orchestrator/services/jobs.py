@@ -155,6 +155,8 @@ def job_spec(spec: JobSpec) -> dict[str, Any]:
     }
     if spec.type is JobType.TRANSCODE:
         stored["renditions"] = [r.model_dump(mode="json") for r in spec.ladder]
+    if spec.generation is not None:  # the worker reads a generate job's request as its input
+        stored["input"] = spec.generation.model_dump(mode="json", exclude_none=True)
     return stored
 
 

@@ -469,7 +469,7 @@ class LeaseService:
             if job is None:
                 return InvalidInput(f"no job {job_id}")  # _held_job says 404 first
             try:
-                return billing.derive_units(job, req.output_blobs, self._blob_path)
+                return billing.derive_units(job, req.output_blobs, self._blob_path, req.output)
             except InvalidInput as exc:
                 return exc
 
@@ -545,7 +545,7 @@ class LeaseService:
         self, s: Session, job: Job, row: Worker, req: CompleteRequest, worker: Principal
     ) -> None:
         if req.output is not None:
-            if job.type != JobType.INFERENCE:
+            if job.type == JobType.TRANSCODE:
                 raise InvalidInput("transcode results are files: send output_blobs")
             digest = output_sha256(req.output)
         else:
@@ -589,7 +589,7 @@ class LeaseService:
         if job.max_units is not None and units > job.max_units:
             raise InvalidInput(
                 f"units is {units}, but the job has {job.max_units} input items"
-                if job.spec.get("input")
+                if job.spec.get("input") and job.type == JobType.INFERENCE
                 else f"units is {units}, above the {job.max_units} the client authorised"
             )
 

@@ -15,7 +15,11 @@ from protocol import JobType, Offer, Precision, Preference
 
 NEAR_EQUAL = 0.02
 # Priors used until a worker has measured figures for a model (units per second).
-DEFAULT_UNITS_PER_S = {JobType.INFERENCE: 50.0, JobType.TRANSCODE: 20_000_000.0}
+DEFAULT_UNITS_PER_S = {
+    JobType.INFERENCE: 50.0,
+    JobType.TRANSCODE: 20_000_000.0,
+    JobType.GENERATE: 15.0,  # tokens/s of a small LLM on a few CPU cores
+}
 GPU_SPEEDUP_PRIOR = 10.0
 # World-average grid intensity, gCO2 per kWh, when an operator has not set one.
 DEFAULT_CARBON_INTENSITY = 475.0

@@ -77,6 +77,10 @@ class MarketSnapshot:
     """Started jobs, submission (``created_at``) to first start (``started_at``), per type."""
     failed: dict[tuple[str, str], int] = field(default_factory=dict)
     """Failed jobs per (type, fault): whose fault, "input" | "worker" | "none" (every pair)."""
+    tokens: int = 0
+    """Tokens (prompt + completion) of succeeded generate jobs: the units they billed."""
+    first_token_latency: dict[str, LatencyHistogram] = field(default_factory=dict)
+    """Generate jobs, submission (``created_at``) to first streamed text (``first_token_at``)."""
 
     @property
     def queue_depth(self) -> int:
@@ -107,6 +111,17 @@ def read_market_snapshot(store: Store, now: float, online_window_s: float) -> Ma
             job_latency=_latency(s, Job.created_at, Job.finished_at, [succeeded]),
             dispatch_latency=_latency(s, Job.created_at, Job.started_at, []),
             failed=_failed_by_fault(s),
+            tokens=int(
+                s.scalar(
+                    select(func.sum(Job.units)).where(succeeded, Job.type == JobType.GENERATE.value)
+                )
+                or 0
+            ),
+            first_token_latency={
+                JobType.GENERATE.value: _latency(s, Job.created_at, Job.first_token_at, [])[
+                    JobType.GENERATE.value
+                ]
+            },
         )
 
 

@@ -28,6 +28,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -38,7 +39,9 @@ from orchestrator.services.auth import new_id
 from orchestrator.services.comparators import (
     COSINE_THRESHOLDS,
     PSNR_THRESHOLD_DB,
+    TEACHER_FORCING_METRIC,
     Comparison,
+    compare_generations,
     compare_renditions,
     compare_tensors,
 )
@@ -84,6 +87,8 @@ def compare_units(first: Job, second: Job) -> Comparison | None:
         return None
     if first.type == JobType.TRANSCODE:
         metric, threshold = "psnr_db", PSNR_THRESHOLD_DB
+    elif first.type == JobType.GENERATE:
+        metric, threshold = TEACHER_FORCING_METRIC, 1.0
     else:
         metric, threshold = "cosine", COSINE_THRESHOLDS.get(str(first.precision), 0.0)
     return Comparison(
@@ -103,6 +108,15 @@ def evidence_hash(first: Job, second: Job) -> str:
             f"{job.price_wei_per_unit}:{job.signature}"
         )
     return "0x" + hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def check_spec(parent: Job) -> dict[str, Any]:
+    """The request a check runs: the parent's own, and for generation the claimed tokens, which
+    the checking worker confirms by teacher forcing (one forward pass) instead of generating."""
+    if parent.type != JobType.GENERATE:
+        return dict(parent.spec)
+    claimed = (parent.output or {}).get("token_ids") or []
+    return {**parent.spec, "input": {**(parent.spec.get("input") or {}), "check_tokens": claimed}}
 
 
 class VerificationService:
@@ -184,7 +198,7 @@ class VerificationService:
             model=parent.model,
             precision=parent.precision,
             preference=parent.preference,
-            spec=parent.spec,
+            spec=check_spec(parent),
             input_blob=parent.input_blob,
             max_price_wei_per_unit=parent.max_price_wei_per_unit,
             min_vram_mb=parent.min_vram_mb,
@@ -291,6 +305,8 @@ class VerificationService:
     def _compare_outputs(self, first: Job, second: Job) -> Comparison:
         if first.type == JobType.TRANSCODE:
             return compare_renditions(first.output_blobs, second.output_blobs, self._blob_path)
+        if first.type == JobType.GENERATE:
+            return compare_generations(first.output, second.output)
         return compare_tensors(first.output, second.output, first.precision)
 
     def precompare(self, check_id: str, worker_id: str, result: CompleteRequest) -> None:

@@ -151,6 +151,8 @@ class Job(Base):
     updated_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Generate jobs: when the first streamed text of the job arrived (time to first token).
+    first_token_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Whose fault a failure was: "input" | "worker" | "none" (protocol.Fault).
     fault: Mapped[str | None] = mapped_column(String(8), nullable=True)

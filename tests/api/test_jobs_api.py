@@ -305,7 +305,7 @@ def test_a_client_cannot_see_or_touch_another_clients_job(run_api: RunApi) -> No
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
-        ({"type": "training"}, ["type", "'inference' or 'transcode'"]),
+        ({"type": "training"}, ["type", "'inference', 'transcode' or 'generate'"]),
         ({"max_price_wei_per_unit": 0}, ["max_price_wei_per_unit", "greater than 0"]),
         ({"max_price_wei_per_unit": "0"}, ["max_price_wei_per_unit", "greater than 0"]),
         ({"max_price_wei_per_unit": -5}, ["max_price_wei_per_unit", "greater than 0"]),

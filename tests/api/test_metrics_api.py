@@ -99,14 +99,20 @@ def test_metrics_start_at_zero_and_stay_out_of_the_api_schema(run_any_api: RunAp
         states = {"queued", "assigned", "running", "succeeded", "failed", "cancelled", "expired"}
         # every (state, type) pair is there from the start, so rates never see a gap
         assert {dict(labels)["state"] for _, labels in jobs} >= states
-        assert {dict(labels)["type"] for _, labels in jobs} == {"inference", "transcode"}
+        assert {dict(labels)["type"] for _, labels in jobs} == {
+            "inference",
+            "transcode",
+            "generate",
+        }
         assert set(jobs.values()) == {0.0}
         assert value(samples, "gpumarket_queue_depth") == 0
         assert value(samples, "gpumarket_workers_online") == 0
         assert value(samples, "gpumarket_wei_owed_total") == 0
-        for kind in ("inference", "transcode"):
+        for kind in ("inference", "transcode", "generate"):
             assert value(samples, "gpumarket_job_latency_seconds_count", type=kind) == 0
             assert bucket(samples, "gpumarket_dispatch_latency_seconds", kind, math.inf) == 0
+        assert value(samples, "gpumarket_generated_tokens_total") == 0
+        assert bucket(samples, "gpumarket_time_to_first_token_seconds", "generate", math.inf) == 0
 
         schema = (await api.http.get("/openapi.json")).json()
         assert "/metrics" not in schema["paths"]

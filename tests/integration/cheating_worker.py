@@ -9,6 +9,8 @@ Each is the real ``gpumarket worker run`` (ARGS as for that command) with one ch
   hold more frames than asked for, and it bills (and signs) every pixel its files hold. The
   orchestrator's own count of the files agrees with the bill; only a re-run on another
   worker shows that the job needed fewer.
+- MODE ``makeup``: its generations keep the honest token count (and bill) but make up the
+  tokens (the honest ones shuffled) and the text they decode to. It checks others honestly.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 from gpumarket.cli import app
 from worker.executors.base import Execution
-from worker.executors.pipelines import InferencePipeline, TranscodePipeline
+from worker.executors.pipelines import GenerationPipeline, InferencePipeline, TranscodePipeline
 
 
 def _forge(rows: list[list[float]], rng: np.random.Generator) -> list[list[float]]:
@@ -63,9 +65,31 @@ def install_overbilling() -> None:
     TranscodePipeline.run = run  # type: ignore[method-assign]
 
 
+def install_made_up_generation(seed: int = 0) -> None:
+    honest_run = GenerationPipeline.run
+    rng = random.Random(seed)
+
+    async def run(self: GenerationPipeline, job: Any, workdir: Path, fetch: Any) -> Execution:
+        execution = await honest_run(self, job, workdir, fetch)
+        output = execution.output or {}
+        if "token_ids" not in output or len(output["token_ids"]) < 2:
+            return execution  # a check, run honestly (or too short to shuffle)
+        tokens = list(output["token_ids"])
+        while tokens == output["token_ids"]:
+            rng.shuffle(tokens)
+        model = await self._model(job.model, job.precision)
+        made_up = {**output, "token_ids": tokens, "text": model.decode(tokens)}
+        print(f"cheating on job {job.job_id}", flush=True)
+        return dataclasses.replace(execution, output=made_up)
+
+    GenerationPipeline.run = run  # type: ignore[method-assign]
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "overbill":
         install_overbilling()
+    elif sys.argv[1] == "makeup":
+        install_made_up_generation()
     else:
         install(float(sys.argv[1]))
     app(sys.argv[2:], prog_name="gpumarket")

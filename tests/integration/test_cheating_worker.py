@@ -275,3 +275,52 @@ def _transcode_until_caught(
     convicted = [j for j in done if (j["verification"] or {}).get("slashed_address") == cheat]
     assert all("billed units differ" in str(j["verification"]) for j in convicted), convicted
     return done
+
+
+# --- a generator that makes up its tokens -------------------------------------------------------
+
+TOKEN_PRICE = 10**9  # wei per token
+
+
+def test_a_worker_making_up_generated_text_is_caught_by_teacher_forcing_and_slashed(
+    tmp_path: Path,
+) -> None:
+    with _market(tmp_path, "generate", f"generate={TOKEN_PRICE}", "makeup") as market:
+        orchestrator, cheat = market.orchestrator, Account.from_key(WORKER_KEYS["cheat"]).address
+        with Client(orchestrator.url, orchestrator.new_client_key()) as client:
+            client.link_payer(PAYER)
+            done: list[dict] = []
+            deadline = time.monotonic() + JOB_TIMEOUT_S
+            i = 0
+            while not any((j["verification"] or {}).get("slashed_address") == cheat for j in done):
+                assert time.monotonic() < deadline, market.workers["cheat"].log()
+                ids = [client.submit(_generate_spec(i + n))["id"] for n in range(3)]
+                i += 3
+                for job_id in ids:
+                    client.wait(job_id, JOB_TIMEOUT_S)
+                    done.append(client.get(job_id))
+            convicted = [
+                j for j in done if (j["verification"] or {}).get("slashed_address") == cheat
+            ]
+            checks = [c for j in convicted for c in j["verification"]["checks"]]
+            assert any("not what the model would produce" in str(c["detail"]) for c in checks)
+            for job in done:  # made-up text never passes a check, and is never paid for
+                status = (job["verification"] or {}).get("status")
+                if job["worker_address"] == cheat:
+                    assert status != "passed", job
+                if status == "replaced":
+                    assert job["cost_wei"] == "0"
+            assert "cheating on job" in market.workers["cheat"].log()
+        deadline = time.monotonic() + 30
+        while not market.registry.is_slashed(cheat):
+            assert time.monotonic() < deadline, "no slash reached the chain"
+            time.sleep(0.5)
+
+
+def _generate_spec(i: int) -> dict[str, object]:
+    return {
+        "type": "generate",
+        "model": "SmolLM2-135M-Instruct",
+        "generation": {"prompt": f"Fact number {i} about graphics cards:", "max_tokens": 8},
+        "max_price_wei_per_unit": str(TOKEN_PRICE),
+    }

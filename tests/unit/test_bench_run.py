@@ -85,7 +85,7 @@ def test_json_holds_rows_and_machine() -> None:
 
 
 def test_sections_parse_in_table_order() -> None:
-    assert run.parse_sections(None) == list("abcdefg")
+    assert run.parse_sections(None) == list("abcdefgh")
     assert run.parse_sections("f, a,c") == ["a", "c", "f"]
     with pytest.raises(ValueError, match="unknown section"):
         run.parse_sections("a,z")

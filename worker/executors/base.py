@@ -62,6 +62,8 @@ class Capability:
     units_per_s: float | None = None
     # The input row a TorchScript model takes (from its manifest), advertised in the offer.
     input: TensorShape | None = None
+    # Generation models: the context length in tokens (prompt + completion).
+    context_tokens: int | None = None
 
 
 class Executor(Protocol):

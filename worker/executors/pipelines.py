@@ -1,4 +1,4 @@
-"""The two pipelines behind the ``Executor`` seam: torch inference and PyAV transcoding.
+"""The pipelines behind the ``Executor`` seam: torch inference, LLM generation, PyAV transcoding.
 
 They adapt the executor cores (``inference``, ``transcode``) to leased jobs: read the input,
 run, and count units (input items for inference, output pixels for transcode).
@@ -7,18 +7,26 @@ run, and count units (input items for inference, output pixels for transcode).
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import json
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from protocol import Fault, JobType, LeasedJob, Precision, SkippedRendition
+from protocol.generation import GenerationInput, StreamChunk
 from protocol.jobs import DEFAULT_LADDER, MAX_INPUT_JSON_BYTES
 from protocol.jobs import Rendition as WireRendition
+from protocol.problems import ProblemError
 from protocol.workers import TensorShape
 from worker.batching import BatcherPool
-from worker.executors import inference, transcode
+from worker.executors import generation, inference, transcode
 from worker.executors.base import Capability, Execution, FetchBlob, JobRejected, OutputFile
+
+log = logging.getLogger("gpumarket.worker.pipelines")
 
 CALIBRATION_TEXT = "Calibration sentence {} for measuring how fast this worker embeds text."
 
@@ -184,3 +192,291 @@ class TranscodePipeline:
 
     async def close(self) -> None:
         return None
+
+
+PublishChunk = Callable[[str, StreamChunk], Awaitable[None]]
+CALIBRATION_PROMPT = "Write one sentence about graphics cards."
+CALIBRATION_TOKENS = 16
+STREAM_FLUSH_S = 0.2
+"""How long streamed text gathers before it is sent (the first piece goes at once, for the time
+to first token): fewer requests for the orchestrator, tokens still arrive live."""
+GENERATION_BATCH_WAIT_S = 0.02
+"""How long a generation batch waits for more requests before it starts (later ones join it
+between two tokens, at the cost of a prefill each time)."""
+
+
+class _GenerationBatcher:
+    """Continuous batching for one generation model: requests that arrive within
+    ``max_wait_s`` of each other start as one padded batch, and requests that arrive while it
+    decodes join it between two tokens (up to ``max_batch`` decoding at once); each request's
+    ``submit`` returns as soon as it is done."""
+
+    def __init__(self, model: generation.GenerationModel, max_batch: int, max_wait_s: float):
+        self.model = model
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        # Appended on the event loop, taken on the generating thread (deque ops are atomic).
+        self._pending: collections.deque[
+            tuple[generation.GenerationRequest, asyncio.Future[None]]
+        ] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.largest_batch = 0
+
+    async def submit(self, request: generation.GenerationRequest) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop(), name=f"generate-{self.model.name}")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((request, done))
+        self._arrived.set()
+        await done
+
+    def _take(self, room: int) -> list[tuple[generation.GenerationRequest, asyncio.Future[None]]]:
+        taken: list[tuple[generation.GenerationRequest, asyncio.Future[None]]] = []
+        while len(taken) < room and self._pending:
+            taken.append(self._pending.popleft())
+        return taken
+
+    async def _loop(self) -> None:
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            if not self._pending:
+                continue
+            await asyncio.sleep(self.max_wait_s)  # let a burst of requests start together
+            await self._run_batch(self._take(self.max_batch))
+            if self._pending:
+                self._arrived.set()
+
+    async def _run_batch(
+        self, first: list[tuple[generation.GenerationRequest, asyncio.Future[None]]]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        waiting = {id(r): done for r, done in first}
+
+        def admit(active: int) -> list[generation.GenerationRequest]:  # generating thread
+            joining = self._take(self.max_batch - active)
+            waiting.update({id(r): done for r, done in joining})
+            self.largest_batch = max(self.largest_batch, active + len(joining))
+            return [r for r, _ in joining]
+
+        def finished(request: generation.GenerationRequest) -> None:  # generating thread
+            done = waiting.pop(id(request), None)
+            if done is not None:
+                loop.call_soon_threadsafe(_resolve, done, None)
+
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(first))
+        try:
+            await asyncio.to_thread(self.model.generate, [r for r, _ in first], admit, finished)
+        except Exception as exc:  # the batch failed: each of its jobs fails with it
+            for done in list(waiting.values()):
+                _resolve(done, exc)
+            return
+        for done in list(waiting.values()):  # none should be left; never leave one hanging
+            _resolve(done, None)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+def _resolve(done: asyncio.Future[None], error: Exception | None) -> None:
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
+class _ChunkSender:
+    """Sends a job's streamed text to the orchestrator in order, gathering what arrives while a
+    send is in flight. A failed send is logged and dropped: the stream is a preview, the
+    signed result is what counts (and what is billed)."""
+
+    def __init__(
+        self,
+        job: LeasedJob,
+        publish: PublishChunk | None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self.job = job
+        self.publish = publish
+        self.on_lost = on_lost
+        self.seq = 0
+        self._text: list[str] = []
+        self._tokens = 0
+        self._wake = asyncio.Event()
+        self._closed = False
+        self._task = asyncio.create_task(self._run()) if publish is not None else None
+
+    def add(self, text: str, tokens: int) -> None:
+        """Called on the event loop (the generating thread hops here)."""
+        self._text.append(text)
+        self._tokens += tokens
+        self._wake.set()
+
+    async def _run(self) -> None:
+        assert self.publish is not None
+        while True:
+            await self._wake.wait()
+            if self.seq > 0:
+                await asyncio.sleep(STREAM_FLUSH_S)
+            self._wake.clear()
+            if self._text or self._tokens:
+                text, tokens = "".join(self._text), self._tokens
+                self._text, self._tokens = [], 0
+                chunk = StreamChunk(
+                    attempt=self.job.attempt, seq=self.seq, text=text, tokens=tokens
+                )
+                self.seq += 1
+                try:
+                    await self.publish(self.job.job_id, chunk)
+                except ProblemError as exc:
+                    if exc.status in (403, 404, 409) and self.on_lost is not None:
+                        log.warning("job %s: %s; stopping it", self.job.job_id, exc.detail)
+                        self.on_lost()  # the lease is gone: generating more helps nobody
+                        self.on_lost = None
+                    else:
+                        log.warning("job %s: stream chunk not sent: %s", self.job.job_id, exc)
+                except Exception as exc:
+                    log.warning("job %s: stream chunk not sent: %s", self.job.job_id, exc)
+            if self._closed and not self._text:
+                return
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, timeout=10.0)
+
+
+class GenerationPipeline:
+    """LLM text generation, priced per token (prompt + completion), streamed while produced.
+
+    Models come from files (``worker.executors.generation``); a verification job (its input
+    carries ``check_tokens``) is answered by teacher forcing instead of generating."""
+
+    job_type = JobType.GENERATE
+
+    def __init__(
+        self,
+        specs: list[generation.GenerationSpec],
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        device: str | None = None,
+    ) -> None:
+        self.specs = {s.name: s for s in specs}
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.device = device
+        self.publish: PublishChunk | None = None
+        self._batchers: dict[tuple[str, Precision], _GenerationBatcher] = {}
+        self._measured: dict[str, float] = {}
+        self._context: dict[str, int] = {}
+
+    def capabilities(self) -> list[Capability]:
+        return [
+            Capability(
+                model=name,
+                precision=Precision.FP32,
+                max_batch=self.max_batch,
+                units_per_s=self._measured.get(name),
+                context_tokens=self._context.get(name),
+            )
+            for name in self.specs
+        ]
+
+    async def _model(self, name: str, precision: Precision) -> generation.GenerationModel:
+        spec = self.specs.get(name)
+        if spec is None:
+            raise JobRejected(f"no generation model {name!r} here", fault=Fault.WORKER)
+        try:
+            model = await asyncio.to_thread(
+                generation.load_generation_model, spec, precision, self.device
+            )
+        except generation.GenerationError as exc:
+            raise JobRejected(str(exc), fault=Fault.WORKER) from exc
+        self._context[name] = model.context_tokens
+        return model
+
+    async def warm_up(self) -> None:
+        """Load each model and time a short greedy generation: the tokens/s in the offer."""
+        for name in self.specs:
+            model = await self._model(name, Precision.FP32)
+            request = GenerationInput(prompt=CALIBRATION_PROMPT, max_tokens=CALIBRATION_TOKENS)
+            await asyncio.to_thread(model.generate, [model.request_for(request)])  # first call
+            timed = model.request_for(request)
+            started = time.perf_counter()
+            await asyncio.to_thread(model.generate, [timed])
+            elapsed = time.perf_counter() - started
+            if elapsed > 0 and timed.token_ids:
+                self._measured[name] = len(timed.token_ids) / elapsed
+
+    def _batcher(
+        self, model: generation.GenerationModel, precision: Precision
+    ) -> _GenerationBatcher:
+        key = (model.name, precision)
+        if key not in self._batchers:
+            self._batchers[key] = _GenerationBatcher(model, self.max_batch, self.max_wait_s)
+        return self._batchers[key]
+
+    async def run(self, job: LeasedJob, workdir: Path, fetch: FetchBlob) -> Execution:
+        try:
+            request = GenerationInput.model_validate(job.input or {})
+        except ValueError as exc:
+            raise JobRejected(f"generation input is not valid: {exc}") from exc
+        model = await self._model(job.model, job.precision)
+        if request.check_tokens is not None:
+            return await self._check(model, request)
+        loop = asyncio.get_running_loop()
+        entry: generation.GenerationRequest | None = None
+
+        def lost() -> None:
+            if entry is not None:
+                entry.cancelled = True
+
+        sender = _ChunkSender(job, self.publish, lost)
+
+        def on_text(text: str, tokens: int) -> None:  # on the generating thread
+            loop.call_soon_threadsafe(sender.add, text, tokens)
+
+        try:
+            entry = await asyncio.to_thread(model.request_for, request, on_text)
+        except generation.PromptTooLong as exc:
+            await sender.close()
+            raise JobRejected(str(exc), fault=Fault.INPUT) from exc
+        try:
+            await self._batcher(model, job.precision).submit(entry)
+        except asyncio.CancelledError:
+            entry.cancelled = True  # the job was cancelled: free its place in the batch
+            raise
+        finally:
+            await sender.close()
+        assert entry.finish_reason is not None
+        usage = {"prompt_tokens": len(entry.prompt_ids), "completion_tokens": len(entry.token_ids)}
+        output = {
+            "text": entry.text,
+            "token_ids": entry.token_ids,
+            "finish_reason": entry.finish_reason.value,
+            "usage": usage,
+        }
+        return Execution(units=sum(usage.values()), output=output)
+
+    async def _check(
+        self, model: generation.GenerationModel, request: GenerationInput
+    ) -> Execution:
+        claimed = request.check_tokens or []
+        result = await asyncio.to_thread(model.check, request, claimed)
+        usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": len(claimed)}
+        return Execution(units=sum(usage.values()), output={"check": result, "usage": usage})
+
+    async def close(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.close()

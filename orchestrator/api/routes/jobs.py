@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
 from orchestrator.api.deps import ClientDep, ServicesDep
 from orchestrator.api.openapi import problems
 from orchestrator.api.strict_json import StrictJSONRoute
+from orchestrator.services.auth import Principal
+from orchestrator.wiring import Services
 from protocol import FINAL_STATES, JobSpec, JobState, JobView, ResultView
 from protocol.jobs import JobList
 
@@ -92,6 +97,49 @@ async def get_job(
         await services.hub.watch(key, remaining)
         view = await run_in_threadpool(services.jobs.get, client, job_id)
     return view
+
+
+@router.get(
+    "/{job_id}/stream",
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "server-sent events"},
+        **problems(401, 404, 422),
+    },
+)
+async def stream_job(job_id: str, client: ClientDep, services: ServicesDep) -> StreamingResponse:
+    """A generate job's text as server-sent events while its worker produces it: one
+    ``{"text": ...}`` event per piece, then ``{"done": true, "job": {...}}`` once the job is
+    final (its result, ``GET .../result``, is what is billed). Leaving early cancels nothing."""
+    view = await run_in_threadpool(services.jobs.get, client, job_id)
+    return StreamingResponse(_stream_events(services, client, view), media_type="text/event-stream")
+
+
+async def _stream_events(
+    services: Services, client: Principal, view: JobView
+) -> AsyncIterator[bytes]:
+    sent = 0
+    deadline = time.monotonic() + services.settings.long_poll_max_s * 20
+    while True:
+        streamed = services.streams.read(view.id, None, 0)
+        text = "".join(streamed.chunks) if streamed else ""
+        if len(text) > sent:
+            yield _event({"text": text[sent:]})
+            sent = len(text)
+        if view.state in FINAL_STATES or time.monotonic() > deadline:
+            break
+        await services.streams.wait(view.id, 1.0)
+        if services.streams.read(view.id, None, 0) == streamed:  # no new text: read the job
+            view = await run_in_threadpool(services.jobs.get, client, view.id)
+    if view.state is JobState.SUCCEEDED:  # what the stream missed (a retried attempt, say)
+        result = await run_in_threadpool(services.jobs.result, client, view.id)
+        final = str((result.output or {}).get("text", ""))
+        if len(final) > sent:
+            yield _event({"text": final[sent:]})
+    yield _event({"done": True, "job": view.model_dump(mode="json")})
+
+
+def _event(data: dict[str, object]) -> bytes:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 @router.get("/{job_id}/result", responses=problems(401, 404, 409, 422))

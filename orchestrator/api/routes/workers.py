@@ -21,6 +21,7 @@ from protocol import (
     RegisterResponse,
     ResultView,
 )
+from protocol.generation import StreamChunk
 from protocol.workers import (
     DeregisterResponse,
     FailResponse,
@@ -90,6 +91,15 @@ async def lease(req: LeaseRequest, worker: WorkerDep, services: ServicesDep) -> 
 def start_job(job_id: str, req: StartRequest, worker: WorkerDep, services: ServicesDep) -> None:
     """The worker began executing this attempt (ASSIGNED -> RUNNING)."""
     services.leases.start(worker, job_id, req.attempt, services.now())
+
+
+@router.post(
+    "/jobs/{job_id}/stream", status_code=204, responses=problems(400, 401, 403, 404, 409, 422)
+)
+def stream_job(job_id: str, chunk: StreamChunk, worker: WorkerDep, services: ServicesDep) -> None:
+    """Text a generate job produced so far, relayed live to its client (a preview: the signed
+    result is what is billed). 409 when the attempt's lease is gone: stop generating."""
+    services.streams.append(worker, job_id, chunk, services.now())
 
 
 @router.post("/jobs/{job_id}/complete", responses=problems(400, 401, 403, 404, 409, 413, 422, 503))

@@ -1,0 +1,342 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models.
+
+Thin translations onto the job service (``orchestrator.api.openai_dialect`` holds the shapes):
+the client's API key is the bearer token, a request becomes one job, and the answer waits for
+it (or streams its tokens as server-sent events while the worker produces them). Errors come in
+OpenAI's shape. A streaming client that goes away cancels its job: it is charged nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from orchestrator.api.deps import ClientDep, ServicesDep
+from orchestrator.api.openai_dialect import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    OpenAIError,
+    chunk_body,
+    completion_body,
+    embedding_spec,
+    embeddings_body,
+    from_validation,
+    generate_spec,
+    generation_extras,
+    market_fields,
+    parse,
+    sse,
+    usage_of,
+)
+from orchestrator.exceptions import GpumarketError
+from orchestrator.services.auth import Principal
+from orchestrator.wiring import Services
+from protocol import FINAL_STATES, JobSpec, JobState, JobType, JobView, ResultView
+from protocol.generation import GenerationInput
+
+log = logging.getLogger("gpumarket.orchestrator.openai")
+# Not in /openapi.json: these follow OpenAI's published API (and its error shape), not this
+# service's problem documents; the official openai client is their reference.
+router = APIRouter(prefix="/v1", tags=["openai"], include_in_schema=False)
+
+RESULT_WAIT_S = 600.0
+"""The longest an OpenAI-style request waits for its job (its deadline is as long)."""
+STREAM_POLL_S = 1.0
+"""A stream looks at its job at least this often (it is woken sooner by new tokens)."""
+
+PriceHeader = Annotated[str | None, Header(alias="X-Max-Price-Wei")]
+PreferenceHeader = Annotated[str | None, Header(alias="X-Preference")]
+
+
+def _error(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise OpenAIError(400, "invalid_encoding", "the request body is not UTF-8") from None
+    except ValueError as exc:
+        raise OpenAIError(400, "invalid_json", f"the request body is not JSON: {exc}") from None
+
+
+def _price(services: Services, model: str, job_type: JobType, asked: int | None) -> int:
+    """The max price to submit with: the client's own, else the cheapest live offer's."""
+    offered = services.catalog.offered(services.now()).get(model)
+    if offered is None or offered.job_type is not job_type:
+        raise OpenAIError(
+            404,
+            "model_not_found",
+            f"no live worker offers {job_type.value} model {model!r}; GET /v1/models lists "
+            "the models on offer now",
+            "model",
+        )
+    if asked is not None and asked < offered.min_price_wei_per_unit:
+        raise OpenAIError(
+            503,
+            "no_worker_under_max_price",
+            f"the cheapest live worker for {model!r} asks {offered.min_price_wei_per_unit} wei "
+            f"per unit, above your max price {asked}; raise max_price_wei_per_token",
+        )
+    return asked if asked is not None else offered.min_price_wei_per_unit
+
+
+def _submit(services: Services, client: Principal, spec: JobSpec) -> JobView:
+    try:
+        job, _ = services.jobs.submit(client, spec, services.now())
+    except GpumarketError as exc:
+        status = 400 if exc.status == 422 else exc.status
+        raise OpenAIError(status, exc.code, exc.detail) from None
+    try:
+        services.leases.dispatch(services.now())
+    except Exception:
+        log.exception("dispatch after a submit failed; the next round places the job")
+    return job
+
+
+def _result(services: Services, client: Principal, view: JobView) -> ResultView:
+    """The job's result, or the OpenAI error that says why it has none."""
+    if view.state is JobState.SUCCEEDED:
+        return services.jobs.result(client, view.id)
+    reason = view.failure_reason or str(view.state)
+    if view.state is JobState.FAILED and view.fault == "input":
+        raise OpenAIError(400, "invalid_input", f"job {view.id} failed on its input: {reason}")
+    if view.state is JobState.EXPIRED or view.state not in FINAL_STATES:
+        raise OpenAIError(504, "timeout", f"job {view.id} did not finish in time ({reason})")
+    if view.state is JobState.CANCELLED:
+        raise OpenAIError(409, "cancelled", f"job {view.id} was cancelled")
+    raise OpenAIError(502, "worker_failed", f"job {view.id} failed: {reason}")
+
+
+async def _wait(services: Services, client: Principal, job_id: str) -> JobView:
+    deadline = time.monotonic() + RESULT_WAIT_S
+    view = await run_in_threadpool(services.jobs.get, client, job_id)
+    while view.state not in FINAL_STATES and (remaining := deadline - time.monotonic()) > 0:
+        await services.hub.watch(f"job:{job_id}", remaining)
+        view = await run_in_threadpool(services.jobs.get, client, job_id)
+    return view
+
+
+def _cancel_quietly(services: Services, client: Principal, job_id: str) -> None:
+    try:
+        services.jobs.cancel(client, job_id, services.now())
+        log.info("job %s: its stream's client left; cancelled", job_id)
+    except GpumarketError:
+        pass  # final already, or being verified: it is paid as any finished job
+
+
+async def _relay(
+    services: Services,
+    client: Principal,
+    request: Request,
+    job_id: str,
+    model: str,
+    *,
+    chat: bool,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    """SSE chunks: the worker's tokens as they arrive, then the finish, usage and [DONE]."""
+    finished = False
+    sent = 0
+    try:
+        if chat:
+            yield sse(chunk_body(job_id, model, chat=True, role=True, text=""))
+        deadline = time.monotonic() + RESULT_WAIT_S
+        view = await run_in_threadpool(services.jobs.get, client, job_id)
+        while True:
+            streamed = services.streams.read(job_id, None, 0)
+            text = "".join(streamed.chunks) if streamed else ""
+            if len(text) > sent:
+                yield sse(chunk_body(job_id, model, chat=chat, text=text[sent:]))
+                sent = len(text)
+            else:  # woken by no new text: the job may have changed (a store read, not per chunk)
+                view = await run_in_threadpool(services.jobs.get, client, job_id)
+            if view.state in FINAL_STATES or time.monotonic() > deadline:
+                break
+            if await request.is_disconnected():
+                return
+            await services.streams.wait(job_id, STREAM_POLL_S)
+        finished = True
+        try:
+            result = await run_in_threadpool(_result, services, client, view)
+        except OpenAIError as exc:
+            yield sse(exc.body())
+            yield sse("[DONE]")
+            return
+        output = result.output or {}
+        final = str(output.get("text", ""))
+        # The signed result is what the client pays for: what the stream missed comes now.
+        rest = final[sent:] if final.startswith(text[:sent]) else final[min(sent, len(final)) :]
+        if rest:
+            yield sse(chunk_body(job_id, model, chat=chat, text=rest))
+        finish = str(output.get("finish_reason", "stop"))
+        yield sse(
+            chunk_body(
+                job_id,
+                model,
+                chat=chat,
+                text=None if chat else "",
+                finish=finish,
+                extras=generation_extras(result),
+            )
+        )
+        if include_usage:
+            yield sse(chunk_body(job_id, model, chat=chat, usage=usage_of(result), no_choices=True))
+        yield sse("[DONE]")
+    finally:
+        if not finished:
+            _cancel_quietly(services, client, job_id)
+
+
+async def _generate(
+    request: Request,
+    client: Principal,
+    services: Services,
+    price_header: str | None,
+    preference_header: str | None,
+    *,
+    chat: bool,
+) -> Any:
+    try:
+        body = await _json(request)
+        req: ChatCompletionRequest | CompletionRequest
+        if chat:
+            req = parse(ChatCompletionRequest, body)
+            prompt: dict[str, Any] = {"messages": req.chat()}
+        else:
+            req = parse(CompletionRequest, body)
+            prompt = {"prompt": req.text()}
+        try:
+            generation = req.generation(**prompt)
+        except ValueError as exc:
+            raise _invalid(exc) from None
+        asked, preference = market_fields(req, price_header, preference_header)
+        price = await run_in_threadpool(_price, services, req.model, JobType.GENERATE, asked)
+        spec = _spec(req, generation, price, preference)
+        job = await run_in_threadpool(_submit, services, client, spec)
+        if req.stream:
+            relay = _relay(
+                services,
+                client,
+                request,
+                job.id,
+                req.model,
+                chat=chat,
+                include_usage=req.include_usage,
+            )
+            headers = {"X-Gpumarket-Job-Id": job.id, "Cache-Control": "no-cache"}
+            return StreamingResponse(relay, media_type="text/event-stream", headers=headers)
+        view = await _wait(services, client, job.id)
+        result = await run_in_threadpool(_result, services, client, view)
+    except OpenAIError as exc:
+        return _error(exc)
+    return JSONResponse(
+        completion_body(result, req.model, chat=chat), headers={"X-Gpumarket-Job-Id": job.id}
+    )
+
+
+def _spec(
+    req: ChatCompletionRequest | CompletionRequest,
+    generation: GenerationInput,
+    price: int,
+    preference: Any,
+) -> JobSpec:
+    try:
+        return generate_spec(req, generation, price, preference)
+    except ValueError as exc:
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: ValueError) -> OpenAIError:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return from_validation(exc)
+    return OpenAIError(400, "invalid_request", str(exc))
+
+
+@router.post("/chat/completions")
+async def chat_completions(
+    request: Request,
+    client: ClientDep,
+    services: ServicesDep,
+    max_price: PriceHeader = None,
+    preference: PreferenceHeader = None,
+) -> Any:
+    """OpenAI chat completions (``stream`` for server-sent events). Extras: body fields
+    ``max_price_wei_per_token`` and ``preference``, or headers ``X-Max-Price-Wei`` and
+    ``X-Preference``; the answer's ``gpumarket`` object has the job id, cost, energy, worker."""
+    return await _generate(request, client, services, max_price, preference, chat=True)
+
+
+@router.post("/completions")
+async def completions(
+    request: Request,
+    client: ClientDep,
+    services: ServicesDep,
+    max_price: PriceHeader = None,
+    preference: PreferenceHeader = None,
+) -> Any:
+    """OpenAI (legacy) text completions from a raw prompt; as chat completions otherwise."""
+    return await _generate(request, client, services, max_price, preference, chat=False)
+
+
+@router.post("/embeddings")
+async def embeddings(
+    request: Request,
+    client: ClientDep,
+    services: ServicesDep,
+    max_price: PriceHeader = None,
+    preference: PreferenceHeader = None,
+) -> Any:
+    """OpenAI embeddings, served by the market's embedding workers (string or list input)."""
+    try:
+        req = parse(EmbeddingRequest, await _json(request))
+        texts = req.texts()
+        if any(not t.strip() for t in texts):
+            raise OpenAIError(400, "invalid_input", "input texts must not be empty", "input")
+        asked, pref = market_fields(req, max_price, preference)
+        price = await run_in_threadpool(_price, services, req.model, JobType.INFERENCE, asked)
+        try:
+            spec = embedding_spec(req, price, pref)
+        except ValueError as exc:
+            raise _invalid(exc) from None
+        job = await run_in_threadpool(_submit, services, client, spec)
+        view = await _wait(services, client, job.id)
+        result = await run_in_threadpool(_result, services, client, view)
+    except OpenAIError as exc:
+        return _error(exc)
+    return JSONResponse(embeddings_body(result, req.model, req.encoding_format))
+
+
+@router.get("/models")
+async def list_models(client: ClientDep, services: ServicesDep) -> Any:
+    """The models live workers offer now, each with its cheapest price and context length."""
+    offered = await run_in_threadpool(services.catalog.offered, services.now())
+    data = [
+        {
+            "id": m.model,
+            "object": "model",
+            "created": 0,
+            "owned_by": "gpumarket",
+            "gpumarket": {
+                "job_type": m.job_type.value,
+                "min_price_wei_per_unit": str(m.min_price_wei_per_unit),
+                "workers": m.workers,
+                "context_tokens": m.context_tokens,
+                "units_per_s": m.units_per_s,
+            },
+        }
+        for m in sorted(offered.values(), key=lambda m: m.model)
+    ]
+    return {"object": "list", "data": data}
