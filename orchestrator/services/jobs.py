@@ -20,7 +20,7 @@ from orchestrator.services.lifecycle import transition
 from orchestrator.services.settlement import Payments
 from orchestrator.store import Store
 from orchestrator.store.engine import retry_transient
-from orchestrator.store.models import BlobGrant, Client, Job, JobEvent, Worker
+from orchestrator.store.models import BlobGrant, Client, Job, JobEvent, ResultBatch, Worker
 from protocol import (
     BUILTIN_MODELS,
     FINAL_STATES,
@@ -37,6 +37,7 @@ from protocol import (
     SkippedRendition,
     VerificationView,
 )
+from protocol.jobs import ResultBatchProof
 from protocol.signing import canonical_json
 
 MAX_LIST_LIMIT = 200
@@ -94,7 +95,8 @@ def job_view(job: Job, events: list[JobEvent], worker_address: str | None) -> Jo
     )
 
 
-def result_view(job: Job, worker_address: str) -> ResultView:
+def result_view(job: Job, worker_address: str, batch: ResultBatch | None = None) -> ResultView:
+    """The job's result; ``batch``: the batch it was reported in (``job.result_batch_id``)."""
     assert job.output_sha256 and job.signature and job.units is not None
     return ResultView(
         job_id=job.id,
@@ -119,6 +121,13 @@ def result_view(job: Job, worker_address: str) -> ResultView:
         else None,
         skipped_renditions=[SkippedRendition.model_validate(r) for r in job.skipped_renditions]
         if job.skipped_renditions is not None
+        else None,
+        batch=ResultBatchProof(
+            signature=batch.signature,
+            result_hashes=list(batch.result_hashes),
+            index=job.result_batch_index,
+        )
+        if batch is not None and job.result_batch_index is not None
         else None,
     )
 
@@ -379,7 +388,8 @@ class JobService:
                     state=state,
                 )
             address = s.scalar(select(Worker.address).where(Worker.id == job.worker_id))
-            return result_view(job, address or "")
+            batch = s.get(ResultBatch, job.result_batch_id) if job.result_batch_id else None
+            return result_view(job, address or "", batch)
 
     @retry_transient
     def cancel(self, client: Principal, job_id: str, now: float) -> JobView:
