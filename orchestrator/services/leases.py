@@ -33,7 +33,7 @@ from orchestrator.exceptions import (
 from orchestrator.services import billing, reputation
 from orchestrator.services.auth import Principal, new_id
 from orchestrator.services.blame import Blame
-from orchestrator.services.jobs import result_view, ts
+from orchestrator.services.jobs import item_error, result_view, ts
 from orchestrator.services.lifecycle import is_leased, requeue_or_fail, transition
 from orchestrator.services.matching import (
     Candidate,
@@ -63,7 +63,7 @@ from protocol import (
     Rendition,
     ResultView,
 )
-from protocol.batches import BatchCompleteItem, BatchCompleteRequest, BatchResult, ItemError
+from protocol.batches import BatchCompleteItem, BatchCompleteRequest, BatchResult
 from protocol.signing import (
     output_sha256,
     recover_result_batch_signer,
@@ -283,6 +283,44 @@ class LeaseService:
             job = s.get(Job, job_id, with_for_update=True)
             if job is not None and job.state == JobState.QUEUED and job.waiting_reason is None:
                 job.waiting_reason = reason
+
+    def explain_unplaced_many(self, job_ids: list[str], now: float) -> None:
+        """``explain_unplaced`` for the jobs of a batch: one read when every model they want
+        is offered by a live worker (the busy market's case), one write otherwise."""
+        with self._store.read() as s:
+            waiting = list(
+                s.scalars(
+                    select(Job).where(
+                        Job.id.in_(job_ids),
+                        Job.state == JobState.QUEUED,
+                        Job.waiting_reason.is_(None),
+                    )
+                )
+            )
+            live = self._live_models(s, now)
+            unserved = {j.id: f"{j.type}/{j.model}" for j in waiting if j.model not in live}
+            if not unserved:
+                return
+            free = len(
+                s.scalars(
+                    select(Worker.id).where(
+                        Worker.status == REGISTERED,
+                        Worker.available_until >= now,
+                        Worker.free_slots > 0,
+                    )
+                ).all()
+            )
+        with self._store.transaction() as s:
+            for job in s.scalars(
+                select(Job).where(Job.id.in_(unserved)).order_by(Job.id).with_for_update()
+            ):
+                if job.state == JobState.QUEUED and job.waiting_reason is None:
+                    wanted = unserved[job.id]
+                    job.waiting_reason = (
+                        f"none of the {free} free worker(s) offers {wanted}"
+                        if free
+                        else f"no worker that offers {wanted} is connected"
+                    )
 
     def _live_models(self, s: Session, now: float) -> frozenset[str]:
         """Models offered by registered workers heard from within a lease's time (cached)."""
@@ -522,7 +560,7 @@ class LeaseService:
                     )
                 except GpumarketError as exc:
                     outcomes[item.job_id] = BatchCompleteItem(
-                        job_id=item.job_id, error=_item_error(exc)
+                        job_id=item.job_id, error=item_error(exc)
                     )
                     continue
                 outcomes[item.job_id] = BatchCompleteItem(job_id=item.job_id, result=view)
@@ -843,9 +881,7 @@ class LeaseService:
 
 def _as_complete(item: BatchResult, signature: str) -> CompleteRequest:
     """A batch item as the single-result request ``complete``'s checks take (already valid)."""
-    fields = {name: getattr(item, name) for name in CompleteRequest.model_fields}
+    fields = {
+        name: getattr(item, name) for name in CompleteRequest.model_fields if name != "signature"
+    }
     return CompleteRequest.model_construct(**{**fields, "signature": signature})
-
-
-def _item_error(exc: GpumarketError) -> ItemError:
-    return ItemError(status=exc.status, code=exc.code, detail=exc.detail, extra=exc.extra or None)

@@ -20,6 +20,8 @@ class WakeHub:
         self._events: dict[str, asyncio.Event] = {}
         # Keys of short-lived waits (one job): counted, so their events go when unwatched.
         self._watchers: dict[str, int] = {}
+        # Waits on several keys at once (a client waiting on many jobs): key -> their events.
+        self._groups: dict[str, set[asyncio.Event]] = {}
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -41,6 +43,25 @@ class WakeHub:
         event = self._events.get(key)
         if event is not None and key in self._watchers:
             event.set()
+        for group in self._groups.get(key, ()):
+            group.set()
+
+    async def watch_any(self, keys: list[str], timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` (at most ``WAKE_FALLBACK_S``) for ``notify_waiting`` on
+        any of ``keys``: one event for the lot, not one wait per key."""
+        event = asyncio.Event()
+        for key in keys:
+            self._groups.setdefault(key, set()).add(event)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout=min(timeout_s, WAKE_FALLBACK_S))
+        finally:
+            for key in keys:
+                group = self._groups.get(key)
+                if group is not None:
+                    group.discard(event)
+                    if not group:
+                        del self._groups[key]
 
     async def watch(self, key: str, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` (at most ``WAKE_FALLBACK_S``) for ``notify_waiting(key)``;

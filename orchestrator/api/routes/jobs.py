@@ -13,6 +13,7 @@ from orchestrator.api.deps import ClientDep, ServicesDep
 from orchestrator.api.openapi import problems
 from orchestrator.api.strict_json import StrictJSONRoute
 from protocol import FINAL_STATES, JobSpec, JobState, JobView, ResultView
+from protocol.batches import JobBatchRequest, JobBatchResponse, JobWaitRequest, JobWaitResponse
 from protocol.jobs import JobList
 
 MAX_JOB_WAIT_S = 60.0
@@ -56,6 +57,59 @@ def submit_job(
     except Exception:
         log.exception("dispatch after a submit failed; the next round places the job")
     return job
+
+
+@router.post(
+    "/batch",
+    responses={200: {"model": JobBatchResponse}, **problems(400, 401, 413, 422, 429, 503)},
+)
+def submit_batch(
+    req: JobBatchRequest, client: ClientDep, services: ServicesDep
+) -> JobBatchResponse:
+    """Submit many jobs in one request and one transaction (at most ``MAX_SUBMIT_BATCH``).
+    Each job carries its own ``idempotency_key``; the answer lists, in order, each job (with
+    ``created``) or its own error, so one bad job refuses only itself."""
+    items = services.jobs.batch.submit(client, req.jobs, services.now())
+    created = [item.job.id for item in items if item.created and item.job is not None]
+    if not created:
+        return JobBatchResponse(jobs=items)
+    try:  # once for the batch; as for one submit, a failed round leaves the jobs queued
+        placed = {job_id for job_id, _ in services.leases.dispatch(services.now())}
+        unplaced = [job_id for job_id in created if job_id not in placed]
+        if unplaced:
+            services.leases.explain_unplaced_many(unplaced, services.now())
+            fresh = {v.id: v for v in services.jobs.batch.get(client, unplaced)}
+            for item in items:
+                if item.created and item.job is not None and item.job.id in fresh:
+                    item.job = fresh[item.job.id]
+    except Exception:
+        log.exception("dispatch after a batch submit failed; the next round places the jobs")
+    return JobBatchResponse(jobs=items)
+
+
+@router.post("/wait", responses=problems(400, 401, 404, 413, 422))
+async def wait_jobs(
+    req: JobWaitRequest, client: ClientDep, services: ServicesDep
+) -> JobWaitResponse:
+    """Many jobs at once, and a long-poll over them: the answer waits (up to ``wait_s``, at
+    most the server's long-poll limit) until ``any`` of them is final, or ``all`` are; then
+    lists every job in the order asked, and the signed results of those that succeeded."""
+    batch = services.jobs.batch
+    views = await run_in_threadpool(batch.get, client, req.job_ids)
+    deadline = time.monotonic() + min(req.wait_s, services.settings.long_poll_max_s)
+
+    def waiting(views: list[JobView]) -> bool:
+        final = [v.state in FINAL_STATES for v in views]
+        return not any(final) if req.return_when == "any" else not all(final)
+
+    keys = [f"job:{job_id}" for job_id in dict.fromkeys(req.job_ids)]
+    while waiting(views) and (remaining := deadline - time.monotonic()) > 0:
+        await services.hub.watch_any(keys, remaining)
+        views = await run_in_threadpool(batch.get, client, req.job_ids)
+    results: list[ResultView] = []
+    if req.results and any(v.state is JobState.SUCCEEDED for v in views):
+        results = await run_in_threadpool(batch.results, client, req.job_ids)
+    return JobWaitResponse(jobs=views, results=results)
 
 
 @router.get("", responses=problems(401, 422))
