@@ -52,9 +52,14 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from bench.table import Row, ratio, section_main
-from gpumarket.exceptions import GpumarketAPIError
 from gpumarket.sdk import AsyncClient
-from protocol.signing import output_sha256, recover_result_signer, sign_registration, sign_result
+from protocol.signing import (
+    output_sha256,
+    recover_result_batch_signer,
+    result_hash,
+    sign_registration,
+    sign_result_batch,
+)
 from protocol.workers import MAX_LEASE_JOBS
 
 SECTION = "b"
@@ -65,6 +70,8 @@ WORKERS = 4
 SLOTS_PER_WORKER = 64
 """Free slots each scripted worker offers; a lease hands out at most MAX_LEASE_JOBS of them."""
 CLIENT_TASKS = 16
+SUBMIT_BATCH = 100
+"""Jobs per submit request (each client task submits its share in such batches)."""
 ROUNDS_FULL = 2
 ROUNDS_QUICK = 1
 CELERY_POOL = "threads"
@@ -89,7 +96,6 @@ READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 PG_CONNECT_TIMEOUT_S = 3
 LEASE_WAIT_S = 5.0
-RESULT_POLL_S = 0.05
 RUN_TIMEOUT_S = 600.0
 HTTP_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 KEEPALIVE_EXPIRY_S = 2.0
@@ -185,6 +191,7 @@ class ScriptedWorker:
     account: LocalAccount = field(default_factory=Account.create)
     in_flight: set[asyncio.Task[None]] = field(default_factory=set)
     failure: BaseException | None = None
+    _sizes: dict[asyncio.Task[None], int] = field(default_factory=dict)
 
     async def register(self) -> None:
         challenge = await self.http.post(
@@ -217,7 +224,7 @@ class ScriptedWorker:
             while True:
                 if self.failure is not None:
                     raise self.failure
-                free = SLOTS_PER_WORKER - len(self.in_flight)
+                free = SLOTS_PER_WORKER - self.holding
                 if free <= 0:
                     await asyncio.wait(self.in_flight, return_when=asyncio.FIRST_COMPLETED)
                     continue
@@ -227,44 +234,62 @@ class ScriptedWorker:
                     timeout=LEASE_TIMEOUT,
                 )
                 response.raise_for_status()
-                for job in response.json()["jobs"]:
-                    price = int(job["price_wei_per_unit"])
-                    task = asyncio.create_task(self._complete(job["job_id"], job["attempt"], price))
+                leased = response.json()["jobs"]
+                if leased:
+                    task = asyncio.create_task(self._complete_batch(leased))
+                    self._sizes[task] = len(leased)
                     self.in_flight.add(task)
                     task.add_done_callback(self._completed)
         finally:
             for task in list(self.in_flight):
                 task.cancel()
 
-    def _completed(self, task: asyncio.Task[None]) -> None:
-        self.in_flight.discard(task)
-        error = None if task.cancelled() else task.exception()
-        if self.failure is None:
-            self.failure = error
+    @property
+    def holding(self) -> int:
+        """Jobs leased and not yet reported."""
+        return sum(self._sizes.get(t, 0) for t in self.in_flight)
 
-    async def _complete(self, job_id: str, attempt: int, price_wei_per_unit: int) -> None:
+    async def _complete_batch(self, leased: list[dict[str, Any]]) -> None:
+        """Report every leased job at once: one request, one signature over their hashes."""
         digest = output_sha256(NOOP_OUTPUT)
-        body = {
-            "attempt": attempt,
-            "output": NOOP_OUTPUT,
-            "output_sha256": digest,
-            "signature": sign_result(
-                self.account.key, job_id, attempt, digest, 1, price_wei_per_unit
-            ),
-            "duration_s": 0.0,
-            "energy_j": 0.0,
-            "energy_source": "estimate",
-            "units": 1,
-        }
+        items = [
+            {
+                "job_id": job["job_id"],
+                "attempt": job["attempt"],
+                "output": NOOP_OUTPUT,
+                "output_sha256": digest,
+                "price_wei_per_unit": job["price_wei_per_unit"],
+                "duration_s": 0.0,
+                "energy_j": 0.0,
+                "energy_source": "estimate",
+                "units": 1,
+            }
+            for job in leased
+        ]
+        hashes = [
+            result_hash(i["job_id"], i["attempt"], digest, 1, int(i["price_wei_per_unit"]))
+            for i in items
+        ]
+        body = {"results": items, "signature": sign_result_batch(self.account.key, hashes)}
         for tries_left in reversed(range(COMPLETE_TRIES)):
             try:
-                response = await self.http.post(f"/v1/workers/jobs/{job_id}/complete", json=body)
+                response = await self.http.post("/v1/workers/results", json=body)
                 break
             except httpx.TransportError:
                 # As the worker daemon does: completion is idempotent, so send it again.
                 if not tries_left:
                     raise
         response.raise_for_status()
+        refused = [r for r in response.json()["results"] if r["error"] is not None]
+        if refused:
+            raise RuntimeError(f"{len(refused)} results refused, e.g. {refused[0]}")
+
+    def _completed(self, task: asyncio.Task[None]) -> None:
+        self._sizes.pop(task, None)
+        self.in_flight.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if self.failure is None:
+            self.failure = error
 
 
 def _limits() -> httpx.Limits:
@@ -285,23 +310,17 @@ def _job_spec() -> dict[str, Any]:
 
 
 async def _submit_and_collect(client: AsyncClient, jobs: int) -> list[dict[str, Any]]:
-    """Submit ``jobs`` jobs, then wait for each one's result; results in submit order."""
+    """Submit ``jobs`` jobs in batches of ``SUBMIT_BATCH``, then wait for them all with
+    long-polls over many jobs at once; results in submit order."""
     spec = _job_spec()
-    ids = [(await client.submit(spec))["id"] for _ in range(jobs)]
-    results = []
-    for job_id in ids:
-        while True:
-            try:
-                result = await client.result(job_id)
-            except GpumarketAPIError as exc:
-                if exc.status != 409:
-                    raise
-                await asyncio.sleep(RESULT_POLL_S)
-                continue
-            if result["state"] != "succeeded":
-                raise RuntimeError(f"job {job_id} ended {result['state']}")
-            results.append(result)
-            break
+    ids: list[str] = []
+    for start in range(0, jobs, SUBMIT_BATCH):
+        items = await client.submit_many([spec] * min(SUBMIT_BATCH, jobs - start))
+        ids.extend(item["job"]["id"] for item in items)
+    results = await client.wait_many(ids, timeout_s=RUN_TIMEOUT_S)
+    for result in results:
+        if result["state"] != "succeeded":
+            raise RuntimeError(f"job {result.get('id')} ended {result['state']}")
     return results
 
 
@@ -326,14 +345,17 @@ def _check_results(results: Sequence[dict[str, Any]], workers: Sequence[Scripted
             result["output"]
         ):
             raise RuntimeError(f"job {result['job_id']}: bad result {result}")
-        signer = recover_result_signer(
+        proof = result["batch"]
+        mine = result_hash(
             result["job_id"],
             result["attempt"],
             result["output_sha256"],
             result["units"],
             int(result["price_wei_per_unit"]),
-            result["signature"],
         )
+        if proof is None or proof["result_hashes"][proof["index"]] != mine:
+            raise RuntimeError(f"job {result['job_id']}: not in its signed batch")
+        signer = recover_result_batch_signer(proof["result_hashes"], proof["signature"])
         if signer not in addresses or signer != result["worker_address"]:
             raise RuntimeError(f"job {result['job_id']}: signed by {signer}")
 

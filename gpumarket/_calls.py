@@ -190,10 +190,10 @@ class WaitingMany:
 
     def take(self, answer: dict[str, Any]) -> None:
         """Note the final jobs of a ``/v1/jobs/wait`` answer: a result, or the job's view."""
-        results = {r["job_id"]: r for r in answer["results"]}
+        for result in answer["results"]:
+            self.outcomes[result["job_id"]] = result
         for job in answer["jobs"]:
-            if job["state"] in FINAL_STATES:
-                self.outcomes[job["id"]] = results.get(job["id"], job)
+            self.outcomes[job["id"]] = job
         self.open = [i for i in self.open if i not in self.outcomes]
 
     def in_order(self) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from protocol.jobs import (
     JobSpec,
+    JobState,
     JobView,
     OutputBlob,
     ResultView,
@@ -77,9 +78,18 @@ class JobWaitRequest(_Strict):
         return self
 
 
-class JobWaitResponse(BaseModel):
-    """Every asked job, in the order asked, and the results of those that succeeded."""
+class JobStateItem(BaseModel):
+    id: str
+    state: JobState
 
+
+class JobWaitResponse(BaseModel):
+    """``states``: every asked job's state, in the order asked. Each final job also comes
+    whole, once: its signed result in ``results`` if it succeeded (and results were asked
+    for), else its view in ``jobs`` (say, why it failed). Jobs still open come as states only,
+    so a long-poll over many jobs costs little while it waits."""
+
+    states: list[JobStateItem]
     jobs: list[JobView]
     results: list[ResultView]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -46,7 +47,7 @@ from protocol import (
     SkippedRendition,
     VerificationView,
 )
-from protocol.batches import ItemError, JobBatchItem
+from protocol.batches import ItemError, JobBatchItem, JobStateItem
 from protocol.jobs import ResultBatchProof
 from protocol.signing import canonical_json
 
@@ -645,6 +646,20 @@ class BatchJobs:
                     )
                 )
 
+    def states(self, client: Principal, job_ids: list[str]) -> list[JobStateItem]:
+        """The jobs' states, in the order asked (one narrow read); 404 naming any id that is
+        not yours."""
+        with self._store.read() as s:
+            found = dict(
+                s.execute(
+                    select(Job.id, Job.state).where(
+                        Job.id.in_(set(job_ids)), Job.client_id == client.id, Job.kind == "job"
+                    )
+                ).all()
+            )
+        _refuse_missing(job_ids, found)
+        return [JobStateItem(id=i, state=JobState(found[i])) for i in job_ids]
+
     def get(self, client: Principal, job_ids: list[str]) -> list[JobView]:
         """The jobs, in the order asked (one read); 404 naming any id that is not yours."""
         with self._store.read() as s:
@@ -656,10 +671,7 @@ class BatchJobs:
                     )
                 )
             }
-            missing = [i for i in dict.fromkeys(job_ids) if i not in found]
-            if missing:
-                shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-                raise NotFound(f"{len(missing)} of the job_ids are not among your jobs: {shown}")
+            _refuse_missing(job_ids, found)
             events: dict[str, list[JobEvent]] = {}
             for event in s.scalars(
                 select(JobEvent).where(JobEvent.job_id.in_(found)).order_by(JobEvent.id)
@@ -702,6 +714,13 @@ class BatchJobs:
                 for j in done
             }
         return [views[i] for i in dict.fromkeys(job_ids) if i in views]
+
+
+def _refuse_missing(job_ids: list[str], found: Mapping[str, object]) -> None:
+    missing = [i for i in dict.fromkeys(job_ids) if i not in found]
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise NotFound(f"{len(missing)} of the job_ids are not among your jobs: {shown}")
 
 
 def _addresses(s: Session, worker_ids: set[str]) -> dict[str, str]:

@@ -415,6 +415,11 @@ class LeaseService:
         job = s.get(Job, job_id, with_for_update=True)
         if job is None:
             raise NotFound(f"no job {job_id}")
+        return self._holding(s, worker, job, attempt)
+
+    def _holding(self, s: Session, worker: Principal, job: Job, attempt: int) -> Job:
+        """``job`` (locked by the caller) if ``worker`` holds its lease for ``attempt``."""
+        job_id = job.id
         if job.worker_id != worker.id:
             had_it = s.scalar(
                 select(JobEvent.id).where(
@@ -637,7 +642,7 @@ class LeaseService:
                 raise Conflict(f"job {job.id} was already completed with another output or units")
             earlier = s.get(ResultBatch, job.result_batch_id) if job.result_batch_id else None
             return result_view(job, row.address, earlier)
-        job = self._held_job(s, worker, job.id, item.attempt)
+        job = self._holding(s, worker, job, item.attempt)  # locked with the batch's jobs
         if item.price_wei_per_unit != job.price_wei_per_unit:
             raise InvalidInput(
                 f"results[{index}] is signed at {item.price_wei_per_unit} wei per unit; "

@@ -135,15 +135,21 @@ def test_wait_returns_many_jobs_and_their_results_in_one_answer(
 
         resp = await api.http.post("/v1/jobs/wait", json={"job_ids": ids}, headers=client)
         assert resp.status_code == 200, resp.text
-        assert [j["id"] for j in resp.json()["jobs"]] == ids
-        assert resp.json()["results"] == []
+        assert resp.json() == {
+            "states": [{"id": i, "state": "queued"} for i in ids],
+            "jobs": [],
+            "results": [],
+        }
 
         leased = await api.lease(worker, max_jobs=8)
         assert sorted(j["job_id"] for j in leased) == sorted(ids)
         # The lease is the start: running without a /start call, visible to the client.
         resp = await api.http.post("/v1/jobs/wait", json={"job_ids": ids}, headers=client)
-        assert {j["state"] for j in resp.json()["jobs"]} == {"running"}
-        assert all(j["started_at"] is not None for j in resp.json()["jobs"])
+        assert {j["state"] for j in resp.json()["states"]} == {"running"}
+        for job_id in ids:
+            assert (await api.job(client, job_id))["started_at"] is not None
+        await api.http.post(f"/v1/jobs/{ids[2]}/cancel", headers=client)
+        leased = [j for j in leased if j["job_id"] != ids[2]]
 
         done = signed([batch_item(j) for j in leased[:2]], worker.account)
         resp = await api.http.post("/v1/workers/results", json=done, headers=worker.headers)
@@ -153,8 +159,17 @@ def test_wait_returns_many_jobs_and_their_results_in_one_answer(
             "/v1/jobs/wait", json={"job_ids": ids, "wait_s": 5}, headers=client
         )
         answer = resp.json()
-        assert [j["state"] for j in answer["jobs"]].count("succeeded") == 2
+        states = {j["id"]: j["state"] for j in answer["states"]}
+        assert [states[i] for i in ids].count("succeeded") == 2
+        assert states[ids[2]] == "cancelled"
+        # each final job once: a result if it succeeded, else its view (why it ended)
         assert {r["job_id"] for r in answer["results"]} == {j["job_id"] for j in leased[:2]}
+        assert [(j["id"], j["state"]) for j in answer["jobs"]] == [(ids[2], "cancelled")]
+        # without results, succeeded jobs come as views too
+        resp = await api.http.post(
+            "/v1/jobs/wait", json={"job_ids": ids, "results": False}, headers=client
+        )
+        assert resp.json()["results"] == [] and len(resp.json()["jobs"]) == 3
 
         # Someone else's job is not found, and neither is a made-up one.
         other = await api.new_client("other")

@@ -13,7 +13,13 @@ from orchestrator.api.deps import ClientDep, ServicesDep
 from orchestrator.api.openapi import problems
 from orchestrator.api.strict_json import StrictJSONRoute
 from protocol import FINAL_STATES, JobSpec, JobState, JobView, ResultView
-from protocol.batches import JobBatchRequest, JobBatchResponse, JobWaitRequest, JobWaitResponse
+from protocol.batches import (
+    JobBatchRequest,
+    JobBatchResponse,
+    JobStateItem,
+    JobWaitRequest,
+    JobWaitResponse,
+)
 from protocol.jobs import JobList
 
 MAX_JOB_WAIT_S = 60.0
@@ -92,24 +98,29 @@ async def wait_jobs(
     req: JobWaitRequest, client: ClientDep, services: ServicesDep
 ) -> JobWaitResponse:
     """Many jobs at once, and a long-poll over them: the answer waits (up to ``wait_s``, at
-    most the server's long-poll limit) until ``any`` of them is final, or ``all`` are; then
-    lists every job in the order asked, and the signed results of those that succeeded."""
+    most the server's long-poll limit) until ``any`` of them is final, or ``all`` are. It
+    lists every job's state, and each final job whole: its signed result if it succeeded,
+    else its view."""
     batch = services.jobs.batch
-    views = await run_in_threadpool(batch.get, client, req.job_ids)
+    states = await run_in_threadpool(batch.states, client, req.job_ids)
     deadline = time.monotonic() + min(req.wait_s, services.settings.long_poll_max_s)
 
-    def waiting(views: list[JobView]) -> bool:
-        final = [v.state in FINAL_STATES for v in views]
+    def waiting(states: list[JobStateItem]) -> bool:
+        final = [item.state in FINAL_STATES for item in states]
         return not any(final) if req.return_when == "any" else not all(final)
 
     keys = [f"job:{job_id}" for job_id in dict.fromkeys(req.job_ids)]
-    while waiting(views) and (remaining := deadline - time.monotonic()) > 0:
+    while waiting(states) and (remaining := deadline - time.monotonic()) > 0:
         await services.hub.watch_any(keys, remaining)
-        views = await run_in_threadpool(batch.get, client, req.job_ids)
+        states = await run_in_threadpool(batch.states, client, req.job_ids)
+    final = {item.id: item.state for item in states if item.state in FINAL_STATES}
+    succeeded = [i for i, state in final.items() if state is JobState.SUCCEEDED]
     results: list[ResultView] = []
-    if req.results and any(v.state is JobState.SUCCEEDED for v in views):
-        results = await run_in_threadpool(batch.results, client, req.job_ids)
-    return JobWaitResponse(jobs=views, results=results)
+    if req.results and succeeded:
+        results = await run_in_threadpool(batch.results, client, succeeded)
+    whole = [i for i in final if i not in {r.job_id for r in results}]
+    jobs = await run_in_threadpool(batch.get, client, whole) if whole else []
+    return JobWaitResponse(states=states, jobs=jobs, results=results)
 
 
 @router.get("", responses=problems(401, 422))
