@@ -627,7 +627,8 @@ class BatchJobs:
                     items[p.index] = JobBatchItem(error=item_error(exc))
                     continue
                 s.add(job)
-                s.flush()  # the next admission counts this job against the budget
+                if jobs._payments.enabled:
+                    s.flush()  # the next admission counts this job against the budget
                 view = job_view(job, [transition_queued(s, job, now)], None)
                 items[p.index] = JobBatchItem(job=view, created=True)
                 if p.key is not None:
@@ -645,6 +646,16 @@ class BatchJobs:
                         )
                     )
                 )
+
+    def waiting_reasons(self, job_ids: list[str]) -> dict[str, str | None]:
+        """Of these jobs, those still queued, with why they wait (one narrow read)."""
+        with self._store.read() as s:
+            rows = s.execute(
+                select(Job.id, Job.waiting_reason).where(
+                    Job.id.in_(job_ids), Job.state == JobState.QUEUED
+                )
+            )
+            return {job_id: reason for job_id, reason in rows}
 
     def states(self, client: Principal, job_ids: list[str]) -> list[JobStateItem]:
         """The jobs' states, in the order asked (one narrow read); 404 naming any id that is

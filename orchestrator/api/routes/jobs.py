@@ -84,10 +84,11 @@ def submit_batch(
         unplaced = [job_id for job_id in created if job_id not in placed]
         if unplaced:
             services.leases.explain_unplaced_many(unplaced, services.now())
-            fresh = {v.id: v for v in services.jobs.batch.get(client, unplaced)}
+            # Still queued: the answer carries why each waits (a narrow read, not each whole).
+            reasons = services.jobs.batch.waiting_reasons(unplaced)
             for item in items:
-                if item.created and item.job is not None and item.job.id in fresh:
-                    item.job = fresh[item.job.id]
+                if item.created and item.job is not None and item.job.id in reasons:
+                    item.job.waiting_reason = reasons[item.job.id]
     except Exception:
         log.exception("dispatch after a batch submit failed; the next round places the jobs")
     return JobBatchResponse(jobs=items)
