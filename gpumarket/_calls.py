@@ -154,6 +154,12 @@ class Waiting:
         return get_job(self.job_id, wait_s=wait_s, while_state=str(job["state"]))
 
 
+def wait_jobs(job_ids: list[str], wait_s: float, return_when: str = "any") -> Call:
+    """One long-poll over many jobs (``POST /v1/jobs/wait``)."""
+    body = {"job_ids": job_ids, "wait_s": round(wait_s, 3), "return_when": return_when}
+    return Call("POST", "/v1/jobs/wait", json=body)
+
+
 class WaitingMany:
     """The decisions of ``wait_many``, for both clients: which jobs are still open, the next
     long-poll over them, and each job's outcome once final. Times in seconds (monotonic)."""
@@ -181,12 +187,7 @@ class WaitingMany:
         longest = LONG_POLL_S
         if read_timeout_s is not None:
             longest = min(longest, max(0.0, read_timeout_s - LONG_POLL_MARGIN_S))
-        body = {
-            "job_ids": self.open[:WAIT_BATCH_MAX],
-            "wait_s": round(max(0.0, min(longest, left)), 3),
-            "return_when": "any",
-        }
-        return Call("POST", "/v1/jobs/wait", json=body)
+        return wait_jobs(self.open[:WAIT_BATCH_MAX], max(0.0, min(longest, left)))
 
     def take(self, answer: dict[str, Any]) -> None:
         """Note the final jobs of a ``/v1/jobs/wait`` answer: a result, or the job's view."""

@@ -176,6 +176,15 @@ class Client:
             waiting.take(self._send(waiting.next_call(self._http.timeout.read)))
         return waiting.in_order()
 
+    def wait_any(
+        self, job_ids: builtins.list[str], wait_s: float = _calls.LONG_POLL_S
+    ) -> dict[str, Any]:
+        """One long-poll over many jobs (at most ``WAIT_BATCH_MAX``), answered as soon as any
+        is final or after ``wait_s`` seconds: ``states`` (every job's), ``results`` (the
+        succeeded ones, signed), ``jobs`` (the other final ones, whole)."""
+        answer: dict[str, Any] = self._send(_calls.wait_jobs(job_ids, wait_s))
+        return answer
+
     def account(self) -> dict[str, Any]:
         """Your payer and, on a paid orchestrator, what it can still be charged (wei)."""
         account: dict[str, Any] = self._send(_calls.account())
@@ -332,6 +341,13 @@ class AsyncClient:
         while not waiting.done:
             waiting.take(await self._send(waiting.next_call(self._http.timeout.read)))
         return waiting.in_order()
+
+    async def wait_any(
+        self, job_ids: builtins.list[str], wait_s: float = _calls.LONG_POLL_S
+    ) -> dict[str, Any]:
+        """One long-poll over many jobs; see ``Client.wait_any``."""
+        answer: dict[str, Any] = await self._send(_calls.wait_jobs(job_ids, wait_s))
+        return answer
 
     async def account(self) -> dict[str, Any]:
         """Your payer and, on a paid orchestrator, what it can still be charged (wei)."""
