@@ -51,6 +51,8 @@ import psycopg
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from bench.cpu_profile import OrchestratorProfile
+from bench.processes import process_usage
 from bench.table import Row, ratio, section_main
 from gpumarket.sdk import AsyncClient
 from protocol.signing import (
@@ -148,6 +150,11 @@ class Orchestrator:
             self.__exit__()
             raise
         return self
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
 
     def _wait_ready(self) -> None:
         assert self._proc is not None
@@ -377,7 +384,15 @@ async def _while_workers_run(
     raise TimeoutError(f"the jobs were not all done in {RUN_TIMEOUT_S:g} s")
 
 
-async def _gpumarket_rate(url: str, api_key: str, jobs: int) -> float:
+@dataclass(frozen=True)
+class Run:
+    """One timed gpumarket run: jobs/s and where the orchestrator's CPU went."""
+
+    jobs_per_s: float
+    cpu: str
+
+
+async def _gpumarket_rate(url: str, api_key: str, jobs: int, pid: int) -> Run:
     worker_http = [
         httpx.AsyncClient(base_url=url, timeout=HTTP_TIMEOUT, limits=_limits())
         for _ in range(WORKERS)
@@ -389,7 +404,10 @@ async def _gpumarket_rate(url: str, api_key: str, jobs: int) -> float:
         loops = [asyncio.create_task(worker.run()) for worker in workers]
         try:
             await _while_workers_run(_run_clients(url, api_key, WARM_UP_JOBS), loops)
-            elapsed, results = await _while_workers_run(_run_clients(url, api_key, jobs), loops)
+            before = process_usage(pid)
+            with OrchestratorProfile(pid) as profile:
+                elapsed, results = await _while_workers_run(_run_clients(url, api_key, jobs), loops)
+            cpu_s = process_usage(pid).cpu_s - before.cpu_s
         finally:
             for loop in loops:
                 loop.cancel()
@@ -400,16 +418,23 @@ async def _gpumarket_rate(url: str, api_key: str, jobs: int) -> float:
     if len(results) != jobs:
         raise RuntimeError(f"{len(results)} results for {jobs} jobs")
     _check_results(results, workers)
-    return jobs / elapsed
+    return Run(jobs / elapsed, profile.describe(cpu_s, jobs))
 
 
 def gpumarket_jobs_per_s(jobs: int, db_url: str | None) -> float:
     """No-op jobs/s through a real orchestrator process on ``db_url`` (None: SQLite)."""
+    return gpumarket_run(jobs, db_url).jobs_per_s
+
+
+def gpumarket_run(jobs: int, db_url: str | None) -> Run:
+    """A timed run through a real orchestrator process on ``db_url`` (None: SQLite)."""
     with tempfile.TemporaryDirectory(prefix="gpumarket-bench-") as tmp:
         with Orchestrator(Path(tmp) / "orchestrator", db_url) as orchestrator:
             api_key = orchestrator.new_client_key()
             try:
-                return asyncio.run(_gpumarket_rate(orchestrator.url, api_key, jobs))
+                return asyncio.run(
+                    _gpumarket_rate(orchestrator.url, api_key, jobs, orchestrator.pid)
+                )
             except BaseException as exc:
                 exc.add_note(f"orchestrator log: {orchestrator.log()}")
                 raise
@@ -553,25 +578,31 @@ class Rates:
     celery: float | None
     sqlite: float
     postgres: float | None
+    sqlite_cpu: str = ""
+    postgres_cpu: str = ""
 
 
 def measure_rates(jobs: int, rounds: int, *, with_celery: bool, with_postgres: bool) -> Rates:
     """Each round runs Celery, gpumarket on SQLite and on PostgreSQL in turn, so a busy spell
     on a shared machine hits all of them alike; each side keeps its best round."""
     celery: list[float] = []
-    sqlite: list[float] = []
-    postgres: list[float] = []
+    sqlite: list[Run] = []
+    postgres: list[Run] = []
     for _ in range(rounds):
         if with_celery:
             celery.append(celery_jobs_per_s(jobs))
-        sqlite.append(gpumarket_jobs_per_s(jobs, None))
+        sqlite.append(gpumarket_run(jobs, None))
         if with_postgres:
             with fresh_pg_database() as url:
-                postgres.append(gpumarket_jobs_per_s(jobs, url))
+                postgres.append(gpumarket_run(jobs, url))
+    best_sqlite = max(sqlite, key=lambda run: run.jobs_per_s)
+    best_pg = max(postgres, key=lambda run: run.jobs_per_s, default=None)
     return Rates(
         celery=max(celery, default=None),
-        sqlite=max(sqlite),
-        postgres=max(postgres, default=None),
+        sqlite=best_sqlite.jobs_per_s,
+        postgres=best_pg.jobs_per_s if best_pg else None,
+        sqlite_cpu=best_sqlite.cpu,
+        postgres_cpu=best_pg.cpu if best_pg else "",
     )
 
 
@@ -601,14 +632,21 @@ def measure(quick: bool) -> list[Row]:
         jobs, rounds, with_celery=celery_reason is None, with_postgres=pg_reason is None
     )
     shared = [
-        f"{jobs} jobs, best of {rounds}; {CLIENT_TASKS} client tasks, {WORKERS} scripted "
-        f"workers x {SLOTS_PER_WORKER} slots; per job gpumarket keeps a row with its state "
-        "machine and 3 history events, checks the signed result (ecrecover), answers "
-        "HTTP+JSON; Celery keeps a Redis message and a result key",
+        f"{jobs} jobs, best of {rounds}; {CLIENT_TASKS} client tasks submitting in batches of "
+        f"{SUBMIT_BATCH} and waiting with long-polls over their jobs, {WORKERS} scripted "
+        f"workers x {SLOTS_PER_WORKER} slots reporting each lease's jobs in one signed batch; "
+        "per job gpumarket keeps a row with its state machine and 4 history events and its "
+        "result's hash in the signed list; Celery keeps a Redis message and a result key",
         celery_reason or f"Celery {celery_version()}",
     ]
-    sqlite_notes = [*shared, "SQLite WAL, synchronous=NORMAL (no fsync per commit)"]
+    sqlite_notes = [
+        *shared,
+        "SQLite WAL, synchronous=NORMAL (no fsync per commit)",
+        f"{rates.sqlite_cpu} (best round)",
+    ]
     pg_notes = [*shared, "PostgreSQL 'CREATE DATABASE' per run; fsync per commit"]
+    if rates.postgres_cpu:
+        pg_notes.append(f"{rates.postgres_cpu} (best round)")
     if pg_reason is not None:
         pg_notes.append(f"PostgreSQL at {_pg_url()} is unreachable ({pg_reason})")
     return [

@@ -37,6 +37,7 @@ from typing import Any
 
 import httpx
 
+from bench.cpu_profile import OrchestratorProfile
 from bench.processes import Orchestrator, Worker, cores_used, free_port, process_usage
 from bench.stats import percentile
 from bench.table import Row, ratio
@@ -151,6 +152,7 @@ class Window:
     cores: dict[str, float] = field(default_factory=dict)
     requests: Counter[str] = field(default_factory=Counter)
     batch_size: float | None = None
+    profile: OrchestratorProfile | None = None
 
 
 async def _submitter(
@@ -215,10 +217,12 @@ async def _watch(
     before = {name: process_usage(pid) for name, pid in pids.items()}
     items_before, calls_before = await _batch_counts(metrics_url)
     requests_before = Counter(transport.counts)
-    await asyncio.sleep(window_s)
+    with OrchestratorProfile(pids["orchestrator"]) as profile:
+        await asyncio.sleep(window_s)
     window.cores = {
         name: cores_used(before[name], process_usage(pid)) for name, pid in pids.items()
     }
+    window.profile = profile
     window.requests = transport.counts - requests_before
     items, calls = await _batch_counts(metrics_url)
     if calls > calls_before:
@@ -284,6 +288,9 @@ def _describe(window: Window, window_s: float) -> str:
             f"{name} {cores * window_s / jobs * 1000:.1f}" for name, cores in window.cores.items()
         )
         parts.append(f"CPU ms per job: {cpu}")
+        if window.profile is not None and "orchestrator" in window.cores:
+            cpu_s = window.cores["orchestrator"] * window_s
+            parts.append(window.profile.describe(cpu_s, jobs))
     if window.batch_size is not None:
         parts.append(f"worker's mean batch {window.batch_size:.1f} items")
     if window.errors:
