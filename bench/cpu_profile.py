@@ -112,18 +112,23 @@ class OrchestratorProfile:
         self.counts: Counter[str] = Counter()
         self.problem: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._dir = tempfile.TemporaryDirectory(prefix="gpumarket-profile-")
-        self._out = Path(self._dir.name) / "stacks.txt"
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
 
     def __enter__(self) -> OrchestratorProfile:
         tool = py_spy()
         if tool is None:
             self.problem = "no CPU breakdown: py-spy is not installed (pip install -e '.[bench]')"
             return self
+        self._dir = tempfile.TemporaryDirectory(prefix="gpumarket-profile-")
         args = [tool, "record", "--pid", str(self.pid), "--rate", str(SAMPLES_PER_S)]
         args += ["--format", "raw", "--nonblocking", "--output", str(self._out)]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         return self
+
+    @property
+    def _out(self) -> Path:
+        assert self._dir is not None
+        return Path(self._dir.name) / "stacks.txt"
 
     def __exit__(self, *_: object) -> None:
         try:
@@ -141,8 +146,9 @@ class OrchestratorProfile:
                 said = err.decode(errors="replace").strip().splitlines()
                 self.problem = f"no CPU breakdown: py-spy sampled nothing ({said[-1:]})"
         finally:
-            with contextlib.suppress(OSError):
-                self._dir.cleanup()
+            if self._dir is not None:
+                with contextlib.suppress(OSError):
+                    self._dir.cleanup()
 
     def per_job_ms(self, cpu_s: float, jobs: int) -> dict[str, float]:
         """The process's CPU (``cpu_s`` seconds over the window) per job, in milliseconds,
