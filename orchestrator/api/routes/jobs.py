@@ -112,8 +112,12 @@ async def wait_jobs(
 
     keys = [f"job:{job_id}" for job_id in dict.fromkeys(req.job_ids)]
     while waiting(states) and (remaining := deadline - time.monotonic()) > 0:
-        await services.hub.watch_any(keys, remaining)
-        states = await run_in_threadpool(batch.states, client, req.job_ids)
+        fired = await services.hub.watch_any(keys, remaining)
+        # Woken: only the jobs that changed are read again; after a quiet second, all.
+        changed = [key.removeprefix("job:") for key in fired]
+        fresh = await run_in_threadpool(batch.states, client, changed or req.job_ids)
+        now_in = {item.id: item for item in fresh}
+        states = [now_in.get(item.id, item) for item in states]
     final = {item.id: item.state for item in states if item.state in FINAL_STATES}
     succeeded = [i for i, state in final.items() if state is JobState.SUCCEEDED]
     results: list[ResultView] = []
