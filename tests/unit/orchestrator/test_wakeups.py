@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
-from orchestrator.services.wakeups import WAKE_FALLBACK_S, WakeHub
+from orchestrator.services.wakeups import WakeHub
 
 
 def test_watch_any_wakes_on_any_of_its_keys_and_names_them() -> None:
@@ -14,11 +13,9 @@ def test_watch_any_wakes_on_any_of_its_keys_and_names_them() -> None:
         hub.bind(asyncio.get_running_loop())
         watch = asyncio.create_task(hub.watch_any(["job:a", "job:b", "job:c"], 30.0))
         await asyncio.sleep(0)  # the watch is registered
-        began = time.monotonic()
         hub.notify_waiting("job:zzz")  # nobody's key: wakes nothing
         hub.notify_waiting("job:b")
-        assert await watch == {"job:b"}
-        assert time.monotonic() - began < WAKE_FALLBACK_S / 2
+        assert await watch == {"job:b"}  # a timeout would name no key
         assert hub._groups == {}  # nothing kept once the watch is over
 
         # a quiet wait ends at the fallback with no key named
