@@ -68,20 +68,30 @@ class ResultReporter:
             batch, self._ready = self._ready[: self._max_batch], self._ready[self._max_batch :]
             try:
                 answers = await self._send(batch)
-            except Exception as exc:  # the whole request failed: each job decides on retries
+            except ProblemError as exc:
+                if exc.retryable or len(batch) == 1:
+                    _fail_all(batch, exc)
+                    continue
+                # Refused whole (one result the orchestrator cannot read spoils the request):
+                # each on its own, so only the bad one fails.
+                answers = []
                 for ready in batch:
-                    if not ready.answer.done():
-                        ready.answer.set_exception(exc)
+                    try:
+                        answers.extend(await self._send([ready]))
+                    except Exception as single:
+                        answers.append(single)
+            except Exception as exc:  # the whole request failed: each job decides on retries
+                _fail_all(batch, exc)
                 continue
             for ready, answer in zip(batch, answers, strict=True):
                 if ready.answer.done():
                     continue
-                if isinstance(answer, ProblemError):
+                if isinstance(answer, Exception):
                     ready.answer.set_exception(answer)
                 else:
                     ready.answer.set_result(answer)
 
-    async def _send(self, batch: list[_Ready]) -> list[ResultView | ProblemError]:
+    async def _send(self, batch: list[_Ready]) -> list[ResultView | Exception]:
         self.requests += 1
         key = self._client.account.key
         if len(batch) == 1:
@@ -114,3 +124,9 @@ class ResultReporter:
             )
             for item in items
         ]
+
+
+def _fail_all(batch: list[_Ready], exc: Exception) -> None:
+    for ready in batch:
+        if not ready.answer.done():
+            ready.answer.set_exception(exc)
