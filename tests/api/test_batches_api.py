@@ -21,7 +21,7 @@ from protocol.signing import (
     result_hash,
     sign_result_batch,
 )
-from tests.api.conftest import BASE_URL, Api, ApiBody, RunApi, assert_problem
+from tests.api.conftest import BASE_URL, Api, ApiBody, RunApi, _serve, assert_problem
 from tests.api.conftest import inference_spec as spec
 from tests.conftest import FakeClock
 from tests.support import offer
@@ -301,3 +301,56 @@ def test_batch_completion_refuses_a_bad_signature_whole_and_bad_items_alone(
         assert states[items[1]["job_id"]] == "queued"
 
     run_any_api(body)
+
+
+@pytest.fixture
+def verifying_services(tmp_path: Any, sqlite_store: Any, clock: FakeClock) -> Services:
+    import random
+
+    from orchestrator.config import Settings
+    from orchestrator.wiring import build_services
+
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        admin_token="operator-token-for-tests-0123456789abcdef",
+        long_poll_max_s=5.0,
+        verify_rate=1.0,  # every result is checked
+        verify_timeout_s=120.0,
+    )
+    return build_services(settings, store=sqlite_store, clock=clock, rng=random.Random(7))
+
+
+def test_each_job_of_a_batch_is_sampled_and_checked_on_its_own(
+    verifying_services: Services,
+) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        first = await api.register_worker([offer(price=PRICE_WEI)], max_concurrency=8)
+        items = await post_batch(api, client, [one_text("a"), one_text("b")])
+        ids = [i["job"]["id"] for i in items]
+        leased = await api.lease(first, max_jobs=8)
+        # Another worker is there to check: each job is sampled (rate 1.0) on its own.
+        second = await api.register_worker([offer(price=PRICE_WEI)], max_concurrency=8)
+        resp = await api.http.post(
+            "/v1/workers/results",
+            json=signed([batch_item(j) for j in leased], first.account),
+            headers=first.headers,
+        )
+        assert [r["result"]["state"] for r in resp.json()["results"]] == ["verifying"] * 2
+
+        # The other worker runs the two checks and reports them in one batch too: they agree.
+        checks = await api.lease(second, max_jobs=8)
+        assert len(checks) == 2 and not {c["job_id"] for c in checks} & set(ids)
+        resp = await api.http.post(
+            "/v1/workers/results",
+            json=signed([batch_item(c) for c in checks], second.account),
+            headers=second.headers,
+        )
+        assert all(r["error"] is None for r in resp.json()["results"]), resp.text
+        for job_id in ids:
+            job = await api.job(client, job_id)
+            assert job["state"] == "succeeded"
+            assert job["verification"]["status"] == "passed", job["verification"]
+            assert job["cost_wei"] == str(PRICE_WEI)
+
+    asyncio.run(_serve(verifying_services, body))
