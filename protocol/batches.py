@@ -135,10 +135,13 @@ class BatchCompleteRequest(_Strict):
 
 
 class BatchCompleteItem(BaseModel):
-    """One job's outcome: its recorded ``result``, or ``error`` (e.g. 409: a stale attempt)."""
+    """One job's outcome: recorded (its ``state`` now, succeeded or verifying, and what it
+    costs, in wei), or ``error`` (e.g. 409: a stale attempt). The result itself is not sent
+    back: the worker has it, the client reads it (``GET /v1/jobs/{id}/result``)."""
 
     job_id: str
-    result: ResultView | None = None
+    state: JobState | None = None
+    cost_wei: Wei | None = None
     error: ItemError | None = None
 
 

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-from protocol import CompleteRequest, ResultView
+from protocol import CompleteRequest, JobState
 from protocol.batches import MAX_RESULT_BATCH, BatchCompleteRequest, BatchResult
 from protocol.problems import ProblemError
 from protocol.signing import result_hash, sign_result, sign_result_batch
@@ -28,7 +28,7 @@ finish within microseconds of each other, so a few milliseconds gathers them all
 @dataclass
 class _Ready:
     result: BatchResult
-    answer: asyncio.Future[ResultView] = field(
+    answer: asyncio.Future[JobState] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
@@ -48,9 +48,10 @@ class ResultReporter:
         self._sender: asyncio.Task[None] | None = None
         self.requests = 0  # reports sent, single or batch (for tests and metrics)
 
-    async def report(self, result: BatchResult) -> ResultView:
-        """Send ``result`` (with whatever else is ready) and return the orchestrator's record
-        of it; raises its error for this job (ProblemError) or the request's (transport)."""
+    async def report(self, result: BatchResult) -> JobState:
+        """Send ``result`` (with whatever else is ready); returns the job's state as recorded
+        (succeeded or verifying); raises its error for this job (ProblemError) or the
+        request's (transport)."""
         ready = _Ready(result)
         self._ready.append(ready)
         if self._sender is None or self._sender.done():
@@ -91,7 +92,7 @@ class ResultReporter:
                 else:
                     ready.answer.set_result(answer)
 
-    async def _send(self, batch: list[_Ready]) -> list[ResultView | Exception]:
+    async def _send(self, batch: list[_Ready]) -> list[JobState | Exception]:
         self.requests += 1
         key = self._client.account.key
         if len(batch) == 1:
@@ -102,7 +103,7 @@ class ResultReporter:
             fields = r.model_dump(exclude={"job_id", "price_wei_per_unit"})
             request = CompleteRequest.model_validate({**fields, "signature": signature})
             try:
-                return [await self._client.complete(r.job_id, request)]
+                return [(await self._client.complete(r.job_id, request)).state]
             except ProblemError as exc:
                 if exc.retryable:
                     raise
@@ -115,8 +116,8 @@ class ResultReporter:
         request_ = BatchCompleteRequest(results=results, signature=sign_result_batch(key, hashes))
         items = await self._client.complete_batch(request_)
         return [
-            item.result
-            if item.result is not None
+            item.state
+            if item.error is None and item.state is not None
             else ProblemError(
                 item.error.status if item.error else 500,
                 item.error.code if item.error else "error",

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from orchestrator.exceptions import BadSignature, Conflict, GpumarketError, InvalidInput, NotFound
 from orchestrator.services import billing
 from orchestrator.services.auth import Principal, new_id
-from orchestrator.services.jobs import item_error, result_view
+from orchestrator.services.jobs import item_error
 from orchestrator.services.verification import CHECK, VerificationService
 from orchestrator.store import Store
 from orchestrator.store.engine import retry_transient
@@ -123,7 +123,9 @@ class BatchCompletion:
                         job_id=item.job_id, error=item_error(exc)
                     )
                     continue
-                outcomes[item.job_id] = BatchCompleteItem(job_id=item.job_id, result=view)
+                outcomes[item.job_id] = BatchCompleteItem(
+                    job_id=item.job_id, state=JobState(view.state), cost_wei=view.cost_wei
+                )
             if any(j.result_batch_id == batch.id for j in jobs.values()):
                 s.add(batch)
         return [outcomes[r.job_id] for r in req.results]
@@ -184,8 +186,9 @@ class BatchCompletion:
         batch: ResultBatch,
         derived: int | InvalidInput,
         now: float,
-    ) -> ResultView:
-        """One result of a batch, inside its transaction: ``complete``'s checks and record."""
+    ) -> Job:
+        """One result of a batch, inside its transaction: ``complete``'s checks and record.
+        Returns the job as recorded (now, or by an earlier report of the same result)."""
         if job is None:
             raise NotFound(f"no job {item.job_id}")
         if (
@@ -195,8 +198,7 @@ class BatchCompletion:
         ):
             if job.output_sha256 != item.output_sha256 or job.units != item.units:
                 raise Conflict(f"job {job.id} was already completed with another output or units")
-            earlier = s.get(ResultBatch, job.result_batch_id) if job.result_batch_id else None
-            return result_view(job, row.address, earlier)
+            return job
         job = self._holding(s, worker, job, item.attempt)  # locked with the batch's jobs
         if item.price_wei_per_unit != job.price_wei_per_unit:
             raise InvalidInput(
@@ -215,7 +217,7 @@ class BatchCompletion:
         job.result_batch_id = batch.id
         job.result_batch_index = index
         self._record_result(s, job, row, req, derived, now)
-        return result_view(job, row.address, batch)
+        return job
 
 
 def _as_complete(item: BatchResult, signature: str) -> CompleteRequest:

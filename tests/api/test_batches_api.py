@@ -208,7 +208,13 @@ def test_batch_completion_is_exactly_once_per_job_and_proves_each_result(
         outcomes = resp.json()["results"]
         assert [o["job_id"] for o in outcomes] == [i["job_id"] for i in items]
         assert all(o["error"] is None for o in outcomes[:2])
-        assert outcomes[2]["result"] is None and outcomes[2]["error"]["status"] == 409
+        assert outcomes[0] == {
+            "job_id": items[0]["job_id"],
+            "state": "succeeded",
+            "cost_wei": str(PRICE_WEI),
+            "error": None,
+        }
+        assert outcomes[2]["state"] is None and outcomes[2]["error"]["status"] == 409
         assert "attempt 1" in outcomes[2]["error"]["detail"]
         assert outcomes[2]["job_id"] == stale_job["id"]
 
@@ -237,11 +243,13 @@ def test_batch_completion_is_exactly_once_per_job_and_proves_each_result(
         assert before[1:] == (1, 2)
         # Replaying the batch, or one job of it alone, changes nothing and answers the same.
         resp = await api.http.post("/v1/workers/results", json=request, headers=worker.headers)
-        assert resp.json()["results"][0]["result"] == outcomes[0]["result"]
+        assert resp.json()["results"][0] == outcomes[0]
         assert resp.json()["results"][2]["error"]["status"] == 409
         alone = signed([items[1]], worker.account)
         resp = await api.http.post("/v1/workers/results", json=alone, headers=worker.headers)
-        assert resp.json()["results"][0]["result"]["batch"]["signature"] == request["signature"]
+        assert resp.json()["results"][0] == outcomes[1]
+        proof = (await api.http.get(f"/v1/jobs/{ids[1]}/result", headers=client)).json()["batch"]
+        assert proof["signature"] == request["signature"]  # still the first report's
         assert snapshot() == before
         # The same job with another output: refused, the first stays.
         other = {**items[0], "output": {"embeddings": [[1.0]]}}
@@ -292,7 +300,7 @@ def test_batch_completion_refuses_a_bad_signature_whole_and_bad_items_alone(
             second["error"]["status"] == 422
             and "report and sign units=1" in (second["error"]["detail"])
         )
-        assert third["result"]["state"] == "succeeded"
+        assert third["state"] == "succeeded" and third["error"] is None
         states = {}
         for j in leased:
             states[j["job_id"]] = (await api.job(client, j["job_id"]))["state"]
@@ -336,7 +344,7 @@ def test_each_job_of_a_batch_is_sampled_and_checked_on_its_own(
             json=signed([batch_item(j) for j in leased], first.account),
             headers=first.headers,
         )
-        assert [r["result"]["state"] for r in resp.json()["results"]] == ["verifying"] * 2
+        assert [r["state"] for r in resp.json()["results"]] == ["verifying"] * 2
 
         # The other worker runs the two checks and reports them in one batch too: they agree.
         checks = await api.lease(second, max_jobs=8)
