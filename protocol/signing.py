@@ -197,3 +197,26 @@ def recover_result_batch_signer(result_hashes: list[str], signature: str) -> str
     except (ValueError, TypeError) as exc:
         raise ValueError(f"result batch cannot be encoded: {exc}") from exc
     return _recover(message, signature)
+
+
+def recover_job_result_signer(
+    job_id: str,
+    attempt: int,
+    output_sha256_hex: str,
+    units: int,
+    price_wei_per_unit: int,
+    signature: str,
+    result_hashes: list[str] | None = None,
+    index: int | None = None,
+) -> str:
+    """Address (checksummed) that signed one job's result, as a result view carries it:
+    signed alone, or in a batch (``result_hashes`` and the job's ``index`` from its ``batch``
+    proof; the job's own hash must sit there). ValueError when the proof does not hold."""
+    if result_hashes is None:
+        return recover_result_signer(
+            job_id, attempt, output_sha256_hex, units, price_wei_per_unit, signature
+        )
+    mine = result_hash(job_id, attempt, output_sha256_hex, units, price_wei_per_unit)
+    if index is None or not 0 <= index < len(result_hashes) or result_hashes[index] != mine:
+        raise ValueError(f"job {job_id}'s result hash is not at index {index} of its batch")
+    return recover_result_batch_signer(result_hashes, signature)

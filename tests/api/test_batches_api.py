@@ -362,3 +362,20 @@ def test_each_job_of_a_batch_is_sampled_and_checked_on_its_own(
             assert job["cost_wei"] == str(PRICE_WEI)
 
     asyncio.run(_serve(verifying_services, body))
+
+
+def test_a_jobs_result_is_proven_alone_or_by_its_place_in_a_batch() -> None:
+    from protocol.signing import recover_job_result_signer, sign_result
+
+    account = Account.create()
+    digest = output_sha256({"embeddings": [[1.0]]})
+    alone = sign_result(account.key, "j1", 1, digest, 1, PRICE_WEI)
+    assert recover_job_result_signer("j1", 1, digest, 1, PRICE_WEI, alone) == account.address
+    hashes = [result_hash(j, 1, digest, 1, PRICE_WEI) for j in ("j0", "j1")]
+    together = sign_result_batch(account.key, hashes)
+    proven = recover_job_result_signer("j1", 1, digest, 1, PRICE_WEI, together, hashes, 1)
+    assert proven == account.address
+    with pytest.raises(ValueError, match="not at index 0"):
+        recover_job_result_signer("j1", 1, digest, 1, PRICE_WEI, together, hashes, 0)
+    with pytest.raises(ValueError, match="not at index 1"):  # another price, another hash
+        recover_job_result_signer("j1", 1, digest, 1, PRICE_WEI + 1, together, hashes, 1)
