@@ -51,10 +51,17 @@ import psycopg
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from bench.cpu_profile import OrchestratorProfile
+from bench.processes import process_usage
 from bench.table import Row, ratio, section_main
-from gpumarket.exceptions import GpumarketAPIError
 from gpumarket.sdk import AsyncClient
-from protocol.signing import output_sha256, recover_result_signer, sign_registration, sign_result
+from protocol.signing import (
+    output_sha256,
+    recover_result_batch_signer,
+    result_hash,
+    sign_registration,
+    sign_result_batch,
+)
 from protocol.workers import MAX_LEASE_JOBS
 
 SECTION = "b"
@@ -65,6 +72,8 @@ WORKERS = 4
 SLOTS_PER_WORKER = 64
 """Free slots each scripted worker offers; a lease hands out at most MAX_LEASE_JOBS of them."""
 CLIENT_TASKS = 16
+SUBMIT_BATCH = 100
+"""Jobs per submit request (each client task submits its share in such batches)."""
 ROUNDS_FULL = 2
 ROUNDS_QUICK = 1
 CELERY_POOL = "threads"
@@ -89,7 +98,6 @@ READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 PG_CONNECT_TIMEOUT_S = 3
 LEASE_WAIT_S = 5.0
-RESULT_POLL_S = 0.05
 RUN_TIMEOUT_S = 600.0
 HTTP_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 KEEPALIVE_EXPIRY_S = 2.0
@@ -143,6 +151,11 @@ class Orchestrator:
             raise
         return self
 
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
     def _wait_ready(self) -> None:
         assert self._proc is not None
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -185,6 +198,7 @@ class ScriptedWorker:
     account: LocalAccount = field(default_factory=Account.create)
     in_flight: set[asyncio.Task[None]] = field(default_factory=set)
     failure: BaseException | None = None
+    _sizes: dict[asyncio.Task[None], int] = field(default_factory=dict)
 
     async def register(self) -> None:
         challenge = await self.http.post(
@@ -217,7 +231,7 @@ class ScriptedWorker:
             while True:
                 if self.failure is not None:
                     raise self.failure
-                free = SLOTS_PER_WORKER - len(self.in_flight)
+                free = SLOTS_PER_WORKER - self.holding
                 if free <= 0:
                     await asyncio.wait(self.in_flight, return_when=asyncio.FIRST_COMPLETED)
                     continue
@@ -227,44 +241,62 @@ class ScriptedWorker:
                     timeout=LEASE_TIMEOUT,
                 )
                 response.raise_for_status()
-                for job in response.json()["jobs"]:
-                    price = int(job["price_wei_per_unit"])
-                    task = asyncio.create_task(self._complete(job["job_id"], job["attempt"], price))
+                leased = response.json()["jobs"]
+                if leased:
+                    task = asyncio.create_task(self._complete_batch(leased))
+                    self._sizes[task] = len(leased)
                     self.in_flight.add(task)
                     task.add_done_callback(self._completed)
         finally:
             for task in list(self.in_flight):
                 task.cancel()
 
-    def _completed(self, task: asyncio.Task[None]) -> None:
-        self.in_flight.discard(task)
-        error = None if task.cancelled() else task.exception()
-        if self.failure is None:
-            self.failure = error
+    @property
+    def holding(self) -> int:
+        """Jobs leased and not yet reported."""
+        return sum(self._sizes.get(t, 0) for t in self.in_flight)
 
-    async def _complete(self, job_id: str, attempt: int, price_wei_per_unit: int) -> None:
+    async def _complete_batch(self, leased: list[dict[str, Any]]) -> None:
+        """Report every leased job at once: one request, one signature over their hashes."""
         digest = output_sha256(NOOP_OUTPUT)
-        body = {
-            "attempt": attempt,
-            "output": NOOP_OUTPUT,
-            "output_sha256": digest,
-            "signature": sign_result(
-                self.account.key, job_id, attempt, digest, 1, price_wei_per_unit
-            ),
-            "duration_s": 0.0,
-            "energy_j": 0.0,
-            "energy_source": "estimate",
-            "units": 1,
-        }
+        items = [
+            {
+                "job_id": job["job_id"],
+                "attempt": job["attempt"],
+                "output": NOOP_OUTPUT,
+                "output_sha256": digest,
+                "price_wei_per_unit": job["price_wei_per_unit"],
+                "duration_s": 0.0,
+                "energy_j": 0.0,
+                "energy_source": "estimate",
+                "units": 1,
+            }
+            for job in leased
+        ]
+        hashes = [
+            result_hash(i["job_id"], i["attempt"], digest, 1, int(i["price_wei_per_unit"]))
+            for i in items
+        ]
+        body = {"results": items, "signature": sign_result_batch(self.account.key, hashes)}
         for tries_left in reversed(range(COMPLETE_TRIES)):
             try:
-                response = await self.http.post(f"/v1/workers/jobs/{job_id}/complete", json=body)
+                response = await self.http.post("/v1/workers/results", json=body)
                 break
             except httpx.TransportError:
                 # As the worker daemon does: completion is idempotent, so send it again.
                 if not tries_left:
                     raise
         response.raise_for_status()
+        refused = [r for r in response.json()["results"] if r["error"] is not None]
+        if refused:
+            raise RuntimeError(f"{len(refused)} results refused, e.g. {refused[0]}")
+
+    def _completed(self, task: asyncio.Task[None]) -> None:
+        self._sizes.pop(task, None)
+        self.in_flight.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if self.failure is None:
+            self.failure = error
 
 
 def _limits() -> httpx.Limits:
@@ -285,23 +317,17 @@ def _job_spec() -> dict[str, Any]:
 
 
 async def _submit_and_collect(client: AsyncClient, jobs: int) -> list[dict[str, Any]]:
-    """Submit ``jobs`` jobs, then wait for each one's result; results in submit order."""
+    """Submit ``jobs`` jobs in batches of ``SUBMIT_BATCH``, then wait for them all with
+    long-polls over many jobs at once; results in submit order."""
     spec = _job_spec()
-    ids = [(await client.submit(spec))["id"] for _ in range(jobs)]
-    results = []
-    for job_id in ids:
-        while True:
-            try:
-                result = await client.result(job_id)
-            except GpumarketAPIError as exc:
-                if exc.status != 409:
-                    raise
-                await asyncio.sleep(RESULT_POLL_S)
-                continue
-            if result["state"] != "succeeded":
-                raise RuntimeError(f"job {job_id} ended {result['state']}")
-            results.append(result)
-            break
+    ids: list[str] = []
+    for start in range(0, jobs, SUBMIT_BATCH):
+        items = await client.submit_many([spec] * min(SUBMIT_BATCH, jobs - start))
+        ids.extend(item["job"]["id"] for item in items)
+    results = await client.wait_many(ids, timeout_s=RUN_TIMEOUT_S)
+    for result in results:
+        if result["state"] != "succeeded":
+            raise RuntimeError(f"job {result.get('id')} ended {result['state']}")
     return results
 
 
@@ -326,14 +352,17 @@ def _check_results(results: Sequence[dict[str, Any]], workers: Sequence[Scripted
             result["output"]
         ):
             raise RuntimeError(f"job {result['job_id']}: bad result {result}")
-        signer = recover_result_signer(
+        proof = result["batch"]
+        mine = result_hash(
             result["job_id"],
             result["attempt"],
             result["output_sha256"],
             result["units"],
             int(result["price_wei_per_unit"]),
-            result["signature"],
         )
+        if proof is None or proof["result_hashes"][proof["index"]] != mine:
+            raise RuntimeError(f"job {result['job_id']}: not in its signed batch")
+        signer = recover_result_batch_signer(proof["result_hashes"], proof["signature"])
         if signer not in addresses or signer != result["worker_address"]:
             raise RuntimeError(f"job {result['job_id']}: signed by {signer}")
 
@@ -355,7 +384,15 @@ async def _while_workers_run(
     raise TimeoutError(f"the jobs were not all done in {RUN_TIMEOUT_S:g} s")
 
 
-async def _gpumarket_rate(url: str, api_key: str, jobs: int) -> float:
+@dataclass(frozen=True)
+class Run:
+    """One timed gpumarket run: jobs/s and where the orchestrator's CPU went."""
+
+    jobs_per_s: float
+    cpu: str
+
+
+async def _gpumarket_rate(url: str, api_key: str, jobs: int, pid: int) -> Run:
     worker_http = [
         httpx.AsyncClient(base_url=url, timeout=HTTP_TIMEOUT, limits=_limits())
         for _ in range(WORKERS)
@@ -367,7 +404,10 @@ async def _gpumarket_rate(url: str, api_key: str, jobs: int) -> float:
         loops = [asyncio.create_task(worker.run()) for worker in workers]
         try:
             await _while_workers_run(_run_clients(url, api_key, WARM_UP_JOBS), loops)
-            elapsed, results = await _while_workers_run(_run_clients(url, api_key, jobs), loops)
+            before = process_usage(pid)
+            with OrchestratorProfile(pid) as profile:
+                elapsed, results = await _while_workers_run(_run_clients(url, api_key, jobs), loops)
+            cpu_s = process_usage(pid).cpu_s - before.cpu_s
         finally:
             for loop in loops:
                 loop.cancel()
@@ -378,16 +418,23 @@ async def _gpumarket_rate(url: str, api_key: str, jobs: int) -> float:
     if len(results) != jobs:
         raise RuntimeError(f"{len(results)} results for {jobs} jobs")
     _check_results(results, workers)
-    return jobs / elapsed
+    return Run(jobs / elapsed, profile.describe(cpu_s, jobs))
 
 
 def gpumarket_jobs_per_s(jobs: int, db_url: str | None) -> float:
     """No-op jobs/s through a real orchestrator process on ``db_url`` (None: SQLite)."""
+    return gpumarket_run(jobs, db_url).jobs_per_s
+
+
+def gpumarket_run(jobs: int, db_url: str | None) -> Run:
+    """A timed run through a real orchestrator process on ``db_url`` (None: SQLite)."""
     with tempfile.TemporaryDirectory(prefix="gpumarket-bench-") as tmp:
         with Orchestrator(Path(tmp) / "orchestrator", db_url) as orchestrator:
             api_key = orchestrator.new_client_key()
             try:
-                return asyncio.run(_gpumarket_rate(orchestrator.url, api_key, jobs))
+                return asyncio.run(
+                    _gpumarket_rate(orchestrator.url, api_key, jobs, orchestrator.pid)
+                )
             except BaseException as exc:
                 exc.add_note(f"orchestrator log: {orchestrator.log()}")
                 raise
@@ -531,25 +578,31 @@ class Rates:
     celery: float | None
     sqlite: float
     postgres: float | None
+    sqlite_cpu: str = ""
+    postgres_cpu: str = ""
 
 
 def measure_rates(jobs: int, rounds: int, *, with_celery: bool, with_postgres: bool) -> Rates:
     """Each round runs Celery, gpumarket on SQLite and on PostgreSQL in turn, so a busy spell
     on a shared machine hits all of them alike; each side keeps its best round."""
     celery: list[float] = []
-    sqlite: list[float] = []
-    postgres: list[float] = []
+    sqlite: list[Run] = []
+    postgres: list[Run] = []
     for _ in range(rounds):
         if with_celery:
             celery.append(celery_jobs_per_s(jobs))
-        sqlite.append(gpumarket_jobs_per_s(jobs, None))
+        sqlite.append(gpumarket_run(jobs, None))
         if with_postgres:
             with fresh_pg_database() as url:
-                postgres.append(gpumarket_jobs_per_s(jobs, url))
+                postgres.append(gpumarket_run(jobs, url))
+    best_sqlite = max(sqlite, key=lambda run: run.jobs_per_s)
+    best_pg = max(postgres, key=lambda run: run.jobs_per_s, default=None)
     return Rates(
         celery=max(celery, default=None),
-        sqlite=max(sqlite),
-        postgres=max(postgres, default=None),
+        sqlite=best_sqlite.jobs_per_s,
+        postgres=best_pg.jobs_per_s if best_pg else None,
+        sqlite_cpu=best_sqlite.cpu,
+        postgres_cpu=best_pg.cpu if best_pg else "",
     )
 
 
@@ -579,14 +632,21 @@ def measure(quick: bool) -> list[Row]:
         jobs, rounds, with_celery=celery_reason is None, with_postgres=pg_reason is None
     )
     shared = [
-        f"{jobs} jobs, best of {rounds}; {CLIENT_TASKS} client tasks, {WORKERS} scripted "
-        f"workers x {SLOTS_PER_WORKER} slots; per job gpumarket keeps a row with its state "
-        "machine and 3 history events, checks the signed result (ecrecover), answers "
-        "HTTP+JSON; Celery keeps a Redis message and a result key",
+        f"{jobs} jobs, best of {rounds}; {CLIENT_TASKS} client tasks submitting in batches of "
+        f"{SUBMIT_BATCH} and waiting with long-polls over their jobs, {WORKERS} scripted "
+        f"workers x {SLOTS_PER_WORKER} slots reporting each lease's jobs in one signed batch; "
+        "per job gpumarket keeps a row with its state machine and 4 history events and its "
+        "result's hash in the signed list; Celery keeps a Redis message and a result key",
         celery_reason or f"Celery {celery_version()}",
     ]
-    sqlite_notes = [*shared, "SQLite WAL, synchronous=NORMAL (no fsync per commit)"]
+    sqlite_notes = [
+        *shared,
+        "SQLite WAL, synchronous=NORMAL (no fsync per commit)",
+        f"{rates.sqlite_cpu} (best round)",
+    ]
     pg_notes = [*shared, "PostgreSQL 'CREATE DATABASE' per run; fsync per commit"]
+    if rates.postgres_cpu:
+        pg_notes.append(f"{rates.postgres_cpu} (best round)")
     if pg_reason is not None:
         pg_notes.append(f"PostgreSQL at {_pg_url()} is unreachable ({pg_reason})")
     return [

@@ -11,8 +11,9 @@ on its own schedule, not waiting for the previous one) for the run's duration.
 
 Figure: submit -> running per job, as the orchestrator recorded it: ``started_at`` minus
 ``created_at`` from ``GET /v1/jobs/{id}``, both stamped by the orchestrator's clock (created
-when the submit request is handled; started when the worker's ``start`` call lands, after the
-job was matched, leased to the waiting long-poll, and received). p50 and p99 in milliseconds.
+when the submit request is handled; started when the lease hands it to the waiting long-poll,
+which marks it running: matching, the wake-up and the lease transaction, with no ``start``
+round trip since the start was folded into the lease). p50 and p99 in milliseconds.
 The note adds what the client side saw: from sending the submit to the worker holding the
 lease, on this process's monotonic clock.
 

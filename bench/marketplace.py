@@ -10,10 +10,13 @@ marketplace run and averaged.
 
 Marketplace: one orchestrator process (SQLite, no verification, no payments) and one worker
 process (``--job-type inference``, ``--max-concurrency CONCURRENCY``), both real, over
-loopback HTTP. ``CONCURRENCY`` submitters in this process each submit a one-sentence job
-(``POST /v1/jobs``), wait for its result with the SDK (``AsyncClient.wait``: a long-poll on
-the job that the orchestrator answers when its state changes, then the signed result), and
-submit the next. Figure:
+loopback HTTP. A client in this process keeps ``CONCURRENCY`` one-sentence jobs in flight
+through the batch paths: it submits the free places' worth in one request
+(``AsyncClient.submit_many``: ``POST /v1/jobs/batch``), waits on every job in flight with one
+long-poll (``AsyncClient.wait_any``: ``POST /v1/jobs/wait``, answered at the first final job,
+with the signed results), and refills. The worker leases many jobs per poll, runs them through
+its dynamic batcher and reports each batch's results in one request under one signature.
+Figure:
 results received per second over the measuring window, after a warm-up. All three processes
 share this machine's cores, as they would on one box.
 
@@ -34,17 +37,17 @@ from typing import Any
 
 import httpx
 
+from bench.cpu_profile import OrchestratorProfile
 from bench.processes import Orchestrator, Worker, cores_used, free_port, process_usage
 from bench.stats import percentile
 from bench.table import Row, ratio
-from gpumarket.sdk import WAIT_POLL_S
 
 SECTION = "a"
 MODEL = "all-MiniLM-L6-v2"
 CONCURRENCY = 64
 BASELINE_BATCH = 32
-RESULT_POLL_S = WAIT_POLL_S
-"""How often a submitter asks whether its job is done (seconds): the SDK's default."""
+LONG_POLL_S = 5.0
+"""The longest one wait on the jobs in flight lasts (seconds); it ends at the first result."""
 MAX_PRICE_WEI = "1000000000"
 GOAL_RATIO = 0.9
 JOB_TIMEOUT_S = 120.0
@@ -129,12 +132,12 @@ class CountingTransport(httpx.AsyncHTTPTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
-        if request.method == "POST" and path == "/v1/jobs":
+        if request.method == "POST" and path in ("/v1/jobs", "/v1/jobs/batch"):
             self.counts["submit"] += 1
         elif path.endswith("/result"):
             self.counts["result"] += 1
         else:
-            self.counts["status"] += 1
+            self.counts["wait"] += 1
         return await super().handle_async_request(request)
 
 
@@ -149,33 +152,45 @@ class Window:
     cores: dict[str, float] = field(default_factory=dict)
     requests: Counter[str] = field(default_factory=Counter)
     batch_size: float | None = None
+    profile: OrchestratorProfile | None = None
 
 
 async def _submitter(
-    client: Any, texts: list[str], stop_at: float, window: Window, offset: int
+    client: Any, texts: list[str], stop_at: float, window: Window, concurrency: int
 ) -> None:
-    for text in itertools.islice(itertools.cycle(texts), offset, None):
-        if time.monotonic() >= stop_at:
-            return
-        submitted = time.monotonic()
-        spec = {
-            "type": "inference",
-            "model": MODEL,
-            "input": {"texts": [text]},
-            "max_price_wei_per_unit": MAX_PRICE_WEI,
-        }
-        try:
-            job = await client.submit(spec)
-            result = await client.wait(job["id"], JOB_TIMEOUT_S, poll_s=RESULT_POLL_S)
-        except Exception as exc:  # counted and shown, not fatal to the run
-            window.errors.append(f"{exc.__class__.__name__}: {exc}")
-            continue
-        if len(result["output"]["embeddings"]) != 1:
-            window.errors.append(f"job {job['id']}: expected one embedding")
-            continue
+    """Keep ``concurrency`` one-sentence jobs in flight: submit the free places' worth in one
+    batch request, wait on all in flight with one long-poll, take the results, refill."""
+    lines = itertools.cycle(texts)
+    in_flight: dict[str, float] = {}  # job id -> monotonic submit time
+    while in_flight or time.monotonic() < stop_at:
+        free = concurrency - len(in_flight)
+        if free > 0 and time.monotonic() < stop_at:
+            specs = [
+                {
+                    "type": "inference",
+                    "model": MODEL,
+                    "input": {"texts": [next(lines)]},
+                    "max_price_wei_per_unit": MAX_PRICE_WEI,
+                }
+                for _ in range(free)
+            ]
+            submitted = time.monotonic()
+            for item in await client.submit_many(specs):
+                if item["error"] is not None:
+                    window.errors.append(str(item["error"]))
+                else:
+                    in_flight[item["job"]["id"]] = submitted
+        answer = await client.wait_any(list(in_flight), wait_s=LONG_POLL_S)
         now = time.monotonic()
-        if window.start <= now < stop_at:
-            window.latencies_s.append(now - submitted)
+        for result in answer["results"]:
+            submitted = in_flight.pop(result["job_id"])
+            if len(result["output"]["embeddings"]) != 1:
+                window.errors.append(f"job {result['job_id']}: expected one embedding")
+            elif window.start <= now < stop_at:
+                window.latencies_s.append(now - submitted)
+        for job in answer["jobs"]:  # final without a result
+            in_flight.pop(job["id"], None)
+            window.errors.append(f"job {job['id']} {job['state']}: {job.get('failure_reason')}")
 
 
 async def _batch_counts(metrics_url: str) -> tuple[float, float]:
@@ -202,10 +217,12 @@ async def _watch(
     before = {name: process_usage(pid) for name, pid in pids.items()}
     items_before, calls_before = await _batch_counts(metrics_url)
     requests_before = Counter(transport.counts)
-    await asyncio.sleep(window_s)
+    with OrchestratorProfile(pids["orchestrator"]) as profile:
+        await asyncio.sleep(window_s)
     window.cores = {
         name: cores_used(before[name], process_usage(pid)) for name, pid in pids.items()
     }
+    window.profile = profile
     window.requests = transport.counts - requests_before
     items, calls = await _batch_counts(metrics_url)
     if calls > calls_before:
@@ -225,7 +242,7 @@ async def _drive(
         stop_at = window.start + sizes.window_s
         await asyncio.gather(
             _watch(window, sizes.window_s, pids, metrics_url, transport),
-            *(_submitter(client, texts, stop_at, window, i * 16) for i in range(concurrency)),
+            _submitter(client, texts, stop_at, window, concurrency),
         )
     return window
 
@@ -260,17 +277,20 @@ def worker_flags(concurrency: int) -> tuple[str, ...]:
 
 def _describe(window: Window, window_s: float) -> str:
     jobs = len(window.latencies_s)
-    parts = [f"{jobs} jobs in {window_s:g} s, {CONCURRENCY} submitters"]
+    parts = [f"{jobs} jobs in {window_s:g} s, {CONCURRENCY} in flight"]
     if jobs:
         p50 = percentile(window.latencies_s, 50) * 1000
         p99 = percentile(window.latencies_s, 99) * 1000
         parts.append(f"submit -> result p50 {p50:.0f} ms, p99 {p99:.0f} ms")
-        per_job = ", ".join(f"{n / jobs:.1f} {kind}" for kind, n in sorted(window.requests.items()))
-        parts.append(f"client requests per job (SDK wait, a long-poll): {per_job}")
+        per_job = ", ".join(f"{n / jobs:.2f} {kind}" for kind, n in sorted(window.requests.items()))
+        parts.append(f"client requests per job (batch submit, batch wait): {per_job}")
         cpu = ", ".join(
             f"{name} {cores * window_s / jobs * 1000:.1f}" for name, cores in window.cores.items()
         )
         parts.append(f"CPU ms per job: {cpu}")
+        if window.profile is not None and "orchestrator" in window.cores:
+            cpu_s = window.cores["orchestrator"] * window_s
+            parts.append(window.profile.describe(cpu_s, jobs))
     if window.batch_size is not None:
         parts.append(f"worker's mean batch {window.batch_size:.1f} items")
     if window.errors:

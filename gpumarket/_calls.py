@@ -40,6 +40,19 @@ def submit(spec: dict[str, Any], idempotency_key: str | None) -> Call:
     return Call("POST", "/v1/jobs", json=spec, headers=headers)
 
 
+SUBMIT_BATCH_MAX = 500  # jobs per POST /v1/jobs/batch (the orchestrator's MAX_SUBMIT_BATCH)
+WAIT_BATCH_MAX = 1000  # ids per POST /v1/jobs/wait (MAX_WAIT_JOBS)
+
+
+def submit_batch(specs: list[dict[str, Any]]) -> Call:
+    """Many jobs in one request; each spec may carry its own ``idempotency_key``."""
+    return Call("POST", "/v1/jobs/batch", json={"jobs": specs})
+
+
+def chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
 def get_job(job_id: str, *, wait_s: float = 0.0, while_state: str | None = None) -> Call:
     """With ``wait_s``, the orchestrator answers once the job leaves ``while_state`` (or is
     final), or after ``wait_s`` seconds: a long-poll instead of polling."""
@@ -187,3 +200,50 @@ def stream_event(line: str) -> dict[str, Any] | None:
         return None
     parsed: dict[str, Any] = json.loads(line[5:].strip())
     return parsed
+
+
+def wait_jobs(job_ids: list[str], wait_s: float, return_when: str = "any") -> Call:
+    """One long-poll over many jobs (``POST /v1/jobs/wait``)."""
+    body = {"job_ids": job_ids, "wait_s": round(wait_s, 3), "return_when": return_when}
+    return Call("POST", "/v1/jobs/wait", json=body)
+
+
+class WaitingMany:
+    """The decisions of ``wait_many``, for both clients: which jobs are still open, the next
+    long-poll over them, and each job's outcome once final. Times in seconds (monotonic)."""
+
+    def __init__(self, job_ids: list[str], timeout_s: float) -> None:
+        self.job_ids = list(job_ids)
+        self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.open = list(dict.fromkeys(job_ids))
+        self.outcomes: dict[str, dict[str, Any]] = {}
+
+    @property
+    def done(self) -> bool:
+        return not self.open
+
+    def next_call(self, read_timeout_s: float | None = None) -> Call:
+        """A long-poll over the open jobs (the first ``WAIT_BATCH_MAX``): answered as soon as
+        any of them is final, or after what is left of the wait."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise JobTimeout(
+                f"{len(self.open)} of {len(self.outcomes) + len(self.open)} jobs still not "
+                f"final after {self.timeout_s:g} s (first: {self.open[0]})"
+            )
+        longest = LONG_POLL_S
+        if read_timeout_s is not None:
+            longest = min(longest, max(0.0, read_timeout_s - LONG_POLL_MARGIN_S))
+        return wait_jobs(self.open[:WAIT_BATCH_MAX], max(0.0, min(longest, left)))
+
+    def take(self, answer: dict[str, Any]) -> None:
+        """Note the final jobs of a ``/v1/jobs/wait`` answer: a result, or the job's view."""
+        for result in answer["results"]:
+            self.outcomes[result["job_id"]] = result
+        for job in answer["jobs"]:
+            self.outcomes[job["id"]] = job
+        self.open = [i for i in self.open if i not in self.outcomes]
+
+    def in_order(self) -> list[dict[str, Any]]:
+        return [self.outcomes[i] for i in self.job_ids]

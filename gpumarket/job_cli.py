@@ -3,6 +3,8 @@
     export GPUMARKET_URL=http://127.0.0.1:8000 GPUMARKET_API_KEY=gmk_...
     gpumarket job submit --model all-MiniLM-L6-v2 --text "hello" --max-price 1000000000 --wait
     gpumarket job submit --video clip.mp4 --rendition 720p --rendition 360p --max-price 1000
+    gpumarket job submit --model all-MiniLM-L6-v2 --texts-file lines.txt --job-per-line --wait
+    gpumarket job submit --jobs-file jobs.jsonl --max-price 1000000000   # JSON Lines of jobs
     gpumarket job list --state running
     gpumarket job result JOB_ID --download out/
 
@@ -421,7 +423,25 @@ def submit(
         ),
     ] = None,
     idempotency_key: Annotated[
-        str | None, typer.Option(help="Resubmitting with the same key returns the same job.")
+        str | None,
+        typer.Option(
+            help="Resubmitting with the same key returns the same job (with several jobs, "
+            "job N gets KEY-N)."
+        ),
+    ] = None,
+    job_per_line: Annotated[
+        bool,
+        typer.Option(
+            "--job-per-line",
+            help="With --texts-file: one job per line, submitted in batches.",
+        ),
+    ] = False,
+    jobs_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Jobs as JSON Lines, one job spec per line ('-': stdin), submitted in "
+            "batches; --max-price and --preference fill what a line leaves out.",
+        ),
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job until it is final.")] = False,
     timeout_s: Annotated[
@@ -438,6 +458,30 @@ def submit(
         "preference": preference.value,
     }
     texts = _read_texts(text or [], texts_file)
+    if jobs_file is not None or job_per_line:
+        if video is not None or (jobs_file is not None and (texts or model is not None)):
+            _fail("--jobs-file holds whole jobs: leave out --video, --model and --text", 2)
+        if job_per_line and (model is None or texts_file is None):
+            _fail("--job-per-line needs --model and --texts-file", code=2)
+        specs = (
+            _read_jobs(jobs_file, spec)
+            if jobs_file is not None
+            else [
+                {**spec, "type": "inference", "model": model, "precision": precision.value}
+                | {"input": {"texts": [line]}}
+                for line in texts
+            ]
+        )
+        for field_, value in (("max_units", max_units), ("deadline_s", deadline_s)):
+            if value is not None:
+                for one in specs:
+                    one.setdefault(field_, value)
+        if idempotency_key is not None:
+            for i, one in enumerate(specs, start=1):
+                one.setdefault("idempotency_key", f"{idempotency_key}-{i}")
+        with _client(ctx, orchestrator, api_key) as client:
+            _submit_many(client, specs, wait=wait, timeout_s=timeout_s, as_json=as_json)
+        return
     if video is not None:
         if texts or model is not None or precision is not Precision.FP32:
             _fail("--video makes a transcode job: leave out --model, --text and --precision", 2)
@@ -506,6 +550,65 @@ def _print_stream(client: Client, job_id: str) -> None:
     except JobFailed:
         pass  # the result's wait below says how it ended
     sys.stdout.write("\n")
+
+
+def _read_jobs(path: Path, defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    """Job specs from JSON Lines (blank lines skipped); ``defaults`` fill missing fields."""
+    try:
+        raw = sys.stdin.read() if str(path) == "-" else path.read_text()
+    except OSError as exc:
+        _fail(f"--jobs-file: cannot read {path}: {exc.strerror}", code=2)
+    specs = []
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            one = json.loads(line)
+        except ValueError as exc:
+            _fail(f"--jobs-file {path} line {number} is not JSON: {exc}", code=2)
+        if not isinstance(one, dict):
+            _fail(f"--jobs-file {path} line {number}: a job is a JSON object", code=2)
+        specs.append({**defaults, **one})
+    if not specs:
+        _fail(f"--jobs-file {path} holds no jobs", code=2)
+    return specs
+
+
+def _submit_many(
+    client: Client, specs: list[dict[str, Any]], *, wait: bool, timeout_s: float, as_json: bool
+) -> None:
+    """Submit in batches; print one line per job (its id and state, or why it was refused),
+    and with ``wait`` each one's outcome. Exit 1 when any job was refused or did not succeed."""
+    items = client.submit_many(specs)
+    refused = [i for i, item in enumerate(items, start=1) if item["error"] is not None]
+    ids = [item["job"]["id"] for item in items if item["job"] is not None]
+    outcomes = client.wait_many(ids, timeout_s) if wait and ids else []
+    if as_json:
+        _print_json({"jobs": items, "results": outcomes} if wait else {"jobs": items})
+    else:
+        out = _out()
+        for number, item in enumerate(items, start=1):
+            if item["error"] is not None:
+                err = item["error"]
+                out.print(f"job {number}: refused ({err['status']}): {err['detail']}", markup=False)
+            elif not wait:
+                out.print(_job_line(item["job"]), markup=False)
+        for outcome in outcomes:
+            out.print(_outcome_line(outcome), markup=False)
+    failed = [o for o in outcomes if o["state"] != "succeeded"]
+    if refused or failed:
+        raise typer.Exit(code=1)
+
+
+def _outcome_line(outcome: dict[str, Any]) -> str:
+    """A result: ``job ID succeeded UNITS unit(s) COST wei``; else the final job's state."""
+    if outcome["state"] == "succeeded":
+        return (
+            f"job {outcome['job_id']} succeeded {outcome['units']} unit(s) "
+            f"{outcome['cost_wei']} wei by {outcome['worker_address']}"
+        )
+    why = f": {_one_line(outcome['failure_reason'])}" if outcome.get("failure_reason") else ""
+    return f"job {outcome['id']} {outcome['state']}{why}"
 
 
 def _say_a_shortened_deadline(job: dict[str, Any], asked_s: float | None) -> None:

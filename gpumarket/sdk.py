@@ -4,6 +4,8 @@
         job = client.submit({"type": "inference", "model": "all-MiniLM-L6-v2",
                              "input": {"texts": ["hello"]}, "max_price_wei_per_unit": "1000"})
         result = client.wait(job["id"], timeout_s=60)
+        items = client.submit_many([spec_1, spec_2, ...])       # one request, one transaction
+        results = client.wait_many([i["job"]["id"] for i in items])  # long-polls over them all
 
     async with AsyncClient("http://127.0.0.1:8000", api_key="gmk_...") as client:
         job = await client.submit(spec)
@@ -19,6 +21,7 @@ see ``gpumarket.exceptions``.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import inspect
 import os
 import time
@@ -200,6 +203,37 @@ class Client:
                         raise JobFailed(event["job"])
                     return
                 yield str(event.get("text", ""))
+
+    def submit_many(self, specs: builtins.list[dict[str, Any]]) -> builtins.list[dict[str, Any]]:
+        """Submit many jobs, ``SUBMIT_BATCH_MAX`` per request (one transaction each). Returns,
+        in order, one item per spec: ``{"job", "created", "error"}``; an item's ``error``
+        (status, code, detail) refuses that job alone. Give each spec an ``idempotency_key``
+        to make a retry of the whole call safe."""
+        items: builtins.list[dict[str, Any]] = []
+        for chunk in _calls.chunks(specs, _calls.SUBMIT_BATCH_MAX):
+            items.extend(self._send(_calls.submit_batch(chunk))["jobs"])
+        return items
+
+    def wait_many(
+        self, job_ids: builtins.list[str], timeout_s: float = DEFAULT_WAIT_TIMEOUT_S
+    ) -> builtins.list[dict[str, Any]]:
+        """Wait until every job is final, with long-polls over many jobs at once (not one
+        per job). Returns, in the order given, each succeeded job's signed result (as
+        ``result`` returns it) and each other job's final view (``state`` failed, cancelled or
+        expired). JobTimeout if some are not final within ``timeout_s`` seconds."""
+        waiting = _calls.WaitingMany(job_ids, timeout_s)
+        while not waiting.done:
+            waiting.take(self._send(waiting.next_call(self._http.timeout.read)))
+        return waiting.in_order()
+
+    def wait_any(
+        self, job_ids: builtins.list[str], wait_s: float = _calls.LONG_POLL_S
+    ) -> dict[str, Any]:
+        """One long-poll over many jobs (at most ``WAIT_BATCH_MAX``), answered as soon as any
+        is final or after ``wait_s`` seconds: ``states`` (every job's), ``results`` (the
+        succeeded ones, signed), ``jobs`` (the other final ones, whole)."""
+        answer: dict[str, Any] = self._send(_calls.wait_jobs(job_ids, wait_s))
+        return answer
 
     def account(self) -> dict[str, Any]:
         """Your payer and, on a paid orchestrator, what it can still be charged (wei)."""
@@ -385,6 +419,31 @@ class AsyncClient:
                         raise JobFailed(event["job"])
                     return
                 yield str(event.get("text", ""))
+
+    async def submit_many(
+        self, specs: builtins.list[dict[str, Any]]
+    ) -> builtins.list[dict[str, Any]]:
+        """Submit many jobs in batches; see ``Client.submit_many``."""
+        items: builtins.list[dict[str, Any]] = []
+        for chunk in _calls.chunks(specs, _calls.SUBMIT_BATCH_MAX):
+            items.extend((await self._send(_calls.submit_batch(chunk)))["jobs"])
+        return items
+
+    async def wait_many(
+        self, job_ids: builtins.list[str], timeout_s: float = DEFAULT_WAIT_TIMEOUT_S
+    ) -> builtins.list[dict[str, Any]]:
+        """Wait until every job is final; see ``Client.wait_many``."""
+        waiting = _calls.WaitingMany(job_ids, timeout_s)
+        while not waiting.done:
+            waiting.take(await self._send(waiting.next_call(self._http.timeout.read)))
+        return waiting.in_order()
+
+    async def wait_any(
+        self, job_ids: builtins.list[str], wait_s: float = _calls.LONG_POLL_S
+    ) -> dict[str, Any]:
+        """One long-poll over many jobs; see ``Client.wait_any``."""
+        answer: dict[str, Any] = await self._send(_calls.wait_jobs(job_ids, wait_s))
+        return answer
 
     async def account(self) -> dict[str, Any]:
         """Your payer and, on a paid orchestrator, what it can still be charged (wei)."""

@@ -413,6 +413,16 @@ class SkippedRendition(_Strict):
     reason: str = Field(min_length=1, max_length=500)
 
 
+class ResultBatchProof(BaseModel):
+    """How a result reported in a batch is signed: ``signature`` (EIP-712 ``ResultBatch``) is
+    over ``result_hashes``, and this job's ``Result`` struct hash is ``result_hashes[index]``
+    (protocol/signing.py): the job's result is proven without the other jobs' outputs."""
+
+    signature: str
+    result_hashes: list[str]
+    index: int
+
+
 class ResultView(BaseModel):
     """A job's result. ``signature`` is the worker's EIP-712 signature over (job id, attempt,
     output sha256, units, price in wei per unit): see protocol/signing.py."""
@@ -458,6 +468,8 @@ class ResultView(BaseModel):
     energy_source: str
     co2_g: float | None = None
     verification: VerificationView | None = None
+    # Reported in a batch: ``signature`` is the batch's, and this proves the job's part in it.
+    batch: ResultBatchProof | None = None
 
 
 class JobList(BaseModel):

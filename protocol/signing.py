@@ -12,6 +12,7 @@ from typing import Any
 from eth_account import Account
 from eth_account.messages import SignableMessage, encode_defunct, encode_typed_data
 from eth_keys.exceptions import BadSignature as _EthKeysBadSignature
+from eth_utils import keccak
 from eth_utils.exceptions import ValidationError as _EthValidationError
 
 RESULT_DOMAIN = {"name": "gpumarket", "version": "1"}
@@ -131,3 +132,91 @@ def recover_result_signer(
     except (ValueError, OverflowError, TypeError) as exc:  # units or price out of range
         raise ValueError(f"result cannot be encoded: {exc}") from exc
     return _recover(encoded, signature)
+
+
+# -- result batches ---------------------------------------------------------------------------
+# A worker reporting many results signs them once: EIP-712 over the list of the per-job
+# ``Result`` struct hashes (hashStruct, the same struct ``sign_result`` signs). One job's
+# result is still proven alone: its fields give its hash, the hash sits in the signed list.
+
+RESULT_BATCH_TYPES = {"ResultBatch": [{"name": "results", "type": "bytes32[]"}]}
+_RESULT_TYPE_HASH = keccak(
+    text="Result(string jobId,uint32 attempt,bytes32 outputSha256,uint64 units,"
+    "uint256 priceWeiPerUnit)"
+)
+
+
+def _uint(value: int, bits: int, name: str) -> bytes:
+    if not 0 <= value < 2**bits:
+        raise ValueError(f"{name} {value} does not fit uint{bits}")
+    return value.to_bytes(32, "big")
+
+
+def result_hash(
+    job_id: str, attempt: int, output_sha256_hex: str, units: int, price_wei_per_unit: int
+) -> str:
+    """The EIP-712 struct hash (0x-hex) of one job's ``Result``: what a batch signature lists.
+    ValueError for a field out of its type's range."""
+    try:
+        digest = bytes.fromhex(output_sha256_hex)
+    except ValueError as exc:
+        raise ValueError(f"output sha256 {output_sha256_hex!r} is not hex") from exc
+    if len(digest) != 32:
+        raise ValueError(f"output sha256 {output_sha256_hex!r} is not 32 bytes")
+    encoded = (
+        _RESULT_TYPE_HASH
+        + keccak(text=job_id)
+        + _uint(attempt, 32, "attempt")
+        + digest
+        + _uint(units, 64, "units")
+        + _uint(price_wei_per_unit, 256, "priceWeiPerUnit")
+    )
+    return "0x" + keccak(encoded).hex()
+
+
+def _result_batch_message(result_hashes: list[str]) -> SignableMessage:
+    message = {
+        "domain": RESULT_DOMAIN,
+        "types": RESULT_BATCH_TYPES,
+        "primaryType": "ResultBatch",
+        "message": {"results": [bytes.fromhex(h.removeprefix("0x")) for h in result_hashes]},
+    }
+    return encode_typed_data(full_message=message)
+
+
+def sign_result_batch(private_key: str | bytes, result_hashes: list[str]) -> str:
+    """One EIP-712 signature (0x-hex) over the ordered list of ``result_hash`` values."""
+    signed = Account.sign_message(_result_batch_message(result_hashes), private_key=private_key)
+    return "0x" + bytes(signed.signature).hex().removeprefix("0x")
+
+
+def recover_result_batch_signer(result_hashes: list[str], signature: str) -> str:
+    """Address (checksummed) that signed the batch; ValueError on a malformed one."""
+    try:
+        message = _result_batch_message(result_hashes)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"result batch cannot be encoded: {exc}") from exc
+    return _recover(message, signature)
+
+
+def recover_job_result_signer(
+    job_id: str,
+    attempt: int,
+    output_sha256_hex: str,
+    units: int,
+    price_wei_per_unit: int,
+    signature: str,
+    result_hashes: list[str] | None = None,
+    index: int | None = None,
+) -> str:
+    """Address (checksummed) that signed one job's result, as a result view carries it:
+    signed alone, or in a batch (``result_hashes`` and the job's ``index`` from its ``batch``
+    proof; the job's own hash must sit there). ValueError when the proof does not hold."""
+    if result_hashes is None:
+        return recover_result_signer(
+            job_id, attempt, output_sha256_hex, units, price_wei_per_unit, signature
+        )
+    mine = result_hash(job_id, attempt, output_sha256_hex, units, price_wei_per_unit)
+    if index is None or not 0 <= index < len(result_hashes) or result_hashes[index] != mine:
+        raise ValueError(f"job {job_id}'s result hash is not at index {index} of its batch")
+    return recover_result_batch_signer(result_hashes, signature)

@@ -35,6 +35,7 @@ from protocol import (
     RegisterResponse,
     ResultView,
 )
+from protocol.batches import BatchCompleteItem, BatchCompleteRequest, BatchCompleteResponse
 from protocol.generation import StreamChunk
 from protocol.problems import ProblemError
 from protocol.signing import sign_registration
@@ -207,6 +208,11 @@ class OrchestratorClient:
             f"/v1/workers/jobs/{job_id}/complete", request.model_dump(mode="json")
         )
         return ResultView.model_validate(body)
+
+    async def complete_batch(self, request: BatchCompleteRequest) -> list[BatchCompleteItem]:
+        """Report many results under one signature; each job's outcome, in order."""
+        body = await self._post("/v1/workers/results", request.model_dump(mode="json"))
+        return BatchCompleteResponse.model_validate(body).results
 
     async def fail(
         self,

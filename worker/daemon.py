@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import httpx
 
 from protocol import (
-    CompleteRequest,
     Fault,
     HardwareDescriptor,
     JobRef,
@@ -28,13 +27,15 @@ from protocol import (
     Offer,
     OutputBlob,
 )
-from protocol.signing import output_sha256, sign_result
+from protocol.batches import BatchResult
+from protocol.signing import output_sha256
 from worker.batching import BatcherPool
 from worker.client import OrchestratorClient, OrchestratorError
 from worker.config import WorkerSettings
 from worker.energy import EnergyMeter, apportion
 from worker.executors.base import Execution, Executor, JobRejected
 from worker.metrics import WorkerMetrics
+from worker.reporting import ResultReporter
 
 log = logging.getLogger("gpumarket.worker")
 
@@ -97,6 +98,7 @@ class WorkerDaemon:
         self._stopped = asyncio.Event()
         self._registered = False
         self._backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s)
+        self.reporter = ResultReporter(client)
         self.metrics = metrics or WorkerMetrics()
         self.metrics.start_at_zero(self.executors, energy.source)
         self.metrics.count_in_flight(lambda: len(self.running))
@@ -316,7 +318,7 @@ class WorkerDaemon:
                     job, retryable=False, reason=f"no {job.type} executor here", fault=Fault.WORKER
                 )
                 return
-            await self.client.start(job.job_id, job.attempt)
+            # No /start call: the lease marked the job running (the endpoint stays for others).
             with self.energy.measure() as metered:
                 began = time.monotonic()
                 execution = await executor.run(job, workdir, self.client.download)
@@ -402,26 +404,21 @@ class WorkerDaemon:
             digest = output_sha256([b.model_dump(mode="json") for b in blobs])
         else:
             digest = output_sha256(execution.output)
-        request = CompleteRequest(
+        result = BatchResult(
+            job_id=job.job_id,
             attempt=job.attempt,
             output=execution.output if not blobs else None,
             output_blobs=blobs,
             output_sha256=digest,
-            signature=sign_result(
-                self.client.account.key,
-                job.job_id,
-                job.attempt,
-                digest,
-                execution.units,
-                job.price_wei_per_unit,
-            ),
+            price_wei_per_unit=job.price_wei_per_unit,
             duration_s=duration_s,
             energy_j=energy_j,
             energy_source=self.energy.source,
             units=execution.units,
             skipped_renditions=list(execution.skipped) if blobs else None,
         )
-        await self._with_retries(lambda: self.client.complete(job.job_id, request))
+        # Signed by the reporter: alone, or with the results ready beside it under one signature.
+        await self._with_retries(lambda: self.reporter.report(result))
 
     async def _report_fail(
         self, job: LeasedJob, *, retryable: bool, reason: str, fault: Fault = Fault.WORKER

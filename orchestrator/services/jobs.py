@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from orchestrator.config import Settings
-from orchestrator.exceptions import Conflict, InvalidInput, NotFound
+from orchestrator.exceptions import Conflict, GpumarketError, InvalidInput, NotFound
 from orchestrator.services import throttle
 from orchestrator.services.auth import Principal, new_id
 from orchestrator.services.inputs import InputChecks, job_input_key, refused_reason
@@ -20,7 +22,15 @@ from orchestrator.services.lifecycle import transition
 from orchestrator.services.settlement import Payments
 from orchestrator.store import Store
 from orchestrator.store.engine import retry_transient
-from orchestrator.store.models import BlobGrant, Client, Job, JobEvent, Worker
+from orchestrator.store.models import (
+    BlobGrant,
+    Client,
+    Job,
+    JobEvent,
+    RefusedInput,
+    ResultBatch,
+    Worker,
+)
 from protocol import (
     BUILTIN_MODELS,
     FINAL_STATES,
@@ -37,6 +47,8 @@ from protocol import (
     SkippedRendition,
     VerificationView,
 )
+from protocol.batches import ItemError, JobBatchItem, JobStateItem
+from protocol.jobs import ResultBatchProof
 from protocol.signing import canonical_json
 
 MAX_LIST_LIMIT = 200
@@ -94,7 +106,8 @@ def job_view(job: Job, events: list[JobEvent], worker_address: str | None) -> Jo
     )
 
 
-def result_view(job: Job, worker_address: str) -> ResultView:
+def result_view(job: Job, worker_address: str, batch: ResultBatch | None = None) -> ResultView:
+    """The job's result; ``batch``: the batch it was reported in (``job.result_batch_id``)."""
     assert job.output_sha256 and job.signature and job.units is not None
     return ResultView(
         job_id=job.id,
@@ -119,6 +132,13 @@ def result_view(job: Job, worker_address: str) -> ResultView:
         else None,
         skipped_renditions=[SkippedRendition.model_validate(r) for r in job.skipped_renditions]
         if job.skipped_renditions is not None
+        else None,
+        batch=ResultBatchProof(
+            signature=batch.signature,
+            result_hashes=list(batch.result_hashes),
+            index=job.result_batch_index,
+        )
+        if batch is not None and job.result_batch_index is not None
         else None,
     )
 
@@ -168,6 +188,7 @@ class JobService:
         self._payments = payments
         self._settings = settings
         self._inputs = inputs
+        self.batch = BatchJobs(self, store)
 
     def _request_hash(self, spec: JobSpec) -> str:
         body = spec.model_dump(mode="json", exclude={"idempotency_key"})
@@ -381,7 +402,8 @@ class JobService:
                     state=state,
                 )
             address = s.scalar(select(Worker.address).where(Worker.id == job.worker_id))
-            return result_view(job, address or "")
+            batch = s.get(ResultBatch, job.result_batch_id) if job.result_batch_id else None
+            return result_view(job, address or "", batch)
 
     @retry_transient
     def cancel(self, client: Principal, job_id: str, now: float) -> JobView:
@@ -427,3 +449,310 @@ def transition_queued(session: Session, job: Job, now: float) -> JobEvent:
     event = JobEvent(job_id=job.id, attempt=1, state=JobState.QUEUED, detail="submitted", at=now)
     session.add(event)
     return event
+
+
+class BatchJobs:
+    """Many jobs in one request: submit (one transaction), and read back together.
+
+    Each job keeps what a single submit gives it (its own idempotency key, input checks, price
+    cap and budget admission); what is per request (the client's throttle, the known models,
+    the payer's lock, the transaction) is done once. Answers keep the order asked."""
+
+    def __init__(self, jobs: JobService, store: Store) -> None:
+        self._jobs = jobs
+        self._store = store
+
+    @retry_transient
+    def submit(self, client: Principal, specs: list[JobSpec], now: float) -> list[JobBatchItem]:
+        """Create the jobs; each item is the job (``created`` false for a repeated key) or
+        its own error. Raises only for the whole request (e.g. 429: the client is throttled)."""
+        items: dict[int, JobBatchItem] = {}
+        todo: list[_Pending] = []
+        for i, spec in enumerate(specs):
+            try:
+                todo.append(self._prepare(i, spec))
+            except GpumarketError as exc:
+                items[i] = JobBatchItem(error=item_error(exc))
+        todo = self._known(client, todo, items)
+        todo = self._inputs_ok(client, todo, items, now)
+        try:
+            self._create(client, todo, items, now)
+        except IntegrityError:
+            # A concurrent submit took one of these keys first: take each job on its own,
+            # so every key still names exactly one job.
+            for p in todo:
+                try:
+                    job, created = self._jobs.submit(client, p.spec, now)
+                    items[p.index] = JobBatchItem(job=job, created=created)
+                except GpumarketError as exc:
+                    items[p.index] = JobBatchItem(error=item_error(exc))
+        return [items[i] for i in range(len(specs))]
+
+    def _prepare(self, index: int, spec: JobSpec) -> _Pending:
+        jobs = self._jobs
+        spec = jobs._within_withdraw_delay(spec)
+        if jobs._payments.enabled and spec.max_units is None:
+            raise InvalidInput(
+                f"jobs[{index}]: {spec.type} jobs here need max_units, the most units you will "
+                "pay for (transcode: output pixels, e.g. frames x the sum of width x height)"
+            )
+        return _Pending(index, spec, spec.idempotency_key, jobs._request_hash(spec))
+
+    def _known(
+        self, client: Principal, todo: list[_Pending], items: dict[int, JobBatchItem]
+    ) -> list[_Pending]:
+        """Items whose idempotency key already names a job (in the store, or earlier in this
+        batch) get that job; a key reused for another request is the item's 409."""
+        keys = [p.key for p in todo if p.key is not None]
+        if not keys:
+            return todo
+        with self._store.read() as s:
+            found = {
+                job.idempotency_key: job
+                for job in s.scalars(
+                    select(Job).where(Job.client_id == client.id, Job.idempotency_key.in_(keys))
+                )
+            }
+            views = {k: self._jobs._view(s, job) for k, job in found.items()}
+        hashes = {k: job.request_hash for k, job in found.items()}
+        left: list[_Pending] = []
+        for p in todo:
+            if p.key is None:
+                left.append(p)
+                continue
+            if p.key not in hashes:
+                hashes[p.key] = p.request_hash
+                left.append(p)
+                continue
+            if hashes[p.key] != p.request_hash:
+                taken = views[p.key].id if p.key in views else "another job of this batch"
+                items[p.index] = JobBatchItem(
+                    error=item_error(
+                        Conflict(
+                            f"idempotency key {p.key!r} was already used for a different job "
+                            f"({taken}); use a new key for a new job"
+                        )
+                    )
+                )
+            elif p.key in views:
+                items[p.index] = JobBatchItem(job=views[p.key], created=False)
+            else:
+                p.same_as_earlier = True
+                left.append(p)
+        return left
+
+    def _inputs_ok(
+        self,
+        client: Principal,
+        todo: list[_Pending],
+        items: dict[int, JobBatchItem],
+        now: float,
+    ) -> list[_Pending]:
+        """``JobService._check_input`` for every item, in one read (and one write for those
+        refused, each counting against the client as a single refused submit does)."""
+        jobs = self._jobs
+        settings = jobs._settings
+        half_life = settings.client_input_failure_half_life_s
+        fresh = [p for p in todo if not p.same_as_earlier]
+        problems: dict[int, str] = {}
+        with self._store.read() as s:
+            row = s.get(Client, client.id)
+            assert row is not None
+            throttle.check(row, now, settings.client_input_failure_limit, half_life)
+            keys: dict[int, str] = {}
+            for p in fresh:
+                assert p.spec.model is not None
+                if p.spec.input_blob is not None:
+                    try:
+                        jobs._check_grant(s, client, p.spec.input_blob)
+                    except InvalidInput as exc:
+                        problems[p.index] = exc.detail
+                        continue
+                keys[p.index] = job_input_key(
+                    client.id,
+                    p.spec.type,
+                    p.spec.model,
+                    p.spec.precision,
+                    p.spec.input_blob,
+                    job_spec(p.spec),
+                )
+            refused = {
+                r.input_key: r
+                for r in s.scalars(
+                    select(RefusedInput).where(RefusedInput.input_key.in_(set(keys.values())))
+                )
+            }
+            for index, key in keys.items():
+                if key in refused and (reason := refused_reason(s, key, now)):
+                    problems[index] = reason
+        for p in fresh:
+            if p.index not in problems and (problem := jobs._inputs.problem(p.spec)) is not None:
+                problems[p.index] = problem
+        if problems:
+            with self._store.transaction() as s:
+                locked = s.get(Client, client.id, with_for_update=True)
+                assert locked is not None
+                for _ in problems:
+                    throttle.record_input_failure(locked, now, half_life)
+        for index, problem in problems.items():
+            items[index] = JobBatchItem(error=item_error(InvalidInput(problem)))
+        return [p for p in todo if p.index not in problems]
+
+    def _create(
+        self,
+        client: Principal,
+        todo: list[_Pending],
+        items: dict[int, JobBatchItem],
+        now: float,
+    ) -> None:
+        jobs = self._jobs
+        made: dict[str, JobView] = {}  # idempotency key -> the job this batch made for it
+        with self._store.transaction() as s:
+            models: dict[JobType, set[str]] = {}
+            for p in todo:
+                if p.same_as_earlier:
+                    continue
+                spec = p.spec
+                assert spec.model is not None
+                try:
+                    known = models.get(spec.type)
+                    if known is None:
+                        known = models[spec.type] = known_models(s, spec.type)
+                    if spec.model not in known:
+                        raise InvalidInput(
+                            f"unknown {spec.type} model {spec.model!r}; "
+                            f"available: {', '.join(sorted(known))}"
+                        )
+                    job = jobs._new_job(new_id(), client, spec, p.key, p.request_hash, now)
+                    job.payer_address = jobs._admit(s, client, spec, now)
+                except GpumarketError as exc:
+                    items[p.index] = JobBatchItem(error=item_error(exc))
+                    continue
+                s.add(job)
+                if jobs._payments.enabled:
+                    s.flush()  # the next admission counts this job against the budget
+                view = job_view(job, [transition_queued(s, job, now)], None)
+                items[p.index] = JobBatchItem(job=view, created=True)
+                if p.key is not None:
+                    made[p.key] = view
+        for p in todo:
+            if p.same_as_earlier:
+                assert p.key is not None
+                earlier = made.get(p.key)
+                items[p.index] = (
+                    JobBatchItem(job=earlier, created=False)
+                    if earlier is not None
+                    else JobBatchItem(
+                        error=item_error(
+                            InvalidInput(f"the job with idempotency key {p.key!r} was refused")
+                        )
+                    )
+                )
+
+    def waiting_reasons(self, job_ids: list[str]) -> dict[str, str | None]:
+        """Of these jobs, those still queued, with why they wait (one narrow read)."""
+        with self._store.read() as s:
+            rows = s.execute(
+                select(Job.id, Job.waiting_reason).where(
+                    Job.id.in_(job_ids), Job.state == JobState.QUEUED
+                )
+            )
+            return {job_id: reason for job_id, reason in rows}
+
+    def states(self, client: Principal, job_ids: list[str]) -> list[JobStateItem]:
+        """The jobs' states, in the order asked (one narrow read); 404 naming any id that is
+        not yours."""
+        with self._store.read() as s:
+            found = dict(
+                s.execute(
+                    select(Job.id, Job.state).where(
+                        Job.id.in_(set(job_ids)), Job.client_id == client.id, Job.kind == "job"
+                    )
+                ).all()
+            )
+        _refuse_missing(job_ids, found)
+        return [JobStateItem(id=i, state=JobState(found[i])) for i in job_ids]
+
+    def get(self, client: Principal, job_ids: list[str]) -> list[JobView]:
+        """The jobs, in the order asked (one read); 404 naming any id that is not yours."""
+        with self._store.read() as s:
+            found = {
+                job.id: job
+                for job in s.scalars(
+                    select(Job).where(
+                        Job.id.in_(set(job_ids)), Job.client_id == client.id, Job.kind == "job"
+                    )
+                )
+            }
+            _refuse_missing(job_ids, found)
+            events: dict[str, list[JobEvent]] = {}
+            for event in s.scalars(
+                select(JobEvent).where(JobEvent.job_id.in_(found)).order_by(JobEvent.id)
+            ):
+                events.setdefault(event.job_id, []).append(event)
+            worker_ids = {j.worker_id for j in found.values() if j.worker_id}
+            addresses = _addresses(s, worker_ids)
+            views = {
+                job.id: job_view(job, events.get(job.id, []), addresses.get(job.worker_id or ""))
+                for job in found.values()
+            }
+        return [views[i] for i in job_ids]
+
+    def results(self, client: Principal, job_ids: list[str]) -> list[ResultView]:
+        """The signed results of those of the jobs that succeeded (one read), in the order
+        asked; the others are left out."""
+        with self._store.read() as s:
+            done = list(
+                s.scalars(
+                    select(Job).where(
+                        Job.id.in_(set(job_ids)),
+                        Job.client_id == client.id,
+                        Job.kind == "job",
+                        Job.state == JobState.SUCCEEDED,
+                    )
+                )
+            )
+            worker_ids = {j.worker_id for j in done if j.worker_id}
+            addresses = _addresses(s, worker_ids)
+            batch_ids = {j.result_batch_id for j in done if j.result_batch_id}
+            batches = {
+                b.id: b for b in s.scalars(select(ResultBatch).where(ResultBatch.id.in_(batch_ids)))
+            }
+            views = {
+                j.id: result_view(
+                    j,
+                    addresses.get(j.worker_id or "", ""),
+                    batches.get(j.result_batch_id or ""),
+                )
+                for j in done
+            }
+        return [views[i] for i in dict.fromkeys(job_ids) if i in views]
+
+
+def _refuse_missing(job_ids: list[str], found: Mapping[str, object]) -> None:
+    missing = [i for i in dict.fromkeys(job_ids) if i not in found]
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise NotFound(f"{len(missing)} of the job_ids are not among your jobs: {shown}")
+
+
+def _addresses(s: Session, worker_ids: set[str]) -> dict[str, str]:
+    rows = s.execute(select(Worker.id, Worker.address).where(Worker.id.in_(worker_ids)))
+    return {worker_id: address for worker_id, address in rows}
+
+
+@dataclass
+class _Pending:
+    """One spec of a batch on its way to becoming a job."""
+
+    index: int
+    spec: JobSpec
+    key: str | None
+    request_hash: str
+    # Its key names a job made earlier in this same batch from the same request.
+    same_as_earlier: bool = False
+
+
+def item_error(exc: GpumarketError) -> ItemError:
+    """A batch item's error, as the problem document a single request would have had."""
+    return ItemError(status=exc.status, code=exc.code, detail=exc.detail, extra=exc.extra or None)

@@ -36,6 +36,7 @@ from orchestrator.services.matching import (
     exclusion_reason,
     offer_key,
 )
+from orchestrator.services.result_batches import BatchCompletion
 from orchestrator.services.settlement import Payments
 from orchestrator.services.verification import CHECK, VerificationService
 from orchestrator.services.workers import REGISTERED, leased_counts
@@ -128,7 +129,7 @@ def _ewma(old: float | None, new: float) -> float:
     return new if old is None else old + PERF_EWMA_ALPHA * (new - old)
 
 
-class LeaseService:
+class LeaseService(BatchCompletion):
     def __init__(
         self,
         store: Store,
@@ -275,6 +276,44 @@ class LeaseService:
             if job is not None and job.state == JobState.QUEUED and job.waiting_reason is None:
                 job.waiting_reason = reason
 
+    def explain_unplaced_many(self, job_ids: list[str], now: float) -> None:
+        """``explain_unplaced`` for the jobs of a batch: one read when every model they want
+        is offered by a live worker (the busy market's case), one write otherwise."""
+        with self._store.read() as s:
+            waiting = list(
+                s.scalars(
+                    select(Job).where(
+                        Job.id.in_(job_ids),
+                        Job.state == JobState.QUEUED,
+                        Job.waiting_reason.is_(None),
+                    )
+                )
+            )
+            live = self._live_models(s, now)
+            unserved = {j.id: f"{j.type}/{j.model}" for j in waiting if j.model not in live}
+            if not unserved:
+                return
+            free = len(
+                s.scalars(
+                    select(Worker.id).where(
+                        Worker.status == REGISTERED,
+                        Worker.available_until >= now,
+                        Worker.free_slots > 0,
+                    )
+                ).all()
+            )
+        with self._store.transaction() as s:
+            for job in s.scalars(
+                select(Job).where(Job.id.in_(unserved)).order_by(Job.id).with_for_update()
+            ):
+                if job.state == JobState.QUEUED and job.waiting_reason is None:
+                    wanted = unserved[job.id]
+                    job.waiting_reason = (
+                        f"none of the {free} free worker(s) offers {wanted}"
+                        if free
+                        else f"no worker that offers {wanted} is connected"
+                    )
+
     def _live_models(self, s: Session, now: float) -> frozenset[str]:
         """Models offered by registered workers heard from within a lease's time (cached)."""
         read_at, models = self._live_models_cache
@@ -340,6 +379,11 @@ class LeaseService:
             for job in jobs:
                 job.delivered = True
                 job.lease_expires_at = now + self._settings.lease_ttl_s
+                # The lease is the start: the job shows RUNNING from the moment the worker
+                # has it, with no round trip of its own (POST .../start stays, idempotent).
+                if job.started_at is None:
+                    job.started_at = now
+                transition(s, job, JobState.RUNNING, now)
                 leased.append(self._leased_job(job))
             if poll_until is not None:  # jobs, then the worker's row: the store's lock order
                 s.execute(
@@ -374,6 +418,11 @@ class LeaseService:
         job = s.get(Job, job_id, with_for_update=True)
         if job is None:
             raise NotFound(f"no job {job_id}")
+        return self._holding(s, worker, job, attempt)
+
+    def _holding(self, s: Session, worker: Principal, job: Job, attempt: int) -> Job:
+        """``job`` (locked by the caller) if ``worker`` holds its lease for ``attempt``."""
+        job_id = job.id
         if job.worker_id != worker.id:
             had_it = s.scalar(
                 select(JobEvent.id).where(
@@ -542,7 +591,14 @@ class LeaseService:
         return s.scalar(select(Worker.address).where(Worker.id == worker.id)) or ""
 
     def _check_result(
-        self, s: Session, job: Job, row: Worker, req: CompleteRequest, worker: Principal
+        self,
+        s: Session,
+        job: Job,
+        row: Worker,
+        req: CompleteRequest,
+        worker: Principal,
+        *,
+        batch_signed: bool = False,
     ) -> None:
         if req.output is not None:
             if job.type == JobType.TRANSCODE:
@@ -563,6 +619,8 @@ class LeaseService:
                 "hash the canonical JSON of the output"
             )
         assert job.price_wei_per_unit is not None
+        if batch_signed:  # the batch's signature was recovered once, over every result in it
+            return
         try:
             signer = recover_result_signer(
                 job.id,

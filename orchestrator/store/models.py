@@ -178,6 +178,10 @@ class Job(Base):
     parent_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     # The verification record (protocol.VerificationView as JSON) of a sampled job.
     verification: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # A result reported in a batch: the batch (its signature is ``signature``) and this job's
+    # place in its signed list of result hashes.
+    result_batch_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    result_batch_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class JobEvent(Base):
@@ -322,3 +326,16 @@ class Replica(Base):
     started_at: Mapped[float] = mapped_column(Float)
     seen_at: Mapped[float] = mapped_column(Float, index=True)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class ResultBatch(Base):
+    """Results a worker reported together: one EIP-712 signature over the ordered list of the
+    jobs' ``Result`` struct hashes (protocol/signing.py); each job keeps its index into it."""
+
+    __tablename__ = "result_batches"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    worker_id: Mapped[str] = mapped_column(String(32))
+    signature: Mapped[str] = mapped_column(String(132))
+    result_hashes: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)

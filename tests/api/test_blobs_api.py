@@ -334,7 +334,7 @@ def test_transcode_results_must_be_blobs_the_worker_uploaded(run_api: RunApi) ->
         resp = await api.http.post(url, json=inline, headers=worker.headers)
         assert_problem(resp, 422, "invalid_input", "transcode results are files", "output_blobs")
 
-        assert (await api.job(client, job["id"]))["state"] == "assigned"
+        assert (await api.job(client, job["id"]))["state"] == "running"
 
     run_api(body)
 
@@ -389,7 +389,7 @@ def test_output_blobs_must_be_listed_as_their_files_are(
             headers=worker.headers,
         )
         assert_problem(resp, 422, "invalid_input", uploaded["sha256"], says)
-        assert (await api.job(client, job["id"]))["state"] == "assigned"  # the lease stands
+        assert (await api.job(client, job["id"]))["state"] == "running"  # the lease stands
 
     run_api(body)
 
@@ -405,7 +405,7 @@ def test_an_output_blob_that_is_not_a_video_cannot_be_billed(run_api: RunApi) ->
             headers=worker.headers,
         )
         assert_problem(resp, 422, "invalid_input", uploaded["sha256"], "cannot be billed")
-        assert (await api.job(client, job["id"]))["state"] == "assigned"
+        assert (await api.job(client, job["id"]))["state"] == "running"
 
     run_api(body)
 
@@ -469,7 +469,7 @@ def test_a_transcode_over_the_clients_max_units_is_refused_without_blame(run_api
             headers=worker.headers,
         )
         assert_problem(resp, 422, "invalid_input", f"above the {PIXELS - 1} the client authorised")
-        assert (await api.job(client, leased["job_id"]))["state"] == "assigned"
+        assert (await api.job(client, leased["job_id"]))["state"] == "running"
         assert _reputation(api, worker) == 0.5  # an honest bill: not held against the worker
 
     run_api(body)

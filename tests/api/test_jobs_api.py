@@ -533,7 +533,8 @@ def test_a_job_long_poll_answers_when_the_state_changes(run_live_api: RunApi) ->
         [leased] = await api.lease(worker, wait_s=2)
         resp = await asyncio.wait_for(waiter, 10)  # far inside the 20 s asked for
         assert resp.status_code == 200, resp.text
-        assert resp.json()["state"] == "assigned"
+        # matched, and (the lease marks it running) perhaps already in the worker's hands
+        assert resp.json()["state"] in ("assigned", "running")
 
         # Without while_state it waits for a final state, through "running".
         waiter = asyncio.create_task(api.http.get(url, params={"wait_s": 20}, headers=client))

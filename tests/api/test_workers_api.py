@@ -255,7 +255,7 @@ def test_lease_long_poll_returns_a_job_submitted_while_it_waits(run_live_api: Ru
         assert got["deadline_at"] == job["deadline_at"]
 
         seen = await api.job(client, job["id"])
-        assert seen["state"] == "assigned"
+        assert seen["state"] == "running"
         assert seen["worker_address"] == worker.address
         assert seen["price_wei_per_unit"] == str(OFFER_PRICE)
 
@@ -355,7 +355,7 @@ def test_heartbeats_keep_a_lease_alive(run_api: RunApi, clock: FakeClock) -> Non
             )
             assert resp.json()["cancel"] == []
             api.services.leases.sweep(clock())
-        assert (await api.job(client, job["job_id"]))["state"] == "assigned"
+        assert (await api.job(client, job["job_id"]))["state"] == "running"
 
         clock.advance(31)  # silence: the sweeper takes the job back
         api.services.leases.sweep(clock())
@@ -411,6 +411,7 @@ def test_start_complete_then_the_client_reads_the_signed_result(
             "co2_g": pytest.approx(2.0 / 3_600_000 * 475),
             "verification": None,
             "skipped_renditions": None,
+            "batch": None,
         }
         signed = (job_id, 1, digest, len(TEXTS), OFFER_PRICE, result["signature"])
         assert recover_result_signer(*signed) == worker.address
@@ -465,7 +466,7 @@ def test_a_worker_cannot_act_on_a_job_leased_to_another(run_api: RunApi) -> None
         assert_problem(resp, 403, "forbidden", "not leased to you")
 
         seen = await api.job(client, job_id)
-        assert (seen["state"], seen["worker_address"]) == ("assigned", holder.address)
+        assert (seen["state"], seen["worker_address"]) == ("running", holder.address)
 
         resp = await api.http.post(
             "/v1/workers/jobs/0123456789abcdef0123456789abcdef/start",
@@ -514,7 +515,7 @@ def test_bad_results_are_refused_and_the_job_stays_leased(
             headers=worker.headers,
         )
         assert_problem(resp, 422, code, *says)
-        assert (await api.job(client, job["job_id"]))["state"] == "assigned"
+        assert (await api.job(client, job["job_id"]))["state"] == "running"
 
         resp = await api.complete(worker, job["job_id"], 1, EMBEDDINGS)
         assert resp.status_code == 200, resp.text
@@ -541,7 +542,7 @@ def test_non_finite_numbers_in_a_result_are_refused(run_api: RunApi) -> None:
             in_energy = template.replace('"OUT"', "0.5").replace('"J"', literal)
             resp = await api.http.post(url, content=in_energy, headers=headers)
             assert_problem(resp, status, code, says)
-        assert (await api.job(client, job["job_id"]))["state"] == "assigned"
+        assert (await api.job(client, job["job_id"]))["state"] == "running"
 
     run_api(body)
 

@@ -22,7 +22,7 @@ from typing import Any
 from eth_account import Account
 
 from contracts.events import Redeemed
-from protocol.signing import output_sha256, recover_result_signer
+from protocol.signing import output_sha256, recover_job_result_signer
 from tests.faults.market import PAYER_KEY, Market, until
 from tests.faults.paced_worker import embedding, rendition_bytes
 
@@ -82,13 +82,16 @@ def _check_result(market: Market, spec: dict[str, Any], job: dict[str, Any]) -> 
     assert first["attempt"] == job["attempt"]
     assert first["worker_address"] == job["worker_address"]
     assert first["cost_wei"] == job["cost_wei"] and int(first["cost_wei"]) > 0
-    signer = recover_result_signer(
+    proof = first.get("batch") or {}  # reported in a batch: proven by its place in it
+    signer = recover_job_result_signer(
         job["id"],
         first["attempt"],
         first["output_sha256"],
         first["units"],
         int(first["price_wei_per_unit"]),
         first["signature"],
+        proof.get("result_hashes"),
+        proof.get("index"),
     )
     assert signer == first["worker_address"], f"job {job['id']}: result not signed by its worker"
     if spec["type"] == "inference":

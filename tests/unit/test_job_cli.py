@@ -207,6 +207,50 @@ def test_texts_file_and_idempotency_key(market: Market, tmp_path: Path) -> None:
     assert first["max_price_wei_per_unit"] == str(2 * 10**9)
 
 
+def test_one_job_per_line_and_jobs_files_are_submitted_and_waited_on_in_batches(
+    market: Market, tmp_path: Path
+) -> None:
+    worker = market.register_worker()
+    lines = tmp_path / "lines.txt"
+    lines.write_text("first\n\nsecond\nthird\n")
+    args = ["submit", "--model", EMBED_MODEL, "--texts-file", str(lines), "--job-per-line"]
+    args += ["--max-price", "1000", "--idempotency-key", "run-1"]
+
+    async def work() -> None:  # the worker leases the three jobs and completes them
+        done = 0
+        while done < 3:
+            for job in await market.api.lease(worker, wait_s=5.0, max_jobs=8):
+                resp = await market.api.complete(
+                    worker, job["job_id"], job["attempt"], {"embeddings": [[0.5]]}, 1
+                )
+                assert resp.status_code == 200, resp.text
+                done += 1
+
+    market.background.append(market.portal.start_task_soon(work))
+    done = market.invoke(*args, "--wait", "--timeout-s", "20")
+    assert done.exit_code == 0, done.output
+    outcomes = done.stdout.strip().splitlines()
+    assert len(outcomes) == 3
+    assert all(" succeeded 1 unit(s) 100 wei by " + worker.address in o for o in outcomes)
+    # The same keys again: the same three jobs, nothing new.
+    again = _json(market.invoke(*args, "--json"))
+    assert [i["created"] for i in again["jobs"]] == [False] * 3
+    assert [i["job"]["idempotency_key"] for i in again["jobs"]] == [f"run-1-{n}" for n in (1, 2, 3)]
+
+    jobs = tmp_path / "jobs.jsonl"
+    good = {"type": "inference", "model": EMBED_MODEL, "input": {"texts": ["a"]}}
+    bad = {**good, "model": "no-such-model"}
+    jobs.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    refused = market.invoke("submit", "--jobs-file", str(jobs), "--max-price", "1000")
+    assert refused.exit_code == 1, refused.output
+    first, second = refused.stdout.strip().splitlines()
+    assert first.startswith("job ") and first.endswith(" queued")
+    assert second.startswith("job 2: refused (422): unknown inference model 'no-such-model'")
+    jobs.write_text("{not json\n")
+    broken = market.invoke("submit", "--jobs-file", str(jobs), "--max-price", "1000")
+    assert broken.exit_code == 2 and "line 1 is not JSON" in broken.stderr
+
+
 def test_submit_wait_prints_the_result_summary(market: Market) -> None:
     worker = market.register_worker()
     market.complete_soon(worker)

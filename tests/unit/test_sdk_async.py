@@ -249,3 +249,37 @@ def test_a_long_poll_ends_inside_the_clients_read_timeout(
     assert params.get("wait_s", 0.0) == pytest.approx(expected_wait_s)
     if expected_wait_s:
         assert params["while_state"] == "running"
+
+
+def test_submit_many_and_wait_many_take_one_request_each_way(services: Services) -> None:
+    async def body(api: Api, client: AsyncClient) -> None:
+        worker = await api.register_worker(max_concurrency=8)
+        specs = [inference_spec(idempotency_key=f"key-{i}") for i in range(3)]
+        specs.append(inference_spec(model="nope"))
+        items = await client.submit_many(specs)
+        assert [i["created"] for i in items] == [True, True, True, False]
+        assert items[3]["error"]["status"] == 422 and "nope" in items[3]["error"]["detail"]
+        ids = [i["job"]["id"] for i in items[:3]]
+        assert [i["job"]["id"] for i in await client.submit_many(specs[:3])] == ids
+
+        async def work() -> None:
+            leased = await api.lease(worker, wait_s=1.0, max_jobs=8)
+            assert len(leased) == 3
+            await client.cancel(leased[2]["job_id"])
+            for job in leased[:2]:
+                resp = await api.complete(worker, job["job_id"], job["attempt"])
+                assert resp.status_code == 200, resp.text
+
+        outcomes, _ = await asyncio.gather(client.wait_many(ids, timeout_s=30), work())
+        by_id = {o.get("job_id") or o["id"]: o for o in outcomes}
+        assert [o.get("job_id") or o["id"] for o in outcomes] == ids
+        cancelled = [o for o in by_id.values() if o["state"] == "cancelled"]
+        succeeded = [o for o in by_id.values() if o["state"] == "succeeded"]
+        assert len(cancelled) == 1 and len(succeeded) == 2
+        assert all(o["units"] == len(TEXTS) and o["signature"] for o in succeeded)
+
+        with pytest.raises(JobTimeout, match="1 of 1 jobs still not final"):
+            queued = (await client.submit(inference_spec()))["id"]
+            await client.wait_many([queued], timeout_s=0.3)
+
+    run(services, body)

@@ -18,6 +18,13 @@ from orchestrator.api.strict_json import StrictJSONRoute
 from orchestrator.services.auth import Principal
 from orchestrator.wiring import Services
 from protocol import FINAL_STATES, JobSpec, JobState, JobView, ResultView
+from protocol.batches import (
+    JobBatchRequest,
+    JobBatchResponse,
+    JobStateItem,
+    JobWaitRequest,
+    JobWaitResponse,
+)
 from protocol.jobs import JobList
 
 MAX_JOB_WAIT_S = 60.0
@@ -61,6 +68,69 @@ def submit_job(
     except Exception:
         log.exception("dispatch after a submit failed; the next round places the job")
     return job
+
+
+@router.post(
+    "/batch",
+    responses={200: {"model": JobBatchResponse}, **problems(400, 401, 413, 422, 429, 503)},
+)
+def submit_batch(
+    req: JobBatchRequest, client: ClientDep, services: ServicesDep
+) -> JobBatchResponse:
+    """Submit many jobs in one request and one transaction (at most ``MAX_SUBMIT_BATCH``).
+    Each job carries its own ``idempotency_key``; the answer lists, in order, each job (with
+    ``created``) or its own error, so one bad job refuses only itself."""
+    items = services.jobs.batch.submit(client, req.jobs, services.now())
+    created = [item.job.id for item in items if item.created and item.job is not None]
+    if not created:
+        return JobBatchResponse(jobs=items)
+    try:  # once for the batch; as for one submit, a failed round leaves the jobs queued
+        placed = {job_id for job_id, _ in services.leases.dispatch(services.now())}
+        unplaced = [job_id for job_id in created if job_id not in placed]
+        if unplaced:
+            services.leases.explain_unplaced_many(unplaced, services.now())
+            # Still queued: the answer carries why each waits (a narrow read, not each whole).
+            reasons = services.jobs.batch.waiting_reasons(unplaced)
+            for item in items:
+                if item.created and item.job is not None and item.job.id in reasons:
+                    item.job.waiting_reason = reasons[item.job.id]
+    except Exception:
+        log.exception("dispatch after a batch submit failed; the next round places the jobs")
+    return JobBatchResponse(jobs=items)
+
+
+@router.post("/wait", responses=problems(400, 401, 404, 413, 422))
+async def wait_jobs(
+    req: JobWaitRequest, client: ClientDep, services: ServicesDep
+) -> JobWaitResponse:
+    """Many jobs at once, and a long-poll over them: the answer waits (up to ``wait_s``, at
+    most the server's long-poll limit) until ``any`` of them is final, or ``all`` are. It
+    lists every job's state, and each final job whole: its signed result if it succeeded,
+    else its view."""
+    batch = services.jobs.batch
+    states = await run_in_threadpool(batch.states, client, req.job_ids)
+    deadline = time.monotonic() + min(req.wait_s, services.settings.long_poll_max_s)
+
+    def waiting(states: list[JobStateItem]) -> bool:
+        final = [item.state in FINAL_STATES for item in states]
+        return not any(final) if req.return_when == "any" else not all(final)
+
+    keys = [f"job:{job_id}" for job_id in dict.fromkeys(req.job_ids)]
+    while waiting(states) and (remaining := deadline - time.monotonic()) > 0:
+        fired = await services.hub.watch_any(keys, remaining)
+        # Woken: only the jobs that changed are read again; after a quiet second, all.
+        changed = [key.removeprefix("job:") for key in fired]
+        fresh = await run_in_threadpool(batch.states, client, changed or req.job_ids)
+        now_in = {item.id: item for item in fresh}
+        states = [now_in.get(item.id, item) for item in states]
+    final = {item.id: item.state for item in states if item.state in FINAL_STATES}
+    succeeded = [i for i, state in final.items() if state is JobState.SUCCEEDED]
+    results: list[ResultView] = []
+    if req.results and succeeded:
+        results = await run_in_threadpool(batch.results, client, succeeded)
+    whole = [i for i in final if i not in {r.job_id for r in results}]
+    jobs = await run_in_threadpool(batch.get, client, whole) if whole else []
+    return JobWaitResponse(states=states, jobs=jobs, results=results)
 
 
 @router.get("", responses=problems(401, 422))

@@ -21,6 +21,7 @@ from protocol import (
     RegisterResponse,
     ResultView,
 )
+from protocol.batches import BatchCompleteRequest, BatchCompleteResponse
 from protocol.generation import StreamChunk
 from protocol.workers import (
     DeregisterResponse,
@@ -108,6 +109,18 @@ def complete_job(
 ) -> ResultView:
     """Report a signed result. Idempotent for the same attempt and output; 409 if stale."""
     return services.leases.complete(worker, job_id, req, services.now())
+
+
+@router.post("/results", responses=problems(400, 401, 413, 422, 503))
+def complete_batch(
+    req: BatchCompleteRequest, worker: WorkerDep, services: ServicesDep
+) -> BatchCompleteResponse:
+    """Report many signed results at once, under one signature over their result hashes
+    (protocol/signing.py). Each job is recorded once, as ``/jobs/{id}/complete`` would; an
+    item that cannot be taken (e.g. 409: its attempt is stale) carries its own error."""
+    return BatchCompleteResponse(
+        results=services.leases.complete_batch(worker, req, services.now())
+    )
 
 
 @router.post("/jobs/{job_id}/fail", responses=problems(400, 401, 403, 404, 409, 413, 422))

@@ -37,7 +37,12 @@ from orchestrator.services.ratelimit import RateLimiter
 from orchestrator.store import Store
 from orchestrator.wiring import Services, build_services
 from protocol import JobType, LeasedJob, Offer, Precision
-from protocol.signing import output_sha256, recover_result_signer
+from protocol.signing import (
+    output_sha256,
+    recover_result_batch_signer,
+    recover_result_signer,
+    result_hash,
+)
 from protocol.workers import EnergySource
 from tests.support import EMBED_MODEL, damaged_clip, hardware, video_clip
 from worker.client import OrchestratorClient
@@ -483,6 +488,40 @@ def test_submitted_jobs_are_leased_run_and_completed_with_signed_priced_metered_
                     assert res["energy_source"] == "rapl"
                 await worker.completed(6)
                 assert sorted(embedder.finished) == sorted([job_id, *more])
+
+    run(body)
+
+
+def test_results_ready_together_are_reported_in_one_request_under_one_signature(
+    live_services: Services, worker_settings: WorkerSettings
+) -> None:
+    embedder = ScriptedEmbedder()
+    settings = worker_settings.model_copy(update={"max_concurrency": 4})
+
+    async def body() -> None:
+        async with open_market(live_services) as market:
+            async with start_worker(market, [embedder], settings) as worker:
+                await worker.registered()
+                jobs = [await market.submit(f"block {i}") for i in range(4)]
+
+                async def all_started() -> bool:
+                    return len(embedder.started) == 4
+
+                await eventually(all_started, "4 jobs running at once")
+                for job_id in jobs:  # running from the lease on, with no /start call
+                    assert (await market.job(job_id))["state"] == "running"
+                sent = worker.daemon.reporter.requests
+                embedder.release.set()  # all four finish together
+                await worker.completed(4)
+                assert worker.daemon.reporter.requests == sent + 1
+                for job_id in jobs:
+                    result = await market.result(job_id)
+                    proof = result["batch"]
+                    assert len(proof["result_hashes"]) == 4
+                    mine = result_hash(job_id, 1, result["output_sha256"], *_billed(result))
+                    assert proof["result_hashes"][proof["index"]] == mine
+                    signer = recover_result_batch_signer(proof["result_hashes"], proof["signature"])
+                    assert signer == worker.address == result["worker_address"]
 
     run(body)
 

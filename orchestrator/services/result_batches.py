@@ -1,0 +1,228 @@
+"""Results reported in a batch: many jobs' results in one request, under one signature.
+
+A worker whose jobs finished together reports them in one ``POST /v1/workers/results``: one
+EIP-712 ``ResultBatch`` signature over the list of the jobs' ``Result`` struct hashes
+(protocol/signing.py), recovered once. Each job is then recorded as ``LeaseService.complete``
+records one (the same checks, billing, verification sampling and ledger), all in one
+transaction, exactly once per (job id, attempt): a replayed batch or job answers its recorded
+result, and a stale attempt is that item's own 409 beside the accepted ones.
+
+``BatchCompletion`` is a part of ``LeaseService`` (it uses the single completion's steps); it
+lives here so the per-job lease code stays as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from orchestrator.exceptions import BadSignature, Conflict, GpumarketError, InvalidInput, NotFound
+from orchestrator.services import billing
+from orchestrator.services.auth import Principal, new_id
+from orchestrator.services.jobs import item_error
+from orchestrator.services.verification import CHECK, VerificationService
+from orchestrator.store import Store
+from orchestrator.store.engine import retry_transient
+from orchestrator.store.models import Job, ResultBatch, Worker
+from protocol import CompleteRequest, JobState, ResultView
+from protocol.batches import BatchCompleteItem, BatchCompleteRequest, BatchResult
+from protocol.signing import recover_result_batch_signer, result_hash
+
+
+class BatchCompletion:
+    """``LeaseService.complete_batch`` and its helpers (a mixin of ``LeaseService``)."""
+
+    _store: Store
+    _blob_path: Callable[[str], Path]
+    _verification: VerificationService
+
+    if TYPE_CHECKING:  # the single completion's steps, defined in LeaseService
+
+        def _holding(self, s: Session, worker: Principal, job: Job, attempt: int) -> Job: ...
+
+        def _check_result(
+            self,
+            s: Session,
+            job: Job,
+            row: Worker,
+            req: CompleteRequest,
+            worker: Principal,
+            *,
+            batch_signed: bool = False,
+        ) -> None: ...
+
+        def _refuse_bill(
+            self, s: Session, job: Job, row: Worker, reported: int, derived: int, now: float
+        ) -> None: ...
+
+        def _check_cap(self, job: Job, units: int) -> None: ...
+
+        def _record_result(
+            self, s: Session, job: Job, row: Worker, req: CompleteRequest, units: int, now: float
+        ) -> ResultView: ...
+
+    @retry_transient
+    def complete_batch(
+        self, worker: Principal, req: BatchCompleteRequest, now: float
+    ) -> list[BatchCompleteItem]:
+        """Record many results under one signature, in one transaction; each item as
+        ``complete`` would (exactly once per job and attempt: a replayed item returns its
+        recorded result). An item that cannot be taken (a stale attempt, a foreign job, other
+        units) gets its own error beside the accepted ones. The signature (EIP-712
+        ``ResultBatch`` over the items' ``Result`` struct hashes) is recovered once."""
+        hashes = self._batch_hashes(req)
+        try:
+            signer = recover_result_batch_signer(hashes, req.signature)
+        except ValueError as exc:
+            raise BadSignature(f"batch signature could not be decoded: {exc}") from exc
+        items = {r.job_id: r for r in req.results}
+        derived = self._derive_batch_units(worker, req)
+        outcomes: dict[str, BatchCompleteItem] = {}
+        with self._store.transaction() as s:
+            # Lock order: the jobs (in id order), then the worker.
+            jobs = {
+                j.id: j
+                for j in s.scalars(
+                    select(Job).where(Job.id.in_(items)).order_by(Job.id).with_for_update()
+                )
+            }
+            row = s.get(Worker, worker.id, with_for_update=True)
+            assert row is not None
+            if signer != row.address:
+                raise BadSignature(
+                    f"result batch is signed by {signer}, not by this worker's address "
+                    f"{row.address}; sign the list of result hashes (protocol/signing.py, "
+                    "result_hash) with the worker's key"
+                )
+            batch = ResultBatch(
+                id=new_id(),
+                worker_id=worker.id,
+                signature=req.signature,
+                result_hashes=hashes,
+                created_at=now,
+            )
+            for index, item in enumerate(req.results):
+                try:
+                    view = self._complete_item(
+                        s,
+                        worker,
+                        row,
+                        jobs.get(item.job_id),
+                        item,
+                        index,
+                        batch,
+                        derived[item.job_id],
+                        now,
+                    )
+                except GpumarketError as exc:
+                    outcomes[item.job_id] = BatchCompleteItem(
+                        job_id=item.job_id, error=item_error(exc)
+                    )
+                    continue
+                outcomes[item.job_id] = BatchCompleteItem(
+                    job_id=item.job_id, state=JobState(view.state), cost_wei=view.cost_wei
+                )
+            if any(j.result_batch_id == batch.id for j in jobs.values()):
+                s.add(batch)
+        return [outcomes[r.job_id] for r in req.results]
+
+    @staticmethod
+    def _batch_hashes(req: BatchCompleteRequest) -> list[str]:
+        hashes = []
+        for i, item in enumerate(req.results):
+            try:
+                hashes.append(
+                    result_hash(
+                        item.job_id,
+                        item.attempt,
+                        item.output_sha256,
+                        item.units,
+                        item.price_wei_per_unit,
+                    )
+                )
+            except ValueError as exc:
+                raise InvalidInput(f"results[{i}] cannot be hashed: {exc}") from exc
+        return hashes
+
+    def _derive_batch_units(
+        self, worker: Principal, req: BatchCompleteRequest
+    ) -> dict[str, int | InvalidInput]:
+        """Each item's units as the orchestrator counts them (one read for the batch), and a
+        check's comparisons made ahead (see ``complete``), before the write transaction."""
+        derived: dict[str, int | InvalidInput] = {}
+        with self._store.read() as s:
+            jobs = {
+                j.id: j
+                for j in s.scalars(select(Job).where(Job.id.in_([r.job_id for r in req.results])))
+            }
+            for item in req.results:
+                job = jobs.get(item.job_id)
+                if job is None:
+                    derived[item.job_id] = InvalidInput(f"no job {item.job_id}")
+                    continue
+                try:
+                    derived[item.job_id] = billing.derive_units(
+                        job, item.output_blobs, self._blob_path
+                    )
+                except InvalidInput as exc:
+                    derived[item.job_id] = exc
+        for item in req.results:
+            if jobs.get(item.job_id) is not None and jobs[item.job_id].kind == CHECK:
+                self._verification.precompare(item.job_id, worker.id, _as_complete(item, ""))
+        return derived
+
+    def _complete_item(
+        self,
+        s: Session,
+        worker: Principal,
+        row: Worker,
+        job: Job | None,
+        item: BatchResult,
+        index: int,
+        batch: ResultBatch,
+        derived: int | InvalidInput,
+        now: float,
+    ) -> Job:
+        """One result of a batch, inside its transaction: ``complete``'s checks and record.
+        Returns the job as recorded (now, or by an earlier report of the same result)."""
+        if job is None:
+            raise NotFound(f"no job {item.job_id}")
+        if (
+            job.state in (JobState.SUCCEEDED, JobState.VERIFYING)
+            and job.worker_id == worker.id
+            and job.attempt == item.attempt
+        ):
+            if job.output_sha256 != item.output_sha256 or job.units != item.units:
+                raise Conflict(f"job {job.id} was already completed with another output or units")
+            return job
+        job = self._holding(s, worker, job, item.attempt)  # locked with the batch's jobs
+        if item.price_wei_per_unit != job.price_wei_per_unit:
+            raise InvalidInput(
+                f"results[{index}] is signed at {item.price_wei_per_unit} wei per unit; "
+                f"job {job.id} was leased at {job.price_wei_per_unit}"
+            )
+        req = _as_complete(item, batch.signature)
+        self._check_result(s, job, row, req, worker, batch_signed=True)
+        if isinstance(derived, InvalidInput):
+            raise derived
+        if item.units != derived:
+            detail = billing.units_mismatch(item.units, derived, job)
+            self._refuse_bill(s, job, row, item.units, derived, now)
+            raise InvalidInput(detail, derived_units=derived)
+        self._check_cap(job, derived)
+        job.result_batch_id = batch.id
+        job.result_batch_index = index
+        self._record_result(s, job, row, req, derived, now)
+        return job
+
+
+def _as_complete(item: BatchResult, signature: str) -> CompleteRequest:
+    """A batch item as the single-result request ``complete``'s checks take (already valid)."""
+    fields = {
+        name: getattr(item, name) for name in CompleteRequest.model_fields if name != "signature"
+    }
+    return CompleteRequest.model_construct(**{**fields, "signature": signature})

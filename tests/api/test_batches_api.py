@@ -1,0 +1,381 @@
+"""Batches over HTTP, on SQLite and PostgreSQL: submit many, wait on many, complete many
+under one signature (exactly once per job), and a lease that marks its jobs running."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from sqlalchemy import func, select
+
+from orchestrator.app import create_app
+from orchestrator.store.models import Job, JobEvent, ResultBatch
+from orchestrator.wiring import Services
+from protocol.signing import (
+    output_sha256,
+    recover_result_batch_signer,
+    result_hash,
+    sign_result_batch,
+)
+from tests.api.conftest import BASE_URL, Api, ApiBody, RunApi, _serve, assert_problem
+from tests.api.conftest import inference_spec as spec
+from tests.conftest import FakeClock
+from tests.support import offer
+
+PRICE_WEI = 100  # per text, the worker's offer
+
+
+@pytest.fixture
+def run_any_api(any_services: Services) -> RunApi:
+    async def serve(body: ApiBody) -> None:
+        app = create_app(any_services.settings, services=any_services, run_sweeper=False)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+                await body(Api(http, any_services))
+
+    return lambda body: asyncio.run(serve(body))
+
+
+def one_text(text: str, **overrides: Any) -> dict[str, Any]:
+    return spec(input={"texts": [text]}, **overrides)
+
+
+def batch_item(
+    job: dict[str, Any], *, attempt: int | None = None, units: int = 1
+) -> dict[str, Any]:
+    output = {"embeddings": [[0.5, -0.25]] * units}
+    return {
+        "job_id": job["job_id"],
+        "attempt": attempt or job["attempt"],
+        "output": output,
+        "output_sha256": output_sha256(output),
+        "price_wei_per_unit": job["price_wei_per_unit"],
+        "duration_s": 0.1,
+        "energy_j": 1.0,
+        "energy_source": "estimate",
+        "units": units,
+    }
+
+
+def signed(items: list[dict[str, Any]], account: LocalAccount) -> dict[str, Any]:
+    hashes = [
+        result_hash(
+            i["job_id"], i["attempt"], i["output_sha256"], i["units"], int(i["price_wei_per_unit"])
+        )
+        for i in items
+    ]
+    return {"results": items, "signature": sign_result_batch(account.key, hashes)}
+
+
+async def post_batch(api: Api, client: dict[str, str], jobs: list[dict[str, Any]]) -> list[Any]:
+    resp = await api.http.post("/v1/jobs/batch", json={"jobs": jobs}, headers=client)
+    assert resp.status_code == 200, resp.text
+    items: list[Any] = resp.json()["jobs"]
+    assert len(items) == len(jobs)
+    return items
+
+
+def test_batch_submit_answers_each_job_or_its_own_error(run_any_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        jobs = [
+            one_text("one", idempotency_key="k1"),
+            one_text("two", model="no-such-model"),
+            one_text("three", idempotency_key="k1"),  # the key again, another request
+            one_text("one", idempotency_key="k1"),  # the key again, the same request
+            one_text("four"),
+        ]
+        items = await post_batch(api, client, jobs)
+        first, unknown, clash, same, fourth = items
+        assert first["created"] and first["job"]["state"] == "queued" and first["error"] is None
+        assert first["job"]["idempotency_key"] == "k1"
+        assert "no worker that offers inference/all-MiniLM-L6-v2" in first["job"]["waiting_reason"]
+        assert unknown["job"] is None and unknown["error"]["status"] == 422
+        assert "unknown inference model 'no-such-model'" in unknown["error"]["detail"]
+        assert clash["job"] is None and clash["error"]["status"] == 409
+        assert "idempotency key 'k1' was already used" in clash["error"]["detail"]
+        assert same["created"] is False and same["job"]["id"] == first["job"]["id"]
+        assert fourth["created"] and fourth["job"]["id"] != first["job"]["id"]
+
+        # The same batch again: nothing new; each key names the job it made.
+        again = await post_batch(api, client, jobs)
+        assert again[0]["created"] is False and again[0]["job"]["id"] == first["job"]["id"]
+        assert again[2]["error"]["status"] == 409
+        assert again[4]["created"] is True  # no key: a new job, as a single submit makes
+        listed = (await api.http.get("/v1/jobs", headers=client)).json()["jobs"]
+        assert len(listed) == 3
+
+        # Refused whole: no jobs, too many, a bad field (the index says which).
+        resp = await api.http.post("/v1/jobs/batch", json={"jobs": []}, headers=client)
+        assert_problem(resp, 422, "invalid_input", "jobs")
+        resp = await api.http.post(
+            "/v1/jobs/batch", json={"jobs": [one_text("x"), {"type": "inference"}]}, headers=client
+        )
+        body_ = assert_problem(resp, 422, "invalid_input", "jobs.1")
+        assert body_["status"] == 422
+        resp = await api.http.post("/v1/jobs/batch", json={"jobs": [one_text("x")]})
+        assert_problem(resp, 401, "unauthorized")
+
+    run_any_api(body)
+
+
+def test_wait_returns_many_jobs_and_their_results_in_one_answer(
+    run_any_api: RunApi, clock: FakeClock
+) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        worker = await api.register_worker([offer(price=PRICE_WEI)], max_concurrency=8)
+        items = await post_batch(api, client, [one_text(f"t{i}") for i in range(3)])
+        ids = [i["job"]["id"] for i in items]
+
+        resp = await api.http.post("/v1/jobs/wait", json={"job_ids": ids}, headers=client)
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {
+            "states": [{"id": i, "state": "queued"} for i in ids],
+            "jobs": [],
+            "results": [],
+        }
+
+        leased = await api.lease(worker, max_jobs=8)
+        assert sorted(j["job_id"] for j in leased) == sorted(ids)
+        # The lease is the start: running without a /start call, visible to the client.
+        resp = await api.http.post("/v1/jobs/wait", json={"job_ids": ids}, headers=client)
+        assert {j["state"] for j in resp.json()["states"]} == {"running"}
+        for job_id in ids:
+            assert (await api.job(client, job_id))["started_at"] is not None
+        await api.http.post(f"/v1/jobs/{ids[2]}/cancel", headers=client)
+        leased = [j for j in leased if j["job_id"] != ids[2]]
+
+        done = signed([batch_item(j) for j in leased[:2]], worker.account)
+        resp = await api.http.post("/v1/workers/results", json=done, headers=worker.headers)
+        assert resp.status_code == 200, resp.text
+
+        resp = await api.http.post(
+            "/v1/jobs/wait", json={"job_ids": ids, "wait_s": 5}, headers=client
+        )
+        answer = resp.json()
+        states = {j["id"]: j["state"] for j in answer["states"]}
+        assert [states[i] for i in ids].count("succeeded") == 2
+        assert states[ids[2]] == "cancelled"
+        # each final job once: a result if it succeeded, else its view (why it ended)
+        assert {r["job_id"] for r in answer["results"]} == {j["job_id"] for j in leased[:2]}
+        assert [(j["id"], j["state"]) for j in answer["jobs"]] == [(ids[2], "cancelled")]
+        # without results, succeeded jobs come as views too
+        resp = await api.http.post(
+            "/v1/jobs/wait", json={"job_ids": ids, "results": False}, headers=client
+        )
+        assert resp.json()["results"] == [] and len(resp.json()["jobs"]) == 3
+
+        # Someone else's job is not found, and neither is a made-up one.
+        other = await api.new_client("other")
+        resp = await api.http.post("/v1/jobs/wait", json={"job_ids": ids}, headers=other)
+        assert_problem(resp, 404, "not_found", "3 of the job_ids", ids[0])
+        resp = await api.http.post(
+            "/v1/jobs/wait", json={"job_ids": ["../etc/passwd"]}, headers=client
+        )
+        assert_problem(resp, 422, "invalid_input", "not a job id")
+
+    run_any_api(body)
+
+
+def test_batch_completion_is_exactly_once_per_job_and_proves_each_result(
+    run_any_api: RunApi, clock: FakeClock
+) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        worker = await api.register_worker([offer(price=PRICE_WEI)], max_concurrency=8)
+        stale_job = (await post_batch(api, client, [one_text("slow")]))[0]["job"]
+        (stale,) = await api.lease(worker, max_jobs=8)
+        clock.advance(31)  # the lease runs out: the job goes back to the queue, attempt 2
+        api.services.leases.sweep(clock())
+        ids = [
+            i["job"]["id"] for i in await post_batch(api, client, [one_text("a"), one_text("b")])
+        ]
+        live = await api.lease(worker, max_jobs=8)
+        # the two new ones (the stale job waits a lease's time before it comes back to us)
+        assert sorted(j["job_id"] for j in live) == sorted(ids)
+        fresh = live
+
+        items = [batch_item(j) for j in fresh] + [batch_item(stale)]
+        request = signed(items, worker.account)
+        resp = await api.http.post("/v1/workers/results", json=request, headers=worker.headers)
+        assert resp.status_code == 200, resp.text
+        outcomes = resp.json()["results"]
+        assert [o["job_id"] for o in outcomes] == [i["job_id"] for i in items]
+        assert all(o["error"] is None for o in outcomes[:2])
+        assert outcomes[0] == {
+            "job_id": items[0]["job_id"],
+            "state": "succeeded",
+            "cost_wei": str(PRICE_WEI),
+            "error": None,
+        }
+        assert outcomes[2]["state"] is None and outcomes[2]["error"]["status"] == 409
+        assert "attempt 1" in outcomes[2]["error"]["detail"]
+        assert outcomes[2]["job_id"] == stale_job["id"]
+
+        # Each result proves itself: its hash is in the list the batch signature covers.
+        result = (await api.http.get(f"/v1/jobs/{ids[0]}/result", headers=client)).json()
+        proof = result["batch"]
+        assert result["signature"] == proof["signature"] == request["signature"]
+        mine = result_hash(
+            ids[0], 1, result["output_sha256"], result["units"], int(result["price_wei_per_unit"])
+        )
+        assert proof["result_hashes"][proof["index"]] == mine
+        assert recover_result_batch_signer(proof["result_hashes"], proof["signature"]) == (
+            worker.address
+        )
+        assert result["cost_wei"] == str(PRICE_WEI)
+
+        def snapshot() -> tuple[int, int, int]:
+            with api.services.store.read() as s:
+                return (
+                    s.scalar(select(func.count()).select_from(JobEvent)) or 0,
+                    s.scalar(select(func.count()).select_from(ResultBatch)) or 0,
+                    s.scalar(select(func.count()).where(Job.state == "succeeded")) or 0,
+                )
+
+        before = snapshot()
+        assert before[1:] == (1, 2)
+        # Replaying the batch, or one job of it alone, changes nothing and answers the same.
+        resp = await api.http.post("/v1/workers/results", json=request, headers=worker.headers)
+        assert resp.json()["results"][0] == outcomes[0]
+        assert resp.json()["results"][2]["error"]["status"] == 409
+        alone = signed([items[1]], worker.account)
+        resp = await api.http.post("/v1/workers/results", json=alone, headers=worker.headers)
+        assert resp.json()["results"][0] == outcomes[1]
+        proof = (await api.http.get(f"/v1/jobs/{ids[1]}/result", headers=client)).json()["batch"]
+        assert proof["signature"] == request["signature"]  # still the first report's
+        assert snapshot() == before
+        # The same job with another output: refused, the first stays.
+        other = {**items[0], "output": {"embeddings": [[1.0]]}}
+        other["output_sha256"] = output_sha256(other["output"])
+        resp = await api.http.post(
+            "/v1/workers/results", json=signed([other], worker.account), headers=worker.headers
+        )
+        assert resp.json()["results"][0]["error"]["status"] == 409
+        assert snapshot() == before
+
+    run_any_api(body)
+
+
+def test_batch_completion_refuses_a_bad_signature_whole_and_bad_items_alone(
+    run_any_api: RunApi,
+) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        worker = await api.register_worker([offer(price=PRICE_WEI)], max_concurrency=8)
+        await post_batch(api, client, [one_text("a"), one_text("bb"), one_text("c")])
+        leased = await api.lease(worker, max_jobs=8)
+        items = [batch_item(j) for j in leased]
+
+        forged = signed(items, Account.create())
+        resp = await api.http.post("/v1/workers/results", json=forged, headers=worker.headers)
+        assert_problem(resp, 422, "bad_signature", "not by this worker's address")
+        reordered = {**signed(items, worker.account), "results": items[::-1]}
+        resp = await api.http.post("/v1/workers/results", json=reordered, headers=worker.headers)
+        assert_problem(resp, 422, "bad_signature")
+        resp = await api.http.post(
+            "/v1/workers/results",
+            json=signed([items[0], items[0]], worker.account),
+            headers=worker.headers,
+        )
+        assert_problem(resp, 422, "invalid_input", "listed twice")
+
+        cheap = {**items[0], "price_wei_per_unit": "1"}  # signed, but not the leased price
+        greedy = {**items[1], "units": 5, "output": {"embeddings": [[0.5]] * 5}}
+        greedy["output_sha256"] = output_sha256(greedy["output"])
+        resp = await api.http.post(
+            "/v1/workers/results",
+            json=signed([cheap, greedy, items[2]], worker.account),
+            headers=worker.headers,
+        )
+        first, second, third = resp.json()["results"]
+        assert first["error"]["status"] == 422 and "leased at 100" in first["error"]["detail"]
+        assert (
+            second["error"]["status"] == 422
+            and "report and sign units=1" in (second["error"]["detail"])
+        )
+        assert third["state"] == "succeeded" and third["error"] is None
+        states = {}
+        for j in leased:
+            states[j["job_id"]] = (await api.job(client, j["job_id"]))["state"]
+        # the mispriced one is still the worker's to report; the misbilled one went back
+        assert states[items[0]["job_id"]] == "running"
+        assert states[items[1]["job_id"]] == "queued"
+
+    run_any_api(body)
+
+
+@pytest.fixture
+def verifying_services(tmp_path: Any, sqlite_store: Any, clock: FakeClock) -> Services:
+    import random
+
+    from orchestrator.config import Settings
+    from orchestrator.wiring import build_services
+
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        admin_token="operator-token-for-tests-0123456789abcdef",
+        long_poll_max_s=5.0,
+        verify_rate=1.0,  # every result is checked
+        verify_timeout_s=120.0,
+    )
+    return build_services(settings, store=sqlite_store, clock=clock, rng=random.Random(7))
+
+
+def test_each_job_of_a_batch_is_sampled_and_checked_on_its_own(
+    verifying_services: Services,
+) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        first = await api.register_worker([offer(price=PRICE_WEI)], max_concurrency=8)
+        items = await post_batch(api, client, [one_text("a"), one_text("b")])
+        ids = [i["job"]["id"] for i in items]
+        leased = await api.lease(first, max_jobs=8)
+        # Another worker is there to check: each job is sampled (rate 1.0) on its own.
+        second = await api.register_worker([offer(price=PRICE_WEI)], max_concurrency=8)
+        resp = await api.http.post(
+            "/v1/workers/results",
+            json=signed([batch_item(j) for j in leased], first.account),
+            headers=first.headers,
+        )
+        assert [r["state"] for r in resp.json()["results"]] == ["verifying"] * 2
+
+        # The other worker runs the two checks and reports them in one batch too: they agree.
+        checks = await api.lease(second, max_jobs=8)
+        assert len(checks) == 2 and not {c["job_id"] for c in checks} & set(ids)
+        resp = await api.http.post(
+            "/v1/workers/results",
+            json=signed([batch_item(c) for c in checks], second.account),
+            headers=second.headers,
+        )
+        assert all(r["error"] is None for r in resp.json()["results"]), resp.text
+        for job_id in ids:
+            job = await api.job(client, job_id)
+            assert job["state"] == "succeeded"
+            assert job["verification"]["status"] == "passed", job["verification"]
+            assert job["cost_wei"] == str(PRICE_WEI)
+
+    asyncio.run(_serve(verifying_services, body))
+
+
+def test_a_jobs_result_is_proven_alone_or_by_its_place_in_a_batch() -> None:
+    from protocol.signing import recover_job_result_signer, sign_result
+
+    account = Account.create()
+    digest = output_sha256({"embeddings": [[1.0]]})
+    alone = sign_result(account.key, "j1", 1, digest, 1, PRICE_WEI)
+    assert recover_job_result_signer("j1", 1, digest, 1, PRICE_WEI, alone) == account.address
+    hashes = [result_hash(j, 1, digest, 1, PRICE_WEI) for j in ("j0", "j1")]
+    together = sign_result_batch(account.key, hashes)
+    proven = recover_job_result_signer("j1", 1, digest, 1, PRICE_WEI, together, hashes, 1)
+    assert proven == account.address
+    with pytest.raises(ValueError, match="not at index 0"):
+        recover_job_result_signer("j1", 1, digest, 1, PRICE_WEI, together, hashes, 0)
+    with pytest.raises(ValueError, match="not at index 1"):  # another price, another hash
+        recover_job_result_signer("j1", 1, digest, 1, PRICE_WEI + 1, together, hashes, 1)
