@@ -16,14 +16,11 @@ from protocol.jobs import (
     JobSpec,
     JobState,
     JobView,
-    OutputBlob,
     ResultView,
-    SkippedRendition,
     _Strict,
-    check_finite,
 )
-from protocol.units import MAX_UNITS, SHA256_PATTERN, Wei
-from protocol.workers import MAX_LEASE_JOBS, EnergySource
+from protocol.units import Wei
+from protocol.workers import MAX_LEASE_JOBS, ResultFields
 
 MAX_SUBMIT_BATCH = 500
 MAX_WAIT_JOBS = 1000
@@ -94,28 +91,12 @@ class JobWaitResponse(BaseModel):
     results: list[ResultView]
 
 
-class BatchResult(_Strict):
+class BatchResult(ResultFields):
     """One result of a batch: as ``CompleteRequest`` without its own signature, with the job
     id and the price (wei per unit) the worker signed it at."""
 
     job_id: str = Field(pattern=JOB_ID_PATTERN)
-    attempt: int = Field(ge=1)
-    output: dict[str, Any] | None = None
-    output_blobs: list[OutputBlob] | None = Field(default=None, min_length=1, max_length=16)
-    output_sha256: str = Field(pattern=SHA256_PATTERN)
     price_wei_per_unit: Wei
-    duration_s: float = Field(ge=0)
-    energy_j: float = Field(ge=0)
-    energy_source: EnergySource
-    units: int = Field(ge=0, le=MAX_UNITS)
-    skipped_renditions: list[SkippedRendition] | None = Field(default=None, max_length=16)
-
-    @model_validator(mode="after")
-    def _one_output(self) -> BatchResult:
-        if (self.output is None) == (self.output_blobs is None):
-            raise ValueError("give exactly one of output or output_blobs")
-        check_finite(self.output, "output")
-        return self
 
 
 class BatchCompleteRequest(_Strict):

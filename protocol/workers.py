@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
@@ -200,7 +200,30 @@ class LeaseResponse(BaseModel):
     jobs: list[LeasedJob]
 
 
-class CompleteRequest(_Strict):
+class ResultFields(_Strict):
+    """What a worker reports of a finished attempt, alone (``CompleteRequest``) or in a batch
+    (``protocol.batches.BatchResult``): exactly one of ``output`` and ``output_blobs``."""
+
+    attempt: int = Field(ge=1)
+    output: dict[str, Any] | None = None
+    output_blobs: list[OutputBlob] | None = Field(default=None, min_length=1, max_length=16)
+    output_sha256: str = Field(pattern=SHA256_PATTERN)
+    duration_s: float = Field(ge=0)
+    energy_j: float = Field(ge=0)
+    energy_source: EnergySource
+    units: int = Field(ge=0, le=MAX_UNITS)
+    # Transcodes: the requested renditions not produced, each with its reason.
+    skipped_renditions: list[SkippedRendition] | None = Field(default=None, max_length=16)
+
+    @model_validator(mode="after")
+    def _one_output(self) -> Self:
+        if (self.output is None) == (self.output_blobs is None):
+            raise ValueError("give exactly one of output or output_blobs")
+        check_finite(self.output, "output")
+        return self
+
+
+class CompleteRequest(ResultFields):
     """A finished attempt. Duration in seconds, energy in joules, units as priced: input
     items for inference, output pixels (frames x width x height over the renditions) for
     transcode. The orchestrator counts the units itself and refuses other figures (422).
@@ -232,24 +255,7 @@ class CompleteRequest(_Strict):
         }
     )
 
-    attempt: int = Field(ge=1)
-    output: dict[str, Any] | None = None
-    output_blobs: list[OutputBlob] | None = Field(default=None, min_length=1, max_length=16)
-    output_sha256: str = Field(pattern=SHA256_PATTERN)
     signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")
-    duration_s: float = Field(ge=0)
-    energy_j: float = Field(ge=0)
-    energy_source: EnergySource
-    units: int = Field(ge=0, le=MAX_UNITS)
-    # Transcodes: the requested renditions not produced, each with its reason.
-    skipped_renditions: list[SkippedRendition] | None = Field(default=None, max_length=16)
-
-    @model_validator(mode="after")
-    def _one_output(self) -> CompleteRequest:
-        if (self.output is None) == (self.output_blobs is None):
-            raise ValueError("give exactly one of output or output_blobs")
-        check_finite(self.output, "output")
-        return self
 
 
 class FailRequest(_Strict):
