@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -484,20 +484,7 @@ class LeaseService(BatchCompletion):
                     )
                 return result_view(job, self._address(s, worker))
             job = self._held_job(s, worker, job_id, req.attempt)
-            # Locked: its counters and perf are read, then written (lost updates otherwise);
-            # with it, every worker this result's verdict or blame touches (store lock order:
-            # several workers are locked at once, in id order, never one while holding another).
-            touched = {worker.id, *(c["worker_id"] for c in job.input_claims or [])}
-            if job.kind == CHECK:
-                touched |= self._verification.verdict_workers(s, job)
-            s.execute(
-                select(Worker.id)
-                .where(Worker.id.in_(sorted(touched)))
-                .order_by(Worker.id)
-                .with_for_update()
-            )
-            row = s.get(Worker, worker.id, with_for_update=True, populate_existing=True)
-            assert row is not None
+            row = self._lock_workers_for(s, worker, [job])
             self._check_result(s, job, row, req, worker)
             if isinstance(derived, InvalidInput):
                 raise derived
@@ -509,6 +496,25 @@ class LeaseService(BatchCompletion):
                 return self._record_result(s, job, row, req, derived, now)
         assert refused is not None and isinstance(derived, int)
         raise InvalidInput(refused, derived_units=derived)  # after the commit: the record stays
+
+    def _lock_workers_for(self, s: Session, worker: Principal, jobs: Iterable[Job]) -> Worker:
+        """Lock the reporting worker's row (its counters and perf are read, then written) with
+        every worker the results' verdicts or blame may touch: all at once, in id order (store
+        lock order: never one worker held while waiting for another). Returns its row."""
+        touched = {worker.id}
+        for job in jobs:
+            touched.update(c["worker_id"] for c in job.input_claims or [])
+            if job.kind == CHECK and job.worker_id == worker.id:
+                touched |= self._verification.verdict_workers(s, job)
+        s.execute(
+            select(Worker.id)
+            .where(Worker.id.in_(sorted(touched)))
+            .order_by(Worker.id)
+            .with_for_update()
+        )
+        row = s.get(Worker, worker.id, with_for_update=True, populate_existing=True)
+        assert row is not None
+        return row
 
     def _derive_units(self, job_id: str, req: CompleteRequest) -> int | InvalidInput:
         """The units this result holds, or the reason they cannot be counted (raised only

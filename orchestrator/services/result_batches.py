@@ -13,7 +13,7 @@ lives here so the per-job lease code stays as it was.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,6 +61,10 @@ class BatchCompletion:
 
         def _check_cap(self, job: Job, units: int) -> None: ...
 
+        def _lock_workers_for(
+            self, s: Session, worker: Principal, jobs: Iterable[Job]
+        ) -> Worker: ...
+
         def _record_result(
             self, s: Session, job: Job, row: Worker, req: CompleteRequest, units: int, now: float
         ) -> ResultView: ...
@@ -83,15 +87,15 @@ class BatchCompletion:
         derived = self._derive_batch_units(worker, req)
         outcomes: dict[str, BatchCompleteItem] = {}
         with self._store.transaction() as s:
-            # Lock order: the jobs (in id order), then the worker.
+            # Lock order: the jobs (in id order), then the workers (this one with those the
+            # results' verdicts and blame touch, in id order).
             jobs = {
                 j.id: j
                 for j in s.scalars(
                     select(Job).where(Job.id.in_(items)).order_by(Job.id).with_for_update()
                 )
             }
-            row = s.get(Worker, worker.id, with_for_update=True)
-            assert row is not None
+            row = self._lock_workers_for(s, worker, jobs.values())
             if signer != row.address:
                 raise BadSignature(
                     f"result batch is signed by {signer}, not by this worker's address "
@@ -166,7 +170,7 @@ class BatchCompletion:
                     continue
                 try:
                     derived[item.job_id] = billing.derive_units(
-                        job, item.output_blobs, self._blob_path
+                        job, item.output_blobs, self._blob_path, item.output
                     )
                 except InvalidInput as exc:
                     derived[item.job_id] = exc

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from protocol.signing import output_sha256
 from tests.api.conftest import Api, RunApi, bearer
+from tests.api.test_batches_api import batch_item, signed
 from tests.api.test_metrics_api import scrape, value
 from tests.support import offer
 
@@ -163,5 +165,33 @@ def test_a_retried_attempt_starts_the_stream_over(run_api: RunApi) -> None:
         assert late.status_code == 409  # attempt 1 is over: told to stop, its text goes nowhere
         view = api.services.streams.read(job["id"], 1, 1)
         assert view is not None and view.attempt == 2 and view.chunks == ["a whole answer"]
+
+    run_api(body)
+
+
+def test_generate_results_reported_in_one_batch_bill_their_tokens(run_api: RunApi) -> None:
+    """A batch of results (POST /v1/workers/results) counts a generation's tokens from each
+    item's own output, as a single completion does."""
+
+    async def body(api: Api) -> None:
+        client, worker = await _market(api)
+        for _ in range(2):
+            assert (await api.http.post("/v1/jobs", json=_spec(), headers=client)).is_success
+        leased = await api.lease(worker, max_jobs=2)
+        assert len(leased) == 2
+        outputs = [_output([5, 6, 7, 8]), _output([9, 10], text="hi")]
+        items = []
+        for job, output in zip(leased, outputs, strict=True):
+            item = batch_item(
+                job, units=output["usage"]["prompt_tokens"] + len(output["token_ids"])
+            )
+            item.update(output=output, output_sha256=output_sha256(output))
+            items.append(item)
+        request = signed(items, worker.account)
+        resp = await api.http.post("/v1/workers/results", json=request, headers=worker.headers)
+        assert resp.status_code == 200, resp.text
+        outcomes = resp.json()["results"]
+        assert [o["error"] for o in outcomes] == [None, None], outcomes
+        assert [o["cost_wei"] for o in outcomes] == [str(7 * PRICE), str(5 * PRICE)]
 
     run_api(body)
