@@ -60,6 +60,11 @@ class Services:
     duties: DutyLock
     replicas: ReplicaRegistry
     # Challenges and registrations per source address (see services/ratelimit.py).
+    # Per source address, one bucket for challenges and one for registrations: a registration
+    # never competes with other workers' challenges for the token its own challenge left it
+    # (one shared bucket livelocked workers behind one address, each retry's challenge taking
+    # the token another's registration needed).
+    challenge_limit: RateLimiter
     registration_limit: RateLimiter
     # Wake-ups to and from other replicas (PostgreSQL only); started by the app's lifespan.
     bus: PgWakeBus | None = None
@@ -134,10 +139,15 @@ def build_services(
         duties=DutyLock(store),
         replicas=ReplicaRegistry(store, _shared_config(settings, payments, blob_store)),
         bus=bus,
+        challenge_limit=RateLimiter(
+            settings.registration_rate_per_min / 60.0,
+            settings.registration_burst,
+            what="worker challenges",
+        ),
         registration_limit=RateLimiter(
             settings.registration_rate_per_min / 60.0,
             settings.registration_burst,
-            what="worker challenges and registrations",
+            what="worker registrations",
         ),
     )
 

@@ -57,12 +57,21 @@ def require_client_or_worker(credentials: BearerDep, services: ServicesDep) -> P
     return services.auth.any(_token(credentials))
 
 
+def _source(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def limit_challenge(request: Request, services: ServicesDep) -> None:
+    """Spend one of the source address's challenge requests (429 when none)."""
+    services.challenge_limit.take(_source(request), services.now())
+
+
 async def limit_registration(request: Request, services: ServicesDep) -> None:
-    """Spend one of the source address's challenge/registration requests (429 when none)."""
-    source = request.client.host if request.client else "unknown"
-    services.registration_limit.take(source, services.now())
+    """Spend one of the source address's registration requests (429 when none)."""
+    services.registration_limit.take(_source(request), services.now())
 
 
+ChallengeLimitDep = Depends(limit_challenge)
 RegistrationLimitDep = Depends(limit_registration)
 ClientDep = Annotated[Principal, Depends(require_client)]
 WorkerDep = Annotated[Principal, Depends(require_worker)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
-from orchestrator.api.deps import RegistrationLimitDep, ServicesDep, WorkerDep
+from orchestrator.api.deps import ChallengeLimitDep, RegistrationLimitDep, ServicesDep, WorkerDep
 from orchestrator.api.openapi import problems
 from orchestrator.api.strict_json import StrictJSONRoute
 from protocol import (
@@ -34,9 +34,7 @@ from protocol.workers import (
 router = APIRouter(prefix="/v1/workers", tags=["workers"], route_class=StrictJSONRoute)
 
 
-@router.post(
-    "/challenge", dependencies=[RegistrationLimitDep], responses=problems(400, 413, 422, 429)
-)
+@router.post("/challenge", dependencies=[ChallengeLimitDep], responses=problems(400, 413, 422, 429))
 def challenge(req: ChallengeRequest, services: ServicesDep) -> ChallengeResponse:
     """Step 1 of registration: a one-time message to sign with the worker's key (EIP-191)."""
     return services.workers.challenge(req.address, services.now())

@@ -827,7 +827,7 @@ def test_a_rate_limited_registration_waits_as_long_as_it_is_told(
 ) -> None:
     """A 429's retry_after_s (1 s here) outweighs the worker's own short backoff (0.05 s): one
     refusal, then the registration goes through, instead of a burst of refused retries."""
-    limit = RateLimiter(2.0, 2, what="worker challenges and registrations")
+    limit = RateLimiter(2.0, 2, what="worker registrations")
     live_services.registration_limit = limit
     refusals: list[float] = []
     take = limit.take
