@@ -44,7 +44,7 @@ def challenge(req: ChallengeRequest, services: ServicesDep) -> ChallengeResponse
     "/register",
     status_code=201,
     dependencies=[RegistrationLimitDep],
-    responses=problems(400, 413, 422, 429, 503),
+    responses=problems(400, 401, 413, 422, 429, 503),
 )
 def register(req: RegisterRequest, services: ServicesDep) -> RegisterResponse:
     """Step 2: the signed challenge, hardware and offers; returns a session token."""
