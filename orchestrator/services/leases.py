@@ -506,12 +506,13 @@ class LeaseService(BatchCompletion):
             touched.update(c["worker_id"] for c in job.input_claims or [])
             if job.kind == CHECK and job.worker_id == worker.id:
                 touched |= self._verification.verdict_workers(s, job)
-        s.execute(
-            select(Worker.id)
-            .where(Worker.id.in_(sorted(touched)))
-            .order_by(Worker.id)
-            .with_for_update()
-        )
+        if len(touched) > 1:  # the usual result touches only its own worker: one read
+            s.execute(
+                select(Worker.id)
+                .where(Worker.id.in_(sorted(touched)))
+                .order_by(Worker.id)
+                .with_for_update()
+            )
         row = s.get(Worker, worker.id, with_for_update=True, populate_existing=True)
         assert row is not None
         return row

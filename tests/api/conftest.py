@@ -203,6 +203,16 @@ def run_api(services: Services) -> RunApi:
 
 
 @pytest.fixture
+def run_any_api(any_services: Services) -> RunApi:
+    """Like ``run_api``, once over SQLite and once over PostgreSQL."""
+
+    def run(body: ApiBody) -> None:
+        asyncio.run(_serve(any_services, body))
+
+    return run
+
+
+@pytest.fixture
 def live_services(settings: Settings, sqlite_store: Store) -> Services:
     """Services on the wall clock: the lease long-poll waits in real seconds."""
     return build_services(settings, store=sqlite_store, clock=time.time, rng=random.Random(7))

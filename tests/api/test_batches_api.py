@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import httpx
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import func, select
 
-from orchestrator.app import create_app
 from orchestrator.store.models import Job, JobEvent, ResultBatch
 from orchestrator.wiring import Services
 from protocol.signing import (
@@ -21,24 +19,12 @@ from protocol.signing import (
     result_hash,
     sign_result_batch,
 )
-from tests.api.conftest import BASE_URL, Api, ApiBody, RunApi, _serve, assert_problem
+from tests.api.conftest import Api, RunApi, _serve, assert_problem
 from tests.api.conftest import inference_spec as spec
 from tests.conftest import FakeClock
 from tests.support import offer
 
 PRICE_WEI = 100  # per text, the worker's offer
-
-
-@pytest.fixture
-def run_any_api(any_services: Services) -> RunApi:
-    async def serve(body: ApiBody) -> None:
-        app = create_app(any_services.settings, services=any_services, run_sweeper=False)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
-                await body(Api(http, any_services))
-
-    return lambda body: asyncio.run(serve(body))
 
 
 def one_text(text: str, **overrides: Any) -> dict[str, Any]:

@@ -6,11 +6,9 @@ the scrape is parsed with prometheus_client's own parser and checked against wha
 
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
@@ -19,27 +17,12 @@ from orchestrator.app import create_app
 from orchestrator.metrics import render
 from orchestrator.services.metrics import LATENCY_BUCKETS_S, read_market_snapshot
 from orchestrator.store.models import LedgerEntry, Redemption
-from orchestrator.wiring import Services
-from tests.api.conftest import BASE_URL, Api, ApiBody, HttpWorker, RunApi
+from tests.api.conftest import Api, HttpWorker, RunApi
 from tests.conftest import FakeClock
 from tests.support import agreed_price, completion, offer
 
 PRICE_WEI = 100  # per text, the workers' offer
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-@pytest.fixture
-def run_any_api(any_services: Services) -> RunApi:
-    """Like ``run_api``, once over SQLite and once over PostgreSQL."""
-
-    async def serve(body: ApiBody) -> None:
-        app = create_app(any_services.settings, services=any_services, run_sweeper=False)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
-                await body(Api(http, any_services))
-
-    return lambda body: asyncio.run(serve(body))
 
 
 async def scrape(api: Api) -> Samples:
