@@ -18,7 +18,7 @@ from orchestrator.exceptions import Conflict, GpumarketError, InvalidInput, NotF
 from orchestrator.services import throttle
 from orchestrator.services.auth import Principal, new_id
 from orchestrator.services.inputs import InputChecks, job_input_key, refused_reason
-from orchestrator.services.lifecycle import transition
+from orchestrator.services.lifecycle import record_event, transition
 from orchestrator.services.settlement import Payments
 from orchestrator.store import Store
 from orchestrator.store.engine import retry_transient
@@ -446,9 +446,9 @@ class JobService:
 
 def transition_queued(session: Session, job: Job, now: float) -> JobEvent:
     """Record the submission itself as the first event of the job's history."""
-    event = JobEvent(job_id=job.id, attempt=1, state=JobState.QUEUED, detail="submitted", at=now)
-    session.add(event)
-    return event
+    return record_event(
+        session, job_id=job.id, attempt=1, state=JobState.QUEUED, detail="submitted", at=now
+    )
 
 
 class BatchJobs:
@@ -456,7 +456,12 @@ class BatchJobs:
 
     Each job keeps what a single submit gives it (its own idempotency key, input checks, price
     cap and budget admission); what is per request (the client's throttle, the known models,
-    the payer's lock, the transaction) is done once. Answers keep the order asked."""
+    the payer's lock, the transaction) is done once. Answers keep the order asked.
+
+    Reads of a list of jobs select on the ids alone and check owner, kind and state here:
+    with another indexed column in the WHERE clause, SQLite (which keeps no statistics) chose
+    that column's index and walked every job of the client (or every succeeded job) for each
+    read, a cost that grew with the store and not with the request."""
 
     def __init__(self, jobs: JobService, store: Store) -> None:
         self._jobs = jobs
@@ -653,23 +658,23 @@ class BatchJobs:
         """Of these jobs, those still queued, with why they wait (one narrow read)."""
         with self._store.read() as s:
             rows = s.execute(
-                select(Job.id, Job.waiting_reason).where(
-                    Job.id.in_(job_ids), Job.state == JobState.QUEUED
-                )
+                select(Job.id, Job.waiting_reason, Job.state).where(Job.id.in_(job_ids))
             )
-            return {job_id: reason for job_id, reason in rows}
+            return {job_id: reason for job_id, reason, state in rows if state == JobState.QUEUED}
 
     def states(self, client: Principal, job_ids: list[str]) -> list[JobStateItem]:
         """The jobs' states, in the order asked (one narrow read); 404 naming any id that is
         not yours."""
         with self._store.read() as s:
-            found = dict(
-                s.execute(
-                    select(Job.id, Job.state).where(
-                        Job.id.in_(set(job_ids)), Job.client_id == client.id, Job.kind == "job"
+            found = {
+                job_id: state
+                for job_id, state, owner, kind in s.execute(
+                    select(Job.id, Job.state, Job.client_id, Job.kind).where(
+                        Job.id.in_(set(job_ids))
                     )
-                ).all()
-            )
+                )
+                if owner == client.id and kind == "job"
+            }
         _refuse_missing(job_ids, found)
         return [JobStateItem(id=i, state=JobState(found[i])) for i in job_ids]
 
@@ -678,11 +683,8 @@ class BatchJobs:
         with self._store.read() as s:
             found = {
                 job.id: job
-                for job in s.scalars(
-                    select(Job).where(
-                        Job.id.in_(set(job_ids)), Job.client_id == client.id, Job.kind == "job"
-                    )
-                )
+                for job in s.scalars(select(Job).where(Job.id.in_(set(job_ids))))
+                if job.client_id == client.id and job.kind == "job"
             }
             _refuse_missing(job_ids, found)
             events: dict[str, list[JobEvent]] = {}
@@ -702,16 +704,13 @@ class BatchJobs:
         """The signed results of those of the jobs that succeeded (one read), in the order
         asked; the others are left out."""
         with self._store.read() as s:
-            done = list(
-                s.scalars(
-                    select(Job).where(
-                        Job.id.in_(set(job_ids)),
-                        Job.client_id == client.id,
-                        Job.kind == "job",
-                        Job.state == JobState.SUCCEEDED,
-                    )
-                )
-            )
+            done = [
+                job
+                for job in s.scalars(select(Job).where(Job.id.in_(set(job_ids))))
+                if job.client_id == client.id
+                and job.kind == "job"
+                and job.state == JobState.SUCCEEDED
+            ]
             worker_ids = {j.worker_id for j in done if j.worker_id}
             addresses = _addresses(s, worker_ids)
             batch_ids = {j.result_batch_id for j in done if j.result_batch_id}

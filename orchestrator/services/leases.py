@@ -280,15 +280,11 @@ class LeaseService(BatchCompletion):
         """``explain_unplaced`` for the jobs of a batch: one read when every model they want
         is offered by a live worker (the busy market's case), one write otherwise."""
         with self._store.read() as s:
-            waiting = list(
-                s.scalars(
-                    select(Job).where(
-                        Job.id.in_(job_ids),
-                        Job.state == JobState.QUEUED,
-                        Job.waiting_reason.is_(None),
-                    )
-                )
-            )
+            waiting = [
+                job
+                for job in s.scalars(select(Job).where(Job.id.in_(job_ids)))
+                if job.state == JobState.QUEUED and job.waiting_reason is None
+            ]
             live = self._live_models(s, now)
             unserved = {j.id: f"{j.type}/{j.model}" for j in waiting if j.model not in live}
             if not unserved:

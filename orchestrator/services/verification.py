@@ -45,11 +45,11 @@ from orchestrator.services.comparators import (
     compare_renditions,
     compare_tensors,
 )
-from orchestrator.services.lifecycle import transition
+from orchestrator.services.lifecycle import record_event, transition
 from orchestrator.services.settlement import Payments
 from orchestrator.services.workers import REGISTERED
 from orchestrator.store import Store
-from orchestrator.store.models import Job, JobEvent, Slash, Worker
+from orchestrator.store.models import Job, Slash, Worker
 from protocol import (
     FINAL_STATES,
     CompleteRequest,
@@ -214,14 +214,13 @@ class VerificationService:
             units=parent.units if parent.type == JobType.INFERENCE else None,
         )
         s.add(check)
-        s.add(
-            JobEvent(
-                job_id=check.id,
-                attempt=1,
-                state=JobState.QUEUED,
-                detail=f"{purpose} of job {parent.id}",
-                at=now,
-            )
+        record_event(
+            s,
+            job_id=check.id,
+            attempt=1,
+            state=JobState.QUEUED,
+            detail=f"{purpose} of job {parent.id}",
+            at=now,
         )
         return check
 

@@ -42,10 +42,12 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, insert, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+
+from orchestrator.store.models import JobEvent
 
 log = logging.getLogger("gpumarket.orchestrator.store")
 
@@ -175,6 +177,24 @@ def normalize_db_url(url: str) -> str:
     return url
 
 
+PENDING_EVENTS = "pending_job_events"
+"""Key in ``Session.info``: job events noted by ``services.lifecycle.record_event``."""
+
+
+def write_pending_events(session: Session) -> None:
+    """Write the job events noted since the last flush, in one statement (after the flush
+    has written the jobs they reference)."""
+    rows = session.info.pop(PENDING_EVENTS, None)
+    if rows:
+        session.connection().execute(insert(JobEvent.__table__), rows)
+
+
+def _flush_with_events(session: Session) -> None:
+    """Before a commit: flush, and write the events even when the flush had nothing to do."""
+    session.flush()
+    write_pending_events(session)
+
+
 class Store:
     """Source of truth for jobs, workers, clients and blobs' metadata.
 
@@ -199,6 +219,11 @@ class Store:
                 f"unsupported database {self.dialect!r}: use sqlite:// or postgresql://"
             )
         self._write = sessionmaker(self.engine, expire_on_commit=False)
+        event.listen(self._write, "after_flush", lambda session, _: write_pending_events(session))
+        event.listen(self._write, "before_commit", _flush_with_events)
+        event.listen(
+            self._write, "after_rollback", lambda session: session.info.pop(PENDING_EVENTS, None)
+        )
         self._read = sessionmaker(self.read_engine, expire_on_commit=False)
         # Reentrant: a nested write transaction behaves as it did without the lock (SQLite's
         # busy timeout), rather than deadlocking here.

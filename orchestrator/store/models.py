@@ -118,6 +118,8 @@ class Job(Base):
         UniqueConstraint("client_id", "idempotency_key", name="uq_jobs_client_idempotency"),
         Index("ix_jobs_state_created", "state", "created_at"),
         Index("ix_jobs_client_created", "client_id", "created_at"),
+        # A worker's jobs in a state (the jobs it holds), and a worker's jobs (its prefix).
+        Index("ix_jobs_worker_state", "worker_id", "state"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -139,9 +141,7 @@ class Job(Base):
     state: Mapped[str] = mapped_column(String(16))
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     max_attempts: Mapped[int] = mapped_column(Integer)
-    worker_id: Mapped[str | None] = mapped_column(
-        ForeignKey("workers.id"), nullable=True, index=True
-    )
+    worker_id: Mapped[str | None] = mapped_column(ForeignKey("workers.id"), nullable=True)
     price_wei_per_unit: Mapped[int | None] = mapped_column(WeiAmount, nullable=True)
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     delivered: Mapped[bool] = mapped_column(Boolean, default=False)
