@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +18,7 @@ from orchestrator.exceptions import Conflict, GpumarketError, InvalidInput, NotF
 from orchestrator.services import throttle
 from orchestrator.services.auth import Principal, new_id
 from orchestrator.services.inputs import InputChecks, job_input_key, refused_reason
-from orchestrator.services.lifecycle import record_event, transition
+from orchestrator.services.lifecycle import NewEvent, record_event, transition
 from orchestrator.services.settlement import Payments
 from orchestrator.store import Store
 from orchestrator.store.engine import retry_transient
@@ -63,7 +63,9 @@ def maybe_ts(value: float | None) -> datetime | None:
     return None if value is None else ts(value)
 
 
-def job_view(job: Job, events: list[JobEvent], worker_address: str | None) -> JobView:
+def job_view(
+    job: Job, events: Sequence[JobEvent | NewEvent], worker_address: str | None
+) -> JobView:
     renditions = job.spec.get("renditions")
     return JobView(
         id=job.id,
@@ -444,7 +446,7 @@ class JobService:
         return JobList(jobs=views, next_cursor=next_cursor)
 
 
-def transition_queued(session: Session, job: Job, now: float) -> JobEvent:
+def transition_queued(session: Session, job: Job, now: float) -> NewEvent:
     """Record the submission itself as the first event of the job's history."""
     return record_event(
         session, job_id=job.id, attempt=1, state=JobState.QUEUED, detail="submitted", at=now

@@ -17,9 +17,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Row, func, select, update
+from sqlalchemy.orm import Session, load_only
 
 from orchestrator.config import Settings
 from orchestrator.exceptions import BadSignature, Conflict, Forbidden, InvalidInput, NotFound
@@ -27,7 +28,12 @@ from orchestrator.services import billing, reputation
 from orchestrator.services.auth import Principal
 from orchestrator.services.blame import Blame
 from orchestrator.services.jobs import result_view, ts
-from orchestrator.services.lifecycle import is_leased, requeue_or_fail, transition
+from orchestrator.services.lifecycle import (
+    is_leased,
+    record_transition,
+    requeue_or_fail,
+    transition,
+)
 from orchestrator.services.matching import (
     Candidate,
     JobNeeds,
@@ -67,6 +73,41 @@ OFFERED_MODELS_TTL_S = 1.0  # how stale explain_unplaced's view of live workers'
 # long-poll renews it at every look (claim, at least every second). A replica that dies stops
 # renewing, so its workers stop being offered work within this time, not at the poll's end.
 POLL_TTL_S = 5.0
+
+
+LEASE_COLUMNS = (
+    Job.id,
+    Job.attempt,
+    Job.type,
+    Job.model,
+    Job.precision,
+    Job.spec,
+    Job.input_blob,
+    Job.price_wei_per_unit,
+    Job.deadline_at,
+)
+"""What a lease hands the worker of each job (``_leased_job``)."""
+DISPATCH_COLUMNS = (
+    Job.id,
+    Job.type,
+    Job.model,
+    Job.precision,
+    Job.max_price_wei_per_unit,
+    Job.preference,
+    Job.min_vram_mb,
+    Job.units,
+    Job.deadline_at,
+    Job.excluded_workers,
+    Job.kind,
+    Job.input_claims,
+    Job.updated_at,
+    Job.state,
+    Job.attempt,
+    Job.worker_id,
+    Job.waiting_reason,
+)
+"""What a dispatch round reads of each queued job (``_needs``, ``transition``): not its spec,
+input or output, whose JSON it would decode for nothing."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +253,7 @@ class LeaseService(BatchCompletion):
         # rest, so a pile of unplaceable jobs (say, priced below every offer) blocks no one.
         jobs = s.scalars(
             select(Job)
+            .options(load_only(*DISPATCH_COLUMNS))
             .where(Job.state == JobState.QUEUED, Job.model.in_(offered_models))
             .order_by(Job.waiting_reason.is_not(None), Job.created_at, Job.id)
             .limit(self._settings.dispatch_batch)
@@ -358,39 +400,51 @@ class LeaseService(BatchCompletion):
         ``poll_until``, the worker's open poll (``open_poll``) is renewed in the same
         transaction: its free slots stay advertised ``POLL_TTL_S`` longer, up to its end."""
         with self._store.transaction() as s:
-            jobs = list(
-                s.scalars(
-                    select(Job)
-                    .where(
-                        Job.worker_id == worker.id,
-                        Job.state == JobState.ASSIGNED,
-                        Job.delivered.is_(False),
-                    )
-                    .order_by(Job.created_at)
-                    .limit(max_jobs)
-                    .with_for_update(skip_locked=True)
+            # Set-based: the columns a lease carries, one UPDATE and one INSERT of events for
+            # all of them (loading and flushing each job through the ORM cost more than the
+            # rest of the poll).
+            rows = s.execute(
+                select(*LEASE_COLUMNS)
+                .where(
+                    Job.worker_id == worker.id,
+                    Job.state == JobState.ASSIGNED,
+                    Job.delivered.is_(False),
                 )
-            )
-            leased = []
-            for job in jobs:
-                job.delivered = True
-                job.lease_expires_at = now + self._settings.lease_ttl_s
+                .order_by(Job.created_at)
+                .limit(max_jobs)
+                .with_for_update(skip_locked=True)
+            ).all()
+            lease_until = now + self._settings.lease_ttl_s
+            if rows:
                 # The lease is the start: the job shows RUNNING from the moment the worker
                 # has it, with no round trip of its own (POST .../start stays, idempotent).
-                if job.started_at is None:
-                    job.started_at = now
-                transition(s, job, JobState.RUNNING, now)
-                leased.append(self._leased_job(job))
+                s.execute(
+                    update(Job)
+                    .where(Job.id.in_([row.id for row in rows]))
+                    .values(
+                        delivered=True,
+                        lease_expires_at=lease_until,
+                        started_at=func.coalesce(Job.started_at, now),
+                        state=JobState.RUNNING.value,
+                        updated_at=now,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                for row in rows:
+                    record_transition(
+                        s, row.id, row.attempt, JobState.ASSIGNED, JobState.RUNNING, now, worker.id
+                    )
             if poll_until is not None:  # jobs, then the worker's row: the store's lock order
                 s.execute(
                     update(Worker)
                     .where(Worker.id == worker.id, Worker.available_until > 0)
                     .values(available_until=min(poll_until, now + POLL_TTL_S))
                 )
-        return leased
+        return [self._leased_job(row, lease_until) for row in rows]
 
-    def _leased_job(self, job: Job) -> LeasedJob:
-        assert job.price_wei_per_unit is not None and job.lease_expires_at is not None
+    def _leased_job(self, job: Row[Any], lease_expires_at: float) -> LeasedJob:
+        """What the worker gets of a job (``job`` has the ``LEASE_COLUMNS``)."""
+        assert job.price_wei_per_unit is not None
         renditions = job.spec.get("renditions")
         return LeasedJob(
             job_id=job.id,
@@ -403,7 +457,7 @@ class LeaseService(BatchCompletion):
             renditions=[Rendition.model_validate(r) for r in renditions] if renditions else None,
             container=job.spec.get("container") if job.type == JobType.TRANSCODE else None,
             price_wei_per_unit=job.price_wei_per_unit,
-            lease_expires_at=ts(job.lease_expires_at),
+            lease_expires_at=ts(lease_expires_at),
             deadline_at=ts(job.deadline_at),
         )
 

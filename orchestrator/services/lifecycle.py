@@ -18,13 +18,13 @@ it recorded.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import NamedTuple
 
 from sqlalchemy.orm import Session
 
 from orchestrator.exceptions import Conflict
 from orchestrator.store.engine import PENDING_EVENTS
-from orchestrator.store.models import Job, JobEvent
+from orchestrator.store.models import Job
 from protocol import FINAL_STATES, Fault, JobState
 from protocol.jobs import LEASED_STATES
 
@@ -59,6 +59,24 @@ ALLOWED: dict[JobState, frozenset[JobState]] = {
 }
 
 
+def record_transition(
+    session: Session,
+    job_id: str,
+    attempt: int,
+    current: JobState,
+    to: JobState,
+    now: float,
+    worker_id: str | None,
+) -> None:
+    """The bookkeeping of ``transition`` for a job changed by a set-based UPDATE (which set
+    its state and ``updated_at`` from ``current``, checked by its WHERE clause): the event,
+    and the note that wakes those waiting on it. Not for final states."""
+    if to not in ALLOWED.get(current, frozenset()) or to in FINAL_STATES:
+        raise Conflict(f"job {job_id} is {current}; it cannot become {to} here")
+    session.info.setdefault(CHANGED_JOBS, set()).add(job_id)
+    record_event(session, job_id=job_id, attempt=attempt, state=to, worker_id=worker_id, at=now)
+
+
 def transition(
     session: Session,
     job: Job,
@@ -90,6 +108,18 @@ def transition(
     )
 
 
+class NewEvent(NamedTuple):
+    """An event recorded in this transaction and not yet written (no id): what a view of the
+    job built in the same transaction shows of it."""
+
+    job_id: str
+    attempt: int
+    state: str
+    worker_id: str | None
+    detail: str | None
+    at: float
+
+
 def record_event(
     session: Session,
     *,
@@ -99,19 +129,11 @@ def record_event(
     at: float,
     worker_id: str | None = None,
     detail: str | None = None,
-) -> JobEvent:
-    """Append an event to the job's history, written with the transaction's next flush.
-    Returns it as a detached row (no id), for a view built in the same transaction."""
-    row: dict[str, Any] = {
-        "job_id": job_id,
-        "attempt": attempt,
-        "state": state.value,
-        "worker_id": worker_id,
-        "detail": detail,
-        "at": at,
-    }
-    session.info.setdefault(PENDING_EVENTS, []).append(row)
-    return JobEvent(**row)
+) -> NewEvent:
+    """Append an event to the job's history, written with the transaction's next flush."""
+    event = NewEvent(job_id, attempt, state.value, worker_id, detail, at)
+    session.info.setdefault(PENDING_EVENTS, []).append(event._asdict())
+    return event
 
 
 def requeue_or_fail(

@@ -186,7 +186,7 @@ def write_pending_events(session: Session) -> None:
     has written the jobs they reference)."""
     rows = session.info.pop(PENDING_EVENTS, None)
     if rows:
-        session.connection().execute(insert(JobEvent.__table__), rows)
+        session.connection().execute(insert(JobEvent), rows)
 
 
 def _flush_with_events(session: Session) -> None:
