@@ -31,7 +31,7 @@ from orchestrator.services.replicas import (
     shared_config,
 )
 from orchestrator.services.settlement import ChainPayments, NoPayments, Payments
-from orchestrator.services.streams import TokenStreams, stream_key
+from orchestrator.services.streams import TokenStreams
 from orchestrator.services.verification import VerificationService
 from orchestrator.services.wakeups import WakeHub
 from orchestrator.services.workers import WorkerService
@@ -87,10 +87,12 @@ def build_services(
     payments = payments or build_payments(settings, store, clock)
 
     def wake_job_watchers(session: Session) -> None:
-        for job_id in session.info.get(CHANGED_JOBS, ()):
-            hub.notify_waiting(f"job:{job_id}")
-            hub.notify_waiting(stream_key(job_id))  # a stream's reader ends with its job
-            if bus is not None:
+        changed = session.info.get(CHANGED_JOBS)
+        if not changed:
+            return
+        hub.notify_jobs(changed)  # a stream's reader ends with its job too
+        if bus is not None:
+            for job_id in changed:
                 bus.publish(f"{JOB_KEY}{job_id}")
 
     def wake_worker(worker_id: str) -> None:

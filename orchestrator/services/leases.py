@@ -318,17 +318,23 @@ class LeaseService(BatchCompletion):
             if job is not None and job.state == JobState.QUEUED and job.waiting_reason is None:
                 job.waiting_reason = reason
 
-    def explain_unplaced_many(self, job_ids: list[str], now: float) -> None:
-        """``explain_unplaced`` for the jobs of a batch: one read when every model they want
-        is offered by a live worker (the busy market's case), one write otherwise."""
+    def explain_unplaced_many(self, job_ids: list[str], models: set[str], now: float) -> None:
+        """``explain_unplaced`` for the jobs of a batch (``models``: the models they want): no
+        read at all when a live worker offers every one of them (the busy market's case: the
+        jobs only wait for a slot), else one read and one write."""
         with self._store.read() as s:
-            waiting = [
-                job
-                for job in s.scalars(select(Job).where(Job.id.in_(job_ids)))
-                if job.state == JobState.QUEUED and job.waiting_reason is None
-            ]
             live = self._live_models(s, now)
-            unserved = {j.id: f"{j.type}/{j.model}" for j in waiting if j.model not in live}
+            if models <= live:
+                return
+            unserved = {
+                job_id: f"{job_type}/{model}"
+                for job_id, job_type, model, state, reason in s.execute(
+                    select(Job.id, Job.type, Job.model, Job.state, Job.waiting_reason).where(
+                        Job.id.in_(job_ids)
+                    )
+                )
+                if state == JobState.QUEUED and reason is None and model not in live
+            }
             if not unserved:
                 return
             free = len(

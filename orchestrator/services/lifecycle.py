@@ -28,7 +28,7 @@ from orchestrator.store.models import Job
 from protocol import FINAL_STATES, Fault, JobState
 from protocol.jobs import LEASED_STATES
 
-CHANGED_JOBS = "changed_jobs"  # key in Session.info: ids of jobs whose state changed
+CHANGED_JOBS = "changed_jobs"  # key in Session.info: {job id: its new state} of changed jobs
 
 ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset(
@@ -73,7 +73,7 @@ def record_transition(
     and the note that wakes those waiting on it. Not for final states."""
     if to not in ALLOWED.get(current, frozenset()) or to in FINAL_STATES:
         raise Conflict(f"job {job_id} is {current}; it cannot become {to} here")
-    session.info.setdefault(CHANGED_JOBS, set()).add(job_id)
+    session.info.setdefault(CHANGED_JOBS, {})[job_id] = to.value
     record_event(session, job_id=job_id, attempt=attempt, state=to, worker_id=worker_id, at=now)
 
 
@@ -92,7 +92,7 @@ def transition(
     job.state = to
     job.updated_at = now
     # Read after the commit (see Store.on_commit) to wake clients waiting on this job.
-    session.info.setdefault(CHANGED_JOBS, set()).add(job.id)
+    session.info.setdefault(CHANGED_JOBS, {})[job.id] = to.value
     if to in FINAL_STATES:
         job.finished_at = now
         if to is not JobState.SUCCEEDED:

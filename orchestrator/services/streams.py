@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from orchestrator.exceptions import Conflict, Forbidden, NotFound
 from orchestrator.services.auth import Principal
 from orchestrator.services.lifecycle import is_leased
-from orchestrator.services.wakeups import WakeHub
+from orchestrator.services.wakeups import STREAM_KEY_PREFIX, WakeHub
 from orchestrator.store import Store
 from orchestrator.store.models import Job
 from protocol.generation import StreamChunk
@@ -32,7 +32,7 @@ MAX_STREAM_CHARS = 1_000_000
 
 
 def stream_key(job_id: str) -> str:
-    return f"stream:{job_id}"
+    return f"{STREAM_KEY_PREFIX}{job_id}"
 
 
 @dataclass

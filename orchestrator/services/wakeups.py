@@ -10,8 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Mapping
 
 WAKE_FALLBACK_S = 1.0
+JOB_KEY_PREFIX = "job:"
+"""A client's wait on a job: ``job:<id>``."""
+STREAM_KEY_PREFIX = "stream:"
+"""A reader of a generation job's token stream: ``stream:<id>``."""
 
 
 class WakeHub:
@@ -39,19 +44,34 @@ class WakeHub:
             return
         loop.call_soon_threadsafe(self._set_if_watched, key)
 
-    def _set_if_watched(self, key: str) -> None:
+    def notify_jobs(self, changed: Mapping[str, str]) -> None:
+        """Wake the waiters on these jobs (id -> the state a commit left it in) and their
+        streams' readers: one hop to the event loop for a whole transaction's jobs, and each
+        ``watch_any`` learns the states without reading them back."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not changed:
+            return
+        loop.call_soon_threadsafe(self._jobs_changed, dict(changed))
+
+    def _jobs_changed(self, changed: dict[str, str]) -> None:
+        for job_id, state in changed.items():
+            self._set_if_watched(f"{JOB_KEY_PREFIX}{job_id}", state)
+            self._set_if_watched(f"{STREAM_KEY_PREFIX}{job_id}")
+
+    def _set_if_watched(self, key: str, state: str | None = None) -> None:
         event = self._events.get(key)
         if event is not None and key in self._watchers:
             event.set()
         for group in self._groups.get(key, ()):
-            group.fired.add(key)
+            group.fired[key] = state
             group.event.set()
 
-    async def watch_any(self, keys: list[str], timeout_s: float) -> set[str]:
+    async def watch_any(self, keys: list[str], timeout_s: float) -> dict[str, str | None]:
         """Wait up to ``timeout_s`` (at most ``WAKE_FALLBACK_S``) for ``notify_waiting`` on
         any of ``keys``: one event for the lot, not one wait per key. Returns the keys that
-        were notified (empty after a timeout: then look at every key, as another replica's
-        changes wake no one here)."""
+        were notified, each with the state its job was committed in (``notify_jobs``), or
+        None where that is not known (another replica's change: read it). Empty after a
+        timeout: then look at every key, as another replica's changes may wake no one here."""
         wait = _GroupWait()
         for key in keys:
             self._groups.setdefault(key, set()).add(wait)
@@ -98,4 +118,4 @@ class _GroupWait:
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
-        self.fired: set[str] = set()
+        self.fired: dict[str, str | None] = {}

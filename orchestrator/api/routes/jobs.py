@@ -16,6 +16,7 @@ from orchestrator.api.deps import ClientDep, ServicesDep
 from orchestrator.api.openapi import problems
 from orchestrator.api.strict_json import StrictJSONRoute
 from orchestrator.services.auth import Principal
+from orchestrator.services.wakeups import JOB_KEY_PREFIX
 from orchestrator.wiring import Services
 from protocol import FINAL_STATES, JobSpec, JobState, JobView, ResultView
 from protocol.batches import (
@@ -88,7 +89,8 @@ def submit_batch(
         placed = {job_id for job_id, _ in services.leases.dispatch(services.now())}
         unplaced = [job_id for job_id in created if job_id not in placed]
         if unplaced:
-            services.leases.explain_unplaced_many(unplaced, services.now())
+            models = {item.job.model for item in items if item.job is not None}
+            services.leases.explain_unplaced_many(unplaced, models, services.now())
             # Still queued: the answer carries why each waits (a narrow read, not each whole).
             reasons = services.jobs.batch.waiting_reasons(unplaced)
             for item in items:
@@ -115,14 +117,18 @@ async def wait_jobs(
         final = [item.state in FINAL_STATES for item in states]
         return not any(final) if req.return_when == "any" else not all(final)
 
-    keys = [f"job:{job_id}" for job_id in dict.fromkeys(req.job_ids)]
+    keys = [f"{JOB_KEY_PREFIX}{job_id}" for job_id in dict.fromkeys(req.job_ids)]
     while waiting(states) and (remaining := deadline - time.monotonic()) > 0:
         fired = await services.hub.watch_any(keys, remaining)
-        # Woken: only the jobs that changed are read again; after a quiet second, all.
-        changed = [key.removeprefix("job:") for key in fired]
-        fresh = await run_in_threadpool(batch.states, client, changed or req.job_ids)
-        now_in = {item.id: item for item in fresh}
-        states = [now_in.get(item.id, item) for item in states]
+        # Woken by this replica's commits: they say each job's new state, nothing to read.
+        # Only what they cannot say is read: the jobs another replica changed (no state),
+        # or, after a quiet second, every job.
+        told = {k.removeprefix(JOB_KEY_PREFIX): st for k, st in fired.items() if st is not None}
+        unknown = [k.removeprefix(JOB_KEY_PREFIX) for k, st in fired.items() if st is None]
+        if unknown or not fired:
+            fresh = await run_in_threadpool(batch.states, client, unknown or req.job_ids)
+            told.update({item.id: item.state.value for item in fresh})
+        states = [_newer(item, told.get(item.id)) for item in states]
     final = {item.id: item.state for item in states if item.state in FINAL_STATES}
     succeeded = [i for i, state in final.items() if state is JobState.SUCCEEDED]
     results: list[ResultView] = []
@@ -131,6 +137,14 @@ async def wait_jobs(
     whole = [i for i in final if i not in {r.job_id for r in results}]
     jobs = await run_in_threadpool(batch.get, client, whole) if whole else []
     return JobWaitResponse(states=states, jobs=jobs, results=results)
+
+
+def _newer(item: JobStateItem, told: str | None) -> JobStateItem:
+    """The job's state after a wake-up. A final state is never replaced: two commits' wake-ups
+    may reach the event loop out of order, and a final job does not change again."""
+    if told is None or item.state in FINAL_STATES or told == item.state:
+        return item
+    return JobStateItem(id=item.id, state=JobState(told))
 
 
 @router.get("", responses=problems(401, 422))
