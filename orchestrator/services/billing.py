@@ -34,6 +34,8 @@ from orchestrator.store.models import Job
 from protocol import JobType, OutputBlob
 from protocol.generation import generation_output_usage
 
+UNITS_COLUMNS = (Job.id, Job.type, Job.kind, Job.spec, Job.input_blob)
+"""The columns of a job ``derive_units`` reads (and its kind): a batch loads only these."""
 MAX_INPUT_JSON_BYTES = 16 * 1024 * 1024
 """The largest JSON input blob counted for inference units (the worker refuses larger)."""
 

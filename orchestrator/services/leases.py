@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Row, func, select, update
-from sqlalchemy.orm import Session, load_only
+from sqlalchemy.orm import Session
 
 from orchestrator.config import Settings
 from orchestrator.exceptions import BadSignature, Conflict, Forbidden, InvalidInput, NotFound
@@ -101,13 +101,11 @@ DISPATCH_COLUMNS = (
     Job.kind,
     Job.input_claims,
     Job.updated_at,
-    Job.state,
     Job.attempt,
-    Job.worker_id,
     Job.waiting_reason,
 )
-"""What a dispatch round reads of each queued job (``_needs``, ``transition``): not its spec,
-input or output, whose JSON it would decode for nothing."""
+"""What a dispatch round reads of each queued job (``_needs``): not its spec, input or
+output, whose JSON it would decode for nothing."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +134,7 @@ def _candidate(
 
 
 def _needs(
-    job: Job, now: float, retry_excluded_after_s: float, min_reputation: float = 0.0
+    job: Job | Row[Any], now: float, retry_excluded_after_s: float, min_reputation: float = 0.0
 ) -> JobNeeds:
     return JobNeeds(
         type=JobType(job.type),
@@ -251,18 +249,24 @@ class LeaseService(BatchCompletion):
         offered_models = {o.model for c in candidates.values() for o in c.offers}
         # Only jobs someone here could run; those that failed to place last round go after the
         # rest, so a pile of unplaceable jobs (say, priced below every offer) blocks no one.
-        jobs = s.scalars(
-            select(Job)
-            .options(load_only(*DISPATCH_COLUMNS))
+        # Set-based, as claims are: the columns matching reads, then one UPDATE (by primary
+        # key, many rows) for the placed jobs and one for the changed waiting reasons.
+        jobs = s.execute(
+            select(*DISPATCH_COLUMNS)
             .where(Job.state == JobState.QUEUED, Job.model.in_(offered_models))
             .order_by(Job.waiting_reason.is_not(None), Job.created_at, Job.id)
             .limit(self._settings.dispatch_batch)
             .with_for_update(skip_locked=True)
-        )
+        ).all()
         assigned: list[tuple[str, str]] = []
+        placed: list[dict[str, Any]] = []
+        reasons: list[dict[str, Any]] = []
+        lease_until = now + self._settings.lease_ttl_s
         for job in jobs:
             if job.deadline_at <= now:
-                transition(s, job, JobState.EXPIRED, now, detail="deadline passed while queued")
+                row = s.get(Job, job.id)  # locked above
+                assert row is not None
+                transition(s, row, JobState.EXPIRED, now, detail="deadline passed while queued")
                 continue
             open_slots = [c for c in candidates.values() if c.free_slots > 0]
             if not open_slots:
@@ -272,19 +276,38 @@ class LeaseService(BatchCompletion):
             if choice is None:
                 reason = waiting_reason(needs, open_slots)
                 if job.waiting_reason != reason:
-                    job.waiting_reason = reason
+                    reasons.append({"id": job.id, "waiting_reason": reason})
                 continue
-            job.waiting_reason = None
-            job.worker_id = choice.worker_id
-            job.price_wei_per_unit = choice.offer.price_wei_per_unit
-            job.lease_expires_at = now + self._settings.lease_ttl_s
-            job.delivered = False
-            transition(s, job, JobState.ASSIGNED, now, detail=f"matched (score {choice.score:.3f})")
+            placed.append(
+                {
+                    "id": job.id,
+                    "waiting_reason": None,
+                    "worker_id": choice.worker_id,
+                    "price_wei_per_unit": choice.offer.price_wei_per_unit,
+                    "lease_expires_at": lease_until,
+                    "delivered": False,
+                    "state": JobState.ASSIGNED.value,
+                    "updated_at": now,
+                }
+            )
+            record_transition(
+                s,
+                job.id,
+                job.attempt,
+                JobState.QUEUED,
+                JobState.ASSIGNED,
+                now,
+                choice.worker_id,
+                detail=f"matched (score {choice.score:.3f})",
+            )
             chosen = candidates[choice.worker_id]
             chosen.free_slots -= 1
             chosen.running += 1
             by_id[choice.worker_id].free_slots -= 1
             assigned.append((job.id, choice.worker_id))
+        for changes in (placed, reasons):
+            if changes:
+                s.execute(update(Job), changes)
         return assigned
 
     def explain_unplaced(self, job_id: str, now: float) -> None:
@@ -549,7 +572,8 @@ class LeaseService(BatchCompletion):
                 self._refuse_bill(s, job, row, req.units, derived, now)
             else:
                 self._check_cap(job, derived)
-                return self._record_result(s, job, row, req, derived, now)
+                self._record_result(s, job, row, req, derived, now)
+                return result_view(job, row.address)
         assert refused is not None and isinstance(derived, int)
         raise InvalidInput(refused, derived_units=derived)  # after the commit: the record stays
 
@@ -612,7 +636,7 @@ class LeaseService(BatchCompletion):
 
     def _record_result(
         self, s: Session, job: Job, row: Worker, req: CompleteRequest, units: int, now: float
-    ) -> ResultView:
+    ) -> None:
         job.skipped_renditions = self._check_ladder(job, req)
         job.output = req.output
         job.output_blobs = (
@@ -648,7 +672,6 @@ class LeaseService(BatchCompletion):
         self._blame.completed(s, job, now)
         if job.kind == CHECK:
             self._verification.check_completed(s, job, now)
-        return result_view(job, row.address)
 
     def _address(self, s: Session, worker: Principal) -> str:
         return s.scalar(select(Worker.address).where(Worker.id == worker.id)) or ""

@@ -67,6 +67,7 @@ def record_transition(
     to: JobState,
     now: float,
     worker_id: str | None,
+    detail: str | None = None,
 ) -> None:
     """The bookkeeping of ``transition`` for a job changed by a set-based UPDATE (which set
     its state and ``updated_at`` from ``current``, checked by its WHERE clause): the event,
@@ -74,7 +75,15 @@ def record_transition(
     if to not in ALLOWED.get(current, frozenset()) or to in FINAL_STATES:
         raise Conflict(f"job {job_id} is {current}; it cannot become {to} here")
     session.info.setdefault(CHANGED_JOBS, {})[job_id] = to.value
-    record_event(session, job_id=job_id, attempt=attempt, state=to, worker_id=worker_id, at=now)
+    record_event(
+        session,
+        job_id=job_id,
+        attempt=attempt,
+        state=to,
+        worker_id=worker_id,
+        detail=detail,
+        at=now,
+    )
 
 
 def transition(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from orchestrator.exceptions import BadSignature, Conflict, GpumarketError, InvalidInput, NotFound
 from orchestrator.services import billing
@@ -28,7 +28,7 @@ from orchestrator.services.verification import CHECK, VerificationService
 from orchestrator.store import Store
 from orchestrator.store.engine import retry_transient
 from orchestrator.store.models import Job, ResultBatch, Worker
-from protocol import CompleteRequest, JobState, ResultView
+from protocol import CompleteRequest, JobState
 from protocol.batches import BatchCompleteItem, BatchCompleteRequest, BatchResult
 from protocol.signing import recover_result_batch_signer, result_hash
 
@@ -67,7 +67,7 @@ class BatchCompletion:
 
         def _record_result(
             self, s: Session, job: Job, row: Worker, req: CompleteRequest, units: int, now: float
-        ) -> ResultView: ...
+        ) -> None: ...
 
     @retry_transient
     def complete_batch(
@@ -161,7 +161,11 @@ class BatchCompletion:
         with self._store.read() as s:
             jobs = {
                 j.id: j
-                for j in s.scalars(select(Job).where(Job.id.in_([r.job_id for r in req.results])))
+                for j in s.scalars(
+                    select(Job)
+                    .options(load_only(*billing.UNITS_COLUMNS))
+                    .where(Job.id.in_([r.job_id for r in req.results]))
+                )
             }
             for item in req.results:
                 job = jobs.get(item.job_id)
