@@ -56,6 +56,7 @@ COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "lease",
         (
             "lease (orchestrator",
+            "LeaseService.start_poll",
             "LeaseService.open_poll",
             "LeaseService.claim",
             "LeaseService.close_poll",

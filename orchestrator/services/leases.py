@@ -421,13 +421,31 @@ class LeaseService(BatchCompletion):
             row.free_slots = 0
             row.last_seen_at = now
 
+    def start_poll(
+        self, worker: Principal, max_jobs: int, until: float, now: float
+    ) -> list[LeasedJob]:
+        """A lease poll's first look: open it, run a dispatch round, claim what it assigned
+        us. Jobs found close the poll in the claim's own transaction (the worker goes away
+        with them); none leave it open for the long-poll."""
+        self.open_poll(worker, max_jobs, until, now)
+        self.dispatch(now)
+        return self.claim(worker, max_jobs, now, until, close_when_leased=True)
+
     @retry_transient
     def claim(
-        self, worker: Principal, max_jobs: int, now: float, poll_until: float | None = None
+        self,
+        worker: Principal,
+        max_jobs: int,
+        now: float,
+        poll_until: float | None = None,
+        *,
+        close_when_leased: bool = False,
     ) -> list[LeasedJob]:
         """Hand over jobs assigned to this worker that it has not received yet. With
         ``poll_until``, the worker's open poll (``open_poll``) is renewed in the same
-        transaction: its free slots stay advertised ``POLL_TTL_S`` longer, up to its end."""
+        transaction: its free slots stay advertised ``POLL_TTL_S`` longer, up to its end.
+        With ``close_when_leased``, a claim that hands over jobs closes the poll instead (as
+        ``close_poll``: the worker is no longer listening once it has them)."""
         with self._store.transaction() as s:
             # Set-based: the columns a lease carries, one UPDATE and one INSERT of events for
             # all of them (loading and flushing each job through the ORM cost more than the
@@ -463,7 +481,14 @@ class LeaseService(BatchCompletion):
                     record_transition(
                         s, row.id, row.attempt, JobState.ASSIGNED, JobState.RUNNING, now, worker.id
                     )
-            if poll_until is not None:  # jobs, then the worker's row: the store's lock order
+            # Jobs, then the worker's row: the store's lock order.
+            if rows and close_when_leased:
+                s.execute(
+                    update(Worker)
+                    .where(Worker.id == worker.id)
+                    .values(available_until=0.0, free_slots=0, last_seen_at=now)
+                )
+            elif poll_until is not None:
                 s.execute(
                     update(Worker)
                     .where(Worker.id == worker.id, Worker.available_until > 0)

@@ -67,21 +67,22 @@ async def lease(req: LeaseRequest, worker: WorkerDep, services: ServicesDep) -> 
     now = services.now()
     deadline = now + min(req.wait_s, services.settings.long_poll_max_s)
     leases = services.leases
+    listening = True  # until a claim that hands over jobs closes the poll itself
     try:
-        await run_in_threadpool(leases.open_poll, worker, req.max_jobs, deadline, now)
-        await run_in_threadpool(leases.dispatch, services.now())
-        while True:
-            jobs = await run_in_threadpool(
-                leases.claim, worker, req.max_jobs, services.now(), deadline
-            )
-            remaining = deadline - services.now()
-            if jobs or remaining <= 0:
-                return LeaseResponse(jobs=jobs)
+        jobs = await run_in_threadpool(leases.start_poll, worker, req.max_jobs, deadline, now)
+        listening = not jobs
+        while listening and (remaining := deadline - services.now()) > 0:
             # Woken by an assignment to us, or after a second to look again (jobs assigned by
             # another replica); dispatch itself runs on submit, on poll start and in the sweeper.
             await services.hub.wait(worker.id, remaining)
+            jobs = await run_in_threadpool(
+                leases.claim, worker, req.max_jobs, services.now(), deadline, close_when_leased=True
+            )
+            listening = not jobs
+        return LeaseResponse(jobs=jobs)
     finally:
-        await run_in_threadpool(leases.close_poll, worker, services.now())
+        if listening:
+            await run_in_threadpool(leases.close_poll, worker, services.now())
 
 
 @router.post(

@@ -183,6 +183,32 @@ def test_a_poll_nobody_renews_stops_advertising_within_its_ttl(
     assert services.leases.dispatch(clock()) == [(left, orphaned.id)]  # it polls again
 
 
+def test_a_poll_that_hands_over_jobs_closes_itself_and_one_without_stays_open(
+    any_services: Services, clock: FakeClock
+) -> None:
+    """start_poll opens, dispatches and claims in one call; jobs found close the poll in the
+    claim's own transaction (no separate close), so no more work lands on a worker that is
+    not listening. A poll that found nothing stays open and is offered the next job."""
+    services = any_services
+    client, _ = new_client(services)
+    worker = _worker(services, max_concurrency=4)
+    first = _submit(services, client)
+    until = clock() + 60.0
+
+    [leased] = services.leases.start_poll(worker.principal, 4, until, clock())
+    assert leased.job_id == first
+    _submit(services, client)
+    assert services.leases.dispatch(clock()) == []  # closed: not listening, though 3 slots free
+
+    assert services.leases.start_poll(worker.principal, 3, until, clock()) != []  # polls again
+    assert services.leases.start_poll(worker.principal, 2, until, clock()) == []  # nothing yet
+    third = _submit(services, client)
+    assert services.leases.dispatch(clock()) == [(third, worker.id)]  # still listening
+    assert [j.job_id for j in services.leases.claim(worker.principal, 2, clock(), until)] == [
+        third
+    ]
+
+
 def test_dispatch_never_exceeds_max_concurrency(services: Services, clock: FakeClock) -> None:
     client, _ = new_client(services)
     worker = _worker(services, max_concurrency=2)
