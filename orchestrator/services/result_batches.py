@@ -28,7 +28,7 @@ from orchestrator.services.verification import CHECK, VerificationService
 from orchestrator.store import Store
 from orchestrator.store.engine import retry_transient
 from orchestrator.store.models import Job, ResultBatch, Worker
-from protocol import CompleteRequest, JobState
+from protocol import CompleteRequest, JobState, JobType
 from protocol.batches import BatchCompleteItem, BatchCompleteRequest, BatchResult
 from protocol.signing import recover_result_batch_signer, result_hash
 
@@ -154,32 +154,48 @@ class BatchCompletion:
 
     def _derive_batch_units(
         self, worker: Principal, req: BatchCompleteRequest
-    ) -> dict[str, int | InvalidInput]:
-        """Each item's units as the orchestrator counts them (one read for the batch), and a
-        check's comparisons made ahead (see ``complete``), before the write transaction."""
-        derived: dict[str, int | InvalidInput] = {}
+    ) -> dict[str, int | InvalidInput | None]:
+        """Each item's units as the orchestrator counts them, where that takes file work
+        (a transcode's renditions probed, an input blob read): done here, before the write
+        transaction, so its lock is never held for it. None for the others, which are
+        counted from the job rows the transaction locks anyway. A check's comparisons are
+        made ahead too (see ``complete``)."""
+        derived: dict[str, int | InvalidInput | None] = {}
+        ids = [r.job_id for r in req.results]
         with self._store.read() as s:
-            jobs = {
-                j.id: j
-                for j in s.scalars(
-                    select(Job)
-                    .options(load_only(*billing.UNITS_COLUMNS))
-                    .where(Job.id.in_([r.job_id for r in req.results]))
+            kinds = {
+                job_id: (job_type, kind, input_blob)
+                for job_id, job_type, kind, input_blob in s.execute(
+                    select(Job.id, Job.type, Job.kind, Job.input_blob).where(Job.id.in_(ids))
                 )
             }
-            for item in req.results:
-                job = jobs.get(item.job_id)
-                if job is None:
-                    derived[item.job_id] = InvalidInput(f"no job {item.job_id}")
-                    continue
-                try:
-                    derived[item.job_id] = billing.derive_units(
-                        job, item.output_blobs, self._blob_path, item.output
+            with_files = [
+                job_id
+                for job_id, (job_type, _, input_blob) in kinds.items()
+                if job_type == JobType.TRANSCODE or input_blob is not None
+            ]
+            jobs = (
+                {
+                    j.id: j
+                    for j in s.scalars(
+                        select(Job)
+                        .options(load_only(*billing.UNITS_COLUMNS))
+                        .where(Job.id.in_(with_files))
                     )
-                except InvalidInput as exc:
-                    derived[item.job_id] = exc
+                }
+                if with_files
+                else {}
+            )
         for item in req.results:
-            if jobs.get(item.job_id) is not None and jobs[item.job_id].kind == CHECK:
+            job = jobs.get(item.job_id)
+            if item.job_id not in kinds:
+                derived[item.job_id] = InvalidInput(f"no job {item.job_id}")
+            elif job is None:
+                derived[item.job_id] = None  # counted in the transaction
+            else:
+                derived[item.job_id] = _units(job, item, self._blob_path)
+        for item in req.results:
+            if item.job_id in kinds and kinds[item.job_id][1] == CHECK:
                 self._verification.precompare(item.job_id, worker.id, _as_complete(item, ""))
         return derived
 
@@ -192,7 +208,7 @@ class BatchCompletion:
         item: BatchResult,
         index: int,
         batch: ResultBatch,
-        derived: int | InvalidInput,
+        derived: int | InvalidInput | None,
         now: float,
     ) -> Job:
         """One result of a batch, inside its transaction: ``complete``'s checks and record.
@@ -215,6 +231,8 @@ class BatchCompletion:
             )
         req = _as_complete(item, batch.signature)
         self._check_result(s, job, row, req, worker, batch_signed=True)
+        if derived is None:  # no file work: counted from the locked row
+            derived = _units(job, item, self._blob_path)
         if isinstance(derived, InvalidInput):
             raise derived
         if item.units != derived:
@@ -226,6 +244,14 @@ class BatchCompletion:
         job.result_batch_index = index
         self._record_result(s, job, row, req, derived, now)
         return job
+
+
+def _units(job: Job, item: BatchResult, blob_path: Callable[[str], Path]) -> int | InvalidInput:
+    """The units ``item`` holds (billing.derive_units), or why they cannot be counted."""
+    try:
+        return billing.derive_units(job, item.output_blobs, blob_path, item.output)
+    except InvalidInput as exc:
+        return exc
 
 
 def _as_complete(item: BatchResult, signature: str) -> CompleteRequest:
