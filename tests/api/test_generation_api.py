@@ -185,7 +185,11 @@ def test_generate_results_reported_in_one_batch_bill_their_tokens(run_api: RunAp
             item = batch_item(
                 job, units=output["usage"]["prompt_tokens"] + len(output["token_ids"])
             )
-            item.update(output=output, output_sha256=output_sha256(output))
+            item.update(
+                output=output,
+                output_sha256=output_sha256(output),
+                prompt_units=output["usage"]["prompt_tokens"],
+            )
             items.append(item)
         request = signed(items, worker.account)
         resp = await api.http.post("/v1/workers/results", json=request, headers=worker.headers)
