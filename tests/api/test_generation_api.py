@@ -11,7 +11,7 @@ from typing import Any
 
 from protocol.signing import output_sha256, recover_result_signer
 from protocol.units import cost_wei
-from tests.api.conftest import Api, RunApi, bearer, inference_spec
+from tests.api.conftest import Api, RunApi, assert_problem, bearer, inference_spec
 from tests.api.test_batches_api import batch_item, signed
 from tests.api.test_metrics_api import scrape, value
 from tests.support import completion, offer
@@ -368,10 +368,7 @@ def test_openai_answers_bill_and_show_prompt_and_completion_parts(run_api: RunAp
         answer = asyncio.create_task(
             api.http.post("/v1/chat/completions", json=request, headers=client)
         )
-        leased: list[dict[str, Any]] = []
-        while not leased:
-            await asyncio.sleep(0.01)
-            leased = await api.lease(worker)
+        leased = await _lease_soon(api, worker)
         # No max price named: the market's, i.e. the cheapest offer's two prices.
         assert leased[0]["prompt_price_wei_per_unit"] == str(PROMPT_PRICE)
         done = await api.complete(worker, leased[0]["job_id"], 1, _output([5, 6]), units=5)
@@ -393,5 +390,116 @@ def test_openai_answers_bill_and_show_prompt_and_completion_parts(run_api: RunAp
         )
         assert too_low.status_code == 503, too_low.text
         assert "max_prompt_price_wei_per_token" in too_low.json()["error"]["message"]
+
+    run_api(body)
+
+
+# -- prompts longer than the model's context ---------------------------------------------------
+
+
+def test_a_prompt_that_cannot_fit_the_context_is_refused_at_submit(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        small = offer(LLM, price=PRICE, job_type="generate", context_tokens=100, max_token_bytes=4)
+        await api.register_worker(offers=[small])
+        # 400 bytes: at least 100 tokens of at most 4 bytes, no room left in 100.
+        resp = await api.http.post("/v1/jobs", json=_spec(prompt="abcd" * 100), headers=client)
+        assert_problem(resp, 422, "invalid_input", "at least 100 tokens", "context of 100 tokens")
+        assert "shorten the prompt" in resp.json()["detail"]
+        chat = {"model": LLM, "messages": [{"role": "user", "content": "abcd" * 100}]}
+        answer = await api.http.post("/v1/chat/completions", json=chat, headers=client)
+        assert answer.status_code == 400, answer.text
+        assert "context of 100 tokens" in answer.json()["error"]["message"]
+        # 396 bytes may be 99 tokens: it may fit, so it is taken.
+        fits = await api.http.post("/v1/jobs", json=_spec(prompt="abcd" * 99), headers=client)
+        assert fits.status_code == 201, fits.text
+        # A worker that does not say how long its tokens are may fit anything: not refused.
+        await api.register_worker(offers=[offer(LLM, price=PRICE, job_type="generate")])
+        resp = await api.http.post("/v1/jobs", json=_spec(prompt="abcd" * 100), headers=client)
+        assert resp.status_code == 201, resp.text
+
+    run_api(body)
+
+
+TOO_LONG = (
+    f"the prompt is 9000 tokens, longer than {LLM}'s context of 8192 tokens (prompt + "
+    "completion): shorten it"
+)
+
+
+async def _lease_soon(api: Api, worker: Any) -> list[dict[str, Any]]:
+    """The job a request in flight submitted, leased as soon as it is queued."""
+    for _ in range(500):
+        leased = await api.lease(worker)
+        if leased:
+            return leased
+        await asyncio.sleep(0.01)
+    raise AssertionError("no job was leased within 5 s")
+
+
+async def _refuse(api: Api, worker: Any, job_id: str, attempt: int = 1) -> None:
+    """The worker's answer to a prompt its tokenizer finds too long (worker/executors)."""
+    resp = await api.http.post(
+        f"/v1/workers/jobs/{job_id}/fail",
+        json={"attempt": attempt, "retryable": False, "reason": TOO_LONG, "fault": "input"},
+        headers=worker.headers,
+    )
+    assert resp.status_code == 200, resp.text
+
+
+def test_a_worker_refusing_a_too_long_prompt_ends_the_job_as_the_inputs_fault(
+    run_api: RunApi,
+) -> None:
+    """A prompt that slips past the submit check: the worker's refusal fails the job at once
+    for its input (a lone worker: nobody else to ask), costs the worker nothing, charges
+    nothing, and the OpenAI caller gets 400 with the worker's words, streaming or not."""
+
+    async def body(api: Api) -> None:
+        client, worker = await _market(api)
+        for stream in (False, True):
+            content = f"a long story ({'streamed' if stream else 'whole'})"
+            chat = {"model": LLM, "messages": [{"role": "user", "content": content}]}
+            answer = asyncio.create_task(
+                api.http.post(
+                    "/v1/chat/completions", json={**chat, "stream": stream}, headers=client
+                )
+            )
+            leased = await _lease_soon(api, worker)
+            await _refuse(api, worker, leased[0]["job_id"])
+            resp = await asyncio.wait_for(answer, 5)
+            assert resp.status_code == 400, resp.text
+            error = resp.json()["error"]
+            assert error["code"] == "invalid_input" and TOO_LONG in error["message"]
+            view = await api.job(client, leased[0]["job_id"])
+            assert (view["state"], view["fault"], view["cost_wei"]) == ("failed", "input", None)
+        [seen] = (await api.http.get("/v1/workers", headers=api.operator)).json()
+        assert seen["jobs_failed"] == 0 and seen["reputation"] >= 0.5
+        # The same request again is refused at submit: no worker is asked twice.
+        again = await api.http.post("/v1/chat/completions", json=chat, headers=client)
+        assert again.status_code == 400 and TOO_LONG in again.json()["error"]["message"]
+
+    run_api(body)
+
+
+def test_with_two_workers_a_second_refusal_confirms_it_in_one_more_lease(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client, first = await _market(api)
+        second = await api.register_worker(
+            offers=[offer(LLM, price=PRICE, job_type="generate", context_tokens=8192)]
+        )
+        job = (await api.http.post("/v1/jobs", json=_spec(), headers=client)).json()
+        assert len(await api.lease(first) + await api.lease(second)) == 1
+        view = await api.job(client, job["id"])
+        holder = first if view["worker_address"] == first.address else second
+        other = second if holder is first else first
+        await _refuse(api, holder, job["id"])
+        [again] = await api.lease(other)
+        assert again["attempt"] == 2
+        await _refuse(api, other, job["id"], attempt=2)
+        view = await api.job(client, job["id"])
+        assert (view["state"], view["fault"]) == ("failed", "input")
+        assert "confirmed by a second worker" in view["failure_reason"]
+        workers = (await api.http.get("/v1/workers", headers=api.operator)).json()
+        assert [w["jobs_failed"] for w in workers] == [0, 0]
 
     run_api(body)

@@ -52,6 +52,11 @@ RESULT_WAIT_S = 600.0
 """The longest an OpenAI-style request waits for its job (its deadline is as long)."""
 STREAM_POLL_S = 1.0
 """A stream looks at its job at least this often (it is woken sooner by new tokens)."""
+STREAM_OPEN_WAIT_S = 10.0
+"""How long a streaming request waits for its job's first text before it answers 200 and
+starts the stream: a job refused within it (a prompt too long for the worker's model, say)
+is answered with its error status instead of an error inside a 200 stream."""
+STREAM_OPEN_POLL_S = 0.25
 
 PriceHeader = Annotated[str | None, Header(alias="X-Max-Price-Wei")]
 PromptPriceHeader = Annotated[str | None, Header(alias="X-Max-Prompt-Price-Wei")]
@@ -157,6 +162,18 @@ async def _wait(services: Services, client: Principal, job_id: str) -> JobView:
     return view
 
 
+async def _before_first_text(services: Services, client: Principal, job_id: str) -> JobView:
+    """The job once its first text has come, it has ended, or ``STREAM_OPEN_WAIT_S`` passed."""
+    deadline = time.monotonic() + STREAM_OPEN_WAIT_S
+    while True:
+        view = await run_in_threadpool(services.jobs.get, client, job_id)
+        streamed = services.streams.read(job_id, None, 0)
+        remaining = deadline - time.monotonic()
+        if view.state in FINAL_STATES or (streamed and streamed.chunks) or remaining <= 0:
+            return view
+        await services.hub.watch(f"job:{job_id}", min(STREAM_OPEN_POLL_S, remaining))
+
+
 def _cancel_quietly(services: Services, client: Principal, job_id: str) -> None:
     try:
         services.jobs.cancel(client, job_id, services.now())
@@ -258,6 +275,9 @@ async def _generate(
         spec = _spec(req, generation, prices, preference)
         job = await run_in_threadpool(_submit, services, client, spec)
         if req.stream:
+            early = await _before_first_text(services, client, job.id)
+            if early.state in FINAL_STATES and early.state is not JobState.SUCCEEDED:
+                await run_in_threadpool(_result, services, client, early)  # raises its error
             relay = _relay(
                 services,
                 client,
