@@ -171,7 +171,8 @@ async def _before_first_text(services: Services, client: Principal, job_id: str)
         remaining = deadline - time.monotonic()
         if view.state in FINAL_STATES or (streamed and streamed.chunks) or remaining <= 0:
             return view
-        await services.hub.watch(f"job:{job_id}", min(STREAM_OPEN_POLL_S, remaining))
+        # Woken by the first text at once; an ended job is seen at the next look.
+        await services.streams.wait(job_id, min(STREAM_OPEN_POLL_S, remaining))
 
 
 def _cancel_quietly(services: Services, client: Principal, job_id: str) -> None:
