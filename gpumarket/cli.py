@@ -172,6 +172,23 @@ def _parse_prices(values: list[str]) -> dict[str, int]:
     return prices
 
 
+def _parse_prompt_prices(values: list[str]) -> dict[str, int]:
+    """``--prompt-price WEI`` (every generate model) or ``MODEL=WEI`` (one model)."""
+    prices: dict[str, int] = {}
+    for value in values:
+        key, sep, amount = value.rpartition("=")
+        if not amount.isdigit() or int(amount) <= 0 or (sep and not key):
+            console.print(
+                f"--prompt-price {value!r}: use WEI or MODEL=WEI (a positive whole number of wei "
+                "per prompt token), e.g. --prompt-price 50000000",
+                style="red",
+                markup=False,
+            )
+            raise typer.Exit(code=2)
+        prices[key or "generate"] = int(amount)
+    return prices
+
+
 def env_prices() -> set[str]:
     """Price keys set through GPUMARKET_WORKER_PRICES_WEI (JSON), if any."""
     import json
@@ -239,6 +256,13 @@ def worker_run(
             "generate=100000000 per token)."
         ),
     ] = None,
+    prompt_price: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Generate: price in wei per prompt token, WEI or MODEL=WEI (repeatable; default "
+            "the generate price, as for a completion token)."
+        ),
+    ] = None,
     job_type: Annotated[
         list[str] | None,
         typer.Option(
@@ -300,6 +324,11 @@ def worker_run(
     given = {k: v for k, v in overrides.items() if v is not None}
     if price:
         given["prices_wei"] = {**WorkerSettings().prices_wei, **_parse_prices(price)}
+    if prompt_price:
+        given["prompt_prices_wei"] = {
+            **WorkerSettings().prompt_prices_wei,
+            **_parse_prompt_prices(prompt_price),
+        }
     try:
         settings = WorkerSettings(**given)
     except ValidationError as exc:

@@ -93,10 +93,12 @@ class JobWaitResponse(BaseModel):
 
 class BatchResult(ResultFields):
     """One result of a batch: as ``CompleteRequest`` without its own signature, with the job
-    id and the price (wei per unit) the worker signed it at."""
+    id and the prices (wei per unit) the worker signed it at."""
 
     job_id: str = Field(pattern=JOB_ID_PATTERN)
     price_wei_per_unit: Wei
+    # Generate jobs: the prompt token price it was leased at (LeasedJob); 0 for other types.
+    prompt_price_wei_per_unit: Wei = 0
 
 
 class BatchCompleteRequest(_Strict):

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.generation import GenerationInput
-from protocol.units import MAX_UNITS, SHA256_PATTERN, Wei
+from protocol.units import MAX_UNITS, SHA256_PATTERN, Wei, cost_wei
 
 MAX_TEXTS_PER_JOB = 1024
 MAX_TEXT_CHARS = 20_000
@@ -173,7 +173,10 @@ class InferenceInput(_Strict):
 class JobSpec(_Strict):
     """A job as a client submits it.
 
-    Prices are wei per unit: per input item for inference, per output pixel for transcode.
+    Prices are wei per unit: per input item for inference, per output pixel for transcode,
+    per token for generate. A generate job's ``max_price_wei_per_unit`` caps the price of its
+    completion tokens, and of its prompt tokens too unless ``max_prompt_price_wei_per_unit``
+    caps those apart. Before it runs, a job can cost at most ``cost_bound_wei()``.
     """
 
     model_config = ConfigDict(
@@ -211,6 +214,12 @@ class JobSpec(_Strict):
     renditions: list[Rendition] | None = Field(default=None, min_length=1, max_length=8)
     container: Container = Container.MP4
     max_price_wei_per_unit: Wei = Field(gt=0)
+    max_prompt_price_wei_per_unit: Wei | None = Field(
+        default=None,
+        gt=0,
+        description="Generate jobs: the most you pay per prompt token (default: "
+        "max_price_wei_per_unit, which then caps both).",
+    )
     deadline_s: float = Field(default=DEFAULT_DEADLINE_S, gt=0, le=MAX_DEADLINE_S)
     preference: Preference = Preference.BALANCED
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=128)
@@ -228,6 +237,10 @@ class JobSpec(_Strict):
     def _check_shape(self) -> JobSpec:
         if self.type is not JobType.GENERATE and self.generation is not None:
             raise ValueError("generation applies to generate jobs only")
+        if self.type is not JobType.GENERATE and self.max_prompt_price_wei_per_unit is not None:
+            raise ValueError(
+                "max_prompt_price_wei_per_unit applies to generate jobs only (prompt tokens)"
+            )
         if self.type is JobType.GENERATE:
             self._check_generate()
         elif self.type is JobType.INFERENCE:
@@ -281,6 +294,26 @@ class JobSpec(_Strict):
     def ladder(self) -> list[Rendition]:
         return list(self.renditions or DEFAULT_LADDER)
 
+    @property
+    def prompt_price_cap(self) -> int:
+        """The most a prompt token may cost (wei): its own cap, else the job's max price."""
+        return self.max_prompt_price_wei_per_unit or self.max_price_wei_per_unit
+
+    def cost_bound_wei(self) -> int | None:
+        """The most this job can cost (wei), None while its units are unbounded: max_units at
+        the max price; for generate, the prompt's token bound at the prompt price cap plus
+        max_tokens at the max price (what a payer's budget must cover at submit)."""
+        if self.max_units is None:
+            return None
+        if self.generation is None:
+            return self.max_units * self.max_price_wei_per_unit
+        return cost_wei(
+            self.max_units,
+            self.max_price_wei_per_unit,
+            self.generation.prompt_token_bound(),
+            self.prompt_price_cap,
+        )
+
 
 class VerificationStatus(StrEnum):
     PENDING = "pending"  # a check run is queued or running
@@ -311,6 +344,8 @@ class VerificationView(BaseModel):
     result_signed_for: str | None = None
     result_signed_units: int | None = None
     result_signed_price_wei_per_unit: Wei | None = None
+    result_signed_prompt_units: int | None = None
+    result_signed_prompt_price_wei_per_unit: Wei | None = None
 
 
 class JobEventView(BaseModel):
@@ -380,7 +415,15 @@ class JobView(BaseModel):
     preference: Preference
     max_price_wei_per_unit: Wei
     max_units: int | None = None
+    # Generate jobs: the client's cap on a prompt token (None: max_price_wei_per_unit).
+    max_prompt_price_wei_per_unit: Wei | None = None
+    # The most the job can cost, fixed at submit (what a payer's budget holds for it).
+    max_cost_wei: Wei | None = None
     price_wei_per_unit: Wei | None = None
+    # Generate jobs: the agreed price of a prompt token, and the prompt tokens billed at it
+    # (``units`` counts them too; the other units are billed at ``price_wei_per_unit``).
+    prompt_price_wei_per_unit: Wei | None = None
+    prompt_units: int | None = None
     units: int | None = None
     cost_wei: Wei | None = None
     worker_address: str | None = None
@@ -425,7 +468,9 @@ class ResultBatchProof(BaseModel):
 
 class ResultView(BaseModel):
     """A job's result. ``signature`` is the worker's EIP-712 signature over (job id, attempt,
-    output sha256, units, price in wei per unit): see protocol/signing.py."""
+    output sha256, units, price in wei per unit, prompt units, prompt price in wei per unit):
+    see protocol/signing.py. ``cost_wei`` is ``protocol.units.cost_wei`` of the signed fields
+    (0 when verification replaced the result: the client pays nothing)."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -462,6 +507,9 @@ class ResultView(BaseModel):
     worker_address: str
     units: int
     price_wei_per_unit: Wei
+    # Generate results: the prompt tokens among ``units``, and their price; 0 for other types.
+    prompt_units: int = 0
+    prompt_price_wei_per_unit: Wei = 0
     cost_wei: Wei
     duration_s: float
     energy_j: float

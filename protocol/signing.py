@@ -23,10 +23,15 @@ RESULT_TYPES = {
         {"name": "outputSha256", "type": "bytes32"},
         {"name": "units", "type": "uint64"},
         {"name": "priceWeiPerUnit", "type": "uint256"},
+        {"name": "promptUnits", "type": "uint64"},
+        {"name": "promptPriceWeiPerUnit", "type": "uint256"},
     ]
 }
-"""A signed result binds what was billed: ``units`` (the pricing unit: input items for
-inference, output pixels for transcode) at ``priceWeiPerUnit`` (wei), beside the output."""
+"""A signed result binds what was billed, beside the output: ``units`` (the pricing unit: input
+items for inference, output pixels for transcode, prompt + completion tokens for generate), of
+which ``promptUnits`` (generate: the prompt tokens; 0 otherwise) are billed at
+``promptPriceWeiPerUnit`` and the rest at ``priceWeiPerUnit`` (wei). A verifier recomputes the
+cost from the signed fields alone: ``protocol.units.cost_wei``."""
 
 
 def registration_message(address: str, nonce: str, expires_at_iso: str) -> str:
@@ -83,7 +88,13 @@ def output_sha256(output: Any) -> str:
 
 
 def _result_message(
-    job_id: str, attempt: int, output_sha256_hex: str, units: int, price_wei_per_unit: int
+    job_id: str,
+    attempt: int,
+    output_sha256_hex: str,
+    units: int,
+    price_wei_per_unit: int,
+    prompt_units: int,
+    prompt_price_wei_per_unit: int,
 ) -> dict[str, Any]:
     return {
         "domain": RESULT_DOMAIN,
@@ -95,6 +106,8 @@ def _result_message(
             "outputSha256": bytes.fromhex(output_sha256_hex),
             "units": units,
             "priceWeiPerUnit": price_wei_per_unit,
+            "promptUnits": prompt_units,
+            "promptPriceWeiPerUnit": prompt_price_wei_per_unit,
         },
     }
 
@@ -106,10 +119,22 @@ def sign_result(
     output_sha256_hex: str,
     units: int,
     price_wei_per_unit: int,
+    *,
+    prompt_units: int = 0,
+    prompt_price_wei_per_unit: int = 0,
 ) -> str:
-    """EIP-712 signature over (job id, attempt, output sha256, units, price in wei per unit),
-    as 0x-hex: the worker's word on what it produced and what it bills for it."""
-    message = _result_message(job_id, attempt, output_sha256_hex, units, price_wei_per_unit)
+    """EIP-712 signature over (job id, attempt, output sha256, units, price in wei per unit,
+    prompt units, prompt price in wei per unit), as 0x-hex: the worker's word on what it
+    produced and what it bills for it. Only generate results have prompt units."""
+    message = _result_message(
+        job_id,
+        attempt,
+        output_sha256_hex,
+        units,
+        price_wei_per_unit,
+        prompt_units,
+        prompt_price_wei_per_unit,
+    )
     signed = Account.sign_message(encode_typed_data(full_message=message), private_key=private_key)
     return "0x" + bytes(signed.signature).hex().removeprefix("0x")
 
@@ -121,12 +146,23 @@ def recover_result_signer(
     units: int,
     price_wei_per_unit: int,
     signature: str,
+    *,
+    prompt_units: int = 0,
+    prompt_price_wei_per_unit: int = 0,
 ) -> str:
     """Address (checksummed) that signed the result; raises ValueError on a malformed one.
 
-    A signature over other units or another price recovers another address, so a result
+    A signature over other units or other prices recovers another address, so a result
     can only be billed as its worker signed it."""
-    message = _result_message(job_id, attempt, output_sha256_hex, units, price_wei_per_unit)
+    message = _result_message(
+        job_id,
+        attempt,
+        output_sha256_hex,
+        units,
+        price_wei_per_unit,
+        prompt_units,
+        prompt_price_wei_per_unit,
+    )
     try:
         encoded = encode_typed_data(full_message=message)
     except (ValueError, OverflowError, TypeError) as exc:  # units or price out of range
@@ -142,7 +178,7 @@ def recover_result_signer(
 RESULT_BATCH_TYPES = {"ResultBatch": [{"name": "results", "type": "bytes32[]"}]}
 _RESULT_TYPE_HASH = keccak(
     text="Result(string jobId,uint32 attempt,bytes32 outputSha256,uint64 units,"
-    "uint256 priceWeiPerUnit)"
+    "uint256 priceWeiPerUnit,uint64 promptUnits,uint256 promptPriceWeiPerUnit)"
 )
 
 
@@ -153,7 +189,14 @@ def _uint(value: int, bits: int, name: str) -> bytes:
 
 
 def result_hash(
-    job_id: str, attempt: int, output_sha256_hex: str, units: int, price_wei_per_unit: int
+    job_id: str,
+    attempt: int,
+    output_sha256_hex: str,
+    units: int,
+    price_wei_per_unit: int,
+    *,
+    prompt_units: int = 0,
+    prompt_price_wei_per_unit: int = 0,
 ) -> str:
     """The EIP-712 struct hash (0x-hex) of one job's ``Result``: what a batch signature lists.
     ValueError for a field out of its type's range."""
@@ -170,6 +213,8 @@ def result_hash(
         + digest
         + _uint(units, 64, "units")
         + _uint(price_wei_per_unit, 256, "priceWeiPerUnit")
+        + _uint(prompt_units, 64, "promptUnits")
+        + _uint(prompt_price_wei_per_unit, 256, "promptPriceWeiPerUnit")
     )
     return "0x" + keccak(encoded).hex()
 
@@ -208,15 +253,19 @@ def recover_job_result_signer(
     signature: str,
     result_hashes: list[str] | None = None,
     index: int | None = None,
+    *,
+    prompt_units: int = 0,
+    prompt_price_wei_per_unit: int = 0,
 ) -> str:
     """Address (checksummed) that signed one job's result, as a result view carries it:
     signed alone, or in a batch (``result_hashes`` and the job's ``index`` from its ``batch``
     proof; the job's own hash must sit there). ValueError when the proof does not hold."""
+    prompt = {"prompt_units": prompt_units, "prompt_price_wei_per_unit": prompt_price_wei_per_unit}
     if result_hashes is None:
         return recover_result_signer(
-            job_id, attempt, output_sha256_hex, units, price_wei_per_unit, signature
+            job_id, attempt, output_sha256_hex, units, price_wei_per_unit, signature, **prompt
         )
-    mine = result_hash(job_id, attempt, output_sha256_hex, units, price_wei_per_unit)
+    mine = result_hash(job_id, attempt, output_sha256_hex, units, price_wei_per_unit, **prompt)
     if index is None or not 0 <= index < len(result_hashes) or result_hashes[index] != mine:
         raise ValueError(f"job {job_id}'s result hash is not at index {index} of its batch")
     return recover_result_batch_signer(result_hashes, signature)

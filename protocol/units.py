@@ -50,3 +50,15 @@ Wei = Annotated[
         {"type": "string", "pattern": "^[0-9]+$", "description": "amount in wei, decimal"}
     ),
 ]
+
+
+def cost_wei(
+    units: int, price_wei_per_unit: int, prompt_units: int = 0, prompt_price_wei_per_unit: int = 0
+) -> int:
+    """What ``units`` cost (wei, exact): ``prompt_units`` of them (generate: prompt tokens) at
+    ``prompt_price_wei_per_unit``, the rest (completion tokens, items, pixels) at
+    ``price_wei_per_unit``. The same formula bounds a job before it runs (its most units and
+    prompt tokens at the client's max prices) and bills it after (what a result signs)."""
+    if not 0 <= prompt_units <= units:
+        raise ValueError(f"prompt units {prompt_units} must lie between 0 and units {units}")
+    return (units - prompt_units) * price_wei_per_unit + prompt_units * prompt_price_wei_per_unit

@@ -89,9 +89,12 @@ _EXAMPLE_OFFER: dict[str, JsonValue] = {
 class Offer(_Strict):
     """What a worker sells: one (job type, model, precision) at a price in wei per unit.
 
-    ``units_per_s`` is the worker's own benchmark, used until the orchestrator has measured
-    it; ``energy_j_per_unit`` likewise. ``input`` (TorchScript models) is the row its manifest
-    takes, so the orchestrator refuses a misshapen row at submit instead of leasing it.
+    Generate offers price prompt tokens at ``prompt_price_wei_per_unit`` (when not given:
+    ``price_wei_per_unit``, as completion tokens are). ``units_per_s`` is the worker's own
+    benchmark, used until the orchestrator has measured it; ``energy_j_per_unit`` likewise.
+    ``input`` (TorchScript models) is the row its manifest takes, so the orchestrator refuses a
+    misshapen row at submit instead of leasing it; ``context_tokens`` and ``max_token_bytes``
+    (generate) let it refuse a prompt that cannot fit the model's context.
     """
 
     model_config = ConfigDict(json_schema_extra={"examples": [_EXAMPLE_OFFER]})
@@ -106,6 +109,28 @@ class Offer(_Strict):
     input: TensorShape | None = None
     # Generate offers: the model's context length in tokens (prompt + completion).
     context_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
+    # Generate offers: the price of a prompt token (None: price_wei_per_unit).
+    prompt_price_wei_per_unit: Wei | None = Field(default=None, gt=0)
+    # Generate offers: the longest token of the model's tokenizer, in UTF-8 bytes. A prompt of
+    # B bytes is then at least ceil(B / max_token_bytes) tokens (services/inputs.py).
+    max_token_bytes: int | None = Field(default=None, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _generate_fields(self) -> Self:
+        if self.job_type is not JobType.GENERATE:
+            given = [
+                name
+                for name in ("context_tokens", "prompt_price_wei_per_unit", "max_token_bytes")
+                if getattr(self, name) is not None
+            ]
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to generate offers only")
+        return self
+
+    @property
+    def prompt_price(self) -> int:
+        """Wei per prompt token (generate); the offer's price when it names none."""
+        return self.prompt_price_wei_per_unit or self.price_wei_per_unit
 
 
 class ChallengeRequest(_Strict):
@@ -192,6 +217,8 @@ class LeasedJob(BaseModel):
     renditions: list[Rendition] | None = None
     container: Container | None = None
     price_wei_per_unit: Wei
+    # Generate jobs: the price of a prompt token, signed with the result (0 for other types).
+    prompt_price_wei_per_unit: Wei = 0
     lease_expires_at: datetime
     deadline_at: datetime
 
@@ -212,6 +239,8 @@ class ResultFields(_Strict):
     energy_j: float = Field(ge=0)
     energy_source: EnergySource
     units: int = Field(ge=0, le=MAX_UNITS)
+    # Generate results: how many of ``units`` are prompt tokens (usage.prompt_tokens); 0 else.
+    prompt_units: int = Field(default=0, ge=0, le=MAX_UNITS)
     # Transcodes: the requested renditions not produced, each with its reason.
     skipped_renditions: list[SkippedRendition] | None = Field(default=None, max_length=16)
 
@@ -227,7 +256,8 @@ class CompleteRequest(ResultFields):
     """A finished attempt. Duration in seconds, energy in joules, units as priced: input
     items for inference, output pixels (frames x width x height over the renditions) for
     transcode. The orchestrator counts the units itself and refuses other figures (422).
-    ``signature``: EIP-712 over (job id, attempt, output sha256, units, price)."""
+    ``signature``: EIP-712 over (job id, attempt, output sha256, units, price, prompt units,
+    prompt price): see protocol/signing.py."""
 
     model_config = ConfigDict(
         json_schema_extra={

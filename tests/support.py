@@ -105,6 +105,23 @@ def agreed_price(services: Services, job_id: str) -> int:
         return job.price_wei_per_unit
 
 
+def agreed_prompt_price(services: Services, job_id: str) -> int:
+    """The prompt token price a generate job was matched at (0 for other jobs): signed too."""
+    from orchestrator.services.billing import signed_prompt_price
+    from orchestrator.store.models import Job
+
+    with services.store.read() as s:
+        job = s.get(Job, job_id)
+        assert job is not None, job_id
+        return signed_prompt_price(job)
+
+
+def prompt_tokens(output: dict[str, Any]) -> int:
+    """The prompt tokens a generation output's usage holds (0 for other outputs)."""
+    usage = output.get("usage")
+    return int(usage.get("prompt_tokens", 0)) if isinstance(usage, dict) else 0
+
+
 def completion(
     worker: TestWorker,
     job_id: str,
@@ -115,20 +132,31 @@ def completion(
     energy_j: float = 2.0,
     *,
     price_wei_per_unit: int,
+    prompt_price_wei_per_unit: int = 0,
 ) -> CompleteRequest:
-    """A result as an honest worker reports it: signed over its output, units and price."""
+    """A result as an honest worker reports it: signed over its output, units and prices
+    (generate results: their prompt tokens at ``prompt_price_wei_per_unit``)."""
     digest = output_sha256(output)
+    prompt_units = prompt_tokens(output)
     return CompleteRequest(
         attempt=attempt,
         output=output,
         output_sha256=digest,
         signature=sign_result(
-            worker.account.key, job_id, attempt, digest, units, price_wei_per_unit
+            worker.account.key,
+            job_id,
+            attempt,
+            digest,
+            units,
+            price_wei_per_unit,
+            prompt_units=prompt_units,
+            prompt_price_wei_per_unit=prompt_price_wei_per_unit,
         ),
         duration_s=duration_s,
         energy_j=energy_j,
         energy_source="estimate",
         units=units,
+        prompt_units=prompt_units,
     )
 
 

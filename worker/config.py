@@ -17,7 +17,7 @@ DEFAULT_PRICES_WEI: dict[str, int] = {
     # per input item (one sentence) and per output pixel
     JobType.INFERENCE.value: 1_000_000_000,
     JobType.TRANSCODE.value: 1_000,
-    JobType.GENERATE.value: 100_000_000,  # per token, prompt and completion
+    JobType.GENERATE.value: 100_000_000,  # per token (a prompt token too, unless priced apart)
 }
 DEFAULT_REDEEM_THRESHOLD_WEI = 10**16
 """Redeem a payer's voucher once it owes this much (0.01 ETH): gas stays a small share."""
@@ -39,6 +39,9 @@ class WorkerSettings(BaseSettings):
     job_types: list[JobType] = Field(default_factory=lambda: [JobType.INFERENCE, JobType.TRANSCODE])
     # Keys are a job type or a model name; a model's own price wins over its type's.
     prices_wei: dict[str, int] = Field(default_factory=lambda: dict(DEFAULT_PRICES_WEI))
+    # Generate offers: the price of a prompt token, keyed "generate" or a model name (a model's
+    # own wins); none set: a prompt token costs what a completion token does.
+    prompt_prices_wei: dict[str, int] = Field(default_factory=dict)
     carbon_intensity_g_per_kwh: float | None = Field(default=None, ge=0, le=2000)
     assumed_watts: float | None = Field(default=None, gt=0)
     lease_wait_s: float = Field(default=20.0, gt=0, le=60)
@@ -92,7 +95,7 @@ class WorkerSettings(BaseSettings):
             raise ValueError("give the chain's JSON-RPC endpoint as http://host:port or https://")
         return value
 
-    @field_validator("prices_wei")
+    @field_validator("prices_wei", "prompt_prices_wei")
     @classmethod
     def _positive_prices(cls, value: dict[str, int]) -> dict[str, int]:
         for key, price in value.items():
@@ -104,6 +107,12 @@ class WorkerSettings(BaseSettings):
         return self.prices_wei.get(model) or self.prices_wei.get(
             job_type.value, DEFAULT_PRICES_WEI[job_type.value]
         )
+
+    def prompt_price_for(self, job_type: JobType, model: str) -> int | None:
+        """Wei per prompt token for a generate offer; None (the completion price) if unset."""
+        if job_type is not JobType.GENERATE:
+            return None
+        return self.prompt_prices_wei.get(model) or self.prompt_prices_wei.get(job_type.value)
 
 
 def load_or_create_key(path: Path) -> tuple[LocalAccount, bool]:

@@ -121,10 +121,14 @@ class WorkerDaemon:
                         model=cap.model,
                         precision=cap.precision,
                         price_wei_per_unit=self.settings.price_for(job_type, cap.model),
+                        prompt_price_wei_per_unit=self.settings.prompt_price_for(
+                            job_type, cap.model
+                        ),
                         max_batch=cap.max_batch,
                         units_per_s=cap.units_per_s,
                         input=cap.input,
                         context_tokens=cap.context_tokens,
+                        max_token_bytes=cap.max_token_bytes,
                     )
                 )
         return offers
@@ -411,10 +415,12 @@ class WorkerDaemon:
             output_blobs=blobs,
             output_sha256=digest,
             price_wei_per_unit=job.price_wei_per_unit,
+            prompt_price_wei_per_unit=job.prompt_price_wei_per_unit,
             duration_s=duration_s,
             energy_j=energy_j,
             energy_source=self.energy.source,
             units=execution.units,
+            prompt_units=execution.prompt_units,
             skipped_renditions=list(execution.skipped) if blobs else None,
         )
         # Signed by the reporter: alone, or with the results ready beside it under one signature.

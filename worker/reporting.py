@@ -98,9 +98,18 @@ class ResultReporter:
         if len(batch) == 1:
             r = batch[0].result
             signature = sign_result(
-                key, r.job_id, r.attempt, r.output_sha256, r.units, r.price_wei_per_unit
+                key,
+                r.job_id,
+                r.attempt,
+                r.output_sha256,
+                r.units,
+                r.price_wei_per_unit,
+                prompt_units=r.prompt_units,
+                prompt_price_wei_per_unit=r.prompt_price_wei_per_unit,
             )
-            fields = r.model_dump(exclude={"job_id", "price_wei_per_unit"})
+            fields = r.model_dump(
+                exclude={"job_id", "price_wei_per_unit", "prompt_price_wei_per_unit"}
+            )
             request = CompleteRequest.model_validate({**fields, "signature": signature})
             try:
                 return [(await self._client.complete(r.job_id, request)).state]
@@ -110,7 +119,15 @@ class ResultReporter:
                 return [exc]
         results = [ready.result for ready in batch]
         hashes = [
-            result_hash(r.job_id, r.attempt, r.output_sha256, r.units, r.price_wei_per_unit)
+            result_hash(
+                r.job_id,
+                r.attempt,
+                r.output_sha256,
+                r.units,
+                r.price_wei_per_unit,
+                prompt_units=r.prompt_units,
+                prompt_price_wei_per_unit=r.prompt_price_wei_per_unit,
+            )
             for r in results
         ]
         request_ = BatchCompleteRequest(results=results, signature=sign_result_batch(key, hashes))

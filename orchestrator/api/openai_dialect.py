@@ -2,9 +2,11 @@
 results translated back (chat.completion, text_completion, embeddings, SSE chunks, errors).
 
 One job path, two dialects: nothing here runs work or touches the store. Market fields the
-OpenAI schema lacks ride as extra body fields (``max_price_wei_per_token``, ``preference``) or
-headers (``X-Max-Price-Wei``, ``X-Preference``); each response carries a ``gpumarket`` object
-(job id, cost in wei, energy, worker) so a caller can audit what it paid for.
+OpenAI schema lacks ride as extra body fields (``max_price_wei_per_token``,
+``max_prompt_price_wei_per_token``, ``preference``) or headers (``X-Max-Price-Wei``,
+``X-Max-Prompt-Price-Wei``, ``X-Preference``); each response carries a ``gpumarket`` object
+(job id, cost in wei and its prompt and completion parts, energy, worker) so a caller can audit
+what it paid for.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import base64
 import json
 import struct
 import time
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -47,6 +49,14 @@ _ERROR_TYPES = {
 }
 
 
+class MaxPrices(NamedTuple):
+    """A request's max prices in wei: per token (None: the market's), and per prompt token
+    when capped apart (None: ``price`` caps prompt tokens too)."""
+
+    price: int | None
+    prompt_price: int | None = None
+
+
 class OpenAIError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "code"}}``."""
 
@@ -73,6 +83,7 @@ class _Market(BaseModel):
 
     model: str = Field(min_length=1, max_length=128)
     max_price_wei_per_token: Wei | None = Field(default=None, gt=0)
+    max_prompt_price_wei_per_token: Wei | None = Field(default=None, gt=0)
     preference: Preference | None = None
     user: str | None = None
 
@@ -184,17 +195,28 @@ def from_validation(exc: ValidationError) -> OpenAIError:
     return OpenAIError(400, "invalid_request", f"{where}: {first.get('msg')}", where)
 
 
+def _header_wei(value: str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) <= 0:
+        raise OpenAIError(
+            400, "invalid_max_price", f"{name} must be a positive whole number of wei"
+        )
+    return int(value)
+
+
 def market_fields(
-    req: _Market, header_price: str | None, header_preference: str | None
-) -> tuple[int | None, Preference]:
-    """The client's max price (wei per unit) and preference, from the body or the headers."""
-    price: int | None = req.max_price_wei_per_token
-    if price is None and header_price is not None:
-        if not header_price.isdigit() or int(header_price) <= 0:
-            raise OpenAIError(
-                400, "invalid_max_price", "X-Max-Price-Wei must be a positive whole number of wei"
-            )
-        price = int(header_price)
+    req: _Market,
+    header_price: str | None,
+    header_preference: str | None,
+    header_prompt_price: str | None = None,
+) -> tuple[MaxPrices, Preference]:
+    """The client's max prices (wei per token, and per prompt token) and preference, from the
+    body or the headers."""
+    price = req.max_price_wei_per_token or _header_wei(header_price, "X-Max-Price-Wei")
+    prompt_price = req.max_prompt_price_wei_per_token or _header_wei(
+        header_prompt_price, "X-Max-Prompt-Price-Wei"
+    )
     preference = req.preference or Preference.BALANCED
     if req.preference is None and header_preference is not None:
         try:
@@ -204,17 +226,19 @@ def market_fields(
             raise OpenAIError(
                 400, "invalid_preference", f"X-Preference must be one of {choices}"
             ) from None
-    return price, preference
+    return MaxPrices(price, prompt_price), preference
 
 
 def generate_spec(
-    req: _Sampling, generation: GenerationInput, price: int, preference: Preference
+    req: _Sampling, generation: GenerationInput, prices: MaxPrices, preference: Preference
 ) -> JobSpec:
+    assert prices.price is not None
     return JobSpec(
         type=JobType.GENERATE,
         model=req.model,
         generation=generation,
-        max_price_wei_per_unit=price,
+        max_price_wei_per_unit=prices.price,
+        max_prompt_price_wei_per_unit=prices.prompt_price,
         preference=preference,
         deadline_s=OPENAI_DEADLINE_S,
         max_attempts=2,
@@ -251,9 +275,15 @@ def market_extras(result: ResultView) -> dict[str, Any]:
 
 
 def generation_extras(result: ResultView) -> dict[str, Any]:
-    """``market_extras`` and, for generation, the energy per output (completion) token."""
+    """``market_extras`` and, for generation, the cost's prompt and completion parts (wei: each
+    token count at its price) and the energy per output (completion) token."""
     extras = market_extras(result)
     completion = usage_of(result)["completion_tokens"]
+    extras["prompt_price_wei_per_unit"] = str(result.prompt_price_wei_per_unit)
+    extras["prompt_cost_wei"] = str(result.prompt_units * result.prompt_price_wei_per_unit)
+    extras["completion_cost_wei"] = str(
+        (result.units - result.prompt_units) * result.price_wei_per_unit
+    )
     extras["energy_j_per_output_token"] = result.energy_j / completion if completion else None
     return extras
 

@@ -8,7 +8,9 @@ figure is never taken on trust:
   video stream's size, and its packets counted without decoding, one per frame for H.264)
   and sums. The sizes and frame counts a worker lists for its blobs must match the files.
 - **generate**: units are tokens, prompt + completion, from the result's ``usage``; the
-  completion count must match the token ids it holds and the job's ``max_tokens``.
+  completion count must match the token ids it holds and the job's ``max_tokens``, the prompt
+  count the bound taken at submit. The prompt tokens are also reported (and signed) apart,
+  as ``prompt_units``: they are billed at the prompt price, the rest at the job's price.
 - **inference**: units are input items (texts or tensor rows), counted from the job's input
   (inline, or the JSON input blob the orchestrator holds), as the worker counts them.
 
@@ -29,11 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Row
+
 from orchestrator.exceptions import InvalidInput
 from orchestrator.store.models import Job
-from protocol import JobType, OutputBlob
+from protocol import JobSpec, JobType, Offer, OutputBlob
 from protocol.generation import generation_output_usage
+from protocol.units import cost_wei
 
+JobRow = Job | Row[Any]
+"""A job, or a row of its columns read set-based (dispatch, leases): what the pricing helpers
+below read of it (type, spec, max_units and the prices) either has."""
 UNITS_COLUMNS = (Job.id, Job.type, Job.kind, Job.spec, Job.input_blob)
 """The columns of a job ``derive_units`` reads (and its kind): a batch loads only these."""
 MAX_INPUT_JSON_BYTES = 16 * 1024 * 1024
@@ -151,13 +159,87 @@ def generation_units(job: Job, output: dict[str, Any] | None) -> int:
             )
         if not isinstance(output.get("text"), str):
             raise InvalidInput("generation results need output.text")
-        max_tokens = int(((job.spec or {}).get("input") or {}).get("max_tokens") or 0)
+        max_tokens = _max_tokens(job)
         if usage.completion_tokens > max_tokens:
             raise InvalidInput(
                 f"{usage.completion_tokens} completion tokens, above the job's max_tokens "
                 f"{max_tokens}"
             )
+    bound = prompt_token_bound(job)
+    if bound is not None and usage.prompt_tokens > bound:
+        raise InvalidInput(
+            f"{usage.prompt_tokens} prompt tokens, above the job's bound of {bound} (one token "
+            "per prompt byte, plus the chat template's)"
+        )
     return usage.total_tokens
+
+
+def _max_tokens(job: JobRow) -> int:
+    return int(((job.spec or {}).get("input") or {}).get("max_tokens") or 0)
+
+
+def prompt_token_bound(job: JobRow) -> int | None:
+    """The most prompt tokens a generate job may bill: its token bound (``max_units``, set
+    at submit to the prompt's bound + max_tokens) less max_tokens. None for other jobs."""
+    if job.type != JobType.GENERATE or job.max_units is None:
+        return None
+    return max(job.max_units - _max_tokens(job), 0)
+
+
+def token_bounds(job: JobRow) -> tuple[int, int]:
+    """A generate job's most prompt tokens and most completion tokens (max_tokens); (0, 0)
+    for other jobs."""
+    bound = prompt_token_bound(job)
+    return (0, 0) if bound is None else (bound, _max_tokens(job))
+
+
+def agreed_prompt_price(job: JobRow, offer: Offer) -> int | None:
+    """What a job matched to ``offer`` pays per prompt token: generate jobs only."""
+    return offer.prompt_price if job.type == JobType.GENERATE else None
+
+
+def prompt_units(job: Job, output: dict[str, Any] | None) -> int:
+    """The units of a result billed at the prompt price: a generate result's prompt tokens
+    (``output.usage.prompt_tokens``), 0 for other jobs."""
+    if job.type != JobType.GENERATE:
+        return 0
+    usage = generation_output_usage(output)
+    return usage.prompt_tokens if usage is not None else 0
+
+
+def check_prompt_units(job: Job, reported: int, output: dict[str, Any] | None) -> None:
+    """InvalidInput unless ``reported`` (the result's signed ``prompt_units``) is what its
+    output holds."""
+    held = prompt_units(job, output)
+    if reported != held:
+        what = "output.usage.prompt_tokens" if job.type == JobType.GENERATE else "none"
+        raise InvalidInput(
+            f"prompt_units is {reported}, but the result holds {held} prompt tokens ({what}); "
+            f"report and sign prompt_units={held}"
+        )
+
+
+def signed_prompt_price(job: JobRow) -> int:
+    """The prompt price a result of ``job`` signs (wei per prompt token): the agreed one for
+    generate jobs (their price when none was agreed apart), 0 for other jobs."""
+    if job.type != JobType.GENERATE:
+        return 0
+    return job.prompt_price_wei_per_unit or job.price_wei_per_unit or 0
+
+
+def job_cost_wei(job: Job, units: int, prompt: int) -> int:
+    """What a result of ``units`` units, ``prompt`` of them prompt tokens, costs at the
+    job's agreed prices (wei, exact)."""
+    assert job.price_wei_per_unit is not None
+    return cost_wei(units, job.price_wei_per_unit, prompt, signed_prompt_price(job))
+
+
+def cost_bound_wei(job: Job) -> int:
+    """The most ``job`` can cost (wei): fixed at submit; for a job from before it was kept,
+    max_units (else units) at the max price."""
+    if job.max_cost_wei is not None:
+        return job.max_cost_wei
+    return job.max_price_wei_per_unit * (job.max_units or job.units or 0)
 
 
 def derive_units(
@@ -186,4 +268,16 @@ def units_mismatch(reported: int, derived: int, job: Job) -> str:
     return (
         f"units is {reported}, but the result holds {derived} {what}; "
         f"report and sign units={derived}"
+    )
+
+
+def bound_terms(spec: JobSpec) -> str:
+    """How ``spec.cost_bound_wei()`` is reached, in words (for a refusal a client can act on)."""
+    if spec.generation is None:
+        return f"{spec.max_units} units at up to {spec.max_price_wei_per_unit} wei"
+    prompt = spec.generation.prompt_token_bound()
+    return (
+        f"up to {prompt} prompt tokens at {spec.prompt_price_cap} wei + max_tokens "
+        f"{spec.generation.max_tokens} at {spec.max_price_wei_per_unit} wei; lower max_tokens, "
+        "the max prices or the prompt to need less"
     )

@@ -32,6 +32,7 @@ from orchestrator.config import Settings
 from orchestrator.services import reputation, throttle
 from orchestrator.services.inputs import InputChecks, input_key, ladder_problem, refused_reason
 from orchestrator.services.lifecycle import requeue_or_fail, transition
+from orchestrator.services.matching import within_price
 from orchestrator.services.verification import CHECK
 from orchestrator.services.workers import REGISTERED
 from orchestrator.store import Store
@@ -144,10 +145,11 @@ class Blame:
             select(Worker.offers).where(Worker.status == REGISTERED, Worker.id.not_in(exclude))
         )
         offers = (Offer.model_validate(raw) for worker in rows for raw in worker)
+        caps = (job.max_price_wei_per_unit, job.max_prompt_price_wei_per_unit)
         return any(
             offer.job_type == job.type
             and offer.model == job.model
-            and offer.price_wei_per_unit <= job.max_price_wei_per_unit
+            and within_price(offer, *caps) is None
             for offer in offers
         )
 

@@ -16,8 +16,9 @@ from protocol import JobType, Offer
 
 @dataclass(frozen=True)
 class OfferedModel:
-    """A model live workers offer: its cheapest price (wei per unit: per token for generate),
-    how many workers offer it, its context length (generate) and best measured units/s."""
+    """A model live workers offer: its cheapest price (wei per unit: per token for generate;
+    per prompt token apart), how many workers offer it, its context length (generate) and best
+    measured units/s. ``prices``: each offer's (price, prompt price), cheapest first."""
 
     model: str
     job_type: JobType
@@ -25,6 +26,12 @@ class OfferedModel:
     workers: int
     context_tokens: int | None
     units_per_s: float | None
+    min_prompt_price_wei_per_unit: int | None = None
+    prices: tuple[tuple[int, int], ...] = ()
+
+    def cheapest_for(self, prompt_tokens: int, completion_tokens: int) -> tuple[int, int]:
+        """The (price, prompt price) of the offer that bills these tokens least (wei)."""
+        return min(self.prices, key=lambda p: (prompt_tokens * p[1] + completion_tokens * p[0], p))
 
 
 class Catalog:
@@ -50,6 +57,8 @@ class Catalog:
 
 
 def _merge(known: OfferedModel | None, offer: Offer) -> OfferedModel:
+    generate = offer.job_type is JobType.GENERATE
+    pair = (offer.price_wei_per_unit, offer.prompt_price)
     if known is None:
         return OfferedModel(
             model=offer.model,
@@ -58,6 +67,8 @@ def _merge(known: OfferedModel | None, offer: Offer) -> OfferedModel:
             workers=1,
             context_tokens=offer.context_tokens,
             units_per_s=offer.units_per_s,
+            min_prompt_price_wei_per_unit=offer.prompt_price if generate else None,
+            prices=(pair,),
         )
     speeds = [v for v in (known.units_per_s, offer.units_per_s) if v is not None]
     contexts = [v for v in (known.context_tokens, offer.context_tokens) if v is not None]
@@ -68,4 +79,8 @@ def _merge(known: OfferedModel | None, offer: Offer) -> OfferedModel:
         workers=known.workers + 1,
         context_tokens=min(contexts) if contexts else None,
         units_per_s=max(speeds) if speeds else None,
+        min_prompt_price_wei_per_unit=min(known.min_prompt_price_wei_per_unit, offer.prompt_price)
+        if known.min_prompt_price_wei_per_unit is not None and generate
+        else None,
+        prices=tuple(sorted({*known.prices, pair})),
     )

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from orchestrator.store import Store
 from orchestrator.store.models import Blob, Job, RefusedInput, Worker
 from protocol import InferenceInput, JobSpec, JobType, Offer, Rendition
+from protocol.generation import GenerationInput
 from protocol.jobs import ALLOWED_INPUT_FORMATS, MAX_INPUT_JSON_BYTES
 from protocol.signing import canonical_json
 from protocol.workers import TensorShape
@@ -259,6 +260,38 @@ def tensor_problem(model: str, rows: list[Any], advertised: list[TensorShape]) -
     return None
 
 
+def prompt_bytes(generation: GenerationInput) -> int:
+    """UTF-8 bytes of a generation's own text (the prompt, or every message's content): the
+    text a chat template wraps never has fewer."""
+    if generation.prompt is not None:
+        return len(generation.prompt.encode())
+    return sum(len(m.content.encode()) for m in generation.messages or [])
+
+
+def context_problem(model: str, size: int, offers: list[Offer]) -> str | None:
+    """Why a prompt of ``size`` UTF-8 bytes cannot fit ``model`` on any worker offering it,
+    or None when it may. Sound, not tight: one token stands for at most ``max_token_bytes``
+    bytes, so the prompt is at least ``ceil(size / max_token_bytes)`` tokens, and a worker
+    needs room for one more token in its ``context_tokens``. Said only when every offer of the
+    model gives both figures and none has room."""
+    if not offers:
+        return None
+    floors = []
+    for offer in offers:
+        if offer.context_tokens is None or offer.max_token_bytes is None:
+            return None  # a worker that does not say: it may fit there
+        least = -(-size // offer.max_token_bytes)
+        if least < offer.context_tokens:
+            return None
+        floors.append((offer.context_tokens, offer.max_token_bytes, least))
+    context, token_bytes, least = max(floors)
+    return (
+        f"the prompt is {size} bytes, so at least {least} tokens for {model} (a token is at "
+        f"most {token_bytes} bytes): more than its context of {context} tokens (prompt + "
+        "completion) holds on any worker offering it; shorten the prompt"
+    )
+
+
 class InputChecks:
     """The checks above, over the store (offers, blob probe cache) and the blob files."""
 
@@ -273,6 +306,11 @@ class InputChecks:
             assert spec.input_blob is not None
             probe = self.probe(spec.input_blob)
             return probe.error or ladder_problem(probe, spec.ladder)
+        if spec.generation is not None:
+            assert spec.model is not None
+            offers = [o for o in self._live_offers() if o.model == spec.model]
+            generates = [o for o in offers if o.job_type is JobType.GENERATE]
+            return context_problem(spec.model, prompt_bytes(spec.generation), generates)
         rows: list[Any] | None = spec.input.tensors if spec.input is not None else None
         if spec.input_blob is not None:
             body, error = self._json_input(spec.input_blob)
@@ -313,10 +351,14 @@ class InputChecks:
                 f'input_blob must be JSON like {{"texts": [...]}} or {{"tensors": [...]}}: {first}'
             )
 
-    def _advertised_inputs(self, spec: JobSpec) -> list[TensorShape]:
+    def _live_offers(self) -> list[Offer]:
+        """Every offer of a worker not deregistered."""
         with self._store.read() as s:
             every = s.scalars(select(Worker.offers).where(Worker.status != "deregistered"))
-            offers = [Offer.model_validate(raw) for worker in every for raw in worker]
+            return [Offer.model_validate(raw) for worker in every for raw in worker]
+
+    def _advertised_inputs(self, spec: JobSpec) -> list[TensorShape]:
+        offers = self._live_offers()
         return [
             o.input
             for o in offers

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from orchestrator.config import Settings
 from orchestrator.exceptions import Conflict, GpumarketError, InvalidInput, NotFound
-from orchestrator.services import throttle
+from orchestrator.services import billing, throttle
 from orchestrator.services.auth import Principal, new_id
 from orchestrator.services.inputs import InputChecks, job_input_key, refused_reason
 from orchestrator.services.lifecycle import NewEvent, record_event, transition
@@ -78,7 +78,11 @@ def job_view(
         preference=job.preference,
         max_price_wei_per_unit=job.max_price_wei_per_unit,
         max_units=job.max_units,
+        max_prompt_price_wei_per_unit=job.max_prompt_price_wei_per_unit,
+        max_cost_wei=job.max_cost_wei,
         price_wei_per_unit=job.price_wei_per_unit,
+        prompt_price_wei_per_unit=job.prompt_price_wei_per_unit,
+        prompt_units=job.prompt_units if job.type == JobType.GENERATE else None,
         units=job.units,
         cost_wei=job.cost_wei,
         worker_address=worker_address,
@@ -124,6 +128,8 @@ def result_view(job: Job, worker_address: str, batch: ResultBatch | None = None)
         worker_address=worker_address,
         units=job.units,
         price_wei_per_unit=job.price_wei_per_unit or 0,
+        prompt_units=job.prompt_units or 0,
+        prompt_price_wei_per_unit=billing.signed_prompt_price(job),
         cost_wei=job.cost_wei or 0,
         duration_s=job.duration_s or 0.0,
         energy_j=job.energy_j or 0.0,
@@ -193,7 +199,10 @@ class JobService:
         self.batch = BatchJobs(self, store)
 
     def _request_hash(self, spec: JobSpec) -> str:
-        body = spec.model_dump(mode="json", exclude={"idempotency_key"})
+        # A field left at None is left out, so a job's hash stays as before the field was.
+        none = spec.max_prompt_price_wei_per_unit is None
+        unset = {"max_prompt_price_wei_per_unit"} if none else set()
+        body = spec.model_dump(mode="json", exclude={"idempotency_key", *unset})
         return hashlib.sha256(canonical_json(body)).hexdigest()
 
     def _validate(self, session: Session, client: Principal, spec: JobSpec) -> None:
@@ -321,6 +330,8 @@ class JobService:
             "spec": job_spec(spec),
             "input_blob": spec.input_blob,
             "max_price_wei_per_unit": spec.max_price_wei_per_unit,
+            "max_prompt_price_wei_per_unit": spec.max_prompt_price_wei_per_unit,
+            "max_cost_wei": spec.cost_bound_wei(),
             "min_vram_mb": spec.min_vram_mb,
             "max_units": spec.max_units,
             "payer_address": None,
@@ -367,7 +378,9 @@ class JobService:
                 .order_by(Client.id)
                 .with_for_update()
             ).all()
-        return self._payments.admit(s, row, spec.max_price_wei_per_unit * spec.max_units, now)
+        bound = spec.cost_bound_wei()
+        assert bound is not None
+        return self._payments.admit(s, row, bound, now, how=billing.bound_terms(spec))
 
     def _find_by_key(self, client: Principal, key: str, request_hash: str) -> JobView | None:
         with self._store.read() as s:

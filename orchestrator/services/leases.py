@@ -84,6 +84,7 @@ LEASE_COLUMNS = (
     Job.spec,
     Job.input_blob,
     Job.price_wei_per_unit,
+    Job.prompt_price_wei_per_unit,
     Job.deadline_at,
 )
 """What a lease hands the worker of each job (``_leased_job``)."""
@@ -93,6 +94,9 @@ DISPATCH_COLUMNS = (
     Job.model,
     Job.precision,
     Job.max_price_wei_per_unit,
+    Job.max_prompt_price_wei_per_unit,
+    Job.max_units,
+    Job.spec,  # a generation's max_tokens (billing.token_bounds)
     Job.preference,
     Job.min_vram_mb,
     Job.units,
@@ -104,8 +108,8 @@ DISPATCH_COLUMNS = (
     Job.attempt,
     Job.waiting_reason,
 )
-"""What a dispatch round reads of each queued job (``_needs``): not its spec, input or
-output, whose JSON it would decode for nothing."""
+"""What a dispatch round reads of each queued job (``_needs``): not its output or history,
+whose JSON it would decode for nothing."""
 
 
 @dataclass(frozen=True)
@@ -136,11 +140,15 @@ def _candidate(
 def _needs(
     job: Job | Row[Any], now: float, retry_excluded_after_s: float, min_reputation: float = 0.0
 ) -> JobNeeds:
+    prompt_units, completion_units = billing.token_bounds(job)
     return JobNeeds(
         type=JobType(job.type),
         model=job.model,
         precision=Precision(job.precision),
         max_price_wei_per_unit=job.max_price_wei_per_unit,
+        max_prompt_price_wei_per_unit=job.max_prompt_price_wei_per_unit,
+        prompt_units=prompt_units,
+        completion_units=completion_units,
         preference=Preference(job.preference),
         min_vram_mb=job.min_vram_mb,
         units=job.units,
@@ -284,6 +292,7 @@ class LeaseService(BatchCompletion):
                     "waiting_reason": None,
                     "worker_id": choice.worker_id,
                     "price_wei_per_unit": choice.offer.price_wei_per_unit,
+                    "prompt_price_wei_per_unit": billing.agreed_prompt_price(job, choice.offer),
                     "lease_expires_at": lease_until,
                     "delivered": False,
                     "state": JobState.ASSIGNED.value,
@@ -511,6 +520,7 @@ class LeaseService(BatchCompletion):
             renditions=[Rendition.model_validate(r) for r in renditions] if renditions else None,
             container=job.spec.get("container") if job.type == JobType.TRANSCODE else None,
             price_wei_per_unit=job.price_wei_per_unit,
+            prompt_price_wei_per_unit=billing.signed_prompt_price(job),
             lease_expires_at=ts(lease_expires_at),
             deadline_at=ts(job.deadline_at),
         )
@@ -673,8 +683,8 @@ class LeaseService(BatchCompletion):
         job.energy_j = req.energy_j
         job.energy_source = req.energy_source
         job.units = units
-        assert job.price_wei_per_unit is not None
-        job.cost_wei = units * job.price_wei_per_unit
+        job.prompt_units = req.prompt_units  # as the output holds (checked with the signature)
+        job.cost_wei = billing.job_cost_wei(job, units, req.prompt_units)
         job.co2_g = co2_grams(req.energy_j, row.carbon_intensity_g_per_kwh)
         job.lease_expires_at = None
         if job.started_at is None:
@@ -730,6 +740,7 @@ class LeaseService(BatchCompletion):
                 "hash the canonical JSON of the output"
             )
         assert job.price_wei_per_unit is not None
+        billing.check_prompt_units(job, req.prompt_units, req.output)
         if batch_signed:  # the batch's signature was recovered once, over every result in it
             return
         try:
@@ -740,6 +751,8 @@ class LeaseService(BatchCompletion):
                 req.units,
                 job.price_wei_per_unit,
                 req.signature,
+                prompt_units=req.prompt_units,
+                prompt_price_wei_per_unit=billing.signed_prompt_price(job),
             )
         except ValueError as exc:
             raise BadSignature(f"result signature could not be decoded: {exc}") from exc
@@ -747,13 +760,14 @@ class LeaseService(BatchCompletion):
             raise BadSignature(
                 f"result is signed by {signer}, not by this worker's address {row.address}; "
                 f"sign job id, attempt, output_sha256, units and the price "
-                f"({job.price_wei_per_unit} wei per unit) with the worker's key"
+                f"({job.price_wei_per_unit} wei per unit), prompt_units and the prompt price "
+                f"({billing.signed_prompt_price(job)}) with the worker's key"
             )
 
     def _check_cap(self, job: Job, units: int) -> None:
         """The derived units fit the agreed price (uint256 wei) and the client's max_units."""
         assert job.price_wei_per_unit is not None
-        if units * job.price_wei_per_unit > MAX_WEI:
+        if units * max(job.price_wei_per_unit, billing.signed_prompt_price(job)) > MAX_WEI:
             raise InvalidInput(f"units {units} at the agreed price overflow 2**256 wei")
         if job.max_units is not None and units > job.max_units:
             raise InvalidInput(

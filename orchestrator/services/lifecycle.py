@@ -167,6 +167,7 @@ def requeue_or_fail(
     job.attempt += 1
     job.worker_id = None
     job.price_wei_per_unit = None
+    job.prompt_price_wei_per_unit = None
     job.lease_expires_at = None
     job.delivered = False
 

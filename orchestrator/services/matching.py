@@ -70,6 +70,12 @@ class JobNeeds:
     precision: Precision
     max_price_wei_per_unit: int
     preference: Preference = Preference.BALANCED
+    # Generate jobs: the cap on a prompt token (None: max_price_wei_per_unit), and the most
+    # prompt and completion tokens it may bill (its prompt's bound, max_tokens): the weights
+    # of the two prices when offers are scored.
+    max_prompt_price_wei_per_unit: int | None = None
+    prompt_units: int = 0
+    completion_units: int = 0
     min_vram_mb: int = 0
     units: int | None = None
     time_left_s: float | None = None
@@ -103,6 +109,31 @@ def find_offer(needs: JobNeeds, candidate: Candidate) -> Offer | None:
         ):
             return offer
     return None
+
+
+def within_price(
+    offer: Offer, max_price_wei_per_unit: int, max_prompt_price_wei_per_unit: int | None = None
+) -> str | None:
+    """Why ``offer`` asks more than a job's max prices allow, or None when it does not."""
+    if offer.price_wei_per_unit > max_price_wei_per_unit:
+        unit = "token" if offer.job_type is JobType.GENERATE else "unit"
+        price = offer.price_wei_per_unit
+        return f"asks {price} wei/{unit}, above the job's {max_price_wei_per_unit}"
+    if offer.job_type is JobType.GENERATE:
+        cap = max_prompt_price_wei_per_unit or max_price_wei_per_unit
+        if offer.prompt_price > cap:
+            return f"asks {offer.prompt_price} wei/prompt token, above the job's {cap}"
+    return None
+
+
+def unit_price(needs: JobNeeds, offer: Offer) -> float:
+    """The offer's price per unit of this job (wei): for generate, the prompt and completion
+    prices weighed by the job's prompt bound and max_tokens, so offers compare on its cost."""
+    total = needs.prompt_units + needs.completion_units
+    if offer.job_type is not JobType.GENERATE or total <= 0:
+        return float(offer.price_wei_per_unit)
+    prompt_cost = needs.prompt_units * offer.prompt_price
+    return (prompt_cost + needs.completion_units * offer.price_wei_per_unit) / total
 
 
 def units_per_s(needs: JobNeeds, candidate: Candidate, offer: Offer) -> float:
@@ -160,11 +191,10 @@ def exclusion_reason(needs: JobNeeds, candidate: Candidate) -> str | None:
         return f"does not offer {needs.type}/{needs.model}/{needs.precision}"
     if needs.min_vram_mb and candidate.vram_mb < needs.min_vram_mb:
         return f"has {candidate.vram_mb} MiB VRAM, job needs {needs.min_vram_mb}"
-    if offer.price_wei_per_unit > needs.max_price_wei_per_unit:
-        return (
-            f"asks {offer.price_wei_per_unit} wei/unit, above the job's "
-            f"{needs.max_price_wei_per_unit}"
-        )
+    caps = (needs.max_price_wei_per_unit, needs.max_prompt_price_wei_per_unit)
+    too_dear = within_price(offer, *caps)
+    if too_dear is not None:
+        return too_dear
     if needs.time_left_s is not None and needs.units is not None:
         if expected_seconds(needs, candidate, offer) > needs.time_left_s:
             return "cannot finish before the deadline"
@@ -183,7 +213,7 @@ def distinct_figures(a: float, b: float, fewest: int = 2, most: int = 9) -> tupl
 
 def _score_all(needs: JobNeeds, eligible: list[tuple[Candidate, Offer]]) -> list[float]:
     weights = WEIGHTS[needs.preference]
-    prices = [offer.price_wei_per_unit for _, offer in eligible]
+    prices = [unit_price(needs, offer) for _, offer in eligible]
     times = [expected_seconds(needs, c, o) for c, o in eligible]
     co2 = [grams_co2(needs, c, o) for c, o in eligible]
     known_co2 = [g for g in co2 if g is not None]

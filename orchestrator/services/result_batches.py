@@ -146,6 +146,8 @@ class BatchCompletion:
                         item.output_sha256,
                         item.units,
                         item.price_wei_per_unit,
+                        prompt_units=item.prompt_units,
+                        prompt_price_wei_per_unit=item.prompt_price_wei_per_unit,
                     )
                 )
             except ValueError as exc:
@@ -228,6 +230,11 @@ class BatchCompletion:
             raise InvalidInput(
                 f"results[{index}] is signed at {item.price_wei_per_unit} wei per unit; "
                 f"job {job.id} was leased at {job.price_wei_per_unit}"
+            )
+        if item.prompt_price_wei_per_unit != billing.signed_prompt_price(job):
+            raise InvalidInput(
+                f"results[{index}] is signed at {item.prompt_price_wei_per_unit} wei per prompt "
+                f"token; job {job.id} was leased at {billing.signed_prompt_price(job)}"
             )
         req = _as_complete(item, batch.signature)
         self._check_result(s, job, row, req, worker, batch_signed=True)

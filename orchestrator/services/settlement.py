@@ -79,7 +79,9 @@ class Payments(Protocol):
     @property
     def deployment(self) -> Deployment | None: ...
 
-    def admit(self, s: Session, client: Client, max_cost_wei: int, now: float) -> str | None: ...
+    def admit(
+        self, s: Session, client: Client, max_cost_wei: int, now: float, how: str | None = None
+    ) -> str | None: ...
 
     def record(self, s: Session, job: Job, payee: str, now: float) -> None: ...
 
@@ -120,7 +122,9 @@ class NoPayments:
     enabled = False
     deployment = None
 
-    def admit(self, s: Session, client: Client, max_cost_wei: int, now: float) -> str | None:
+    def admit(
+        self, s: Session, client: Client, max_cost_wei: int, now: float, how: str | None = None
+    ) -> str | None:
         return None
 
     def record(self, s: Session, job: Job, payee: str, now: float) -> None:
@@ -170,11 +174,12 @@ def _owed_by_payer(s: Session, payer: str) -> int:
 def _reserved_by_payer(s: Session, payer: str) -> int:
     """The most the payer's unfinished jobs can still cost (wei)."""
     rows = s.execute(
-        select(Job.max_price_wei_per_unit, Job.max_units).where(
+        select(Job.max_cost_wei, Job.max_price_wei_per_unit, Job.max_units).where(
             Job.payer_address == payer, Job.state.in_(UNFINISHED)
         )
     ).all()
-    return sum(price * (units or 0) for price, units in rows)
+    # Jobs from before max_cost_wei was kept: max_units at the max price.
+    return sum(bound if bound is not None else price * (units or 0) for bound, price, units in rows)
 
 
 class ChainPayments:
@@ -232,8 +237,11 @@ class ChainPayments:
             unlocking=self.broker.unlock_at(payer) != 0,
         )
 
-    def admit(self, s: Session, client: Client, max_cost_wei: int, now: float) -> str:
-        """The payer to charge, or PaymentRequired with the numbers."""
+    def admit(
+        self, s: Session, client: Client, max_cost_wei: int, now: float, how: str | None = None
+    ) -> str:
+        """The payer to charge, or PaymentRequired with the numbers (``how``: how the job's
+        bound of ``max_cost_wei`` is reached, in words)."""
         payer = client.payer_address
         if payer is None:
             raise PaymentRequired(
@@ -248,7 +256,8 @@ class ChainPayments:
             )
         if max_cost_wei > budget.available_wei:
             raise PaymentRequired(
-                f"job may cost up to {max_cost_wei} wei but payer {payer} can pay "
+                f"job may cost up to {max_cost_wei} wei{f' ({how})' if how else ''} but payer "
+                f"{payer} can pay "
                 f"{budget.available_wei} more (deposit {budget.deposit_wei}, authorised to "
                 f"{self.signer_address}: {budget.cap_remaining_wei} left, unredeemed "
                 f"{budget.unredeemed_wei}, reserved by unfinished jobs {budget.reserved_wei}); "

@@ -34,7 +34,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from orchestrator.config import Settings
-from orchestrator.services import reputation
+from orchestrator.services import billing, reputation
 from orchestrator.services.auth import new_id
 from orchestrator.services.comparators import (
     COSINE_THRESHOLDS,
@@ -46,6 +46,7 @@ from orchestrator.services.comparators import (
     compare_tensors,
 )
 from orchestrator.services.lifecycle import record_event, transition
+from orchestrator.services.matching import within_price
 from orchestrator.services.settlement import Payments
 from orchestrator.services.workers import REGISTERED
 from orchestrator.store import Store
@@ -55,6 +56,7 @@ from protocol import (
     CompleteRequest,
     JobState,
     JobType,
+    Offer,
     VerificationCheck,
     VerificationStatus,
     VerificationView,
@@ -105,7 +107,8 @@ def evidence_hash(first: Job, second: Job) -> str:
     for job in (first, second):
         parts.append(
             f"{job.id}:{job.attempt}:{job.output_sha256}:{job.units}:"
-            f"{job.price_wei_per_unit}:{job.signature}"
+            f"{job.price_wei_per_unit}:{job.prompt_units or 0}:{billing.signed_prompt_price(job)}:"
+            f"{job.signature}"
         )
     return "0x" + hashlib.sha256("|".join(parts).encode()).hexdigest()
 
@@ -175,12 +178,12 @@ class VerificationService:
             )
         ).all()
         for _, offers in rows:
-            for offer in offers:
-                if (
-                    offer.get("job_type") == job.type
-                    and offer.get("model") == job.model
-                    and int(offer.get("price_wei_per_unit", 0)) <= job.max_price_wei_per_unit
-                ):
+            for raw in offers:
+                if raw.get("job_type") != job.type or raw.get("model") != job.model:
+                    continue
+                offer = Offer.model_validate(raw)
+                caps = (job.max_price_wei_per_unit, job.max_prompt_price_wei_per_unit)
+                if within_price(offer, *caps) is None:
                     return True
         return False
 
@@ -201,6 +204,8 @@ class VerificationService:
             spec=check_spec(parent),
             input_blob=parent.input_blob,
             max_price_wei_per_unit=parent.max_price_wei_per_unit,
+            max_prompt_price_wei_per_unit=parent.max_prompt_price_wei_per_unit,
+            max_cost_wei=parent.max_cost_wei,
             min_vram_mb=parent.min_vram_mb,
             max_units=parent.max_units,
             payer_address=self._check_payer(s, parent),
@@ -230,7 +235,7 @@ class VerificationService:
         payer = self._payments.verification_payer
         if payer is None or not self._payments.enabled:
             return None
-        most = parent.max_price_wei_per_unit * (parent.max_units or parent.units or 0)
+        most = billing.cost_bound_wei(parent)
         budget = self._payments.budget(s, payer)
         if budget is None or budget.available_wei < most:
             log.warning(
@@ -402,6 +407,10 @@ class VerificationService:
             record.result_signed_for = first_check.id
             record.result_signed_units = first_check.units
             record.result_signed_price_wei_per_unit = first_check.price_wei_per_unit
+            record.result_signed_prompt_units = first_check.prompt_units or 0
+            record.result_signed_prompt_price_wei_per_unit = billing.signed_prompt_price(
+                first_check
+            )
             self._adopt(parent, first_check)
             self._release(s, parent, record, now, pay=False)
         else:

@@ -133,6 +133,11 @@ class Job(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     input_blob: Mapped[str | None] = mapped_column(String(64), nullable=True)
     max_price_wei_per_unit: Mapped[int] = mapped_column(WeiAmount)
+    # Generate jobs: the client's cap on a prompt token (None: max_price_wei_per_unit).
+    max_prompt_price_wei_per_unit: Mapped[int | None] = mapped_column(WeiAmount, nullable=True)
+    # The most the job can cost, fixed at submit (services/billing.py, ``cost_bound_wei``);
+    # None for jobs from before it was kept (their bound: max_units x max price).
+    max_cost_wei: Mapped[int | None] = mapped_column(WeiAmount, nullable=True)
     min_vram_mb: Mapped[int] = mapped_column(Integer, default=0)
     # The most units the client pays for; a result claiming more is refused.
     max_units: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -143,6 +148,8 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer)
     worker_id: Mapped[str | None] = mapped_column(ForeignKey("workers.id"), nullable=True)
     price_wei_per_unit: Mapped[int | None] = mapped_column(WeiAmount, nullable=True)
+    # Generate jobs: the agreed price of a prompt token (from the offer), set with the price.
+    prompt_price_wei_per_unit: Mapped[int | None] = mapped_column(WeiAmount, nullable=True)
     lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     delivered: Mapped[bool] = mapped_column(Boolean, default=False)
     excluded_workers: Mapped[list[Any]] = mapped_column(JSON, default=list)
@@ -162,6 +169,8 @@ class Job(Base):
     # Why the last dispatch round could not place this queued job (None once placed).
     waiting_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     units: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # Generate results: how many of ``units`` are prompt tokens (billed at the prompt price).
+    prompt_units: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     cost_wei: Mapped[int | None] = mapped_column(WeiAmount, nullable=True)
     output: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     output_blobs: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)

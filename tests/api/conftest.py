@@ -26,7 +26,14 @@ from orchestrator.services.auth import Principal
 from orchestrator.store import Store
 from orchestrator.wiring import Services, build_services
 from protocol import Offer
-from tests.support import EMBED_MODEL, TestWorker, agreed_price, completion, register_request
+from tests.support import (
+    EMBED_MODEL,
+    TestWorker,
+    agreed_price,
+    agreed_prompt_price,
+    completion,
+    register_request,
+)
 
 PROBLEM_JSON = "application/problem+json"
 BASE_URL = "http://orchestrator.test"
@@ -165,8 +172,15 @@ class Api:
     ) -> httpx.Response:
         """Report a correctly signed inline result for ``attempt``."""
         output = output if output is not None else {"embeddings": [[0.5, -0.25]] * units}
-        price = agreed_price(self.services, job_id)
-        req = completion(worker.signer(), job_id, attempt, output, units, price_wei_per_unit=price)
+        req = completion(
+            worker.signer(),
+            job_id,
+            attempt,
+            output,
+            units,
+            price_wei_per_unit=agreed_price(self.services, job_id),
+            prompt_price_wei_per_unit=agreed_prompt_price(self.services, job_id),
+        )
         return await self.http.post(
             f"/v1/workers/jobs/{job_id}/complete",
             json=req.model_dump(mode="json"),

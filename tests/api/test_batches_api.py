@@ -41,6 +41,7 @@ def batch_item(
         "output": output,
         "output_sha256": output_sha256(output),
         "price_wei_per_unit": job["price_wei_per_unit"],
+        "prompt_price_wei_per_unit": job.get("prompt_price_wei_per_unit", "0"),
         "duration_s": 0.1,
         "energy_j": 1.0,
         "energy_source": "estimate",
@@ -51,7 +52,13 @@ def batch_item(
 def signed(items: list[dict[str, Any]], account: LocalAccount) -> dict[str, Any]:
     hashes = [
         result_hash(
-            i["job_id"], i["attempt"], i["output_sha256"], i["units"], int(i["price_wei_per_unit"])
+            i["job_id"],
+            i["attempt"],
+            i["output_sha256"],
+            i["units"],
+            int(i["price_wei_per_unit"]),
+            prompt_units=int(i.get("prompt_units", 0)),
+            prompt_price_wei_per_unit=int(i.get("prompt_price_wei_per_unit", 0)),
         )
         for i in items
     ]

@@ -5,14 +5,16 @@ worker process with the real model."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
-from protocol.signing import output_sha256
-from tests.api.conftest import Api, RunApi, bearer
+from protocol.signing import output_sha256, recover_result_signer
+from protocol.units import cost_wei
+from tests.api.conftest import Api, RunApi, assert_problem, bearer, inference_spec
 from tests.api.test_batches_api import batch_item, signed
 from tests.api.test_metrics_api import scrape, value
-from tests.support import offer
+from tests.support import completion, offer
 
 LLM = "SmolLM2-135M-Instruct"
 PRICE = 7  # wei per token
@@ -185,7 +187,11 @@ def test_generate_results_reported_in_one_batch_bill_their_tokens(run_api: RunAp
             item = batch_item(
                 job, units=output["usage"]["prompt_tokens"] + len(output["token_ids"])
             )
-            item.update(output=output, output_sha256=output_sha256(output))
+            item.update(
+                output=output,
+                output_sha256=output_sha256(output),
+                prompt_units=output["usage"]["prompt_tokens"],
+            )
             items.append(item)
         request = signed(items, worker.account)
         resp = await api.http.post("/v1/workers/results", json=request, headers=worker.headers)
@@ -193,5 +199,307 @@ def test_generate_results_reported_in_one_batch_bill_their_tokens(run_api: RunAp
         outcomes = resp.json()["results"]
         assert [o["error"] for o in outcomes] == [None, None], outcomes
         assert [o["cost_wei"] for o in outcomes] == [str(7 * PRICE), str(5 * PRICE)]
+
+    run_api(body)
+
+
+# -- prompt and completion tokens priced apart ----------------------------------------------------
+
+PROMPT_PRICE = 3  # wei per prompt token, below the completion token's PRICE
+
+
+async def _two_price_market(api: Api) -> tuple[dict[str, str], Any]:
+    client = await api.new_client()
+    worker = await api.register_worker(
+        offers=[
+            offer(
+                LLM,
+                price=PRICE,
+                job_type="generate",
+                context_tokens=8192,
+                prompt_price_wei_per_unit=PROMPT_PRICE,
+            )
+        ],
+        max_concurrency=4,
+    )
+    return client, worker
+
+
+def test_prompt_and_completion_tokens_are_billed_each_at_their_price(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client, worker = await _two_price_market(api)
+        job = (await api.http.post("/v1/jobs", json=_spec(), headers=client)).json()
+        # Bounded before it runs: the prompt's bound at the prompt cap (here the one max price)
+        # plus max_tokens at the max price.
+        prompt_bound = len(b"Hello") + 64
+        assert job["max_cost_wei"] == str(prompt_bound * PRICE + 5 * PRICE)
+        [leased] = await api.lease(worker)
+        assert (leased["price_wei_per_unit"], leased["prompt_price_wei_per_unit"]) == (
+            str(PRICE),
+            str(PROMPT_PRICE),
+        )
+        # 3 prompt tokens + 4 completion tokens: 3 x 3 + 4 x 7 wei.
+        done = await api.complete(worker, job["id"], 1, _output([5, 6, 7, 8]), units=7)
+        assert done.status_code == 200, done.text
+        result = done.json()
+        assert result["cost_wei"] == str(3 * PROMPT_PRICE + 4 * PRICE) == "37"
+        assert (result["prompt_units"], result["prompt_price_wei_per_unit"]) == (3, "3")
+        signer = recover_result_signer(
+            job["id"],
+            1,
+            result["output_sha256"],
+            7,
+            PRICE,
+            result["signature"],
+            prompt_units=3,
+            prompt_price_wei_per_unit=PROMPT_PRICE,
+        )
+        assert signer == worker.address
+        assert cost_wei(7, PRICE, 3, PROMPT_PRICE) == int(result["cost_wei"])  # as a verifier
+        view = await api.job(client, job["id"])
+        assert (view["prompt_units"], view["prompt_price_wei_per_unit"], view["cost_wei"]) == (
+            3,
+            "3",
+            "37",
+        )
+
+    run_api(body)
+
+
+def test_a_result_signed_at_another_prompt_price_or_count_is_refused(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client, worker = await _two_price_market(api)
+        job = (await api.http.post("/v1/jobs", json=_spec(), headers=client)).json()
+        await api.lease(worker)
+        output = _output([5, 6, 7, 8])
+        # Signed as if prompt tokens cost what completion tokens do: another signer recovers.
+        wrong_price = completion(
+            worker.signer(),
+            job["id"],
+            1,
+            output,
+            7,
+            price_wei_per_unit=PRICE,
+            prompt_price_wei_per_unit=PRICE,
+        )
+        resp = await api.http.post(
+            f"/v1/workers/jobs/{job['id']}/complete",
+            json=wrong_price.model_dump(mode="json"),
+            headers=worker.headers,
+        )
+        assert resp.status_code == 422 and "prompt price (3)" in resp.text, resp.text
+        # prompt_units other than the output's usage: a clear 422 saying what to sign.
+        shifted = wrong_price.model_copy(update={"prompt_units": 1})
+        resp = await api.http.post(
+            f"/v1/workers/jobs/{job['id']}/complete",
+            json=shifted.model_dump(mode="json"),
+            headers=worker.headers,
+        )
+        assert resp.status_code == 422 and "report and sign prompt_units=3" in resp.text
+        # More prompt tokens than the prompt's bound (its bytes + the template's 64): refused.
+        padded = _output([5], prompt_tokens=len(b"Hello") + 65)
+        resp = await api.complete(worker, job["id"], 1, padded, units=len(b"Hello") + 66)
+        assert resp.status_code == 422 and "prompt tokens, above the job's bound" in resp.text
+        assert (await api.complete(worker, job["id"], 1, output, units=7)).status_code == 200
+
+    run_api(body)
+
+
+def test_a_prompt_price_above_the_clients_cap_is_not_matched(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        dear_prompts = await api.register_worker(
+            offers=[offer(LLM, price=2, job_type="generate", prompt_price_wei_per_unit=9)]
+        )
+        capped = {**_spec(), "max_prompt_price_wei_per_unit": "5"}
+        job = (await api.http.post("/v1/jobs", json=capped, headers=client)).json()
+        # The bound takes each cap: 69 prompt tokens at 5 + 5 completion tokens at 7.
+        assert job["max_cost_wei"] == str((len(b"Hello") + 64) * 5 + 5 * PRICE)
+        assert await api.lease(dear_prompts) == []
+        waiting = (await api.job(client, job["id"]))["waiting_reason"]
+        assert "asks 9 wei/prompt token, above the job's 5" in waiting, waiting
+        cheap = await api.register_worker(
+            offers=[offer(LLM, price=PRICE, job_type="generate", prompt_price_wei_per_unit=5)]
+        )
+        [leased] = await api.lease(cheap)
+        assert leased["prompt_price_wei_per_unit"] == "5"
+        inference = {**inference_spec(), "max_prompt_price_wei_per_unit": "5"}
+        refused = await api.http.post("/v1/jobs", json=inference, headers=client)
+        assert refused.status_code == 422 and "generate jobs only" in refused.text
+
+    run_api(body)
+
+
+def test_two_priced_generations_reported_in_one_batch(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client, worker = await _two_price_market(api)
+        for _ in range(2):
+            assert (await api.http.post("/v1/jobs", json=_spec(), headers=client)).is_success
+        leased = await api.lease(worker, max_jobs=2)
+        outputs = [_output([5, 6, 7, 8]), _output([9, 10], text="hi", prompt_tokens=4)]
+        items = []
+        for job, output in zip(leased, outputs, strict=True):
+            prompt = output["usage"]["prompt_tokens"]
+            item = batch_item(job, units=prompt + len(output["token_ids"]))
+            item.update(output=output, output_sha256=output_sha256(output), prompt_units=prompt)
+            items.append(item)
+        resp = await api.http.post(
+            "/v1/workers/results", json=signed(items, worker.account), headers=worker.headers
+        )
+        assert resp.status_code == 200, resp.text
+        costs = [o["cost_wei"] for o in resp.json()["results"]]
+        assert costs == [str(3 * PROMPT_PRICE + 4 * PRICE), str(4 * PROMPT_PRICE + 2 * PRICE)]
+
+    run_api(body)
+
+
+def test_openai_answers_bill_and_show_prompt_and_completion_parts(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client, worker = await _two_price_market(api)
+        models = (await api.http.get("/v1/models", headers=client)).json()
+        [listed] = [m for m in models["data"] if m["id"] == LLM]
+        assert listed["gpumarket"]["min_prompt_price_wei_per_unit"] == str(PROMPT_PRICE)
+        request = {
+            "model": LLM,
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 4,
+            "temperature": 0,
+        }
+        answer = asyncio.create_task(
+            api.http.post("/v1/chat/completions", json=request, headers=client)
+        )
+        leased = await _lease_soon(api, worker)
+        # No max price named: the market's, i.e. the cheapest offer's two prices.
+        assert leased[0]["prompt_price_wei_per_unit"] == str(PROMPT_PRICE)
+        done = await api.complete(worker, leased[0]["job_id"], 1, _output([5, 6]), units=5)
+        assert done.status_code == 200, done.text
+        resp = await answer
+        assert resp.status_code == 200, resp.text
+        market = resp.json()["gpumarket"]
+        assert market["prompt_cost_wei"] == str(3 * PROMPT_PRICE)
+        assert market["completion_cost_wei"] == str(2 * PRICE)
+        assert market["cost_wei"] == str(3 * PROMPT_PRICE + 2 * PRICE)
+        too_low = await api.http.post(
+            "/v1/chat/completions",
+            json={
+                **request,
+                "max_price_wei_per_token": str(PRICE),
+                "max_prompt_price_wei_per_token": "2",
+            },
+            headers=client,
+        )
+        assert too_low.status_code == 503, too_low.text
+        assert "max_prompt_price_wei_per_token" in too_low.json()["error"]["message"]
+
+    run_api(body)
+
+
+# -- prompts longer than the model's context ---------------------------------------------------
+
+
+def test_a_prompt_that_cannot_fit_the_context_is_refused_at_submit(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        small = offer(LLM, price=PRICE, job_type="generate", context_tokens=100, max_token_bytes=4)
+        await api.register_worker(offers=[small])
+        # 400 bytes: at least 100 tokens of at most 4 bytes, no room left in 100.
+        resp = await api.http.post("/v1/jobs", json=_spec(prompt="abcd" * 100), headers=client)
+        assert_problem(resp, 422, "invalid_input", "at least 100 tokens", "context of 100 tokens")
+        assert "shorten the prompt" in resp.json()["detail"]
+        chat = {"model": LLM, "messages": [{"role": "user", "content": "abcd" * 100}]}
+        answer = await api.http.post("/v1/chat/completions", json=chat, headers=client)
+        assert answer.status_code == 400, answer.text
+        assert "context of 100 tokens" in answer.json()["error"]["message"]
+        # 396 bytes may be 99 tokens: it may fit, so it is taken.
+        fits = await api.http.post("/v1/jobs", json=_spec(prompt="abcd" * 99), headers=client)
+        assert fits.status_code == 201, fits.text
+        # A worker that does not say how long its tokens are may fit anything: not refused.
+        await api.register_worker(offers=[offer(LLM, price=PRICE, job_type="generate")])
+        resp = await api.http.post("/v1/jobs", json=_spec(prompt="abcd" * 100), headers=client)
+        assert resp.status_code == 201, resp.text
+
+    run_api(body)
+
+
+TOO_LONG = (
+    f"the prompt is 9000 tokens, longer than {LLM}'s context of 8192 tokens (prompt + "
+    "completion): shorten it"
+)
+
+
+async def _lease_soon(api: Api, worker: Any) -> list[dict[str, Any]]:
+    """The job a request in flight submitted, leased as soon as it is queued."""
+    for _ in range(500):
+        leased = await api.lease(worker)
+        if leased:
+            return leased
+        await asyncio.sleep(0.01)
+    raise AssertionError("no job was leased within 5 s")
+
+
+async def _refuse(api: Api, worker: Any, job_id: str, attempt: int = 1) -> None:
+    """The worker's answer to a prompt its tokenizer finds too long (worker/executors)."""
+    resp = await api.http.post(
+        f"/v1/workers/jobs/{job_id}/fail",
+        json={"attempt": attempt, "retryable": False, "reason": TOO_LONG, "fault": "input"},
+        headers=worker.headers,
+    )
+    assert resp.status_code == 200, resp.text
+
+
+def test_a_worker_refusing_a_too_long_prompt_ends_the_job_as_the_inputs_fault(
+    run_api: RunApi,
+) -> None:
+    """A prompt that slips past the submit check: the worker's refusal fails the job at once
+    for its input (a lone worker: nobody else to ask), costs the worker nothing, charges
+    nothing, and the OpenAI caller gets 400 with the worker's words, streaming or not."""
+
+    async def body(api: Api) -> None:
+        client, worker = await _market(api)
+        for stream in (False, True):
+            content = f"a long story ({'streamed' if stream else 'whole'})"
+            chat = {"model": LLM, "messages": [{"role": "user", "content": content}]}
+            answer = asyncio.create_task(
+                api.http.post(
+                    "/v1/chat/completions", json={**chat, "stream": stream}, headers=client
+                )
+            )
+            leased = await _lease_soon(api, worker)
+            await _refuse(api, worker, leased[0]["job_id"])
+            resp = await asyncio.wait_for(answer, 5)
+            assert resp.status_code == 400, resp.text
+            error = resp.json()["error"]
+            assert error["code"] == "invalid_input" and TOO_LONG in error["message"]
+            view = await api.job(client, leased[0]["job_id"])
+            assert (view["state"], view["fault"], view["cost_wei"]) == ("failed", "input", None)
+        [seen] = (await api.http.get("/v1/workers", headers=api.operator)).json()
+        assert seen["jobs_failed"] == 0 and seen["reputation"] >= 0.5
+        # The same request again is refused at submit: no worker is asked twice.
+        again = await api.http.post("/v1/chat/completions", json=chat, headers=client)
+        assert again.status_code == 400 and TOO_LONG in again.json()["error"]["message"]
+
+    run_api(body)
+
+
+def test_with_two_workers_a_second_refusal_confirms_it_in_one_more_lease(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client, first = await _market(api)
+        second = await api.register_worker(
+            offers=[offer(LLM, price=PRICE, job_type="generate", context_tokens=8192)]
+        )
+        job = (await api.http.post("/v1/jobs", json=_spec(), headers=client)).json()
+        assert len(await api.lease(first) + await api.lease(second)) == 1
+        view = await api.job(client, job["id"])
+        holder = first if view["worker_address"] == first.address else second
+        other = second if holder is first else first
+        await _refuse(api, holder, job["id"])
+        [again] = await api.lease(other)
+        assert again["attempt"] == 2
+        await _refuse(api, other, job["id"], attempt=2)
+        view = await api.job(client, job["id"])
+        assert (view["state"], view["fault"]) == ("failed", "input")
+        assert "confirmed by a second worker" in view["failure_reason"]
+        workers = (await api.http.get("/v1/workers", headers=api.operator)).json()
+        assert [w["jobs_failed"] for w in workers] == [0, 0]
 
     run_api(body)

@@ -403,6 +403,8 @@ def test_start_complete_then_the_client_reads_the_signed_result(
             "worker_address": worker.address,
             "units": len(TEXTS),
             "price_wei_per_unit": str(OFFER_PRICE),
+            "prompt_units": 0,
+            "prompt_price_wei_per_unit": "0",
             "cost_wei": str(len(TEXTS) * OFFER_PRICE),
             "duration_s": 0.5,
             "energy_j": 2.0,

@@ -464,3 +464,82 @@ def test_stake_refresh_costs_batches_and_events_not_calls_per_idle_worker(
     req = register_request(idle[0].account, again.nonce, again.message)
     assert paid.workers.register(req, paid.now()).worker_id == idle[0].id
     assert paid.workers.expire_unstaked(paid.now()) == 0
+
+
+def test_a_generation_is_admitted_by_its_bound_and_paid_prompt_and_completion_apart(
+    anvil: Anvil, paid: Services
+) -> None:
+    """Two prices end to end on a real chain: the budget must hold the bound (the prompt's
+    token bound at the prompt cap + max_tokens at the max price), and the ledger, the voucher
+    and the chain pay prompt tokens x the prompt price + completion tokens x the price."""
+    price, prompt_price, llm = 7 * 10**9, 2 * 10**9, "SmolLM2-135M-Instruct"
+    client = _client(paid)
+    _link(paid, client, PAYER)
+    account = Account.from_key(WORKER)
+    challenge = paid.workers.challenge(account.address, paid.now())
+    llm_offer = offer(llm, price=price, job_type="generate", prompt_price_wei_per_unit=prompt_price)
+    req = register_request(account, challenge.nonce, challenge.message, offers=[llm_offer])
+    resp = paid.workers.register(req, paid.now())
+    worker = TestWorker(Principal("worker", resp.worker_id), account, resp.session_token)
+    spec = JobSpec.model_validate(
+        {
+            "type": "generate",
+            "model": llm,
+            "generation": {"prompt": "Hello", "max_tokens": 4},
+            "max_price_wei_per_unit": price,
+            "max_prompt_price_wei_per_unit": prompt_price,
+        }
+    )
+    bound = (len(b"Hello") + 64) * prompt_price + 4 * price
+    with pytest.raises(PaymentRequired) as refused:
+        paid.jobs.submit(client, spec, paid.now())
+    assert refused.value.extra["needed_wei"] == str(bound)
+    assert "69 prompt tokens at 2000000000 wei + max_tokens 4 at 7000000000 wei" in str(
+        refused.value.detail
+    )
+    _fund(anvil, paid, deposit=10**18, cap=bound)  # exactly the bound: admitted
+    job, _ = paid.jobs.submit(client, spec, paid.now())
+    assert paid.accounts.account(client).budget.reserved_wei == bound  # type: ignore[union-attr]
+
+    assert paid.payments.deployment is not None
+    WorkerRegistry(
+        Chain.connect(anvil.url, WORKER), paid.payments.deployment.worker_registry
+    ).stake(10**17)
+    paid.workers.refresh_stakes(paid.now())
+    paid.leases.open_poll(worker.principal, 1, until=paid.now() + 10, now=paid.now())
+    assert paid.leases.dispatch(paid.now()) == [(job.id, worker.id)]
+    [leased] = paid.leases.claim(worker.principal, 1, paid.now())
+    output = {
+        "text": "Hi there",
+        "token_ids": [11, 12, 13],
+        "finish_reason": "stop",
+        "usage": {"prompt_tokens": 9, "completion_tokens": 3},
+    }
+    result = paid.leases.complete(
+        worker.principal,
+        job.id,
+        completion(
+            worker,
+            job.id,
+            leased.attempt,
+            output,
+            units=12,
+            price_wei_per_unit=leased.price_wei_per_unit,
+            prompt_price_wei_per_unit=leased.prompt_price_wei_per_unit,
+        ),
+        paid.now(),
+    )
+    owed = 9 * prompt_price + 3 * price
+    assert int(result.cost_wei) == owed
+    [pair] = paid.accounts.settlement().pairs
+    assert (pair.ledger_wei, pair.voucher_wei) == (owed, owed)
+    [signed] = paid.workers.vouchers(worker.principal, paid.now())
+    assert signed.voucher.cumulative_amount == owed
+    broker = PaymentBroker(
+        Chain.connect(anvil.url, WORKER), paid.payments.deployment.payment_broker
+    )
+    broker.redeem(signed.voucher, signed.signature)
+    assert paid.payments.reconcile() == 1
+    [pair] = paid.accounts.settlement().pairs
+    assert pair.redeemed_wei == owed and paid.accounts.settlement().consistent
+    assert paid.accounts.account(client).budget.reserved_wei == 0  # type: ignore[union-attr]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
-from gpumarket.cli import app
+from gpumarket.cli import _parse_prompt_prices, app
 from orchestrator.config import Settings
+from protocol import JobType
 from worker.config import DEFAULT_PRICES_WEI, WorkerSettings
 
 COMMANDS = [
@@ -49,3 +51,19 @@ def test_orchestrator_and_worker_options_say_their_defaults() -> None:
     assert f"inference={DEFAULT_PRICES_WEI['inference']} per text" in worker
     assert f"transcode={DEFAULT_PRICES_WEI['transcode']} per output pixel" in worker
     assert f"(default {settings.redeem_interval_s:g};" in worker
+
+
+def test_a_prompt_price_is_offered_for_generate_models_only() -> None:
+    assert "the generate price, as for a completion token)" in _help("worker", "run")
+    assert _parse_prompt_prices(["5", "SmolLM2-135M-Instruct=3"]) == {
+        "generate": 5,
+        "SmolLM2-135M-Instruct": 3,
+    }
+    for bad in ("x", "m=", "=5", "m=0", "m=-1"):
+        with pytest.raises(typer.Exit):
+            _parse_prompt_prices([bad])
+    settings = WorkerSettings(prompt_prices_wei={"generate": 5, "SmolLM2-135M-Instruct": 3})
+    assert settings.prompt_price_for(JobType.GENERATE, "SmolLM2-135M-Instruct") == 3
+    assert settings.prompt_price_for(JobType.GENERATE, "other") == 5
+    assert settings.prompt_price_for(JobType.INFERENCE, "all-MiniLM-L6-v2") is None
+    assert WorkerSettings().prompt_price_for(JobType.GENERATE, "other") is None  # = the price

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import pytest
+from eth_account import Account
 from pydantic import ValidationError
 
 from orchestrator.services.comparators import compare_generations
-from protocol import JobSpec
+from orchestrator.services.matching import within_price
+from protocol import JobSpec, Offer
 from protocol.generation import MAX_GENERATION_TOKENS, GenerationInput
+from protocol.signing import (
+    recover_job_result_signer,
+    recover_result_signer,
+    result_hash,
+    sign_result,
+    sign_result_batch,
+)
+from protocol.units import cost_wei
 
 
 def test_the_charge_is_bounded_before_the_job_runs() -> None:
@@ -82,3 +92,70 @@ def test_a_claim_agrees_only_with_a_check_that_confirms_all_of_it() -> None:
     assert compare_generations(CONFIRMED, _check()).agrees  # two checks that agree
     assert not compare_generations(CONFIRMED, _check(mismatches=2)).agrees
     assert not compare_generations(CLAIM, CLAIM).agrees  # claims are checked, not compared
+
+
+# -- prompt and completion prices -------------------------------------------------------------
+
+
+def test_cost_is_prompt_tokens_at_their_price_plus_the_rest_at_the_price() -> None:
+    assert cost_wei(7, 7, 3, 3) == 3 * 3 + 4 * 7
+    assert cost_wei(7, 7) == 49  # no prompt units: every unit at the one price
+    big = 10**40  # wei past 2**64 stay exact ints
+    assert cost_wei(2**40, big, 2**39, big + 1) == 2**39 * big + 2**39 * (big + 1)
+    with pytest.raises(ValueError, match="between 0 and units"):
+        cost_wei(3, 1, 4, 1)
+
+
+def test_the_bound_takes_the_prompt_cap_for_prompt_tokens_and_the_max_price_for_the_rest() -> None:
+    body = {
+        "type": "generate",
+        "model": "m",
+        "generation": {"prompt": "abc", "max_tokens": 5},
+        "max_price_wei_per_unit": "7",
+    }
+    one_cap = JobSpec.model_validate(body)
+    assert one_cap.cost_bound_wei() == (3 + 64 + 5) * 7
+    two_caps = JobSpec.model_validate({**body, "max_prompt_price_wei_per_unit": "2"})
+    assert two_caps.prompt_price_cap == 2
+    assert two_caps.cost_bound_wei() == (3 + 64) * 2 + 5 * 7
+    with pytest.raises(ValidationError, match="generate jobs only"):
+        JobSpec.model_validate(
+            {
+                "type": "inference",
+                "model": "m",
+                "input": {"texts": ["x"]},
+                "max_price_wei_per_unit": "1",
+                "max_prompt_price_wei_per_unit": "1",
+            }
+        )
+
+
+def test_a_generate_offer_may_price_prompt_tokens_apart_and_only_it_may() -> None:
+    offer = Offer(job_type="generate", model="m", price_wei_per_unit=7)
+    assert offer.prompt_price == 7
+    priced = offer.model_copy(update={"prompt_price_wei_per_unit": 3})
+    assert priced.prompt_price == 3
+    assert within_price(priced, 7) is None
+    assert within_price(priced, 7, 2) == "asks 3 wei/prompt token, above the job's 2"
+    assert within_price(priced, 6) == "asks 7 wei/token, above the job's 6"
+    with pytest.raises(ValidationError, match="generate offers only"):
+        Offer(job_type="inference", model="m", price_wei_per_unit=1, prompt_price_wei_per_unit=1)
+
+
+def test_the_signed_result_commits_to_both_counts_and_both_prices() -> None:
+    account = Account.create()
+    digest = "ab" * 32
+    terms = {"prompt_units": 3, "prompt_price_wei_per_unit": 3}
+    signature = sign_result(account.key, "job", 1, digest, 7, 7, **terms)
+    assert recover_result_signer("job", 1, digest, 7, 7, signature, **terms) == account.address
+    for changed in ({"prompt_units": 4}, {"prompt_price_wei_per_unit": 7}):
+        other = recover_result_signer("job", 1, digest, 7, 7, signature, **{**terms, **changed})
+        assert other != account.address
+    # In a batch: the struct hash carries both too, and proves one job's part alone.
+    hashes = [result_hash(j, 1, digest, 7, 7, **terms) for j in ("a", "job")]
+    assert hashes[1] != result_hash("job", 1, digest, 7, 7)
+    batch = sign_result_batch(account.key, hashes)
+    proven = recover_job_result_signer("job", 1, digest, 7, 7, batch, hashes, 1, **terms)
+    assert proven == account.address
+    with pytest.raises(ValueError, match="not at index 1"):
+        recover_job_result_signer("job", 1, digest, 7, 7, batch, hashes, 1, prompt_units=2)

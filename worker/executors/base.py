@@ -48,6 +48,8 @@ class Execution:
 
     units: int
     output: dict[str, Any] | None = None
+    # Generation: how many of ``units`` are prompt tokens (billed at the prompt price).
+    prompt_units: int = 0
     files: tuple[OutputFile, ...] = ()
     # Transcodes: requested renditions not produced, each with its reason.
     skipped: tuple[SkippedRendition, ...] = ()
@@ -62,8 +64,10 @@ class Capability:
     units_per_s: float | None = None
     # The input row a TorchScript model takes (from its manifest), advertised in the offer.
     input: TensorShape | None = None
-    # Generation models: the context length in tokens (prompt + completion).
+    # Generation models: the context length in tokens (prompt + completion), and the longest
+    # token of the tokenizer in UTF-8 bytes (a prompt's bytes over it bound its tokens).
     context_tokens: int | None = None
+    max_token_bytes: int | None = None
 
 
 class Executor(Protocol):

@@ -214,6 +214,29 @@ class GenerationRequest:
         return self.finish_reason is not None
 
 
+def _byte_level(tokenizer: Any) -> bool:
+    """Is the tokenizer byte-level BPE (GPT-2 style: one vocabulary character per byte)?"""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+
+
+def longest_token_bytes(tokenizer: Any) -> int:
+    """The most UTF-8 bytes of text one token of ``tokenizer`` stands for, or more (never
+    less: the orchestrator bounds a prompt's tokens from below by its bytes over this).
+
+    Byte-level BPE spells each byte as one character, so a token's length is its bytes. Other
+    vocabularies spell text as itself with markers ("▁" for a space, "##", "<0x0A>"), which
+    only lengthen it: their UTF-8 length is an upper bound. Special tokens count too (their
+    text in a prompt may become one token)."""
+    byte_level = _byte_level(tokenizer)
+    longest = 1
+    for token in tokenizer.get_vocab():
+        longest = max(longest, len(token) if byte_level else len(token.encode()))
+    for special in getattr(tokenizer, "all_special_tokens", None) or []:
+        longest = max(longest, len(str(special).encode()))
+    return longest
+
+
 class GenerationModel:
     """A loaded causal LM and its tokenizer. Thread-safe: one batch or check at a time."""
 
@@ -227,6 +250,7 @@ class GenerationModel:
         self.context_tokens = int(
             getattr(config, "max_position_embeddings", None) or DEFAULT_CONTEXT_TOKENS
         )
+        self.max_token_bytes = longest_token_bytes(tokenizer)
         eos = getattr(tokenizer, "eos_token_id", None)
         extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         ids = {eos} if isinstance(eos, int) else set()

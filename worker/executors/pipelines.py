@@ -380,6 +380,7 @@ class GenerationPipeline:
         self._batchers: dict[tuple[str, Precision], _GenerationBatcher] = {}
         self._measured: dict[str, float] = {}
         self._context: dict[str, int] = {}
+        self._token_bytes: dict[str, int] = {}
 
     def capabilities(self) -> list[Capability]:
         return [
@@ -389,6 +390,7 @@ class GenerationPipeline:
                 max_batch=self.max_batch,
                 units_per_s=self._measured.get(name),
                 context_tokens=self._context.get(name),
+                max_token_bytes=self._token_bytes.get(name),
             )
             for name in self.specs
         ]
@@ -404,6 +406,7 @@ class GenerationPipeline:
         except generation.GenerationError as exc:
             raise JobRejected(str(exc), fault=Fault.WORKER) from exc
         self._context[name] = model.context_tokens
+        self._token_bytes[name] = model.max_token_bytes
         return model
 
     async def warm_up(self) -> None:
@@ -467,7 +470,9 @@ class GenerationPipeline:
             "finish_reason": entry.finish_reason.value,
             "usage": usage,
         }
-        return Execution(units=sum(usage.values()), output=output)
+        return Execution(
+            units=sum(usage.values()), output=output, prompt_units=usage["prompt_tokens"]
+        )
 
     async def _check(
         self, model: generation.GenerationModel, request: GenerationInput
@@ -475,7 +480,11 @@ class GenerationPipeline:
         claimed = request.check_tokens or []
         result = await asyncio.to_thread(model.check, request, claimed)
         usage = {"prompt_tokens": result["prompt_tokens"], "completion_tokens": len(claimed)}
-        return Execution(units=sum(usage.values()), output={"check": result, "usage": usage})
+        return Execution(
+            units=sum(usage.values()),
+            output={"check": result, "usage": usage},
+            prompt_units=usage["prompt_tokens"],
+        )
 
     async def close(self) -> None:
         for batcher in self._batchers.values():

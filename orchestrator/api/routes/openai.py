@@ -23,6 +23,7 @@ from orchestrator.api.openai_dialect import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    MaxPrices,
     OpenAIError,
     chunk_body,
     completion_body,
@@ -51,8 +52,14 @@ RESULT_WAIT_S = 600.0
 """The longest an OpenAI-style request waits for its job (its deadline is as long)."""
 STREAM_POLL_S = 1.0
 """A stream looks at its job at least this often (it is woken sooner by new tokens)."""
+STREAM_OPEN_WAIT_S = 10.0
+"""How long a streaming request waits for its job's first text before it answers 200 and
+starts the stream: a job refused within it (a prompt too long for the worker's model, say)
+is answered with its error status instead of an error inside a 200 stream."""
+STREAM_OPEN_POLL_S = 0.25
 
 PriceHeader = Annotated[str | None, Header(alias="X-Max-Price-Wei")]
+PromptPriceHeader = Annotated[str | None, Header(alias="X-Max-Prompt-Price-Wei")]
 PreferenceHeader = Annotated[str | None, Header(alias="X-Preference")]
 
 
@@ -70,8 +77,15 @@ async def _json(request: Request) -> Any:
         raise OpenAIError(400, "invalid_json", f"the request body is not JSON: {exc}") from None
 
 
-def _price(services: Services, model: str, job_type: JobType, asked: int | None) -> int:
-    """The max price to submit with: the client's own, else the cheapest live offer's."""
+def _price(
+    services: Services,
+    model: str,
+    job_type: JobType,
+    asked: MaxPrices,
+    generation: GenerationInput | None = None,
+) -> MaxPrices:
+    """The max prices to submit with (wei per token, and per prompt token apart or None): the
+    client's own, else those of the live offer that bills this request least."""
     offered = services.catalog.offered(services.now()).get(model)
     if offered is None or offered.job_type is not job_type:
         raise OpenAIError(
@@ -81,14 +95,35 @@ def _price(services: Services, model: str, job_type: JobType, asked: int | None)
             "the models on offer now",
             "model",
         )
-    if asked is not None and asked < offered.min_price_wei_per_unit:
+    tokens = (0, 0)
+    if generation is not None:
+        tokens = (generation.prompt_token_bound(), generation.max_tokens)
+    price, prompt = offered.cheapest_for(*tokens)
+    if job_type is not JobType.GENERATE:
+        if asked.price is None:
+            return MaxPrices(offered.min_price_wei_per_unit)
+        if asked.price < offered.min_price_wei_per_unit:
+            raise OpenAIError(
+                503,
+                "no_worker_under_max_price",
+                f"the cheapest live worker for {model!r} asks {offered.min_price_wei_per_unit} "
+                f"wei per unit, above your max price {asked.price}; raise max_price_wei_per_token",
+            )
+        return asked
+    if asked.price is None and asked.prompt_price is None:
+        return MaxPrices(price, prompt if prompt != price else None)
+    # A max price of the client's caps both prices unless the prompt's is capped apart.
+    cap = asked.price or price
+    prompt_cap = asked.prompt_price or asked.price or prompt
+    if not any(p <= cap and pp <= prompt_cap for p, pp in offered.prices):
         raise OpenAIError(
             503,
             "no_worker_under_max_price",
-            f"the cheapest live worker for {model!r} asks {offered.min_price_wei_per_unit} wei "
-            f"per unit, above your max price {asked}; raise max_price_wei_per_token",
+            f"the cheapest live worker for {model!r} asks {price} wei per completion token and "
+            f"{prompt} per prompt token, above your max prices ({cap} per token, {prompt_cap} "
+            "per prompt token); raise max_price_wei_per_token (or max_prompt_price_wei_per_token)",
         )
-    return asked if asked is not None else offered.min_price_wei_per_unit
+    return MaxPrices(cap, None if prompt_cap == cap else prompt_cap)
 
 
 def _submit(services: Services, client: Principal, spec: JobSpec) -> JobView:
@@ -125,6 +160,19 @@ async def _wait(services: Services, client: Principal, job_id: str) -> JobView:
         await services.hub.watch(f"job:{job_id}", remaining)
         view = await run_in_threadpool(services.jobs.get, client, job_id)
     return view
+
+
+async def _before_first_text(services: Services, client: Principal, job_id: str) -> JobView:
+    """The job once its first text has come, it has ended, or ``STREAM_OPEN_WAIT_S`` passed."""
+    deadline = time.monotonic() + STREAM_OPEN_WAIT_S
+    while True:
+        view = await run_in_threadpool(services.jobs.get, client, job_id)
+        streamed = services.streams.read(job_id, None, 0)
+        remaining = deadline - time.monotonic()
+        if view.state in FINAL_STATES or (streamed and streamed.chunks) or remaining <= 0:
+            return view
+        # Woken by the first text at once; an ended job is seen at the next look.
+        await services.streams.wait(job_id, min(STREAM_OPEN_POLL_S, remaining))
 
 
 def _cancel_quietly(services: Services, client: Principal, job_id: str) -> None:
@@ -206,6 +254,7 @@ async def _generate(
     preference_header: str | None,
     *,
     chat: bool,
+    prompt_price_header: str | None = None,
 ) -> Any:
     try:
         body = await _json(request)
@@ -220,11 +269,16 @@ async def _generate(
             generation = req.generation(**prompt)
         except ValueError as exc:
             raise _invalid(exc) from None
-        asked, preference = market_fields(req, price_header, preference_header)
-        price = await run_in_threadpool(_price, services, req.model, JobType.GENERATE, asked)
-        spec = _spec(req, generation, price, preference)
+        asked, preference = market_fields(req, price_header, preference_header, prompt_price_header)
+        prices = await run_in_threadpool(
+            _price, services, req.model, JobType.GENERATE, asked, generation
+        )
+        spec = _spec(req, generation, prices, preference)
         job = await run_in_threadpool(_submit, services, client, spec)
         if req.stream:
+            early = await _before_first_text(services, client, job.id)
+            if early.state in FINAL_STATES and early.state is not JobState.SUCCEEDED:
+                await run_in_threadpool(_result, services, client, early)  # raises its error
             relay = _relay(
                 services,
                 client,
@@ -248,11 +302,11 @@ async def _generate(
 def _spec(
     req: ChatCompletionRequest | CompletionRequest,
     generation: GenerationInput,
-    price: int,
+    prices: MaxPrices,
     preference: Any,
 ) -> JobSpec:
     try:
-        return generate_spec(req, generation, price, preference)
+        return generate_spec(req, generation, prices, preference)
     except ValueError as exc:
         raise _invalid(exc) from None
 
@@ -272,11 +326,23 @@ async def chat_completions(
     services: ServicesDep,
     max_price: PriceHeader = None,
     preference: PreferenceHeader = None,
+    max_prompt_price: PromptPriceHeader = None,
 ) -> Any:
     """OpenAI chat completions (``stream`` for server-sent events). Extras: body fields
-    ``max_price_wei_per_token`` and ``preference``, or headers ``X-Max-Price-Wei`` and
-    ``X-Preference``; the answer's ``gpumarket`` object has the job id, cost, energy, worker."""
-    return await _generate(request, client, services, max_price, preference, chat=True)
+    ``max_price_wei_per_token`` (caps completion tokens, and prompt tokens unless
+    ``max_prompt_price_wei_per_token`` does) and ``preference``, or headers
+    ``X-Max-Price-Wei``, ``X-Max-Prompt-Price-Wei`` and ``X-Preference``; the answer's
+    ``gpumarket`` object has the job id, cost (and its prompt and completion parts), energy,
+    worker."""
+    return await _generate(
+        request,
+        client,
+        services,
+        max_price,
+        preference,
+        chat=True,
+        prompt_price_header=max_prompt_price,
+    )
 
 
 @router.post("/completions")
@@ -286,9 +352,18 @@ async def completions(
     services: ServicesDep,
     max_price: PriceHeader = None,
     preference: PreferenceHeader = None,
+    max_prompt_price: PromptPriceHeader = None,
 ) -> Any:
     """OpenAI (legacy) text completions from a raw prompt; as chat completions otherwise."""
-    return await _generate(request, client, services, max_price, preference, chat=False)
+    return await _generate(
+        request,
+        client,
+        services,
+        max_price,
+        preference,
+        chat=False,
+        prompt_price_header=max_prompt_price,
+    )
 
 
 @router.post("/embeddings")
@@ -306,9 +381,9 @@ async def embeddings(
         if any(not t.strip() for t in texts):
             raise OpenAIError(400, "invalid_input", "input texts must not be empty", "input")
         asked, pref = market_fields(req, max_price, preference)
-        price = await run_in_threadpool(_price, services, req.model, JobType.INFERENCE, asked)
+        prices = await run_in_threadpool(_price, services, req.model, JobType.INFERENCE, asked)
         try:
-            spec = embedding_spec(req, price, pref)
+            spec = embedding_spec(req, prices.price or 0, pref)
         except ValueError as exc:
             raise _invalid(exc) from None
         job = await run_in_threadpool(_submit, services, client, spec)
@@ -332,6 +407,9 @@ async def list_models(client: ClientDep, services: ServicesDep) -> Any:
             "gpumarket": {
                 "job_type": m.job_type.value,
                 "min_price_wei_per_unit": str(m.min_price_wei_per_unit),
+                "min_prompt_price_wei_per_unit": None
+                if m.min_prompt_price_wei_per_unit is None
+                else str(m.min_prompt_price_wei_per_unit),
                 "workers": m.workers,
                 "context_tokens": m.context_tokens,
                 "units_per_s": m.units_per_s,

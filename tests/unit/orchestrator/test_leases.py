@@ -204,9 +204,7 @@ def test_a_poll_that_hands_over_jobs_closes_itself_and_one_without_stays_open(
     assert services.leases.start_poll(worker.principal, 2, until, clock()) == []  # nothing yet
     third = _submit(services, client)
     assert services.leases.dispatch(clock()) == [(third, worker.id)]  # still listening
-    assert [j.job_id for j in services.leases.claim(worker.principal, 2, clock(), until)] == [
-        third
-    ]
+    assert [j.job_id for j in services.leases.claim(worker.principal, 2, clock(), until)] == [third]
 
 
 def test_dispatch_never_exceeds_max_concurrency(services: Services, clock: FakeClock) -> None:

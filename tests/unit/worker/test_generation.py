@@ -270,3 +270,28 @@ def test_a_job_whose_lease_is_gone_stops_generating(
 
     execution = asyncio.run(run())
     assert execution.output["usage"]["completion_tokens"] < 50
+
+
+class ByteLevel:  # named as the tokenizers library's byte-level decoder is
+    pass
+
+
+class _Vocabulary:
+    """Just what ``longest_token_bytes`` reads of a tokenizer."""
+
+    def __init__(self, vocab: list[str], specials: list[str], decoder: object) -> None:
+        self._vocab = vocab
+        self.all_special_tokens = specials
+        self.backend_tokenizer = type("Backend", (), {"decoder": decoder})()
+
+    def get_vocab(self) -> dict[str, int]:
+        return {token: i for i, token in enumerate(self._vocab)}
+
+
+def test_the_longest_token_is_counted_in_bytes_never_fewer() -> None:
+    # Byte-level BPE spells one byte per character ("Ġ" is the byte of a space).
+    byte_level = _Vocabulary(["a", "Ġhello", "Ċ" + "Ġ" * 8], ["<|im_start|>"], ByteLevel())
+    assert generation.longest_token_bytes(byte_level) == 12  # the special token's 12 bytes
+    # Other vocabularies: the UTF-8 length of the spelling, an upper bound ("▁" is 3 bytes).
+    sentencepiece = _Vocabulary(["▁héllo"], [], object())
+    assert generation.longest_token_bytes(sentencepiece) == len("▁héllo".encode()) == 9
