@@ -141,15 +141,33 @@ class ChatCompletionRequest(_Sampling):
         return out
 
 
+MAX_PROMPTS_PER_REQUEST = 64
+"""Prompts one /v1/completions request may carry: one generate job each, submitted together."""
+
+
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
 
-    def text(self) -> str:
-        if isinstance(self.prompt, list):
-            if len(self.prompt) != 1:
-                raise OpenAIError(400, "invalid_prompt", "give one prompt per request", "prompt")
-            return self.prompt[0]
-        return self.prompt
+    def texts(self) -> list[str]:
+        """The prompts: one job each (a list submits them as one batch)."""
+        prompts = [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+        if not 1 <= len(prompts) <= MAX_PROMPTS_PER_REQUEST:
+            raise OpenAIError(
+                400,
+                "invalid_prompt",
+                f"prompt needs 1 to {MAX_PROMPTS_PER_REQUEST} prompts; split larger lists "
+                "across requests",
+                "prompt",
+            )
+        if len(prompts) > 1 and self.stream:
+            raise OpenAIError(
+                400,
+                "invalid_prompt",
+                f"stream one prompt per request ({len(prompts)} given); send the list without "
+                "stream, or one streamed request per prompt",
+                "prompt",
+            )
+        return prompts
 
 
 class EmbeddingRequest(_Market):
@@ -314,6 +332,27 @@ def completion_body(result: ResultView, model: str, *, chat: bool) -> dict[str, 
         "choices": [choice],
         "usage": usage_of(result),
         "gpumarket": generation_extras(result),
+    }
+
+
+def completions_body(results: list[ResultView], model: str) -> dict[str, Any]:
+    """One text completion answer for several prompts (one job each): the choices in the
+    prompts' order, the usage summed, and each job's market fields with their total cost."""
+    bodies = [completion_body(result, model, chat=False) for result in results]
+    choices = []
+    for index, body in enumerate(bodies):
+        [choice] = body["choices"]
+        choices.append({**choice, "index": index})
+    usage = {
+        key: sum(body["usage"][key] for body in bodies)
+        for key in ("prompt_tokens", "completion_tokens", "total_tokens")
+    }
+    jobs = [body["gpumarket"] for body in bodies]
+    return {
+        **bodies[0],
+        "choices": choices,
+        "usage": usage,
+        "gpumarket": {"cost_wei": str(sum(r.cost_wei for r in results)), "jobs": jobs},
     }
 
 

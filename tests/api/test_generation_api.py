@@ -503,3 +503,91 @@ def test_with_two_workers_a_second_refusal_confirms_it_in_one_more_lease(run_api
         assert [w["jobs_failed"] for w in workers] == [0, 0]
 
     run_api(body)
+
+
+# -- several prompts in one /v1/completions request ---------------------------------------------
+
+
+def test_a_list_of_prompts_is_one_batch_of_jobs_answered_in_order(run_api: RunApi) -> None:
+    """OpenAI's list ``prompt``: one generate job per prompt, submitted together; the answer
+    has a choice per prompt in the prompts' order, the usage summed, and each job's market
+    fields with the total cost."""
+
+    async def body(api: Api) -> None:
+        client, worker = await _market(api)
+        prompts = ["one", "two", "three"]
+        request = {"model": LLM, "prompt": prompts, "max_tokens": 4, "temperature": 0}
+        answer = asyncio.create_task(api.http.post("/v1/completions", json=request, headers=client))
+        leased: list[dict[str, Any]] = []
+        while len(leased) < len(prompts):
+            leased += await _lease_soon(api, worker)
+        # Answered out of order, each with its own prompt echoed and its own token count.
+        for job in reversed(leased):
+            prompt = job["input"]["prompt"]
+            tokens = list(range(len(prompt)))[:4]
+            output = _output(tokens, text=f"echo {prompt}", prompt_tokens=2)
+            done = await api.complete(worker, job["job_id"], 1, output, units=2 + len(tokens))
+            assert done.status_code == 200, done.text
+        resp = await answer
+        assert resp.status_code == 200, resp.text
+        got = resp.json()
+        assert [c["text"] for c in got["choices"]] == [f"echo {p}" for p in prompts]
+        assert [c["index"] for c in got["choices"]] == [0, 1, 2]
+        completion_tokens = sum(min(len(p), 4) for p in prompts)
+        assert got["usage"] == {
+            "prompt_tokens": 6,
+            "completion_tokens": completion_tokens,
+            "total_tokens": 6 + completion_tokens,
+        }
+        jobs = got["gpumarket"]["jobs"]
+        assert sorted(j["job_id"] for j in jobs) == sorted(j["job_id"] for j in leased)
+        assert got["gpumarket"]["cost_wei"] == str((6 + completion_tokens) * PRICE)
+        assert sum(int(j["cost_wei"]) for j in jobs) == (6 + completion_tokens) * PRICE
+
+    run_api(body)
+
+
+def test_a_list_of_prompts_is_refused_whole_with_the_prompt_named(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client, _ = await _market(api)
+        base = {"model": LLM, "max_tokens": 4}
+        streamed = await api.http.post(
+            "/v1/completions", json={**base, "prompt": ["a", "b"], "stream": True}, headers=client
+        )
+        assert streamed.status_code == 400, streamed.text
+        assert "stream one prompt per request" in streamed.json()["error"]["message"]
+        too_many = await api.http.post(
+            "/v1/completions", json={**base, "prompt": ["a"] * 65}, headers=client
+        )
+        assert too_many.status_code == 400, too_many.text
+        assert "1 to 64 prompts" in too_many.json()["error"]["message"]
+        bad = await api.http.post(
+            "/v1/completions",
+            json={**base, "prompt": ["fine", "x" * 2_000_000]},
+            headers=client,
+        )
+        assert bad.status_code == 400, bad.text
+        assert bad.json()["error"]["message"].startswith("prompt[1]: "), bad.text
+        assert (await api.http.get("/v1/jobs", headers=client)).json()["jobs"] == []
+
+    run_api(body)
+
+
+def test_a_prompt_refused_at_submit_cancels_the_jobs_of_its_list(run_api: RunApi) -> None:
+    """The batch takes the prompts that fit and refuses the one that cannot: the request is
+    refused as a whole (naming that prompt) and the jobs made for the others are cancelled,
+    so nothing runs or is charged for an answer the client never gets."""
+
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        small = offer(LLM, price=PRICE, job_type="generate", context_tokens=100, max_token_bytes=4)
+        await api.register_worker(offers=[small])
+        request = {"model": LLM, "prompt": ["fine", "abcd" * 100], "max_tokens": 4}
+        resp = await api.http.post("/v1/completions", json=request, headers=client)
+        assert resp.status_code == 400, resp.text
+        message = resp.json()["error"]["message"]
+        assert message.startswith("prompt[1]: ") and "context of 100 tokens" in message
+        [made] = (await api.http.get("/v1/jobs", headers=client)).json()["jobs"]
+        assert made["state"] == "cancelled" and made["cost_wei"] in (None, "0")
+
+    run_api(body)

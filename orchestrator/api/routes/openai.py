@@ -27,6 +27,7 @@ from orchestrator.api.openai_dialect import (
     OpenAIError,
     chunk_body,
     completion_body,
+    completions_body,
     embedding_spec,
     embeddings_body,
     from_validation,
@@ -39,6 +40,7 @@ from orchestrator.api.openai_dialect import (
 )
 from orchestrator.exceptions import GpumarketError
 from orchestrator.services.auth import Principal
+from orchestrator.services.wakeups import JOB_KEY_PREFIX
 from orchestrator.wiring import Services
 from protocol import FINAL_STATES, JobSpec, JobState, JobType, JobView, ResultView
 from protocol.generation import GenerationInput
@@ -264,7 +266,18 @@ async def _generate(
             prompt: dict[str, Any] = {"messages": req.chat()}
         else:
             req = parse(CompletionRequest, body)
-            prompt = {"prompt": req.text()}
+            prompts = req.texts()
+            if len(prompts) > 1:
+                return await _complete_many(
+                    services,
+                    client,
+                    req,
+                    prompts,
+                    price_header,
+                    preference_header,
+                    prompt_price_header,
+                )
+            prompt = {"prompt": prompts[0]}
         try:
             generation = req.generation(**prompt)
         except ValueError as exc:
@@ -297,6 +310,72 @@ async def _generate(
     return JSONResponse(
         completion_body(result, req.model, chat=chat), headers={"X-Gpumarket-Job-Id": job.id}
     )
+
+
+async def _complete_many(
+    services: Services,
+    client: Principal,
+    req: CompletionRequest,
+    prompts: list[str],
+    price_header: str | None,
+    preference_header: str | None,
+    prompt_price_header: str | None,
+) -> Any:
+    """Several prompts in one /v1/completions request: one generate job each, submitted as one
+    batch (one transaction, one dispatch round) and awaited together; the answer has a choice
+    per prompt, in order. All or nothing: a prompt refused at submit cancels the others."""
+    asked, preference = market_fields(req, price_header, preference_header, prompt_price_header)
+    specs = []
+    for index, text in enumerate(prompts):
+        try:
+            generation = req.generation(prompt=text)
+        except ValueError as exc:
+            error = _invalid(exc)
+            raise OpenAIError(
+                error.status, error.code, f"prompt[{index}]: {error.message}"
+            ) from None
+        prices = await run_in_threadpool(
+            _price, services, req.model, JobType.GENERATE, asked, generation
+        )
+        specs.append(_spec(req, generation, prices, preference))
+    job_ids = await run_in_threadpool(_submit_many, services, client, specs)
+    views = await _wait_all(services, client, job_ids)
+    results = [await run_in_threadpool(_result, services, client, view) for view in views]
+    return JSONResponse(completions_body(results, req.model))
+
+
+def _submit_many(services: Services, client: Principal, specs: list[JobSpec]) -> list[str]:
+    """The jobs' ids, submitted as one batch; the first refused prompt's error otherwise, with
+    the jobs made for the others cancelled."""
+    items = services.jobs.batch.submit(client, specs, services.now())
+    made = [item.job.id for item in items if item.job is not None]
+    refused = [(i, item.error) for i, item in enumerate(items) if item.error is not None]
+    if refused:
+        for job_id in made:
+            _cancel_quietly(services, client, job_id)
+        index, error = refused[0]
+        status = 400 if error.status == 422 else error.status
+        raise OpenAIError(status, error.code, f"prompt[{index}]: {error.detail}")
+    try:
+        services.leases.dispatch(services.now())
+    except Exception:
+        log.exception("dispatch after a submit failed; the next round places the jobs")
+    return made
+
+
+async def _wait_all(services: Services, client: Principal, job_ids: list[str]) -> list[JobView]:
+    """The jobs once all are final (or ``RESULT_WAIT_S`` passed), woken as each changes."""
+    batch = services.jobs.batch
+    deadline = time.monotonic() + RESULT_WAIT_S
+    keys = [f"{JOB_KEY_PREFIX}{job_id}" for job_id in job_ids]
+    states = await run_in_threadpool(batch.states, client, job_ids)
+    while any(s.state not in FINAL_STATES for s in states):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        await services.hub.watch_any(keys, remaining)
+        states = await run_in_threadpool(batch.states, client, job_ids)
+    return await run_in_threadpool(batch.get, client, job_ids)
 
 
 def _spec(
