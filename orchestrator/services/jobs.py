@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import and_, insert, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from orchestrator.config import Settings
 from orchestrator.exceptions import Conflict, GpumarketError, InvalidInput, NotFound
@@ -110,6 +110,36 @@ def job_view(
             for e in events
         ],
     )
+
+
+RESULT_COLUMNS = (
+    Job.id,
+    Job.client_id,
+    Job.kind,
+    Job.type,
+    Job.state,
+    Job.attempt,
+    Job.worker_id,
+    Job.output,
+    Job.output_blobs,
+    Job.output_sha256,
+    Job.signature,
+    Job.units,
+    Job.prompt_units,
+    Job.price_wei_per_unit,
+    Job.prompt_price_wei_per_unit,
+    Job.cost_wei,
+    Job.duration_s,
+    Job.energy_j,
+    Job.energy_source,
+    Job.co2_g,
+    Job.verification,
+    Job.skipped_renditions,
+    Job.result_batch_id,
+    Job.result_batch_index,
+)
+"""What ``result_view`` (and the read that picks a client's succeeded jobs) reads of a job:
+not its spec or history, whose JSON a batch of results would decode for nothing."""
 
 
 def result_view(job: Job, worker_address: str, batch: ResultBatch | None = None) -> ResultView:
@@ -739,7 +769,9 @@ class BatchJobs:
         with self._store.read() as s:
             done = [
                 job
-                for job in s.scalars(select(Job).where(Job.id.in_(set(job_ids))))
+                for job in s.scalars(
+                    select(Job).options(load_only(*RESULT_COLUMNS)).where(Job.id.in_(set(job_ids)))
+                )
                 if job.client_id == client.id
                 and job.kind == "job"
                 and job.state == JobState.SUCCEEDED
