@@ -52,6 +52,8 @@ from orchestrator.store.models import JobEvent
 log = logging.getLogger("gpumarket.orchestrator.store")
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+SQLITE_POOL_SIZE = 40
+"""Connections kept per SQLite engine: anyio's default thread pool (40 request threads)."""
 SQLITE_MIGRATION_LOCK_TIMEOUT_S = 120.0
 PG_CONNECT_TIMEOUT_S = 5
 PG_STATEMENT_TIMEOUT_MS = 30_000
@@ -136,7 +138,14 @@ def _enable_wal(cur: Any) -> None:
 
 
 def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": 10},
+        # As many kept connections as the request threads that may hold one: past the default
+        # five, each extra connection was opened (PRAGMAs, WAL check) and closed per use.
+        pool_size=SQLITE_POOL_SIZE,
+        max_overflow=SQLITE_POOL_SIZE,
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
