@@ -233,11 +233,12 @@ def _generation(s: Session, since: float) -> DashboardGeneration:
         completion += max(0, (units or 0) - (prompt_units or 0))
         if started_at is not None and finished_at is not None:
             running_s += max(0.0, finished_at - started_at)
+    first_token_at = s.execute(
+        select(Job.created_at, Job.first_token_at).where(*generate, Job.first_token_at >= since)
+    )
+    # As /metrics: a first text a hair before submission (clocks) is no wait at all.
     first_token_s = sorted(
-        max(0.0, first - created)  # as /metrics: a hair early is no wait at all
-        for created, first in s.execute(
-            select(Job.created_at, Job.first_token_at).where(*generate, Job.first_token_at >= since)
-        )
+        max(0.0, first - created) for created, first in first_token_at if first is not None
     )
     return DashboardGeneration(
         since=ts(since),
