@@ -607,6 +607,7 @@ def test_the_generation_panel_shows_tokens_rate_and_time_to_first_token(
         assert gen["first_token_p50_s"] <= gen["first_token_p99_s"] <= waits[-1] + 0.01
 
         # the page shows those figures
+        console_errors(browser)  # drop what earlier pages logged
         _open(browser, f"{proc.url}/#token={OPERATOR_TOKEN}")
         WebDriverWait(browser, UI_TIMEOUT_S).until(
             lambda d: _attr(d, "#gen-tokens", "data-value") == str(prompt + completion),
