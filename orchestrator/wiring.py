@@ -112,6 +112,10 @@ def build_services(
     inputs = InputChecks(store, blob_store.path)
     blame = Blame(store, settings, inputs)
     auth = Authenticator(store, settings.resolve_admin_token())
+    # A stream chunk taken here is read live on every replica (PostgreSQL).
+    streams = TokenStreams(store, hub, relay=bus.publish_chunk if bus is not None else None)
+    if bus is not None:
+        bus.on_stream_chunk = streams.take_relayed
     workers = WorkerService(store, settings, payments, forget_session=auth.forget_worker)
     return Services(
         settings=settings,
@@ -132,7 +136,7 @@ def build_services(
         blobs=BlobService(store, blob_store, settings.max_blob_bytes),
         verification=verification,
         hub=hub,
-        streams=TokenStreams(store, hub),
+        streams=streams,
         catalog=Catalog(store, settings),
         clock=clock,
         payments=payments,

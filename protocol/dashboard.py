@@ -99,6 +99,28 @@ class DashboardSeries(BaseModel):
     buckets: list[DashboardBucket]
 
 
+class DashboardGeneration(BaseModel):
+    """Generate jobs (the clients' own) over the series' window, from ``since`` to now.
+
+    Tokens are those of generate jobs that succeeded in the window (by ``finished_at``): what
+    they billed, prompt and completion apart. ``completion_tokens_per_s`` is their completion
+    tokens over the seconds they ran (lease to result, summed over the jobs): the rate one
+    stream sees, not the market's. Time to first token runs from submission (``created_at``)
+    to the job's first streamed text, for jobs whose first text came in the window, nearest
+    rank percentiles. A figure with nothing to show is null (never NaN): ``jobs`` and
+    ``first_token_jobs`` say how many jobs each rests on.
+    """
+
+    since: datetime
+    jobs: int
+    prompt_tokens: int
+    completion_tokens: int
+    completion_tokens_per_s: float | None
+    first_token_jobs: int
+    first_token_p50_s: float | None
+    first_token_p99_s: float | None
+
+
 class Dashboard(BaseModel):
     generated_at: datetime
     payments: bool
@@ -106,3 +128,4 @@ class Dashboard(BaseModel):
     workers: list[DashboardWorker]
     jobs: list[DashboardJob]
     series: DashboardSeries
+    generation: DashboardGeneration

@@ -240,6 +240,7 @@
     if (changed("totals", [data.totals, data.payments])) renderTotals(data);
     if (changed("workers", [data.workers, data.payments])) renderWorkers(data.workers, data.payments);
     if (changed("jobs", data.jobs)) renderJobs(data.jobs);
+    if (changed("generation", data.generation)) renderGeneration(data.generation);
     if (!changed("series", [data.series, data.payments])) return;
     const buckets = data.series.buckets;
     const label = data.series.bucket_s === 60 ? "minute" : `${data.series.bucket_s} s`;
@@ -286,6 +287,45 @@
     $("total-energy").textContent = joules(t.energy_j_total);
     $("total-energy").title = `${t.energy_j_total} J`;
     $("total-energy-source").textContent = energySource(t.energy_j_total, t.energy_j_estimated || 0);
+  }
+
+  const count = (n) => group(String(n));
+
+  function tokensPerS(rate) {
+    return `${rate.toFixed(rate < 10 ? 2 : 1)} tokens/s`;
+  }
+
+  /** Generate jobs over the window: tokens, tokens per second, time to first token. */
+  function renderGeneration(g) {
+    $("gen-window").textContent = `${WINDOW_MIN} min`;
+    const none = !g.jobs && !g.first_token_jobs;
+    $("gen-empty").hidden = !none;
+    $("gen-figures").hidden = none;
+    if (none) {
+      $("gen-empty").textContent = `No generation yet in the last ${WINDOW_MIN} min: tokens, tokens per second and time to first token show here once generate jobs run.`;
+      return;
+    }
+    const total = g.prompt_tokens + g.completion_tokens;
+    $("gen-tokens").textContent = count(total);
+    $("gen-tokens").dataset.value = String(total);
+    $("gen-tokens-more").textContent =
+      `${count(g.prompt_tokens)} prompt + ${count(g.completion_tokens)} completion, ${g.jobs} ${g.jobs === 1 ? "job" : "jobs"} succeeded`;
+    const rate = $("gen-rate");
+    rate.textContent = g.completion_tokens_per_s === null ? "—" : tokensPerS(g.completion_tokens_per_s);
+    rate.dataset.value = g.completion_tokens_per_s === null ? "" : String(g.completion_tokens_per_s);
+    const ttft = $("gen-ttft");
+    const more = $("gen-ttft-more");
+    if (g.first_token_p50_s === null) {
+      ttft.textContent = "—";
+      ttft.dataset.value = "";
+      more.textContent = "no streamed text yet";
+      return;
+    }
+    ttft.textContent = `${seconds(g.first_token_p50_s)} p50`;
+    ttft.dataset.value = String(g.first_token_p50_s);
+    ttft.dataset.p99 = String(g.first_token_p99_s);
+    more.textContent =
+      `p99 ${seconds(g.first_token_p99_s)} · submission to first streamed text, ${g.first_token_jobs} ${g.first_token_jobs === 1 ? "job" : "jobs"}`;
   }
 
   /** How the energy total was found: metered (NVML, RAPL), estimated, or some of each. */

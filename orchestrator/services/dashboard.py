@@ -23,6 +23,7 @@ from protocol import HardwareDescriptor, JobState, JobType, WorkerView
 from protocol.dashboard import (
     Dashboard,
     DashboardBucket,
+    DashboardGeneration,
     DashboardJob,
     DashboardSeries,
     DashboardTotals,
@@ -98,6 +99,7 @@ class DashboardService:
             totals = self._totals(s, workers, settled, redeemed)
             jobs = self._recent_jobs(s, recent_jobs)
             series = self._series(s, start, bucket_s, buckets)
+            generation = _generation(s, start)
         return Dashboard(
             generated_at=ts(now),
             payments=self._payments.enabled,
@@ -105,6 +107,7 @@ class DashboardService:
             workers=workers,
             jobs=jobs,
             series=series,
+            generation=generation,
         )
 
     def _workers(
@@ -211,6 +214,49 @@ class DashboardService:
                 for i in range(buckets)
             ],
         )
+
+
+def _generation(s: Session, since: float) -> DashboardGeneration:
+    """Tokens, tokens per second and time to first token of client generate jobs since
+    ``since`` (unix seconds); see ``DashboardGeneration`` for what each figure counts."""
+    generate = (Job.type == JobType.GENERATE.value, Job.kind == CLIENT_JOB)
+    finished = s.execute(
+        select(Job.units, Job.prompt_units, Job.started_at, Job.finished_at).where(
+            *generate, Job.state == SUCCEEDED, Job.finished_at >= since
+        )
+    )
+    jobs = prompt = completion = 0
+    running_s = 0.0
+    for units, prompt_units, started_at, finished_at in finished:
+        jobs += 1
+        prompt += prompt_units or 0
+        completion += max(0, (units or 0) - (prompt_units or 0))
+        if started_at is not None and finished_at is not None:
+            running_s += max(0.0, finished_at - started_at)
+    first_token_at = s.execute(
+        select(Job.created_at, Job.first_token_at).where(*generate, Job.first_token_at >= since)
+    )
+    # As /metrics: a first text a hair before submission (clocks) is no wait at all.
+    first_token_s = sorted(
+        max(0.0, first - created) for created, first in first_token_at if first is not None
+    )
+    return DashboardGeneration(
+        since=ts(since),
+        jobs=jobs,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        completion_tokens_per_s=completion / running_s if running_s > 0 else None,
+        first_token_jobs=len(first_token_s),
+        first_token_p50_s=_nearest_rank(first_token_s, 0.50),
+        first_token_p99_s=_nearest_rank(first_token_s, 0.99),
+    )
+
+
+def _nearest_rank(ordered: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0 < q <= 1) of ascending ``ordered`` by nearest rank; None if empty."""
+    if not ordered:
+        return None
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def _worker(w: WorkerView, billed: int, settled: int, redeemed: int) -> DashboardWorker:

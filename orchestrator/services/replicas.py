@@ -3,7 +3,9 @@
 - ``PgWakeBus``: a change committed on one replica wakes the long-polls waiting for it on every
   replica, through PostgreSQL ``LISTEN/NOTIFY`` (milliseconds instead of the waiters' 1 s
   fallback look at the store, which stays as a safety net). SQLite has one process, and wakes
-  in-process only (``WakeHub``).
+  in-process only (``WakeHub``). The same bus carries generate jobs' token streams: each chunk
+  a replica takes from a worker goes to the others (channel ``gpumarket_stream``, in parts
+  under NOTIFY's payload limit), so a client reads it live on any replica.
 - ``ReplicaRegistry``: what every replica must share (operator token, voucher signer, chain
   deployment, blob store) is checked at start-up against the live replicas, and a replica that
   disagrees refuses to start, naming the setting.
@@ -20,27 +22,35 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import queue
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from typing import IO, Any
 
 import psycopg
 from psycopg import sql
 from sqlalchemy import delete, select, text
 
-from orchestrator.services.wakeups import WakeHub
+from orchestrator.services.streams import RelayedChunk
+from orchestrator.services.wakeups import STREAM_KEY_PREFIX, WakeHub
 from orchestrator.store import Store
 from orchestrator.store.models import Replica
+from protocol.generation import StreamChunk
 
 log = logging.getLogger("gpumarket.orchestrator.replicas")
 
 WAKE_CHANNEL = "gpumarket_wake"
+STREAM_CHANNEL = "gpumarket_stream"
 # NOTIFY payloads must stay under 8000 bytes: keys are sent in chunks below that.
 NOTIFY_PAYLOAD_MAX_BYTES = 7000
+# A stream chunk's text goes in parts of this many characters: JSON spends 6 bytes at most on
+# one (an escaped control character), so a part and its envelope stay under the limit above.
+STREAM_PART_CHARS = 1000
 LISTEN_POLL_S = 0.5  # how often the listener looks up from its socket to see a stop
 RECONNECT_BACKOFF_S = 1.0
 CONNECT_TIMEOUT_S = 5
@@ -88,8 +98,12 @@ class PgWakeBus:
         self._store = store
         self._hub = hub
         self._channel = _scoped(WAKE_CHANNEL, store)
+        self._stream_channel = _scoped(STREAM_CHANNEL, store)
         self._origin = uuid.uuid4().hex[:12]  # our own messages are delivered locally already
-        self._outbox: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        # A wake-up key, or a stream chunk (job id, chunk) to relay; None stops the sender.
+        self._outbox: queue.SimpleQueue[str | tuple[str, StreamChunk] | None] = queue.SimpleQueue()
+        # Where the other replicas' stream chunks go (``TokenStreams.take_relayed``).
+        self.on_stream_chunk: Callable[[RelayedChunk], None] | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.listening = threading.Event()  # set while LISTEN is in force (tests wait on it)
@@ -97,6 +111,10 @@ class PgWakeBus:
     def publish(self, key: str) -> None:
         """Wake ``key``'s waiters on the other replicas: ``w:<worker id>`` or ``j:<job id>``."""
         self._outbox.put(key)
+
+    def publish_chunk(self, job_id: str, chunk: StreamChunk) -> None:
+        """Relay a stream chunk this replica took to the other replicas' readers."""
+        self._outbox.put((job_id, chunk))
 
     def start(self) -> None:
         for target, name in (
@@ -116,24 +134,48 @@ class PgWakeBus:
 
     # -- sending ---------------------------------------------------------------------------------
 
-    def _next_keys(self) -> set[str] | None:
-        """Block for one key, then take whatever else has queued meanwhile (one NOTIFY for a
-        burst of commits); None when stopping."""
+    def _next_keys(self) -> tuple[set[str], list[tuple[str, StreamChunk]]] | None:
+        """Block for one key or chunk, then take whatever else has queued meanwhile (one
+        NOTIFY for a burst of commits; chunks in the order they came); None when stopping."""
         try:
             first = self._outbox.get(timeout=LISTEN_POLL_S)
         except queue.Empty:
-            return set()
-        if first is None:
-            return None
-        keys = {first}
+            return set(), []
+        keys: set[str] = set()
+        chunks: list[tuple[str, StreamChunk]] = []
+        item = first
         while True:
-            try:
-                more = self._outbox.get_nowait()
-            except queue.Empty:
-                return keys
-            if more is None:
+            if item is None:
                 return None
-            keys.add(more)
+            if isinstance(item, str):
+                keys.add(item)
+            else:
+                chunks.append(item)
+            try:
+                item = self._outbox.get_nowait()
+            except queue.Empty:
+                return keys, chunks
+
+    def _stream_payloads(self, job_id: str, chunk: StreamChunk) -> list[str]:
+        text = chunk.text
+        parts = [text[i : i + STREAM_PART_CHARS] for i in range(0, len(text), STREAM_PART_CHARS)]
+        parts = parts or [""]
+        return [
+            json.dumps(
+                {
+                    "o": self._origin,
+                    "j": job_id,
+                    "a": chunk.attempt,
+                    "s": chunk.seq,
+                    "p": i,
+                    "n": len(parts),
+                    "k": chunk.tokens if i == len(parts) - 1 else 0,
+                    "x": part,
+                },
+                ensure_ascii=False,
+            )
+            for i, part in enumerate(parts)
+        ]
 
     def _payloads(self, keys: set[str]) -> list[str]:
         payloads, chunk, size = [], [self._origin], len(self._origin)
@@ -151,13 +193,20 @@ class PgWakeBus:
         conn: psycopg.Connection[Any] | None = None
         try:
             while not self._stop.is_set():
-                keys = self._next_keys()
-                if keys is None:
+                batch = self._next_keys()
+                if batch is None:
                     return
-                if not keys:
+                keys, chunks = batch
+                if not keys and not chunks:
                     continue
                 try:
                     conn = conn or _connect(self._store)
+                    # Text first: a job's end, woken next, finds its stream's text in place.
+                    for job_id, chunk in chunks:
+                        for payload in self._stream_payloads(job_id, chunk):
+                            conn.execute(
+                                "SELECT pg_notify(%s, %s)", (self._stream_channel, payload)
+                            )
                     for payload in self._payloads(keys):
                         conn.execute("SELECT pg_notify(%s, %s)", (self._channel, payload))
                 except psycopg.Error as exc:
@@ -176,11 +225,15 @@ class PgWakeBus:
         while not self._stop.is_set():
             try:
                 with _connect(self._store, keepalive=True) as conn:
-                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+                    for channel in (self._channel, self._stream_channel):
+                        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                     self.listening.set()
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=LISTEN_POLL_S):
-                            self._deliver(note.payload)
+                            if note.channel == self._stream_channel:
+                                self._deliver_chunk(note.payload)
+                            else:
+                                self._deliver(note.payload)
             except psycopg.Error as exc:
                 self.listening.clear()
                 if self._stop.is_set():
@@ -197,7 +250,29 @@ class PgWakeBus:
             if key.startswith(WORKER_KEY):
                 self._hub.notify(key[len(WORKER_KEY) :])
             elif key.startswith(JOB_KEY):
-                self._hub.notify_waiting(f"job:{key[len(JOB_KEY) :]}")
+                job_id = key[len(JOB_KEY) :]
+                self._hub.notify_waiting(f"job:{job_id}")
+                # A stream's reader ends with its job, as on the replica that changed it.
+                self._hub.notify_waiting(f"{STREAM_KEY_PREFIX}{job_id}")
+
+    def _deliver_chunk(self, payload: str) -> None:
+        try:
+            body = json.loads(payload)
+            if body["o"] == self._origin or self.on_stream_chunk is None:
+                return
+            chunk = RelayedChunk(
+                job_id=str(body["j"]),
+                attempt=int(body["a"]),
+                seq=int(body["s"]),
+                part=int(body["p"]),
+                parts=int(body["n"]),
+                text=str(body["x"]),
+                tokens=int(body["k"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("dropped a stream chunk from another replica (%s)", exc)
+            return
+        self.on_stream_chunk(chunk)
 
 
 def duty_lock_id(store: Store) -> int:

@@ -7,14 +7,18 @@ process's memory only, one per job, for the job's current attempt: a newer attem
 stream over (readers are told, see ``StreamView``), and a chunk of an older attempt after that
 is refused (409), which tells its worker to stop generating.
 Chunks carry a sequence number, so a resent chunk is taken once. Writers are woken readers via
-the hub (``stream:<job id>``). With several replicas, a client reads the stream on the replica
-its worker sends to, or waits for the result (the stream ends with the job either way).
+the hub (``stream:<job id>``). With several replicas (PostgreSQL), each chunk a replica takes is
+relayed to the others (``relay``, see ``replicas.PgWakeBus``), which append it with
+``take_relayed``, so a client reads the stream live on any replica; a chunk lost on the way
+leaves a gap in that preview only (the stream ends with the job's final state and its signed
+text either way).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from orchestrator.exceptions import Conflict, Forbidden, NotFound
@@ -42,6 +46,9 @@ class _Stream:
     tokens: int = 0
     chars: int = 0
     next_seq: int = 0
+    # Relayed chunks come in parts (a NOTIFY payload's limit): the parts of chunk ``next_seq``
+    # taken so far.
+    next_part: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,10 +61,29 @@ class StreamView:
     tokens: int
 
 
+@dataclass(frozen=True)
+class RelayedChunk:
+    """A chunk one replica took, as the others get it: part ``part`` of ``parts`` of the
+    worker's chunk ``seq``; ``tokens`` rides on the last part."""
+
+    job_id: str
+    attempt: int
+    seq: int
+    part: int
+    parts: int
+    text: str
+    tokens: int
+
+
+Relay = Callable[[str, StreamChunk], None]
+"""Sends a chunk this replica took (job id, chunk) to the other replicas."""
+
+
 class TokenStreams:
-    def __init__(self, store: Store, hub: WakeHub) -> None:
+    def __init__(self, store: Store, hub: WakeHub, relay: Relay | None = None) -> None:
         self._store = store
         self._hub = hub
+        self._relay = relay
         self._lock = threading.Lock()
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
         # (job id, attempt, worker id) whose lease was checked: a stream's later chunks are not
@@ -98,10 +124,39 @@ class TokenStreams:
             if stream.chars + len(chunk.text) > MAX_STREAM_CHARS:
                 return
             stream.next_seq = chunk.seq + 1  # a skipped seq was dropped by the worker
+            stream.next_part = 0
             stream.chunks.append(chunk.text)
             stream.tokens += chunk.tokens
             stream.chars += len(chunk.text)
         self._hub.notify_waiting(stream_key(job_id))
+        if self._relay is not None:
+            self._relay(job_id, chunk)
+
+    def take_relayed(self, chunk: RelayedChunk) -> None:
+        """Append a chunk another replica took (its lease was checked there), once and in
+        order: a part already taken, or one whose earlier parts never came, is dropped."""
+        with self._lock:
+            stream = self._streams.get(chunk.job_id)
+            if stream is None or chunk.attempt > stream.attempt:
+                stream = self._streams[chunk.job_id] = _Stream(attempt=chunk.attempt)
+                while len(self._streams) > STREAMS_KEPT:
+                    self._streams.popitem(last=False)
+            if chunk.attempt < stream.attempt:
+                return
+            if chunk.seq == stream.next_seq:
+                in_order = chunk.part == stream.next_part
+            else:  # a skipped seq was dropped by the worker; a chunk is taken from its start
+                in_order = chunk.seq > stream.next_seq and chunk.part == 0
+            if not in_order or stream.chars + len(chunk.text) > MAX_STREAM_CHARS:
+                return
+            if chunk.part + 1 < chunk.parts:
+                stream.next_seq, stream.next_part = chunk.seq, chunk.part + 1
+            else:
+                stream.next_seq, stream.next_part = chunk.seq + 1, 0
+            stream.chunks.append(chunk.text)
+            stream.tokens += chunk.tokens
+            stream.chars += len(chunk.text)
+        self._hub.notify_waiting(stream_key(chunk.job_id))
 
     def _check_holder(self, worker: Principal, job_id: str, attempt: int) -> bool:
         """Refuse a chunk from anyone but the lease holder; True if the job has no first

@@ -52,6 +52,17 @@ def test_empty_market_has_empty_tables_and_zero_series(run_api: RunApi, clock: F
         # buckets are aligned to the minute, the last one holds now
         last = series["buckets"][-1]["start"]
         assert board["generated_at"] == "2027-01-15T08:00:00Z" == last
+        # no generation yet: zeros and nulls (never NaN), over the series' window
+        assert board["generation"] == {
+            "since": series["buckets"][0]["start"],
+            "jobs": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "completion_tokens_per_s": None,
+            "first_token_jobs": 0,
+            "first_token_p50_s": None,
+            "first_token_p99_s": None,
+        }
 
     run_api(body)
 

@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from contracts.deploy import deploy, write_deployment
 from contracts.registry import WorkerRegistry
 from gpumarket import Client
 from protocol import CompleteRequest, HardwareDescriptor, LeasedJob, Offer
+from protocol.generation import StreamChunk
 from protocol.signing import output_sha256, sign_result
 from tests.e2e.conftest import (
     PHONE_WIDTH,
@@ -452,6 +454,9 @@ def test_without_payments_and_when_the_server_goes_away(browser: WebDriver, tmp_
         )
         assert "No jobs yet" in (_text(browser, "#jobs tbody") or "")
         assert _text(browser, "#chart-throughput text.chart-empty") == "nothing in the last 30 min"
+        # an empty market says so in the generation panel, with no figure (no NaN)
+        assert (_text(browser, "#gen-empty") or "").startswith("No generation yet in the last 30")
+        assert not browser.find_element(By.ID, "gen-figures").is_displayed()
 
         with Client(proc.url, proc.new_client_key()) as client:
             ids = [client.submit(_spec(f"free {i}"))["id"] for i in range(3)]
@@ -483,3 +488,151 @@ async def _free_market(url: str) -> None:
         await _work(gpu, 3, energy_j=1.0)
     finally:
         await gpu.aclose()
+
+
+LLM = "SmolLM2-135M-Instruct"
+TOKEN_PRICE = 10**9  # wei per token
+PROMPT_TOKENS = 3
+COMPLETION_TOKENS = [4, 5, 6]  # one generation each
+
+
+def _generate_spec() -> dict[str, Any]:
+    return {
+        "type": "generate",
+        "model": LLM,
+        "generation": {"prompt": "Hello", "max_tokens": 8},
+        "max_price_wei_per_unit": str(TOKEN_PRICE),
+    }
+
+
+async def _generate(url: str, submit: Callable[[], int]) -> list[tuple[str, float]]:
+    """A scripted LLM worker: registers (so the model is known), has ``submit`` submit the
+    jobs, leases them, streams a first text for each and reports its result (usage:
+    PROMPT_TOKENS + COMPLETION_TOKENS[i]). Returns (job id, unix time just after its first
+    text was taken) per job."""
+    worker = OrchestratorClient(url, Account.from_key(GPU_KEY))
+    streamed: list[tuple[str, float]] = []
+    try:
+        offer = Offer.model_validate(
+            {
+                "job_type": "generate",
+                "model": LLM,
+                "price_wei_per_unit": str(TOKEN_PRICE),
+                "context_tokens": 8192,
+            }
+        )
+        await worker.register(GPU_HARDWARE, [offer], max_concurrency=len(COMPLETION_TOKENS))
+        jobs = submit()
+        leased: list[LeasedJob] = []
+        async with asyncio.timeout(SETTLE_TIMEOUT_S):
+            while len(leased) < jobs:
+                leased += await worker.lease(max_jobs=jobs - len(leased), wait_s=1)
+        for job, completion_tokens in zip(leased, COMPLETION_TOKENS, strict=True):
+            await worker.stream(job.job_id, StreamChunk(attempt=1, seq=0, text="Hi", tokens=1))
+            streamed.append((job.job_id, time.time()))
+            await asyncio.sleep(0.1)  # generating the rest
+            output = {
+                "text": "Hi there, friend",
+                "token_ids": list(range(completion_tokens)),
+                "finish_reason": "length",
+                "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion_tokens},
+            }
+            units = PROMPT_TOKENS + completion_tokens
+            digest = output_sha256(output)
+            signature = sign_result(
+                worker.account.key,
+                job.job_id,
+                job.attempt,
+                digest,
+                units,
+                job.price_wei_per_unit,
+                prompt_units=PROMPT_TOKENS,
+                prompt_price_wei_per_unit=job.prompt_price_wei_per_unit,
+            )
+            request = CompleteRequest(
+                attempt=job.attempt,
+                output=output,
+                output_sha256=digest,
+                signature=signature,
+                duration_s=0.1,
+                energy_j=1.0,
+                energy_source="estimate",
+                units=units,
+                prompt_units=PROMPT_TOKENS,
+            )
+            await worker.complete(job.job_id, request)
+    finally:
+        await worker.aclose()
+    return streamed
+
+
+def test_the_generation_panel_shows_tokens_rate_and_time_to_first_token(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    proc = OrchestratorProcess(tmp_path / "orchestrator", **NO_VERIFICATION)
+    proc.start()
+    try:
+        key = proc.new_client_key()
+        submitted: dict[str, float] = {}
+
+        def submit() -> int:
+            with Client(proc.url, key) as client:
+                for _ in COMPLETION_TOKENS:
+                    before = time.time()
+                    submitted[client.submit(_generate_spec())["id"]] = before
+            return len(submitted)
+
+        streamed = asyncio.run(_generate(proc.url, submit))
+        with proc.operator() as op:
+            resp = op.get("/v1/dashboard")
+            resp.raise_for_status()
+            gen = resp.json()["generation"]
+        with Client(proc.url, key) as client:
+            jobs = [client.get(job_id) for job_id in submitted]
+
+        # the API's figures, against the jobs as their client sees them
+        prompt, completion = PROMPT_TOKENS * len(jobs), sum(COMPLETION_TOKENS)
+        assert (gen["jobs"], gen["prompt_tokens"], gen["completion_tokens"]) == (
+            len(jobs),
+            prompt,
+            completion,
+        )
+        assert sum(j["units"] for j in jobs) == prompt + completion
+        running_s = sum((_instant(j["finished_at"]) - _instant(j["started_at"])) for j in jobs)
+        assert gen["completion_tokens_per_s"] == pytest.approx(completion / running_s, rel=1e-3)
+        # each first text came after its submission and before the worker heard it was taken
+        waits = sorted(at - submitted[job_id] for job_id, at in streamed)
+        assert gen["first_token_jobs"] == len(jobs)
+        assert 0 <= gen["first_token_p50_s"] <= waits[-1] + 0.01
+        assert gen["first_token_p50_s"] <= gen["first_token_p99_s"] <= waits[-1] + 0.01
+
+        # the page shows those figures
+        console_errors(browser)  # drop what earlier pages logged
+        _open(browser, f"{proc.url}/#token={OPERATOR_TOKEN}")
+        WebDriverWait(browser, UI_TIMEOUT_S).until(
+            lambda d: _attr(d, "#gen-tokens", "data-value") == str(prompt + completion),
+            "the generation panel's token total",
+        )
+        assert not browser.find_element(By.ID, "gen-empty").is_displayed()
+        assert _text(browser, "#gen-tokens") == str(prompt + completion)
+        assert _text(browser, "#gen-tokens-more") == (
+            f"{prompt} prompt + {completion} completion, {len(jobs)} jobs succeeded"
+        )
+        rate = gen["completion_tokens_per_s"]
+        assert float(_attr(browser, "#gen-rate", "data-value") or "nan") == rate
+        assert _text(browser, "#gen-rate") == f"{rate:.{2 if rate < 10 else 1}f} tokens/s"
+        assert float(_attr(browser, "#gen-ttft", "data-value") or "nan") == gen["first_token_p50_s"]
+        assert float(_attr(browser, "#gen-ttft", "data-p99") or "nan") == gen["first_token_p99_s"]
+        assert re.fullmatch(r"(\d+ ms|\d+\.\d\d s) p50", _text(browser, "#gen-ttft") or "")
+        assert (_text(browser, "#gen-ttft-more") or "").endswith(
+            f"submission to first streamed text, {len(jobs)} jobs"
+        )
+        assert "NaN" not in (_text(browser, "#generation") or "")
+        assert console_errors(browser) == []
+        screenshot(browser, "dashboard-generation.png")
+    finally:
+        proc.stop()
+
+
+def _instant(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()

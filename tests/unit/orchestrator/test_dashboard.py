@@ -3,11 +3,13 @@ text) and PostgreSQL (NUMERIC)."""
 
 from __future__ import annotations
 
+from orchestrator.services.auth import Principal
 from orchestrator.store.models import Job, LedgerEntry, Redemption
 from orchestrator.wiring import Services
 from protocol import JobSpec
+from protocol.generation import StreamChunk
 from tests.conftest import FakeClock
-from tests.support import EMBED_MODEL, completion, new_client, register
+from tests.support import EMBED_MODEL, TestWorker, completion, new_client, offer, register
 
 BIG = 2**200 + 7  # past any 64-bit integer and any float's exact range
 TEXTS = ["one", "two"]
@@ -152,3 +154,137 @@ def test_a_worker_that_left_stays_while_it_has_a_record_and_checks_are_not_clien
     assert board.totals.jobs_by_state["succeeded"] == 1
     assert board.totals.jobs_by_state["queued"] == 0 and board.totals.queue_depth == 0
     assert board.totals.energy_j_total == board.totals.energy_j_estimated == 2.0
+
+
+LLM = "SmolLM2-135M-Instruct"
+TOKEN_PRICE = 7  # wei per token
+
+
+def _generate(
+    services: Services,
+    clock: FakeClock,
+    client: Principal,
+    worker: TestWorker,
+    *,
+    lease_after_s: float,
+    first_text_after_s: float,
+    result_after_s: float | None,
+    prompt_tokens: int = 0,
+    completion_tokens: int = 0,
+) -> str:
+    """A generate job through the services: submitted now, leased, its first text streamed
+    and its result reported at the given seconds after submission (no result: still running).
+    Leaves the clock at the last of those instants."""
+    spec = JobSpec.model_validate(
+        {
+            "type": "generate",
+            "model": LLM,
+            "generation": {"prompt": "Hello", "max_tokens": 16},
+            "max_price_wei_per_unit": TOKEN_PRICE,
+        }
+    )
+    job, _ = services.jobs.submit(client, spec, services.now())
+    clock.advance(lease_after_s)  # the lease is the start (started_at)
+    now = services.now()
+    services.leases.open_poll(worker.principal, 1, until=now + 10, now=now)
+    services.leases.dispatch(now)
+    [leased] = services.leases.claim(worker.principal, 1, now)
+    clock.advance(first_text_after_s - lease_after_s)
+    chunk = StreamChunk(attempt=1, seq=0, text="hi", tokens=1)
+    services.streams.append(worker.principal, job.id, chunk, services.now())
+    if result_after_s is None:
+        return job.id
+    clock.advance(result_after_s - first_text_after_s)
+    output = {
+        "text": "hi there",
+        "token_ids": list(range(completion_tokens)),
+        "finish_reason": "length",
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+    }
+    req = completion(
+        worker,
+        job.id,
+        1,
+        output,
+        units=prompt_tokens + completion_tokens,
+        price_wei_per_unit=leased.price_wei_per_unit,
+        prompt_price_wei_per_unit=leased.prompt_price_wei_per_unit,
+    )
+    services.leases.complete(worker.principal, job.id, req, services.now())
+    return job.id
+
+
+def test_generation_figures_over_the_window(any_services: Services, clock: FakeClock) -> None:
+    services = any_services
+    client, _ = new_client(services)
+    worker = register(
+        services,
+        offers=[offer(LLM, price=TOKEN_PRICE, job_type="generate", context_tokens=8192)],
+        max_concurrency=4,
+    )
+    window_s, bucket_s = 300, 60
+
+    empty = services.dashboard.snapshot(services.now(), window_s=window_s, bucket_s=bucket_s)
+    gen = empty.generation
+    assert (gen.jobs, gen.prompt_tokens, gen.completion_tokens, gen.first_token_jobs) == (0,) * 4
+    assert gen.completion_tokens_per_s is None
+    assert gen.first_token_p50_s is None and gen.first_token_p99_s is None
+
+    # Long before the window: neither its tokens nor its first text count.
+    _generate(
+        services,
+        clock,
+        client,
+        worker,
+        lease_after_s=1,
+        first_text_after_s=2,
+        result_after_s=5,
+        prompt_tokens=50,
+        completion_tokens=16,
+    )
+    clock.advance(2 * window_s)
+    # In the window: 4 s running, 8 completion tokens; 2 s running, 4 of them; one still going.
+    _generate(
+        services,
+        clock,
+        client,
+        worker,
+        lease_after_s=0.5,
+        first_text_after_s=1.5,
+        result_after_s=4.5,
+        prompt_tokens=3,
+        completion_tokens=8,
+    )
+    clock.advance(10)
+    _generate(
+        services,
+        clock,
+        client,
+        worker,
+        lease_after_s=0.25,
+        first_text_after_s=0.75,
+        result_after_s=2.25,
+        prompt_tokens=5,
+        completion_tokens=4,
+    )
+    clock.advance(10)
+    _generate(
+        services,
+        clock,
+        client,
+        worker,
+        lease_after_s=1,
+        first_text_after_s=3,
+        result_after_s=None,
+    )
+
+    board = services.dashboard.snapshot(services.now(), window_s=window_s, bucket_s=bucket_s)
+
+    gen = board.generation
+    assert gen.since == board.series.buckets[0].start
+    assert (gen.jobs, gen.prompt_tokens, gen.completion_tokens) == (2, 3 + 5, 8 + 4)
+    assert gen.completion_tokens_per_s == (8 + 4) / (4.0 + 2.0)
+    # time to first token of the three in the window: 0.75, 1.5 and 3 s
+    assert gen.first_token_jobs == 3
+    assert (gen.first_token_p50_s, gen.first_token_p99_s) == (1.5, 3.0)
+    assert board.totals.jobs_by_state["succeeded"] == 3  # the old one is still in the totals
