@@ -12,7 +12,10 @@ import asyncio
 import contextlib
 from collections.abc import Mapping
 
+from protocol import FINAL_STATES
+
 WAKE_FALLBACK_S = 1.0
+_FINAL = frozenset(state.value for state in FINAL_STATES)
 JOB_KEY_PREFIX = "job:"
 """A client's wait on a job: ``job:<id>``."""
 STREAM_KEY_PREFIX = "stream:"
@@ -63,7 +66,9 @@ class WakeHub:
         if event is not None and key in self._watchers:
             event.set()
         for group in self._groups.get(key, ()):
-            group.fired[key] = state
+            # Two commits' wake-ups may arrive out of order; a final state is the last word.
+            if group.fired.get(key) not in _FINAL:
+                group.fired[key] = state
             group.event.set()
 
     async def watch_any(self, keys: list[str], timeout_s: float) -> dict[str, str | None]:

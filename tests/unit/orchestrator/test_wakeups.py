@@ -38,3 +38,16 @@ def test_watch_any_learns_the_states_a_commit_left_its_jobs_in() -> None:
         assert hub._groups == {} and hub._events == {}
 
     asyncio.run(body())
+
+
+def test_a_final_state_is_not_replaced_by_an_earlier_commits_late_wake_up() -> None:
+    async def body() -> None:
+        hub = WakeHub()
+        hub.bind(asyncio.get_running_loop())
+        watch = asyncio.create_task(hub.watch_any(["job:a"], 30.0))
+        await asyncio.sleep(0)
+        hub._jobs_changed({"a": "succeeded"})
+        hub._jobs_changed({"a": "running"})  # the commit before it, woken late
+        assert await watch == {"job:a": "succeeded"}
+
+    asyncio.run(body())
