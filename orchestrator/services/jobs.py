@@ -271,7 +271,7 @@ class JobService:
         try:
             with self._store.transaction() as s:
                 self._validate(s, client, spec)
-                job = self._new_job(job_id, client, spec, key, request_hash, now)
+                job = Job(**self._new_job_row(job_id, client, spec, key, request_hash, now))
                 job.payer_address = self._admit(s, client, spec, now)
                 if key is not None and self._payments.enabled:
                     # A concurrent retry with this key may have won while we waited for the
@@ -325,17 +325,6 @@ class JobService:
             raise InvalidInput(
                 f"input_blob {sha256} is not among your blobs; upload it first with POST /v1/blobs"
             )
-
-    def _new_job(
-        self,
-        job_id: str,
-        client: Principal,
-        spec: JobSpec,
-        key: str | None,
-        request_hash: str,
-        now: float,
-    ) -> Job:
-        return Job(**self._new_job_row(job_id, client, spec, key, request_hash, now))
 
     @staticmethod
     def _new_job_row(
