@@ -257,8 +257,8 @@ class LeaseService(BatchCompletion):
         offered_models = {o.model for c in candidates.values() for o in c.offers}
         # Only jobs someone here could run; those that failed to place last round go after the
         # rest, so a pile of unplaceable jobs (say, priced below every offer) blocks no one.
-        # Set-based, as claims are: the columns matching reads, then one UPDATE (by primary
-        # key, many rows) for the placed jobs and one for the changed waiting reasons.
+        # Set-based, as claims are: the columns matching reads, then an UPDATE per worker and
+        # price for the placed jobs and one (by primary key) for the changed waiting reasons.
         jobs = s.execute(
             select(*DISPATCH_COLUMNS)
             .where(Job.state == JobState.QUEUED, Job.model.in_(offered_models))
@@ -267,7 +267,7 @@ class LeaseService(BatchCompletion):
             .with_for_update(skip_locked=True)
         ).all()
         assigned: list[tuple[str, str]] = []
-        placed: list[dict[str, Any]] = []
+        placed: dict[tuple[str, int, int | None], list[str]] = {}  # (worker, prices) -> jobs
         reasons: list[dict[str, Any]] = []
         lease_until = now + self._settings.lease_ttl_s
         for job in jobs:
@@ -286,19 +286,12 @@ class LeaseService(BatchCompletion):
                 if job.waiting_reason != reason:
                     reasons.append({"id": job.id, "waiting_reason": reason})
                 continue
-            placed.append(
-                {
-                    "id": job.id,
-                    "waiting_reason": None,
-                    "worker_id": choice.worker_id,
-                    "price_wei_per_unit": choice.offer.price_wei_per_unit,
-                    "prompt_price_wei_per_unit": billing.agreed_prompt_price(job, choice.offer),
-                    "lease_expires_at": lease_until,
-                    "delivered": False,
-                    "state": JobState.ASSIGNED.value,
-                    "updated_at": now,
-                }
+            terms = (
+                choice.worker_id,
+                choice.offer.price_wei_per_unit,
+                billing.agreed_prompt_price(job, choice.offer),
             )
+            placed.setdefault(terms, []).append(job.id)
             record_transition(
                 s,
                 job.id,
@@ -314,9 +307,26 @@ class LeaseService(BatchCompletion):
             chosen.running += 1
             by_id[choice.worker_id].free_slots -= 1
             assigned.append((job.id, choice.worker_id))
-        for changes in (placed, reasons):
-            if changes:
-                s.execute(update(Job), changes)
+        # One UPDATE per worker and price (a few per round, not one per job: on PostgreSQL an
+        # UPDATE of many rows by primary key is a statement per row).
+        for (worker_id, price, prompt_price), job_ids in placed.items():
+            s.execute(
+                update(Job)
+                .where(Job.id.in_(job_ids))
+                .values(
+                    waiting_reason=None,
+                    worker_id=worker_id,
+                    price_wei_per_unit=price,
+                    prompt_price_wei_per_unit=prompt_price,
+                    lease_expires_at=lease_until,
+                    delivered=False,
+                    state=JobState.ASSIGNED.value,
+                    updated_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        if reasons:
+            s.execute(update(Job), reasons)
         return assigned
 
     def explain_unplaced(self, job_id: str, now: float) -> None:
