@@ -10,6 +10,7 @@ exactly-once: completion is keyed by (job id, attempt) and a stale attempt chang
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -47,7 +48,7 @@ from orchestrator.services.settlement import Payments
 from orchestrator.services.verification import CHECK, VerificationService
 from orchestrator.services.workers import REGISTERED, leased_counts
 from orchestrator.store import Store
-from orchestrator.store.engine import retry_transient
+from orchestrator.store.engine import CanonicalJSON, retry_transient
 from orchestrator.store.models import BlobGrant, Job, JobEvent, Worker
 from protocol import (
     CompleteRequest,
@@ -63,7 +64,7 @@ from protocol import (
     Rendition,
     ResultView,
 )
-from protocol.signing import output_sha256, recover_result_signer
+from protocol.signing import canonical_json, output_sha256, recover_result_signer
 from protocol.units import MAX_WEI
 
 log = logging.getLogger("gpumarket.orchestrator.leases")
@@ -609,7 +610,7 @@ class LeaseService(BatchCompletion):
                 return result_view(job, self._address(s, worker))
             job = self._held_job(s, worker, job_id, req.attempt)
             row = self._lock_workers_for(s, worker, [job])
-            self._check_result(s, job, row, req, worker)
+            output = self._check_result(s, job, row, req, worker)
             if isinstance(derived, InvalidInput):
                 raise derived
             if req.units != derived:
@@ -617,7 +618,7 @@ class LeaseService(BatchCompletion):
                 self._refuse_bill(s, job, row, req.units, derived, now)
             else:
                 self._check_cap(job, derived)
-                self._record_result(s, job, row, req, derived, now)
+                self._record_result(s, job, row, req, derived, now, output)
                 return result_view(job, row.address)
         assert refused is not None and isinstance(derived, int)
         raise InvalidInput(refused, derived_units=derived)  # after the commit: the record stays
@@ -680,10 +681,18 @@ class LeaseService(BatchCompletion):
         )
 
     def _record_result(
-        self, s: Session, job: Job, row: Worker, req: CompleteRequest, units: int, now: float
+        self,
+        s: Session,
+        job: Job,
+        row: Worker,
+        req: CompleteRequest,
+        units: int,
+        now: float,
+        output: CanonicalJSON | None,
     ) -> None:
+        """Record a checked result (``output``: what ``_check_result`` returned)."""
         job.skipped_renditions = self._check_ladder(job, req)
-        job.output = req.output
+        job.output = output
         job.output_blobs = (
             [b.model_dump(mode="json") for b in req.output_blobs] if req.output_blobs else None
         )
@@ -730,11 +739,17 @@ class LeaseService(BatchCompletion):
         worker: Principal,
         *,
         batch_signed: bool = False,
-    ) -> None:
+    ) -> CanonicalJSON | None:
+        """Refuse a result that does not hold up (its hash, its prompt units, its signature
+        unless ``batch_signed``). Returns the inline output to record, as the canonical JSON
+        its hash was checked over (the store writes that text as is); None for files."""
+        output: CanonicalJSON | None = None
         if req.output is not None:
             if job.type == JobType.TRANSCODE:
                 raise InvalidInput("transcode results are files: send output_blobs")
-            digest = output_sha256(req.output)
+            text = canonical_json(req.output)
+            digest = hashlib.sha256(text).hexdigest()
+            output = CanonicalJSON(req.output, text.decode())
         else:
             assert req.output_blobs is not None
             for blob in req.output_blobs:
@@ -752,7 +767,7 @@ class LeaseService(BatchCompletion):
         assert job.price_wei_per_unit is not None
         billing.check_prompt_units(job, req.prompt_units, req.output)
         if batch_signed:  # the batch's signature was recovered once, over every result in it
-            return
+            return output
         try:
             signer = recover_result_signer(
                 job.id,
@@ -773,6 +788,7 @@ class LeaseService(BatchCompletion):
                 f"({job.price_wei_per_unit} wei per unit), prompt_units and the prompt price "
                 f"({billing.signed_prompt_price(job)}) with the worker's key"
             )
+        return output
 
     def _check_cap(self, job: Job, units: int) -> None:
         """The derived units fit the agreed price (uint256 wei) and the client's max_units."""

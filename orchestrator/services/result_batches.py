@@ -26,7 +26,7 @@ from orchestrator.services.auth import Principal, new_id
 from orchestrator.services.jobs import item_error
 from orchestrator.services.verification import CHECK, VerificationService
 from orchestrator.store import Store
-from orchestrator.store.engine import retry_transient
+from orchestrator.store.engine import CanonicalJSON, retry_transient
 from orchestrator.store.models import Job, ResultBatch, Worker
 from protocol import CompleteRequest, JobState, JobType
 from protocol.batches import BatchCompleteItem, BatchCompleteRequest, BatchResult
@@ -53,7 +53,7 @@ class BatchCompletion:
             worker: Principal,
             *,
             batch_signed: bool = False,
-        ) -> None: ...
+        ) -> CanonicalJSON | None: ...
 
         def _refuse_bill(
             self, s: Session, job: Job, row: Worker, reported: int, derived: int, now: float
@@ -66,7 +66,14 @@ class BatchCompletion:
         ) -> Worker: ...
 
         def _record_result(
-            self, s: Session, job: Job, row: Worker, req: CompleteRequest, units: int, now: float
+            self,
+            s: Session,
+            job: Job,
+            row: Worker,
+            req: CompleteRequest,
+            units: int,
+            now: float,
+            output: CanonicalJSON | None,
         ) -> None: ...
 
     @retry_transient
@@ -237,7 +244,7 @@ class BatchCompletion:
                 f"token; job {job.id} was leased at {billing.signed_prompt_price(job)}"
             )
         req = _as_complete(item, batch.signature)
-        self._check_result(s, job, row, req, worker, batch_signed=True)
+        output = self._check_result(s, job, row, req, worker, batch_signed=True)
         if derived is None:  # no file work: counted from the locked row
             derived = _units(job, item, self._blob_path)
         if isinstance(derived, InvalidInput):
@@ -249,7 +256,7 @@ class BatchCompletion:
         self._check_cap(job, derived)
         job.result_batch_id = batch.id
         job.result_batch_index = index
-        self._record_result(s, job, row, req, derived, now)
+        self._record_result(s, job, row, req, derived, now, output)
         return job
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import json
 import logging
 import random
 import sqlite3
@@ -140,6 +141,7 @@ def _enable_wal(cur: Any) -> None:
 def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
     engine = create_engine(
         url,
+        json_serializer=store_json,
         connect_args={"check_same_thread": False, "timeout": 10},
         # As many kept connections as the request threads that may hold one: past the default
         # five, each extra connection was opened (PRAGMAs, WAL check) and closed per use.
@@ -170,6 +172,7 @@ def _postgres_engine(url: str, schema: str | None) -> Engine:
         options += f" -c search_path={schema}"
     return create_engine(
         url,
+        json_serializer=store_json,
         pool_pre_ping=True,
         pool_size=10,
         max_overflow=10,
@@ -184,6 +187,25 @@ def normalize_db_url(url: str) -> str:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     return url
+
+
+class CanonicalJSON(dict[str, Any]):
+    """A JSON object whose text is already made: a result's output, in the canonical JSON its
+    sha256 was checked over. The store writes that text as is (``store_json``) instead of
+    serializing the object again; for an embedding that was a second pass over every float."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, value: dict[str, Any], text: str) -> None:
+        super().__init__(value)
+        self.text = text
+
+
+def store_json(value: Any) -> str:
+    """The JSON columns' serializer: a ``CanonicalJSON``'s own text, else ``json.dumps``."""
+    if isinstance(value, CanonicalJSON):
+        return value.text
+    return json.dumps(value)
 
 
 PENDING_EVENTS = "pending_job_events"

@@ -6,12 +6,14 @@ Tests that take ``any_services`` run once over SQLite and once over PostgreSQL.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 from typing import Any
 
 import pytest
 from eth_account import Account
+from sqlalchemy import text
 
 from orchestrator.config import Settings
 from orchestrator.exceptions import BadSignature, Conflict, Forbidden, InvalidInput
@@ -205,6 +207,25 @@ def test_a_poll_that_hands_over_jobs_closes_itself_and_one_without_stays_open(
     third = _submit(services, client)
     assert services.leases.dispatch(clock()) == [(third, worker.id)]  # still listening
     assert [j.job_id for j in services.leases.claim(worker.principal, 2, clock(), until)] == [third]
+
+
+def test_a_results_output_is_stored_as_the_canonical_json_its_hash_was_checked_over(
+    any_services: Services,
+) -> None:
+    """The output is serialized once: the canonical JSON hashed to check output_sha256 is the
+    text the store keeps, so the stored text hashes to the signed digest, and it reads back
+    equal to what the worker sent."""
+    services = any_services
+    client, _ = new_client(services)
+    worker = _worker(services)
+    job_id = _submit(services, client)
+    _dispatch_to(services, worker)
+    result = _complete(services, worker, _run(services, worker), tag=0.1)
+    with services.store.read() as s:
+        query = text("SELECT CAST(output AS TEXT) FROM jobs WHERE id = :id")
+        raw = s.execute(query, {"id": job_id}).scalar_one()
+    assert hashlib.sha256(raw.encode()).hexdigest() == result.output_sha256
+    assert services.jobs.result(client, job_id).output == _output(0.1)
 
 
 def test_dispatch_never_exceeds_max_concurrency(services: Services, clock: FakeClock) -> None:
