@@ -314,7 +314,11 @@ class WorkerDaemon:
 
     async def _run_job(self, job: LeasedJob) -> None:
         workdir = self.settings.work_dir / f"{job.job_id}-{job.attempt}"
-        workdir.mkdir(parents=True, exist_ok=True)
+        # Only a job with an input file needs a folder (its download, a transcode's outputs):
+        # an inline job makes none, sparing the event loop a mkdir and an rmtree per job.
+        with_files = job.input_blob is not None
+        if with_files:
+            workdir.mkdir(parents=True, exist_ok=True)
         try:
             executor = self.executors.get(job.type)
             if executor is None:
@@ -369,7 +373,8 @@ class WorkerDaemon:
             log.exception("job %s: failed", job.job_id, extra=self._log_fields(job))
             await self._report_fail(job, retryable=True, reason=f"{exc.__class__.__name__}: {exc}")
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            if with_files:
+                shutil.rmtree(workdir, ignore_errors=True)
 
     def _log_fields(self, job: LeasedJob | JobRef) -> dict[str, object]:
         """Structured fields for a log line about ``job`` (see gpumarket/logs.py)."""

@@ -78,6 +78,9 @@ class Executor(Protocol):
     async def warm_up(self) -> None:
         """Load what the first job would otherwise wait for (model weights)."""
 
-    async def run(self, job: LeasedJob, workdir: Path, fetch: FetchBlob) -> Execution: ...
+    async def run(self, job: LeasedJob, workdir: Path, fetch: FetchBlob) -> Execution:
+        """Run ``job``. ``workdir`` is the job's own folder, made (and removed afterwards) for
+        a job with an input blob: its download and any output files go there."""
+        ...
 
     async def close(self) -> None: ...

@@ -244,6 +244,7 @@ class ScriptedEmbedder:
         self.started: list[str] = []
         self.finished: list[str] = []
         self.cancelled: list[str] = []
+        self.folders: list[bool] = []  # whether each job's scratch folder existed when it ran
         self.active = 0
         self.peak = 0
 
@@ -257,6 +258,7 @@ class ScriptedEmbedder:
         assert job.input is not None
         texts: list[str] = job.input["texts"]
         self.started.append(job.job_id)
+        self.folders.append(workdir.exists())
         self.active += 1
         self.peak = max(self.peak, self.active)
         try:
@@ -488,6 +490,11 @@ def test_submitted_jobs_are_leased_run_and_completed_with_signed_priced_metered_
                     assert res["energy_source"] == "rapl"
                 await worker.completed(6)
                 assert sorted(embedder.finished) == sorted([job_id, *more])
+                # inline inputs: no scratch folder made (or removed) for any of them
+                assert embedder.folders == [False] * 6
+                assert not worker_settings.work_dir.exists() or not any(
+                    worker_settings.work_dir.iterdir()
+                )
 
     run(body)
 
