@@ -80,6 +80,21 @@ def postgresql_store() -> Iterator[Store]:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """The URL of a PostgreSQL database of the test's own, dropped afterwards: for orchestrator
+    processes, which keep their tables in the default schema."""
+    require_postgres()
+    name = f"gmtest_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def store(request: pytest.FixtureRequest) -> Store:
     """The same test, once against SQLite and once against PostgreSQL."""

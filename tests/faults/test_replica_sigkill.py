@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import random
 import time
-import uuid
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 
 from contracts.broker import PaymentBroker
@@ -31,7 +28,6 @@ from contracts.deploy import deploy, write_deployment
 from contracts.events import Slashed
 from contracts.registry import WorkerRegistry
 from gpumarket import Client
-from tests.conftest import PG_URL, require_postgres
 from tests.faults.checks import check_exactly_once
 from tests.faults.conftest import TrialReport, repeat_count
 from tests.faults.market import (
@@ -57,20 +53,6 @@ KILL_DELAY_MAX_S = 0.5
 # Lines no replica may log: an answer 500 (uvicorn's "Exception in ASGI application"), a
 # deadlock or a serialization failure that escaped the service's re-runs.
 FORBIDDEN_LOG_LINES = ("Exception in ASGI application", "deadlock detected", "could not serialize")
-
-
-@pytest.fixture
-def market_database() -> Iterator[str]:
-    """A PostgreSQL database of its own (a replica uses the default schema), dropped after."""
-    require_postgres()
-    name = f"gmfaults_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 class ReplicatedMarket(Market):
@@ -166,11 +148,11 @@ def _ledger_entries(market: ReplicatedMarket) -> int:
 
 @pytest.mark.timeout(900)
 def test_replica_sigkill_mid_run(
-    tmp_path: Path, market_database: str, trial_report: TrialReport
+    tmp_path: Path, pg_database: str, trial_report: TrialReport
 ) -> None:
     kills_wanted = repeat_count("REPLICA_KILLS", 3)
     rng = random.Random(11)
-    with ReplicatedMarket(tmp_path, market_database) as market:
+    with ReplicatedMarket(tmp_path, pg_database) as market:
         for i in range(WORKERS):
             market.add_worker(f"worker{i}", job_s=JOB_S)
         cheat = market.add_worker("cheat", job_s=JOB_S, cheat=True)

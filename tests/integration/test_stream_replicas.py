@@ -7,20 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from eth_account import Account
 
 from protocol import CompleteRequest, HardwareDescriptor, LeasedJob, Offer
 from protocol.generation import StreamChunk
 from protocol.signing import output_sha256, sign_result
-from tests.conftest import PG_URL, require_postgres
 from tests.integration.conftest import OrchestratorProcess
 from worker.client import OrchestratorClient
 
@@ -36,24 +33,10 @@ STEP_TIMEOUT_S = 30.0
 
 
 @pytest.fixture
-def database() -> Iterator[str]:
-    """A PostgreSQL database of the test's own, dropped after."""
-    require_postgres()
-    name = f"gmstream_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield PG_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(PG_URL, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-@pytest.fixture
-def replicas(tmp_path: Path, database: str) -> Iterator[tuple[OrchestratorProcess, ...]]:
+def replicas(tmp_path: Path, pg_database: str) -> Iterator[tuple[OrchestratorProcess, ...]]:
     procs = tuple(
         OrchestratorProcess(
-            tmp_path / name, database, GPUMARKET_BLOB_DIR=str(tmp_path / "shared-blobs")
+            tmp_path / name, pg_database, GPUMARKET_BLOB_DIR=str(tmp_path / "shared-blobs")
         )
         for name in ("a", "b")
     )
