@@ -6,7 +6,7 @@ import functools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -122,8 +122,14 @@ def prompt_tokens(output: dict[str, Any]) -> int:
     return int(usage.get("prompt_tokens", 0)) if isinstance(usage, dict) else 0
 
 
+class Signer(Protocol):
+    """Anything holding a worker's key: a TestWorker, or worker.client.OrchestratorClient."""
+
+    account: LocalAccount
+
+
 def completion(
-    worker: TestWorker,
+    worker: Signer,
     job_id: str,
     attempt: int,
     output: dict[str, Any],

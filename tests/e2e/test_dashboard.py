@@ -37,7 +37,7 @@ from tests.e2e.conftest import (
     screenshot,
 )
 from tests.integration.conftest import OPERATOR_TOKEN, OrchestratorProcess
-from tests.support import EMBED_MODEL
+from tests.support import EMBED_MODEL, completion
 from worker.client import OrchestratorClient, SignedVoucher
 
 require_selenium()  # before selenium's imports: skip (or fail) without it
@@ -537,28 +537,16 @@ async def _generate(url: str, submit: Callable[[], int]) -> list[tuple[str, floa
                 "finish_reason": "length",
                 "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion_tokens},
             }
-            units = PROMPT_TOKENS + completion_tokens
-            digest = output_sha256(output)
-            signature = sign_result(
-                worker.account.key,
+            request = completion(
+                worker,
                 job.job_id,
                 job.attempt,
-                digest,
-                units,
-                job.price_wei_per_unit,
-                prompt_units=PROMPT_TOKENS,
-                prompt_price_wei_per_unit=job.prompt_price_wei_per_unit,
-            )
-            request = CompleteRequest(
-                attempt=job.attempt,
-                output=output,
-                output_sha256=digest,
-                signature=signature,
+                output,
+                PROMPT_TOKENS + completion_tokens,
                 duration_s=0.1,
                 energy_j=1.0,
-                energy_source="estimate",
-                units=units,
-                prompt_units=PROMPT_TOKENS,
+                price_wei_per_unit=job.price_wei_per_unit,
+                prompt_price_wei_per_unit=job.prompt_price_wei_per_unit or 0,
             )
             await worker.complete(job.job_id, request)
     finally:

@@ -15,10 +15,10 @@ import httpx
 import pytest
 from eth_account import Account
 
-from protocol import CompleteRequest, HardwareDescriptor, LeasedJob, Offer
+from protocol import HardwareDescriptor, LeasedJob, Offer
 from protocol.generation import StreamChunk
-from protocol.signing import output_sha256, sign_result
 from tests.integration.conftest import OrchestratorProcess
+from tests.support import completion
 from worker.client import OrchestratorClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -59,31 +59,16 @@ def _output(text: str, completion_tokens: int) -> dict[str, Any]:
 
 
 async def _complete(worker: OrchestratorClient, job: LeasedJob, text: str, tokens: int) -> None:
-    output = _output(text, tokens)
-    digest, units = output_sha256(output), PROMPT_TOKENS + tokens
-    await worker.complete(
+    request = completion(
+        worker,
         job.job_id,
-        CompleteRequest(
-            attempt=job.attempt,
-            output=output,
-            output_sha256=digest,
-            signature=sign_result(
-                worker.account.key,
-                job.job_id,
-                job.attempt,
-                digest,
-                units,
-                job.price_wei_per_unit,
-                prompt_units=PROMPT_TOKENS,
-                prompt_price_wei_per_unit=job.prompt_price_wei_per_unit,
-            ),
-            duration_s=0.5,
-            energy_j=1.0,
-            energy_source="estimate",
-            units=units,
-            prompt_units=PROMPT_TOKENS,
-        ),
+        job.attempt,
+        _output(text, tokens),
+        PROMPT_TOKENS + tokens,
+        price_wei_per_unit=job.price_wei_per_unit,
+        prompt_price_wei_per_unit=job.prompt_price_wei_per_unit or 0,
     )
+    await worker.complete(job.job_id, request)
 
 
 async def _read_stream(resp: httpx.Response, texts: list[str], seen: asyncio.Event) -> None:
