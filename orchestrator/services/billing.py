@@ -42,8 +42,8 @@ from protocol.units import cost_wei
 JobRow = Job | Row[Any]
 """A job, or a row of its columns read set-based (dispatch, leases): what the pricing helpers
 below read of it (type, spec, max_units and the prices) either has."""
-UNITS_COLUMNS = (Job.id, Job.type, Job.kind, Job.spec, Job.input_blob)
-"""The columns of a job ``derive_units`` reads (and its kind): a batch loads only these."""
+UNITS_COLUMNS = (Job.id, Job.type, Job.spec, Job.input_blob)
+"""The columns of a job ``derive_units`` reads: a batch that counts units apart loads only these."""
 MAX_INPUT_JSON_BYTES = 16 * 1024 * 1024
 """The largest JSON input blob counted for inference units (the worker refuses larger)."""
 

@@ -37,7 +37,7 @@ from psycopg import sql
 from sqlalchemy import delete, select, text
 
 from orchestrator.services.streams import RelayedChunk
-from orchestrator.services.wakeups import STREAM_KEY_PREFIX, WakeHub
+from orchestrator.services.wakeups import JOB_KEY_PREFIX, STREAM_KEY_PREFIX, WakeHub
 from orchestrator.store import Store
 from orchestrator.store.models import Replica
 from protocol.generation import StreamChunk
@@ -251,7 +251,7 @@ class PgWakeBus:
                 self._hub.notify(key[len(WORKER_KEY) :])
             elif key.startswith(JOB_KEY):
                 job_id = key[len(JOB_KEY) :]
-                self._hub.notify_waiting(f"job:{job_id}")
+                self._hub.notify_waiting(f"{JOB_KEY_PREFIX}{job_id}")
                 # A stream's reader ends with its job, as on the replica that changed it.
                 self._hub.notify_waiting(f"{STREAM_KEY_PREFIX}{job_id}")
 

@@ -172,7 +172,7 @@ async def get_job(
     ``while_state``, until it is final; so a client waits for a result without polling."""
     view = await run_in_threadpool(services.jobs.get, client, job_id)
     deadline = time.monotonic() + min(wait_s, services.settings.long_poll_max_s)
-    key = f"job:{view.id}"
+    key = f"{JOB_KEY_PREFIX}{view.id}"
 
     def waiting(state: JobState) -> bool:
         return state is while_state if while_state is not None else state not in FINAL_STATES

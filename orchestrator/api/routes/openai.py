@@ -159,7 +159,7 @@ async def _wait(services: Services, client: Principal, job_id: str) -> JobView:
     deadline = time.monotonic() + RESULT_WAIT_S
     view = await run_in_threadpool(services.jobs.get, client, job_id)
     while view.state not in FINAL_STATES and (remaining := deadline - time.monotonic()) > 0:
-        await services.hub.watch(f"job:{job_id}", remaining)
+        await services.hub.watch(f"{JOB_KEY_PREFIX}{job_id}", remaining)
         view = await run_in_threadpool(services.jobs.get, client, job_id)
     return view
 
