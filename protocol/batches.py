@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from protocol.generation import StreamChunk
 from protocol.jobs import (
     JobSpec,
     JobState,
@@ -25,6 +26,7 @@ from protocol.workers import MAX_LEASE_JOBS, ResultFields
 MAX_SUBMIT_BATCH = 500
 MAX_WAIT_JOBS = 1000
 MAX_RESULT_BATCH = 4 * MAX_LEASE_JOBS
+MAX_STREAM_BATCH = 4 * MAX_LEASE_JOBS
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
@@ -130,3 +132,37 @@ class BatchCompleteItem(BaseModel):
 
 class BatchCompleteResponse(BaseModel):
     results: list[BatchCompleteItem]
+
+
+class StreamPart(StreamChunk):
+    """One job's text since its last part (``StreamChunk``, with the job's id)."""
+
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
+
+
+class StreamBatchRequest(_Strict):
+    """What a worker's generating jobs produced since its last send: a part per job, in one
+    request (``POST /v1/workers/streams``), so the requests a worker makes do not grow with
+    the number of jobs it streams."""
+
+    parts: list[StreamPart] = Field(min_length=1, max_length=MAX_STREAM_BATCH)
+
+    @model_validator(mode="after")
+    def _once_each(self) -> StreamBatchRequest:
+        ids = [p.job_id for p in self.parts]
+        if len(set(ids)) < len(ids):
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"one part per job in a batch; listed twice: {', '.join(twice)}")
+        return self
+
+
+class StreamPartItem(BaseModel):
+    """One part's outcome: taken (``error`` None), or refused, e.g. 409 when the attempt's
+    lease is gone (stop generating that job)."""
+
+    job_id: str
+    error: ItemError | None = None
+
+
+class StreamBatchResponse(BaseModel):
+    parts: list[StreamPartItem]

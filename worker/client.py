@@ -35,7 +35,15 @@ from protocol import (
     RegisterResponse,
     ResultView,
 )
-from protocol.batches import BatchCompleteItem, BatchCompleteRequest, BatchCompleteResponse
+from protocol.batches import (
+    BatchCompleteItem,
+    BatchCompleteRequest,
+    BatchCompleteResponse,
+    StreamBatchRequest,
+    StreamBatchResponse,
+    StreamPart,
+    StreamPartItem,
+)
 from protocol.generation import StreamChunk
 from protocol.problems import ProblemError
 from protocol.signing import sign_registration
@@ -202,6 +210,12 @@ class OrchestratorClient:
     async def stream(self, job_id: str, chunk: StreamChunk) -> None:
         """Send text a generate job produced so far (the orchestrator relays it to the client)."""
         await self._post(f"/v1/workers/jobs/{job_id}/stream", chunk.model_dump(mode="json"))
+
+    async def stream_many(self, parts: list[StreamPart]) -> list[StreamPartItem]:
+        """Send several jobs' new text in one request; each part's outcome, in order."""
+        request = StreamBatchRequest(parts=parts)
+        body = await self._post("/v1/workers/streams", request.model_dump(mode="json"))
+        return StreamBatchResponse.model_validate(body).parts
 
     async def complete(self, job_id: str, request: CompleteRequest) -> ResultView:
         body = await self._post(

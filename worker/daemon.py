@@ -107,7 +107,7 @@ class WorkerDaemon:
         self.metrics.watch_batchers(p for p in pools if isinstance(p, BatcherPool))
         for ex in executors:  # executors that stream (generate) send their chunks through us
             if hasattr(ex, "publish"):
-                ex.publish = self.client.stream
+                ex.publish = self.client.stream_many
 
     # -- offers and registration ---------------------------------------------------------------
 

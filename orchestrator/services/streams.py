@@ -190,8 +190,5 @@ class TokenStreams:
                 tokens=stream.tokens,
             )
 
-    async def wait(self, job_id: str, timeout_s: float) -> None:
-        await self._hub.watch(stream_key(job_id), timeout_s)
-
     def wake(self, job_id: str) -> None:
         self._hub.notify_waiting(stream_key(job_id))

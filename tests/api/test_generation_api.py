@@ -115,6 +115,50 @@ def test_the_workers_stream_reaches_the_client_once_in_order(run_api: RunApi) ->
     run_api(body)
 
 
+def test_a_workers_jobs_stream_in_one_request_each_part_answered_alone(run_api: RunApi) -> None:
+    async def body(api: Api) -> None:
+        client, worker = await _market(api)
+        mine = [(await api.http.post("/v1/jobs", json=_spec(), headers=client)).json()]
+        mine.append((await api.http.post("/v1/jobs", json=_spec(), headers=client)).json())
+        assert len(await api.lease(worker, max_jobs=2)) == 2
+        stranger = await api.register_worker(offers=[offer(LLM, price=PRICE, job_type="generate")])
+        theirs = (await api.http.post("/v1/jobs", json=_spec(), headers=client)).json()
+        assert len(await api.lease(stranger)) == 1
+
+        def part(job: dict[str, Any], seq: int, text: str, attempt: int = 1) -> dict[str, Any]:
+            return {"job_id": job["id"], "attempt": attempt, "seq": seq, "text": text, "tokens": 1}
+
+        sent = await api.http.post(
+            "/v1/workers/streams",
+            json={"parts": [part(mine[0], 0, "one"), part(theirs, 0, "x"), part(mine[1], 0, "2")]},
+            headers=worker.headers,
+        )
+        assert sent.status_code == 200, sent.text
+        answers = sent.json()["parts"]
+        assert [a["job_id"] for a in answers] == [mine[0]["id"], theirs["id"], mine[1]["id"]]
+        assert answers[0]["error"] is None and answers[2]["error"] is None
+        assert answers[1]["error"]["status"] == 403  # not this worker's job: refused alone
+        again = await api.http.post(
+            "/v1/workers/streams",
+            json={"parts": [part(mine[0], 0, "one"), part(mine[1], 1, " two", attempt=2)]},
+            headers=worker.headers,
+        )
+        [resent, stale] = again.json()["parts"]
+        assert resent["error"] is None  # a resent part counts once
+        assert stale["error"]["status"] == 409  # attempt 2 is not running: stop that job
+        assert api.services.streams.read(mine[0]["id"], None, 0).chunks == ["one"]
+        assert api.services.streams.read(mine[1]["id"], None, 0).chunks == ["2"]
+        assert api.services.streams.read(theirs["id"], None, 0) is None
+        twice = await api.http.post(
+            "/v1/workers/streams",
+            json={"parts": [part(mine[0], 1, "a"), part(mine[0], 2, "b")]},
+            headers=worker.headers,
+        )
+        assert_problem(twice, 422, "invalid_input", "listed twice")
+
+    run_api(body)
+
+
 def test_openai_routes_speak_openais_error_shape(run_api: RunApi) -> None:
     async def body(api: Api) -> None:
         client, _ = await _market(api)

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from protocol import Fault, JobType, LeasedJob, Precision, SkippedRendition
-from protocol.generation import GenerationInput, StreamChunk
+from protocol.batches import StreamPart, StreamPartItem
+from protocol.generation import GenerationInput
 from protocol.jobs import DEFAULT_LADDER, MAX_INPUT_JSON_BYTES
 from protocol.jobs import Rendition as WireRendition
-from protocol.problems import ProblemError
 from protocol.workers import TensorShape
 from worker.batching import BatcherPool
 from worker.executors import generation, inference, transcode
@@ -194,12 +194,14 @@ class TranscodePipeline:
         return None
 
 
-PublishChunk = Callable[[str, StreamChunk], Awaitable[None]]
+PublishParts = Callable[[list[StreamPart]], Awaitable[list[StreamPartItem]]]
 CALIBRATION_PROMPT = "Write one sentence about graphics cards."
 CALIBRATION_TOKENS = 16
 STREAM_FLUSH_S = 0.2
-"""How long streamed text gathers before it is sent (the first piece goes at once, for the time
-to first token): fewer requests for the orchestrator, tokens still arrive live."""
+"""How long streamed text gathers before it is sent (a job's first piece goes at once, for the
+time to first token): fewer requests for the orchestrator, tokens still arrive live."""
+STREAM_CLOSE_TIMEOUT_S = 10.0
+"""How long a finished job waits for its last text to be sent before it reports its result."""
 GENERATION_BATCH_WAIT_S = 0.02
 """How long a generation batch waits for more requests before it starts (later ones join it
 between two tokens, at the cost of a prefill each time)."""
@@ -293,67 +295,124 @@ def _resolve(done: asyncio.Future[None], error: Exception | None) -> None:
         done.set_exception(error)
 
 
-class _ChunkSender:
-    """Sends a job's streamed text to the orchestrator in order, gathering what arrives while a
-    send is in flight. A failed send is logged and dropped: the stream is a preview, the
-    signed result is what counts (and what is billed)."""
+class _JobStream:
+    """One job's text waiting to go (``StreamSender``)."""
 
-    def __init__(
-        self,
-        job: LeasedJob,
-        publish: PublishChunk | None,
-        on_lost: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, job: LeasedJob, on_lost: Callable[[], None] | None) -> None:
         self.job = job
-        self.publish = publish
         self.on_lost = on_lost
         self.seq = 0
-        self._text: list[str] = []
-        self._tokens = 0
-        self._wake = asyncio.Event()
-        self._closed = False
-        self._task = asyncio.create_task(self._run()) if publish is not None else None
+        self.text: list[str] = []
+        self.tokens = 0
+        self.in_flight = False  # a send holding some of its text has not answered yet
+        self.closing = False
+        self.sent = asyncio.Event()  # set once closing and nothing is left to send
 
-    def add(self, text: str, tokens: int) -> None:
+    @property
+    def pending(self) -> bool:
+        return bool(self.text) or self.tokens > 0
+
+
+class StreamSender:
+    """Sends every generating job's new text to the orchestrator, all of a worker's jobs in
+    one request (``POST /v1/workers/streams``): a job's first text at once (time to first
+    token), later text gathered for ``STREAM_FLUSH_S``, so a worker streaming many jobs makes
+    a few requests a second, not a few per job. Parts go in order, one request at a time. A
+    failed send is logged and its text dropped: the stream is a preview, the signed result is
+    what counts (and what is billed). A part refused because the job's lease is gone (403,
+    404, 409) stops that job (``on_lost``)."""
+
+    def __init__(self, publish: PublishParts) -> None:
+        self.publish = publish
+        self.requests = 0
+        self._jobs: dict[str, _JobStream] = {}
+        self._wake = asyncio.Event()  # text is waiting
+        self._urgent = asyncio.Event()  # a first text, or a job ending: send now
+        self._task: asyncio.Task[None] | None = None
+
+    def open(self, job: LeasedJob, on_lost: Callable[[], None] | None = None) -> None:
+        self._jobs[job.job_id] = _JobStream(job, on_lost)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="stream-sender")
+
+    def add(self, job_id: str, text: str, tokens: int) -> None:
         """Called on the event loop (the generating thread hops here)."""
-        self._text.append(text)
-        self._tokens += tokens
+        stream = self._jobs.get(job_id)
+        if stream is None or stream.closing:
+            return
+        stream.text.append(text)
+        stream.tokens += tokens
         self._wake.set()
+        if stream.seq == 0:
+            self._urgent.set()
+
+    async def close(self, job_id: str) -> None:
+        """The job's text is all there: send what is left of it now, and forget it."""
+        stream = self._jobs.get(job_id)
+        if stream is None:
+            return
+        stream.closing = True
+        if stream.pending or stream.in_flight:
+            self._wake.set()
+            self._urgent.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stream.sent.wait(), timeout=STREAM_CLOSE_TIMEOUT_S)
+        self._jobs.pop(job_id, None)
 
     async def _run(self) -> None:
-        assert self.publish is not None
-        while True:
+        while self._jobs:
             await self._wake.wait()
-            if self.seq > 0:
-                await asyncio.sleep(STREAM_FLUSH_S)
+            if not self._urgent.is_set():  # gather more text, unless a first text comes
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), timeout=STREAM_FLUSH_S)
+            await asyncio.sleep(0)  # what the generating thread handed over with it
             self._wake.clear()
-            if self._text or self._tokens:
-                text, tokens = "".join(self._text), self._tokens
-                self._text, self._tokens = [], 0
-                chunk = StreamChunk(
-                    attempt=self.job.attempt, seq=self.seq, text=text, tokens=tokens
-                )
-                self.seq += 1
-                try:
-                    await self.publish(self.job.job_id, chunk)
-                except ProblemError as exc:
-                    if exc.status in (403, 404, 409) and self.on_lost is not None:
-                        log.warning("job %s: %s; stopping it", self.job.job_id, exc.detail)
-                        self.on_lost()  # the lease is gone: generating more helps nobody
-                        self.on_lost = None
-                    else:
-                        log.warning("job %s: stream chunk not sent: %s", self.job.job_id, exc)
-                except Exception as exc:
-                    log.warning("job %s: stream chunk not sent: %s", self.job.job_id, exc)
-            if self._closed and not self._text:
-                return
+            self._urgent.clear()
+            ready = [s for s in self._jobs.values() if s.pending]
+            if ready:
+                await self._send(ready)
+            for stream in ready:
+                stream.in_flight = False
+                if stream.closing and not stream.pending:
+                    stream.sent.set()
 
-    async def close(self) -> None:
-        self._closed = True
-        self._wake.set()
+    async def _send(self, ready: list[_JobStream]) -> None:
+        parts = []
+        for stream in ready:
+            parts.append(
+                StreamPart(
+                    job_id=stream.job.job_id,
+                    attempt=stream.job.attempt,
+                    seq=stream.seq,
+                    text="".join(stream.text),
+                    tokens=stream.tokens,
+                )
+            )
+            stream.text, stream.tokens = [], 0
+            stream.seq += 1
+            stream.in_flight = True
+        self.requests += 1
+        try:
+            outcomes = await self.publish(parts)
+        except Exception as exc:
+            log.warning("stream text of %d job(s) not sent: %s", len(parts), exc)
+            return
+        for stream, outcome in zip(ready, outcomes, strict=False):
+            if outcome.error is None:
+                continue
+            job_id = stream.job.job_id
+            if outcome.error.status in (403, 404, 409) and stream.on_lost is not None:
+                log.warning("job %s: %s; stopping it", job_id, outcome.error.detail)
+                stream.on_lost()  # the lease is gone: generating more helps nobody
+                stream.on_lost = None
+            else:
+                log.warning("job %s: stream text not taken: %s", job_id, outcome.error.detail)
+
+    async def close_all(self) -> None:
         if self._task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._task, timeout=10.0)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 class GenerationPipeline:
@@ -376,7 +435,8 @@ class GenerationPipeline:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.device = device
-        self.publish: PublishChunk | None = None
+        self.publish: PublishParts | None = None
+        self._sender: StreamSender | None = None
         self._batchers: dict[tuple[str, Precision], _GenerationBatcher] = {}
         self._measured: dict[str, float] = {}
         self._context: dict[str, int] = {}
@@ -422,6 +482,14 @@ class GenerationPipeline:
             if elapsed > 0 and timed.token_ids:
                 self._measured[name] = len(timed.token_ids) / elapsed
 
+    def _stream_sender(self) -> StreamSender | None:
+        """The sender of every job's streamed text (None when nothing publishes it)."""
+        if self.publish is None:
+            return None
+        if self._sender is None or self._sender.publish is not self.publish:
+            self._sender = StreamSender(self.publish)
+        return self._sender
+
     def _batcher(
         self, model: generation.GenerationModel, precision: Precision
     ) -> _GenerationBatcher:
@@ -445,23 +513,27 @@ class GenerationPipeline:
             if entry is not None:
                 entry.cancelled = True
 
-        sender = _ChunkSender(job, self.publish, lost)
+        sender = self._stream_sender()
+        if sender is not None:
+            sender.open(job, lost)
 
         def on_text(text: str, tokens: int) -> None:  # on the generating thread
-            loop.call_soon_threadsafe(sender.add, text, tokens)
+            if sender is not None:
+                loop.call_soon_threadsafe(sender.add, job.job_id, text, tokens)
 
         try:
-            entry = await asyncio.to_thread(model.request_for, request, on_text)
-        except generation.PromptTooLong as exc:
-            await sender.close()
-            raise JobRejected(str(exc), fault=Fault.INPUT) from exc
-        try:
-            await self._batcher(model, job.precision).submit(entry)
-        except asyncio.CancelledError:
-            entry.cancelled = True  # the job was cancelled: free its place in the batch
-            raise
+            try:
+                entry = await asyncio.to_thread(model.request_for, request, on_text)
+            except generation.PromptTooLong as exc:
+                raise JobRejected(str(exc), fault=Fault.INPUT) from exc
+            try:
+                await self._batcher(model, job.precision).submit(entry)
+            except asyncio.CancelledError:
+                entry.cancelled = True  # the job was cancelled: free its place in the batch
+                raise
         finally:
-            await sender.close()
+            if sender is not None:
+                await sender.close(job.job_id)
         assert entry.finish_reason is not None
         usage = {"prompt_tokens": len(entry.prompt_ids), "completion_tokens": len(entry.token_ids)}
         output = {
@@ -489,3 +561,5 @@ class GenerationPipeline:
     async def close(self) -> None:
         for batcher in self._batchers.values():
             await batcher.close()
+        if self._sender is not None:
+            await self._sender.close_all()

@@ -16,6 +16,7 @@ from orchestrator.api.deps import ClientDep, ServicesDep
 from orchestrator.api.openapi import problems
 from orchestrator.api.strict_json import StrictJSONRoute
 from orchestrator.services.auth import Principal
+from orchestrator.services.streams import stream_key
 from orchestrator.services.wakeups import JOB_KEY_PREFIX
 from orchestrator.wiring import Services
 from protocol import FINAL_STATES, JobSpec, JobState, JobView, ResultView
@@ -203,23 +204,48 @@ async def _stream_events(
 ) -> AsyncIterator[bytes]:
     sent = 0
     deadline = time.monotonic() + services.settings.long_poll_max_s * 20
+    state = view.state
     while True:
         streamed = services.streams.read(view.id, None, 0)
         text = "".join(streamed.chunks) if streamed else ""
         if len(text) > sent:
             yield _event({"text": text[sent:]})
             sent = len(text)
-        if view.state in FINAL_STATES or time.monotonic() > deadline:
+        if state in FINAL_STATES or time.monotonic() > deadline:
             break
-        await services.streams.wait(view.id, 1.0)
-        if services.streams.read(view.id, None, 0) == streamed:  # no new text: read the job
-            view = await run_in_threadpool(services.jobs.get, client, view.id)
+        state = await next_state(services, client, view.id, state, deadline - time.monotonic())
+    if state is not view.state:
+        view = await run_in_threadpool(services.jobs.get, client, view.id)
     if view.state is JobState.SUCCEEDED:  # what the stream missed (a retried attempt, say)
         result = await run_in_threadpool(services.jobs.result, client, view.id)
         final = str((result.output or {}).get("text", ""))
         if len(final) > sent:
             yield _event({"text": final[sent:]})
     yield _event({"done": True, "job": view.model_dump(mode="json")})
+
+
+async def job_state(services: Services, client: Principal, job_id: str) -> JobState:
+    """The job's state (one narrow read)."""
+    [item] = await run_in_threadpool(services.jobs.batch.states, client, [job_id])
+    return item.state
+
+
+async def next_state(
+    services: Services, client: Principal, job_id: str, state: JobState, timeout_s: float
+) -> JobState:
+    """Wait (up to ``timeout_s``) for the job's next text or change of state; its state then.
+    This replica's commits say the new state, and new text changes none: the store is read
+    only for another replica's change, or after a quiet while (``WAKE_FALLBACK_S``)."""
+    job_key, text_key = f"{JOB_KEY_PREFIX}{job_id}", stream_key(job_id)
+    fired = await services.hub.watch_any([job_key, text_key], timeout_s)
+    told = fired.get(job_key)
+    if state in FINAL_STATES:  # a final state is the last word
+        return state
+    if told is not None:
+        return JobState(told)
+    if job_key not in fired and text_key in fired:
+        return state  # new text only
+    return await job_state(services, client, job_id)
 
 
 def _event(data: dict[str, object]) -> bytes:

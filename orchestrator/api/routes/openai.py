@@ -38,6 +38,7 @@ from orchestrator.api.openai_dialect import (
     sse,
     usage_of,
 )
+from orchestrator.api.routes.jobs import job_state, next_state
 from orchestrator.exceptions import GpumarketError
 from orchestrator.services.auth import Principal
 from orchestrator.services.wakeups import JOB_KEY_PREFIX
@@ -52,13 +53,10 @@ router = APIRouter(prefix="/v1", tags=["openai"], include_in_schema=False)
 
 RESULT_WAIT_S = 600.0
 """The longest an OpenAI-style request waits for its job (its deadline is as long)."""
-STREAM_POLL_S = 1.0
-"""A stream looks at its job at least this often (it is woken sooner by new tokens)."""
 STREAM_OPEN_WAIT_S = 10.0
 """How long a streaming request waits for its job's first text before it answers 200 and
 starts the stream: a job refused within it (a prompt too long for the worker's model, say)
 is answered with its error status instead of an error inside a 200 stream."""
-STREAM_OPEN_POLL_S = 0.25
 
 PriceHeader = Annotated[str | None, Header(alias="X-Max-Price-Wei")]
 PromptPriceHeader = Annotated[str | None, Header(alias="X-Max-Prompt-Price-Wei")]
@@ -164,17 +162,17 @@ async def _wait(services: Services, client: Principal, job_id: str) -> JobView:
     return view
 
 
-async def _before_first_text(services: Services, client: Principal, job_id: str) -> JobView:
-    """The job once its first text has come, it has ended, or ``STREAM_OPEN_WAIT_S`` passed."""
+async def _before_first_text(services: Services, client: Principal, job_id: str) -> JobState:
+    """The job's state once its first text has come, it has ended, or ``STREAM_OPEN_WAIT_S``
+    passed."""
     deadline = time.monotonic() + STREAM_OPEN_WAIT_S
+    state = await job_state(services, client, job_id)
     while True:
-        view = await run_in_threadpool(services.jobs.get, client, job_id)
         streamed = services.streams.read(job_id, None, 0)
         remaining = deadline - time.monotonic()
-        if view.state in FINAL_STATES or (streamed and streamed.chunks) or remaining <= 0:
-            return view
-        # Woken by the first text at once; an ended job is seen at the next look.
-        await services.streams.wait(job_id, min(STREAM_OPEN_POLL_S, remaining))
+        if state in FINAL_STATES or (streamed and streamed.chunks) or remaining <= 0:
+            return state
+        state = await next_state(services, client, job_id, state, remaining)
 
 
 def _cancel_quietly(services: Services, client: Principal, job_id: str) -> None:
@@ -202,22 +200,21 @@ async def _relay(
         if chat:
             yield sse(chunk_body(job_id, model, chat=True, role=True, text=""))
         deadline = time.monotonic() + RESULT_WAIT_S
-        view = await run_in_threadpool(services.jobs.get, client, job_id)
+        state = await job_state(services, client, job_id)
         while True:
             streamed = services.streams.read(job_id, None, 0)
             text = "".join(streamed.chunks) if streamed else ""
             if len(text) > sent:
                 yield sse(chunk_body(job_id, model, chat=chat, text=text[sent:]))
                 sent = len(text)
-            else:  # woken by no new text: the job may have changed (a store read, not per chunk)
-                view = await run_in_threadpool(services.jobs.get, client, job_id)
-            if view.state in FINAL_STATES or time.monotonic() > deadline:
+            if state in FINAL_STATES or time.monotonic() > deadline:
                 break
             if await request.is_disconnected():
                 return
-            await services.streams.wait(job_id, STREAM_POLL_S)
+            state = await next_state(services, client, job_id, state, RESULT_WAIT_S)
         finished = True
         try:
+            view = await run_in_threadpool(services.jobs.get, client, job_id)
             result = await run_in_threadpool(_result, services, client, view)
         except OpenAIError as exc:
             yield sse(exc.body())
@@ -290,8 +287,9 @@ async def _generate(
         job = await run_in_threadpool(_submit, services, client, spec)
         if req.stream:
             early = await _before_first_text(services, client, job.id)
-            if early.state in FINAL_STATES and early.state is not JobState.SUCCEEDED:
-                await run_in_threadpool(_result, services, client, early)  # raises its error
+            if early in FINAL_STATES and early is not JobState.SUCCEEDED:
+                view = await run_in_threadpool(services.jobs.get, client, job.id)
+                await run_in_threadpool(_result, services, client, view)  # raises its error
             relay = _relay(
                 services,
                 client,

@@ -8,6 +8,10 @@ from fastapi.concurrency import run_in_threadpool
 from orchestrator.api.deps import ChallengeLimitDep, RegistrationLimitDep, ServicesDep, WorkerDep
 from orchestrator.api.openapi import problems
 from orchestrator.api.strict_json import StrictJSONRoute
+from orchestrator.exceptions import GpumarketError
+from orchestrator.services.auth import Principal
+from orchestrator.services.jobs import item_error
+from orchestrator.wiring import Services
 from protocol import (
     ChallengeRequest,
     ChallengeResponse,
@@ -21,7 +25,14 @@ from protocol import (
     RegisterResponse,
     ResultView,
 )
-from protocol.batches import BatchCompleteRequest, BatchCompleteResponse
+from protocol.batches import (
+    BatchCompleteRequest,
+    BatchCompleteResponse,
+    StreamBatchRequest,
+    StreamBatchResponse,
+    StreamPart,
+    StreamPartItem,
+)
 from protocol.generation import StreamChunk
 from protocol.workers import (
     DeregisterResponse,
@@ -100,6 +111,29 @@ def stream_job(job_id: str, chunk: StreamChunk, worker: WorkerDep, services: Ser
     """Text a generate job produced so far, relayed live to its client (a preview: the signed
     result is what is billed). 409 when the attempt's lease is gone: stop generating."""
     services.streams.append(worker, job_id, chunk, services.now())
+
+
+@router.post("/streams", responses=problems(400, 401, 413, 422))
+def stream_jobs(
+    req: StreamBatchRequest, worker: WorkerDep, services: ServicesDep
+) -> StreamBatchResponse:
+    """The text several generate jobs produced since their last part, in one request (as
+    ``/jobs/{id}/stream`` each). A part that cannot be taken carries its own error (409: the
+    attempt's lease is gone, stop generating that job); the others are relayed."""
+    now = services.now()
+    return StreamBatchResponse(
+        parts=[_stream_part(services, worker, part, now) for part in req.parts]
+    )
+
+
+def _stream_part(
+    services: Services, worker: Principal, part: StreamPart, now: float
+) -> StreamPartItem:
+    try:
+        services.streams.append(worker, part.job_id, part, now)
+    except GpumarketError as exc:
+        return StreamPartItem(job_id=part.job_id, error=item_error(exc))
+    return StreamPartItem(job_id=part.job_id)
 
 
 @router.post("/jobs/{job_id}/complete", responses=problems(400, 401, 403, 404, 409, 413, 422, 503))

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from protocol import JobType, LeasedJob, Precision
+from protocol.batches import ItemError, StreamPart, StreamPartItem
 from protocol.generation import GenerationInput
 from worker.executors import generation
 from worker.executors.base import JobRejected
@@ -182,10 +183,11 @@ def test_the_pipeline_batches_eight_concurrent_jobs_and_refuses_a_prompt_too_lon
     pipeline = GenerationPipeline(
         generation.builtin_generation_specs(), max_batch=8, max_wait_s=0.05, device="cpu"
     )
-    sent: list[Any] = []
+    sent: list[list[StreamPart]] = []
 
-    async def publish(job_id: str, chunk: Any) -> None:
-        sent.append((job_id, chunk))
+    async def publish(parts: list[StreamPart]) -> list[StreamPartItem]:
+        sent.append(parts)
+        return [StreamPartItem(job_id=p.job_id) for p in parts]
 
     pipeline.publish = publish
 
@@ -223,7 +225,18 @@ def test_the_pipeline_batches_eight_concurrent_jobs_and_refuses_a_prompt_too_lon
         usage = execution.output["usage"]
         assert execution.units == usage["prompt_tokens"] + usage["completion_tokens"]
         assert len(execution.output["token_ids"]) == usage["completion_tokens"] == 6
-    assert {job_id for job_id, _ in sent} == {f"job{i}" for i in range(8)}
+    streamed: dict[str, list[StreamPart]] = {}
+    for parts in sent:
+        assert len({p.job_id for p in parts}) == len(parts)  # one part per job per request
+        for part in parts:
+            streamed.setdefault(part.job_id, []).append(part)
+    assert set(streamed) == {f"job{i}" for i in range(8)}
+    for i, execution in enumerate(done):  # each job's parts, in order, hold all its text
+        parts = streamed[f"job{i}"]
+        assert [p.seq for p in parts] == list(range(len(parts)))
+        assert "".join(p.text for p in parts) == execution.output["text"]
+        assert sum(p.tokens for p in parts) == len(execution.output["token_ids"])
+    assert len(sent) < sum(len(parts) for parts in streamed.values())  # jobs shared requests
 
 
 @pytest.mark.slow
@@ -239,14 +252,13 @@ def test_a_cancelled_request_leaves_its_batch_at_once(llm: generation.Generation
 def test_a_job_whose_lease_is_gone_stops_generating(
     llm: generation.GenerationModel, tmp_path: Path
 ) -> None:
-    from protocol.problems import ProblemError
-
     pipeline = GenerationPipeline(
         generation.builtin_generation_specs(), max_batch=8, max_wait_s=0.0, device="cpu"
     )
 
-    async def refuse(job_id: str, chunk: Any) -> None:
-        raise ProblemError(409, "conflict", "attempt 1 is over")
+    async def refuse(parts: list[StreamPart]) -> list[StreamPartItem]:
+        gone = ItemError(status=409, code="conflict", detail="attempt 1 is over")
+        return [StreamPartItem(job_id=p.job_id, error=gone) for p in parts]
 
     pipeline.publish = refuse
     now = datetime.now(UTC)
