@@ -34,7 +34,7 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -220,10 +220,31 @@ def write_pending_events(session: Session) -> None:
         session.connection().execute(insert(JobEvent), rows)
 
 
+BEFORE_COMMIT = "before_commit"
+"""Key in ``Session.info``: work noted by ``before_commit``, done once as the transaction
+commits."""
+
+
+def before_commit(session: Session, key: Hashable, work: Callable[[], object]) -> None:
+    """Do ``work`` once, just before ``session``'s transaction commits (not at all if it rolls
+    back); noting the same ``key`` again replaces the earlier work. For what a transaction
+    should do once however many rows asked for it: a voucher that many jobs paid into is
+    signed once, over its final amount."""
+    session.info.setdefault(BEFORE_COMMIT, {})[key] = work
+
+
 def _flush_with_events(session: Session) -> None:
-    """Before a commit: flush, and write the events even when the flush had nothing to do."""
+    """Before a commit: the work noted for it, a flush, and the events (even when the flush
+    had nothing to do)."""
+    for work in session.info.pop(BEFORE_COMMIT, {}).values():
+        work()
     session.flush()
     write_pending_events(session)
+
+
+def _drop_noted(session: Session) -> None:
+    session.info.pop(PENDING_EVENTS, None)
+    session.info.pop(BEFORE_COMMIT, None)
 
 
 class Store:
@@ -252,9 +273,7 @@ class Store:
         self._write = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._write, "after_flush", lambda session, _: write_pending_events(session))
         event.listen(self._write, "before_commit", _flush_with_events)
-        event.listen(
-            self._write, "after_rollback", lambda session: session.info.pop(PENDING_EVENTS, None)
-        )
+        event.listen(self._write, "after_rollback", _drop_noted)
         self._read = sessionmaker(self.read_engine, expire_on_commit=False)
         # Reentrant: a nested write transaction behaves as it did without the lock (SQLite's
         # busy timeout), rather than deadlocking here.

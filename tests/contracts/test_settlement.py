@@ -22,14 +22,17 @@ from contracts.deploy import deploy, write_deployment
 from contracts.registry import WorkerRegistry
 from orchestrator.config import Settings
 from orchestrator.exceptions import InvalidInput, PaymentRequired, Unauthorized
+from orchestrator.services import settlement
 from orchestrator.services.auth import Principal
 from orchestrator.services.settlement import ELIGIBILITY_BATCH, ChainPayments
 from orchestrator.store import Store
 from orchestrator.store.models import Slash, Worker
 from orchestrator.wiring import Services, build_services
 from protocol import JobSpec, JobState
+from protocol.batches import BatchCompleteRequest
 from protocol.signing import sign_registration
 from protocol.vouchers import Voucher
+from tests.api.test_batches_api import batch_item, signed
 from tests.conftest import FakeClock
 from tests.support import EMBED_MODEL, TestWorker, completion, offer, register, register_request
 
@@ -87,10 +90,16 @@ def _spec(**extra: object) -> JobSpec:
     )
 
 
-def _worker(services: Services, key: str = WORKER) -> TestWorker:
+def _worker(services: Services, key: str = WORKER, max_concurrency: int = 1) -> TestWorker:
     account = Account.from_key(key)
     challenge = services.workers.challenge(account.address, services.now())
-    req = register_request(account, challenge.nonce, challenge.message, offers=[offer(price=PRICE)])
+    req = register_request(
+        account,
+        challenge.nonce,
+        challenge.message,
+        offers=[offer(price=PRICE)],
+        max_concurrency=max_concurrency,
+    )
     resp = services.workers.register(req, services.now())
     return TestWorker(Principal("worker", resp.worker_id), account, resp.session_token)
 
@@ -543,3 +552,50 @@ def test_a_generation_is_admitted_by_its_bound_and_paid_prompt_and_completion_ap
     [pair] = paid.accounts.settlement().pairs
     assert pair.redeemed_wei == owed and paid.accounts.settlement().consistent
     assert paid.accounts.account(client).budget.reserved_wei == 0  # type: ignore[union-attr]
+
+
+def test_a_batch_of_results_pays_one_voucher_signed_once_over_the_sum(
+    anvil: Anvil, paid: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Results reported together for one payer: a ledger entry per job, and the voucher they
+    all pay into signed once, over the batch's total (a signature costs ~1 ms: never one per
+    job); that voucher redeems on chain for every job's cost."""
+    client = _client(paid)
+    _link(paid, client, PAYER)
+    _fund(anvil, paid, deposit=10**18, cap=10**18)
+    worker = _worker(paid, max_concurrency=3)
+    jobs = [paid.jobs.submit(client, _spec(), paid.now())[0] for _ in range(3)]
+    assert paid.payments.deployment is not None
+    WorkerRegistry(
+        Chain.connect(anvil.url, WORKER), paid.payments.deployment.worker_registry
+    ).stake(10**17)
+    paid.workers.refresh_stakes(paid.now())
+    paid.leases.open_poll(worker.principal, 3, until=paid.now() + 10, now=paid.now())
+    assert len(paid.leases.dispatch(paid.now())) == 3
+    leased = paid.leases.claim(worker.principal, 3, paid.now())
+    items = [batch_item(job.model_dump(mode="json"), units=len(TEXTS)) for job in leased]
+    signatures = Counter[str]()
+    real_sign = settlement.sign_voucher
+
+    def counted(*args: Any, **kwargs: Any) -> str:
+        signatures["voucher"] += 1
+        return real_sign(*args, **kwargs)
+
+    monkeypatch.setattr(settlement, "sign_voucher", counted)
+    request = BatchCompleteRequest.model_validate(signed(items, worker.account))
+    outcomes = paid.leases.complete_batch(worker.principal, request, paid.now())
+    assert [o.error for o in outcomes] == [None] * 3
+    assert signatures["voucher"] == 1
+    owed = 3 * PRICE * len(TEXTS)
+    report = paid.accounts.settlement()
+    [pair] = report.pairs
+    assert (pair.ledger_wei, pair.voucher_wei) == (owed, owed)
+    assert report.ledger_entries == 3 and report.consistent
+    [voucher] = paid.workers.vouchers(worker.principal, paid.now())
+    assert voucher.voucher.cumulative_amount == owed
+    broker = PaymentBroker(
+        Chain.connect(anvil.url, WORKER), paid.payments.deployment.payment_broker
+    )
+    broker.redeem(voucher.voucher, voucher.signature)  # the one signature is the valid one
+    assert paid.payments.reconcile() == 1
+    assert {paid.jobs.get(client, j.id).state for j in jobs} == {JobState.SUCCEEDED}
