@@ -11,6 +11,7 @@ import collections
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -302,8 +303,9 @@ class _JobStream:
         self.job = job
         self.on_lost = on_lost
         self.seq = 0
-        self.text: list[str] = []
+        self.text: list[str] = []  # added on the generating thread, under the sender's lock
         self.tokens = 0
+        self.first_noted = False  # its first text has woken the sender
         self.in_flight = False  # a send holding some of its text has not answered yet
         self.closing = False
         self.sent = asyncio.Event()  # set once closing and nothing is left to send
@@ -316,81 +318,92 @@ class _JobStream:
 class StreamSender:
     """Sends every generating job's new text to the orchestrator, all of a worker's jobs in
     one request (``POST /v1/workers/streams``): a job's first text at once (time to first
-    token), later text gathered for ``STREAM_FLUSH_S``, so a worker streaming many jobs makes
-    a few requests a second, not a few per job. Parts go in order, one request at a time. A
-    failed send is logged and its text dropped: the stream is a preview, the signed result is
-    what counts (and what is billed). A part refused because the job's lease is gone (403,
-    404, 409) stops that job (``on_lost``)."""
+    token), later text every ``STREAM_FLUSH_S``, so a worker streaming many jobs makes a few
+    requests a second, not a few per job. The generating thread only appends text (under a
+    lock): it wakes the event loop for a job's first text alone, not at every token. Parts go
+    in order, one request at a time. A failed send is logged and its text dropped: the stream
+    is a preview, the signed result is what counts (and what is billed). A part refused
+    because the job's lease is gone (403, 404, 409) stops that job (``on_lost``)."""
 
     def __init__(self, publish: PublishParts) -> None:
         self.publish = publish
         self.requests = 0
         self._jobs: dict[str, _JobStream] = {}
-        self._wake = asyncio.Event()  # text is waiting
+        self._lock = threading.Lock()  # the jobs' text: the generating thread adds to it
         self._urgent = asyncio.Event()  # a first text, or a job ending: send now
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
 
     def open(self, job: LeasedJob, on_lost: Callable[[], None] | None = None) -> None:
-        self._jobs[job.job_id] = _JobStream(job, on_lost)
+        """Start streaming ``job`` (on the event loop)."""
+        self._loop = asyncio.get_running_loop()
+        with self._lock:
+            self._jobs[job.job_id] = _JobStream(job, on_lost)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="stream-sender")
 
     def add(self, job_id: str, text: str, tokens: int) -> None:
-        """Called on the event loop (the generating thread hops here)."""
-        stream = self._jobs.get(job_id)
-        if stream is None or stream.closing:
-            return
-        stream.text.append(text)
-        stream.tokens += tokens
-        self._wake.set()
-        if stream.seq == 0:
-            self._urgent.set()
+        """New text of a job; called on the generating thread."""
+        with self._lock:
+            stream = self._jobs.get(job_id)
+            if stream is None or stream.closing:
+                return
+            stream.text.append(text)
+            stream.tokens += tokens
+            first = not stream.first_noted
+            stream.first_noted = True
+        if first and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._urgent.set)
 
     async def close(self, job_id: str) -> None:
         """The job's text is all there: send what is left of it now, and forget it."""
-        stream = self._jobs.get(job_id)
-        if stream is None:
-            return
-        stream.closing = True
-        if stream.pending or stream.in_flight:
-            self._wake.set()
+        with self._lock:
+            stream = self._jobs.get(job_id)
+            if stream is None:
+                return
+            stream.closing = True
+            waiting = stream.pending or stream.in_flight
+        if waiting:
             self._urgent.set()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stream.sent.wait(), timeout=STREAM_CLOSE_TIMEOUT_S)
-        self._jobs.pop(job_id, None)
+        with self._lock:
+            self._jobs.pop(job_id, None)
 
     async def _run(self) -> None:
         while self._jobs:
-            await self._wake.wait()
-            if not self._urgent.is_set():  # gather more text, unless a first text comes
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._urgent.wait(), timeout=STREAM_FLUSH_S)
-            await asyncio.sleep(0)  # what the generating thread handed over with it
-            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._urgent.wait(), timeout=STREAM_FLUSH_S)
             self._urgent.clear()
+            await self._send_pending()
+
+    async def _send_pending(self) -> None:
+        parts: list[StreamPart] = []
+        with self._lock:
             ready = [s for s in self._jobs.values() if s.pending]
-            if ready:
-                await self._send(ready)
+            for stream in ready:
+                parts.append(
+                    StreamPart(
+                        job_id=stream.job.job_id,
+                        attempt=stream.job.attempt,
+                        seq=stream.seq,
+                        text="".join(stream.text),
+                        tokens=stream.tokens,
+                    )
+                )
+                stream.text, stream.tokens = [], 0
+                stream.seq += 1
+                stream.in_flight = True
+        if ready:
+            await self._send(ready, parts)
+        with self._lock:
             for stream in ready:
                 stream.in_flight = False
-                if stream.closing and not stream.pending:
-                    stream.sent.set()
+            done = [s for s in self._jobs.values() if s.closing and not s.pending]
+        for stream in done:
+            stream.sent.set()
 
-    async def _send(self, ready: list[_JobStream]) -> None:
-        parts = []
-        for stream in ready:
-            parts.append(
-                StreamPart(
-                    job_id=stream.job.job_id,
-                    attempt=stream.job.attempt,
-                    seq=stream.seq,
-                    text="".join(stream.text),
-                    tokens=stream.tokens,
-                )
-            )
-            stream.text, stream.tokens = [], 0
-            stream.seq += 1
-            stream.in_flight = True
+    async def _send(self, ready: list[_JobStream], parts: list[StreamPart]) -> None:
         self.requests += 1
         try:
             outcomes = await self.publish(parts)
@@ -506,7 +519,6 @@ class GenerationPipeline:
         model = await self._model(job.model, job.precision)
         if request.check_tokens is not None:
             return await self._check(model, request)
-        loop = asyncio.get_running_loop()
         entry: generation.GenerationRequest | None = None
 
         def lost() -> None:
@@ -519,7 +531,7 @@ class GenerationPipeline:
 
         def on_text(text: str, tokens: int) -> None:  # on the generating thread
             if sender is not None:
-                loop.call_soon_threadsafe(sender.add, job.job_id, text, tokens)
+                sender.add(job.job_id, text, tokens)
 
         try:
             try:
