@@ -208,6 +208,11 @@ class GenerationRequest:
     _reported: bool = False
     _emitted: int = 0
     _unsent_tokens: int = 0
+    # Incremental detokenization: the text of token_ids[:_read], decoded a few tokens at a
+    # time from _prefix (one full decode per token would cost O(n) per step, O(n^2) a job).
+    _decoded: str = ""
+    _prefix: int = 0
+    _read: int = 0
 
     @property
     def done(self) -> bool:
@@ -387,17 +392,31 @@ class GenerationModel:
         r._unsent_tokens += 1
         if token in self.eos_ids:
             r.finish_reason = FinishReason.STOP
-        text = self.decode(r.token_ids)
-        for stop in r.stop:
-            at = text.find(stop)
-            if at >= 0:
-                text = text[:at]
-                r.finish_reason = FinishReason.STOP
-        r.text = text
+        seen = len(r._decoded)
+        r._decoded += self._new_text(r)
+        if _stop_at(r._decoded, r.stop, seen) is not None:
+            r.finish_reason = FinishReason.STOP
         if not r.done and len(r.token_ids) >= r.max_new_tokens:
             r.finish_reason = FinishReason.LENGTH
+        if r.done:  # the final text as one decode of all its tokens gives it, cut at a stop
+            text = self.decode(r.token_ids)
+            cut = _stop_at(text, r.stop, 0)
+            r.text = text if cut is None else text[:cut]
+        else:
+            r.text = r._decoded
         self._emit(r, final=r.done)
         return token
+
+    def _new_text(self, r: GenerationRequest) -> str:
+        """The text the newest token adds, decoded with the few tokens before it (a token may
+        change how the one before it reads, and may hold half a character: then nothing is
+        added until the character is whole)."""
+        before = self.decode(r.token_ids[r._prefix : r._read])
+        now = self.decode(r.token_ids[r._prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            r._prefix, r._read = r._read, len(r.token_ids)
+            return now[len(before) :]
+        return ""
 
     def _emit(self, r: GenerationRequest, *, final: bool) -> None:
         """Send the text not sent yet, holding back what may be the start of a stop string or
@@ -502,6 +521,13 @@ class _Batch:
         self.logits = torch.cat([self.logits, other.logits])
         self.requests += other.requests
         self.generators += other.generators
+
+
+def _stop_at(text: str, stops: list[str], seen: int) -> int | None:
+    """Where the first stop string in ``text`` starts, or None; ``text[:seen]`` was searched
+    before (a stop may still end in the new text)."""
+    found = [at for stop in stops if (at := text.find(stop, max(0, seen - len(stop) + 1))) >= 0]
+    return min(found) if found else None
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

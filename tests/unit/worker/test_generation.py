@@ -151,8 +151,26 @@ def test_text_streams_in_pieces_that_add_up(llm: generation.GenerationModel) -> 
     )
     llm.generate([entry])
     assert len(pieces) > 3
-    assert "".join(t for t, _ in pieces) == entry.text
+    assert "".join(t for t, _ in pieces) == entry.text == llm.decode(entry.token_ids)
     assert sum(n for _, n in pieces) == len(entry.token_ids) == 12
+
+
+def test_text_is_decoded_a_few_tokens_at_a_time_and_adds_up_to_the_whole(
+    llm: generation.GenerationModel,
+) -> None:
+    """Each token's text comes from decoding a window of a few tokens (not every token so
+    far, which costs O(n) per step): pieces never hold half a character, and they add up to
+    the one decode of all the tokens, multi-byte characters and spaces included."""
+    text = "Caf\u00e9 \u2014 na\u00efve r\u00e9sum\u00e9: \u6771\u4eac, \U0001f680 GPUs!  Done."
+    ids = llm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    r = generation.GenerationRequest(prompt_ids=[0], max_new_tokens=len(ids))
+    pieces = []
+    for token in ids:
+        r.token_ids.append(token)
+        pieces.append(llm._new_text(r))
+    assert "".join(pieces) == llm.decode(ids) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert r._read - r._prefix <= 8  # the window stays short
 
 
 @pytest.mark.slow
