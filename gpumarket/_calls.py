@@ -224,8 +224,10 @@ class WaitingMany:
         return not self.open
 
     def next_call(self, read_timeout_s: float | None = None) -> Call:
-        """A long-poll over the open jobs (the first ``WAIT_BATCH_MAX``): answered as soon as
-        any of them is final, or after what is left of the wait."""
+        """A long-poll over the open jobs (the first ``WAIT_BATCH_MAX``): answered once all of
+        them are final, or after the long-poll's time, with every job final by then. The
+        caller wants them all: an answer per finished batch of jobs would cost a request (and a
+        read of every open job's state) each time some finish."""
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise JobTimeout(
@@ -235,7 +237,7 @@ class WaitingMany:
         longest = LONG_POLL_S
         if read_timeout_s is not None:
             longest = min(longest, max(0.0, read_timeout_s - LONG_POLL_MARGIN_S))
-        return wait_jobs(self.open[:WAIT_BATCH_MAX], max(0.0, min(longest, left)))
+        return wait_jobs(self.open[:WAIT_BATCH_MAX], max(0.0, min(longest, left)), "all")
 
     def take(self, answer: dict[str, Any]) -> None:
         """Note the final jobs of a ``/v1/jobs/wait`` answer: a result, or the job's view."""

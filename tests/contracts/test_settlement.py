@@ -28,7 +28,7 @@ from orchestrator.services.settlement import ELIGIBILITY_BATCH, ChainPayments
 from orchestrator.store import Store
 from orchestrator.store.models import Slash, Worker
 from orchestrator.wiring import Services, build_services
-from protocol import JobSpec, JobState
+from protocol import JobSpec, JobState, LeasedJob
 from protocol.batches import BatchCompleteRequest
 from protocol.signing import sign_registration
 from protocol.vouchers import Voucher
@@ -114,6 +114,20 @@ def _fund(
     broker.deposit(deposit)
     broker.authorize(Account.from_key(DEPLOYER).address, cap)
     return broker
+
+
+def _stake_and_lease(
+    anvil: Anvil, paid: Services, worker: TestWorker, jobs: int
+) -> list[LeasedJob]:
+    """Stake the worker (key WORKER) on chain, then lease it ``jobs`` queued jobs."""
+    assert paid.payments.deployment is not None
+    WorkerRegistry(
+        Chain.connect(anvil.url, WORKER), paid.payments.deployment.worker_registry
+    ).stake(10**17)
+    paid.workers.refresh_stakes(paid.now())
+    paid.leases.open_poll(worker.principal, jobs, until=paid.now() + 10, now=paid.now())
+    assert len(paid.leases.dispatch(paid.now())) == jobs
+    return paid.leases.claim(worker.principal, jobs, paid.now())
 
 
 def test_admission_needs_a_linked_and_funded_payer(anvil: Anvil, paid: Services) -> None:
@@ -510,14 +524,8 @@ def test_a_generation_is_admitted_by_its_bound_and_paid_prompt_and_completion_ap
     job, _ = paid.jobs.submit(client, spec, paid.now())
     assert paid.accounts.account(client).budget.reserved_wei == bound  # type: ignore[union-attr]
 
-    assert paid.payments.deployment is not None
-    WorkerRegistry(
-        Chain.connect(anvil.url, WORKER), paid.payments.deployment.worker_registry
-    ).stake(10**17)
-    paid.workers.refresh_stakes(paid.now())
-    paid.leases.open_poll(worker.principal, 1, until=paid.now() + 10, now=paid.now())
-    assert paid.leases.dispatch(paid.now()) == [(job.id, worker.id)]
-    [leased] = paid.leases.claim(worker.principal, 1, paid.now())
+    [leased] = _stake_and_lease(anvil, paid, worker, 1)
+    assert leased.job_id == job.id
     output = {
         "text": "Hi there",
         "token_ids": [11, 12, 13],
@@ -544,6 +552,7 @@ def test_a_generation_is_admitted_by_its_bound_and_paid_prompt_and_completion_ap
     assert (pair.ledger_wei, pair.voucher_wei) == (owed, owed)
     [signed] = paid.workers.vouchers(worker.principal, paid.now())
     assert signed.voucher.cumulative_amount == owed
+    assert paid.payments.deployment is not None
     broker = PaymentBroker(
         Chain.connect(anvil.url, WORKER), paid.payments.deployment.payment_broker
     )
@@ -565,14 +574,8 @@ def test_a_batch_of_results_pays_one_voucher_signed_once_over_the_sum(
     _fund(anvil, paid, deposit=10**18, cap=10**18)
     worker = _worker(paid, max_concurrency=3)
     jobs = [paid.jobs.submit(client, _spec(), paid.now())[0] for _ in range(3)]
-    assert paid.payments.deployment is not None
-    WorkerRegistry(
-        Chain.connect(anvil.url, WORKER), paid.payments.deployment.worker_registry
-    ).stake(10**17)
-    paid.workers.refresh_stakes(paid.now())
-    paid.leases.open_poll(worker.principal, 3, until=paid.now() + 10, now=paid.now())
-    assert len(paid.leases.dispatch(paid.now())) == 3
-    leased = paid.leases.claim(worker.principal, 3, paid.now())
+    leased = _stake_and_lease(anvil, paid, worker, 3)
+    assert {j.job_id for j in leased} == {j.id for j in jobs}
     items = [batch_item(job.model_dump(mode="json"), units=len(TEXTS)) for job in leased]
     signatures = Counter[str]()
     real_sign = settlement.sign_voucher
@@ -593,6 +596,7 @@ def test_a_batch_of_results_pays_one_voucher_signed_once_over_the_sum(
     assert report.ledger_entries == 3 and report.consistent
     [voucher] = paid.workers.vouchers(worker.principal, paid.now())
     assert voucher.voucher.cumulative_amount == owed
+    assert paid.payments.deployment is not None
     broker = PaymentBroker(
         Chain.connect(anvil.url, WORKER), paid.payments.deployment.payment_broker
     )

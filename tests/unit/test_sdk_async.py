@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -270,7 +271,17 @@ def test_submit_many_and_wait_many_take_one_request_each_way(services: Services)
                 resp = await api.complete(worker, job["job_id"], job["attempt"])
                 assert resp.status_code == 200, resp.text
 
+        waits: list[str] = []
+
+        async def note(request: httpx.Request) -> None:
+            if request.url.path == "/v1/jobs/wait":
+                waits.append(json.loads(request.content)["return_when"])
+
+        client._http.event_hooks["request"].append(note)
         outcomes, _ = await asyncio.gather(client.wait_many(ids, timeout_s=30), work())
+        # One long-poll for all three, though they ended at three moments.
+        assert waits == ["all"]
+        client._http.event_hooks["request"].remove(note)
         by_id = {o.get("job_id") or o["id"]: o for o in outcomes}
         assert [o.get("job_id") or o["id"] for o in outcomes] == ids
         cancelled = [o for o in by_id.values() if o["state"] == "cancelled"]
