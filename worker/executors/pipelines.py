@@ -333,10 +333,12 @@ class StreamSender:
         self._urgent = asyncio.Event()  # a first text, or a job ending: send now
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     def open(self, job: LeasedJob, on_lost: Callable[[], None] | None = None) -> None:
         """Start streaming ``job`` (on the event loop)."""
         self._loop = asyncio.get_running_loop()
+        self._closed = False
         with self._lock:
             self._jobs[job.job_id] = _JobStream(job, on_lost)
         if self._task is None or self._task.done():
@@ -366,14 +368,18 @@ class StreamSender:
         if waiting:
             self._urgent.set()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stream.sent.wait(), timeout=STREAM_CLOSE_TIMEOUT_S)
+                async with asyncio.timeout(STREAM_CLOSE_TIMEOUT_S):
+                    await stream.sent.wait()
         with self._lock:
             self._jobs.pop(job_id, None)
 
     async def _run(self) -> None:
-        while self._jobs:
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that races its inner wait, and this loop would then outlive close_all.
+        while self._jobs and not self._closed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._urgent.wait(), timeout=STREAM_FLUSH_S)
+                async with asyncio.timeout(STREAM_FLUSH_S):
+                    await self._urgent.wait()
             self._urgent.clear()
             await self._send_pending()
 
@@ -422,6 +428,8 @@ class StreamSender:
                 log.warning("job %s: stream text not taken: %s", job_id, outcome.error.detail)
 
     async def close_all(self) -> None:
+        self._closed = True  # the loop ends at its next turn, cancelled or not
+        self._urgent.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

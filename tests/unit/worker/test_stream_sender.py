@@ -44,12 +44,9 @@ def test_jobs_share_requests_first_text_goes_at_once_and_close_sends_the_rest(
         sender = StreamSender(publish)
         sender.open(_job("a"))
         sender.open(_job("b"))
-
-        def generate() -> None:  # both jobs' first tokens come in the same step
-            sender.add("a", "Hel", 1)
-            sender.add("b", "Hi", 1)
-
-        await asyncio.to_thread(generate)
+        # Both jobs' first tokens in the same step (nothing runs on the loop between them).
+        sender.add("a", "Hel", 1)
+        sender.add("b", "Hi", 1)
         for _ in range(100):
             if sent:
                 break
@@ -58,8 +55,14 @@ def test_jobs_share_requests_first_text_goes_at_once_and_close_sends_the_rest(
             [("a", 0, "Hel"), ("b", 0, "Hi")]
         ]
         # Later text is not urgent: it waits for the flush, or for its job to end.
-        threading.Thread(target=lambda: sender.add("a", "lo", 1)).start()
-        threading.Thread(target=lambda: sender.add("b", " there", 2)).start()
+        adders = [
+            threading.Thread(target=sender.add, args=("a", "lo", 1)),
+            threading.Thread(target=sender.add, args=("b", " there", 2)),
+        ]
+        for adder in adders:  # the generating thread adds text: it wakes nobody
+            adder.start()
+        for adder in adders:
+            adder.join()
         await asyncio.sleep(0.2)
         assert len(sent) == 1
         await asyncio.wait_for(sender.close("a"), timeout=2)
@@ -111,3 +114,32 @@ def test_a_refused_part_stops_its_own_job_and_a_failed_request_stops_none() -> N
         await sender.close_all()
 
     asyncio.run(run())
+
+
+def test_a_sender_cancelled_as_text_arrives_ends_with_its_event_loop() -> None:
+    """A run that ends (here: fails) while a job's first text wakes the sender cancels the
+    sender's loop at the moment its wait completes; the loop must end all the same (on Python
+    3.11, ``asyncio.wait_for`` could swallow that cancellation and the loop outlived
+    ``asyncio.run``, which then waited for it forever)."""
+
+    async def publish(parts: list[StreamPart]) -> list[StreamPartItem]:
+        return [StreamPartItem(job_id=p.job_id) for p in parts]
+
+    async def run() -> None:
+        sender = StreamSender(publish)
+        sender.open(_job("a"))
+        sender.open(_job("b"))
+        sender.add("a", "x", 1)
+        await asyncio.sleep(0)
+        sender.add("b", "y", 1)
+        raise RuntimeError("the run ends here")
+
+    def runs() -> None:
+        for _ in range(20):
+            with pytest.raises(RuntimeError):
+                asyncio.run(run())
+
+    thread = threading.Thread(target=runs, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "asyncio.run never returned: the sender outlived it"
