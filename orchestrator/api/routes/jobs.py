@@ -233,14 +233,12 @@ async def job_state(services: Services, client: Principal, job_id: str) -> JobSt
 async def next_state(
     services: Services, client: Principal, job_id: str, state: JobState, timeout_s: float
 ) -> JobState:
-    """Wait (up to ``timeout_s``) for the job's next text or change of state; its state then.
-    This replica's commits say the new state, and new text changes none: the store is read
-    only for another replica's change, or after a quiet while (``WAKE_FALLBACK_S``)."""
+    """Wait (up to ``timeout_s``) for a job not yet final to get new text or change state; its
+    state then. This replica's commits say the new state, and new text changes none: the store
+    is read only for another replica's change, or after a quiet while (``WAKE_FALLBACK_S``)."""
     job_key, text_key = f"{JOB_KEY_PREFIX}{job_id}", stream_key(job_id)
     fired = await services.hub.watch_any([job_key, text_key], timeout_s)
     told = fired.get(job_key)
-    if state in FINAL_STATES:  # a final state is the last word
-        return state
     if told is not None:
         return JobState(told)
     if job_key not in fired and text_key in fired:
