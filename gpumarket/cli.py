@@ -92,6 +92,7 @@ def orchestrator_serve(
 
     from gpumarket.logs import configure_logging
     from orchestrator.app import create_app
+    from orchestrator.server import serve
 
     json_logs = settings.log_format == "json"
     configure_logging(settings.log_level, json=json_logs)
@@ -114,14 +115,13 @@ def orchestrator_serve(
         f"orchestrator on http://{settings.host}:{settings.port}  "
         f"(API docs /docs, database {settings.database_url.split('://')[0]})"
     )
-    uvicorn.run(
+    serve(
         application,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         # JSON: uvicorn's loggers go through ours (its own config would print plain text).
         log_config=None if json_logs else uvicorn.config.LOGGING_CONFIG,
-        timeout_graceful_shutdown=5,
         # Longer than clients keep idle connections (httpx: 5 s), so a client never reuses a
         # connection the server is closing at that moment.
         timeout_keep_alive=KEEP_ALIVE_S,

@@ -4,6 +4,10 @@ dispatch assigns it work, a client's job poll when the job changes state.
 Dispatch and commits run in threads; the long-polls wait on the event loop. ``notify`` and
 ``notify_waiting`` are thread-safe. Waiters also wake every ``WAKE_FALLBACK_S`` to look at the
 store, which covers changes made by another orchestrator replica sharing the database.
+
+When the server stops (``close``, on the event loop), every wait wakes at once and ``closing``
+stays true: a long-poll then answers what it has instead of holding the shutdown until the
+server's grace period cancels it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,21 @@ class WakeHub:
         self._watchers: dict[str, int] = {}
         # Waits on several keys at once (a client waiting on many jobs): key -> their waits.
         self._groups: dict[str, set[_GroupWait]] = {}
+        self._closing = False
+
+    @property
+    def closing(self) -> bool:
+        """The server is stopping: a long-poll answers now rather than wait on."""
+        return self._closing
+
+    def close(self) -> None:
+        """Wake every wait now, and mark the hub closing (call on the event loop)."""
+        self._closing = True
+        for event in self._events.values():
+            event.set()
+        for groups in self._groups.values():
+            for group in groups:
+                group.event.set()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

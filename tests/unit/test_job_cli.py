@@ -72,6 +72,7 @@ class Market:
     transport: PortalTransport
     api_key: str
     background: list[Future[None]] = field(default_factory=list)
+    listeners: list[Future[object]] = field(default_factory=list)
 
     def invoke(self, *args: str, api_key: str | None = None, **env: str) -> Result:
         """``gpumarket job ARGS`` with the key in GPUMARKET_API_KEY (``api_key`` overrides)."""
@@ -87,7 +88,9 @@ class Market:
     def listening(self, worker: HttpWorker, wait_s: float = 5.0) -> None:
         """The worker long-polls for work in the background (and gets none at its price);
         returns once the orchestrator counts it as available."""
-        self.portal.start_task_soon(lambda: self.api.lease(worker, wait_s=wait_s))
+        self.listeners.append(
+            self.portal.start_task_soon(lambda: self.api.lease(worker, wait_s=wait_s))
+        )
         deadline = time.monotonic() + wait_s
         while True:
             with self.api.services.store.read() as s:
@@ -161,6 +164,8 @@ def market(tmp_path: Path, sqlite_store: Store) -> Iterator[Market]:
         try:
             yield market
         finally:
+            for poll in market.listeners:  # an idle long-poll would hold the portal's exit
+                poll.cancel()
             portal.call(http.aclose)
         for task in market.background:  # a scripted worker's failed result fails its test
             if task.done() and task.exception() is not None:

@@ -120,6 +120,8 @@ async def wait_jobs(
 
     keys = [f"{JOB_KEY_PREFIX}{job_id}" for job_id in dict.fromkeys(req.job_ids)]
     while waiting(states) and (remaining := deadline - time.monotonic()) > 0:
+        if services.hub.closing:  # the server is stopping: answer with the states so far
+            break
         fired = await services.hub.watch_any(keys, remaining)
         # Woken by this replica's commits: they say each job's new state, nothing to read.
         # Only what they cannot say is read: the jobs another replica changed (no state),
@@ -179,6 +181,8 @@ async def get_job(
         return state is while_state if while_state is not None else state not in FINAL_STATES
 
     while waiting(view.state) and (remaining := deadline - time.monotonic()) > 0:
+        if services.hub.closing:  # the server is stopping: answer with the job as it is
+            break
         await services.hub.watch(key, remaining)
         view = await run_in_threadpool(services.jobs.get, client, job_id)
     return view

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import contextlib
+
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from orchestrator.api.deps import ChallengeLimitDep, RegistrationLimitDep, ServicesDep, WorkerDep
@@ -73,27 +76,50 @@ async def heartbeat(
 
 
 @router.post("/lease", responses=problems(400, 401, 413, 422))
-async def lease(req: LeaseRequest, worker: WorkerDep, services: ServicesDep) -> LeaseResponse:
-    """Long-poll for work: returns as soon as jobs are assigned, or empty after ``wait_s``."""
+async def lease(
+    req: LeaseRequest, worker: WorkerDep, services: ServicesDep, request: Request
+) -> LeaseResponse:
+    """Long-poll for work: returns as soon as jobs are assigned, or empty after ``wait_s``
+    (at once when the server is stopping)."""
     now = services.now()
     deadline = now + min(req.wait_s, services.settings.long_poll_max_s)
-    leases = services.leases
+    leases, hub = services.leases, services.hub
     listening = True  # until a claim that hands over jobs closes the poll itself
+    gone: asyncio.Task[None] | None = None
     try:
         jobs = await run_in_threadpool(leases.start_poll, worker, req.max_jobs, deadline, now)
         listening = not jobs
+        if listening:
+            # A worker that hangs up (stopped, killed, its network gone) ends its poll: it is
+            # no longer offered work that would be handed to a closed connection.
+            gone = asyncio.create_task(_hung_up(request))
+            gone.add_done_callback(lambda t: None if t.cancelled() else hub.notify(worker.id))
         while listening and (remaining := deadline - services.now()) > 0:
+            if hub.closing or (gone is not None and gone.done()):
+                break
             # Woken by an assignment to us, or after a second to look again (jobs assigned by
             # another replica); dispatch itself runs on submit, on poll start and in the sweeper.
-            await services.hub.wait(worker.id, remaining)
+            await hub.wait(worker.id, remaining)
+            if hub.closing or (gone is not None and gone.done()):
+                break
             jobs = await run_in_threadpool(
                 leases.claim, worker, req.max_jobs, services.now(), deadline, close_when_leased=True
             )
             listening = not jobs
         return LeaseResponse(jobs=jobs)
     finally:
+        if gone is not None:
+            gone.cancel()
         if listening:
             await run_in_threadpool(leases.close_poll, worker, services.now())
+
+
+async def _hung_up(request: Request) -> None:
+    """Returns when the client closes its connection (the body is already read, so the next
+    ASGI message is the disconnect)."""
+    with contextlib.suppress(OSError):
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
 
 @router.post(
