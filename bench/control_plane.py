@@ -21,7 +21,9 @@ thread submits the same no-op task N times with ``.delay()``, then waits for eve
 **The figure.** jobs/s = N / seconds from the first submit to the last result in the client's
 hands, every result checked final (state ``succeeded``; gpumarket's signatures are also
 checked afterwards, outside the timed window). Each side first runs ``WARM_UP_JOBS`` untimed,
-and keeps its best of ``ROUNDS_FULL`` rounds (rounds alternate the sides). Per job, gpumarket
+and keeps its best of ``ROUNDS_FULL`` rounds (rounds alternate the sides). The orchestrator's
+CPU per job by component comes from a further, untimed run of as many jobs under py-spy
+(bench/cpu_profile.py): the sampler never runs beside a timed one. Per job, gpumarket
 keeps a job row with its state machine, an audit history (three events) and the worker's
 counters, recovers the worker's address from the result signature (ecrecover), and answers over
 HTTP + JSON with pydantic validation; Celery keeps a message in a Redis list and a result key.
@@ -405,9 +407,12 @@ async def _gpumarket_rate(url: str, api_key: str, jobs: int, pid: int) -> Run:
         try:
             await _while_workers_run(_run_clients(url, api_key, WARM_UP_JOBS), loops)
             before = process_usage(pid)
-            with OrchestratorProfile(pid) as profile:
-                elapsed, results = await _while_workers_run(_run_clients(url, api_key, jobs), loops)
+            elapsed, results = await _while_workers_run(_run_clients(url, api_key, jobs), loops)
             cpu_s = process_usage(pid).cpu_s - before.cpu_s
+            # Where that CPU went: as many jobs again, untimed, under py-spy (its sampling
+            # takes CPU of its own on these shared cores, so it never runs while timed).
+            with OrchestratorProfile(pid) as profile:
+                await _while_workers_run(_run_clients(url, api_key, jobs), loops)
         finally:
             for loop in loops:
                 loop.cancel()

@@ -63,10 +63,13 @@ class Sizes:
     bare_s: float
     warm_up_s: float
     window_s: float
+    profile_s: float
+    """After the measuring window, the load goes on this long under py-spy, for the
+    orchestrator's CPU by component (the sampler takes CPU of its own, so never while timed)."""
 
 
-FULL = Sizes(bare_s=20.0, warm_up_s=10.0, window_s=30.0)
-QUICK = Sizes(bare_s=2.0, warm_up_s=2.0, window_s=4.0)
+FULL = Sizes(bare_s=20.0, warm_up_s=10.0, window_s=30.0, profile_s=10.0)
+QUICK = Sizes(bare_s=2.0, warm_up_s=2.0, window_s=4.0, profile_s=2.0)
 
 _SUBJECTS = (
     "The new library",
@@ -147,6 +150,7 @@ class Window:
     cores per process, requests per completed job by kind, mean items per model call."""
 
     start: float  # monotonic seconds
+    end: float  # the measuring window's end (the load goes on after it, profiled)
     latencies_s: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     cores: dict[str, float] = field(default_factory=dict)
@@ -186,7 +190,7 @@ async def _submitter(
             submitted = in_flight.pop(result["job_id"])
             if len(result["output"]["embeddings"]) != 1:
                 window.errors.append(f"job {result['job_id']}: expected one embedding")
-            elif window.start <= now < stop_at:
+            elif window.start <= now < window.end:
                 window.latencies_s.append(now - submitted)
         for job in answer["jobs"]:  # final without a result
             in_flight.pop(job["id"], None)
@@ -207,26 +211,28 @@ async def _batch_counts(metrics_url: str) -> tuple[float, float]:
 
 async def _watch(
     window: Window,
-    window_s: float,
+    sizes: Sizes,
     pids: dict[str, int],
     metrics_url: str,
     transport: CountingTransport,
 ) -> None:
-    """Read CPU, requests and batches at the window's start and end, into ``window``."""
+    """Read CPU, requests and batches at the window's start and end, into ``window``; then
+    sample the orchestrator's stacks while the load goes on (``sizes.profile_s``)."""
     await asyncio.sleep(max(0.0, window.start - time.monotonic()))
     before = {name: process_usage(pid) for name, pid in pids.items()}
     items_before, calls_before = await _batch_counts(metrics_url)
     requests_before = Counter(transport.counts)
-    with OrchestratorProfile(pids["orchestrator"]) as profile:
-        await asyncio.sleep(window_s)
+    await asyncio.sleep(sizes.window_s)
     window.cores = {
         name: cores_used(before[name], process_usage(pid)) for name, pid in pids.items()
     }
-    window.profile = profile
     window.requests = transport.counts - requests_before
     items, calls = await _batch_counts(metrics_url)
     if calls > calls_before:
         window.batch_size = (items - items_before) / (calls - calls_before)
+    with OrchestratorProfile(pids["orchestrator"]) as profile:
+        await asyncio.sleep(sizes.profile_s)
+    window.profile = profile
 
 
 async def _drive(
@@ -238,10 +244,11 @@ async def _drive(
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     transport = CountingTransport(limits)
     async with AsyncClient(url, api_key, transport=transport) as client:
-        window = Window(start=time.monotonic() + sizes.warm_up_s)
-        stop_at = window.start + sizes.window_s
+        start = time.monotonic() + sizes.warm_up_s
+        window = Window(start=start, end=start + sizes.window_s)
+        stop_at = window.end + sizes.profile_s
         await asyncio.gather(
-            _watch(window, sizes.window_s, pids, metrics_url, transport),
+            _watch(window, sizes, pids, metrics_url, transport),
             _submitter(client, texts, stop_at, window, concurrency),
         )
     return window
