@@ -155,6 +155,42 @@ class Waiting:
         return get_job(self.job_id, wait_s=wait_s, while_state=str(job["state"]))
 
 
+RETRY_FIRST_S = 0.25
+RETRY_MAX_S = 5.0
+
+
+class Outage:
+    """A wait riding out an orchestrator that is away for a while (restarting, a replica
+    stopping behind a load balancer, a proxy answering 502/503): its reads are safe to repeat,
+    so a network failure or a retryable answer (429, 5xx) is tried again after a pause that
+    doubles from ``RETRY_FIRST_S`` to ``RETRY_MAX_S`` (or the answer's ``Retry-After``),
+    until the wait's own deadline; then that failure is raised, not a timeout that would
+    blame the job. Any other error (401, 404, ...) is raised at once."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self._next_s = RETRY_FIRST_S
+
+    def pause_after(self, error: Exception) -> float:
+        """Seconds to sleep before the next try after ``error``; re-raises it when it is
+        not transient or the wait has no time left for another try."""
+        transient = isinstance(error, httpx.TransportError) or (
+            isinstance(error, ProblemError) and error.retryable
+        )
+        left = self.deadline - time.monotonic()
+        if not transient or left <= 0:
+            raise error
+        pause = self._next_s
+        if isinstance(error, ProblemError) and error.retry_after_s is not None:
+            pause = max(pause, error.retry_after_s)
+        self._next_s = min(self._next_s * 2, RETRY_MAX_S)
+        return min(pause, left)
+
+    def over(self) -> None:
+        """An answer came: the next outage starts from the shortest pause again."""
+        self._next_s = RETRY_FIRST_S
+
+
 def generate_spec(
     model: str,
     *,

@@ -8,7 +8,9 @@
     JobTimeout (TimeoutError)
         ``wait``: the job was not final within ``timeout_s``
 
-Network failures are httpx's own (``httpx.TransportError`` and its subclasses).
+Network failures are httpx's own (``httpx.TransportError`` and its subclasses). ``wait`` and
+``wait_many`` try again after those and after retryable answers (429, 5xx) until their
+``timeout_s``, and then raise the last of them (``_calls.Outage``).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import inspect
 import os
 import time
@@ -146,16 +147,33 @@ class Client:
         each request until the job's state changes (a long-poll), so ``on_progress`` sees every
         state; ``poll_s`` is the pause between requests should one come back unchanged."""
         waiting = _calls.Waiting(job_id, timeout_s, poll_s)
-        job = self.get(job_id)
+        outage = _calls.Outage(waiting.deadline)
+        job: dict[str, Any] = self._send_riding(outage, lambda: _calls.get_job(job_id))
         while True:
             if on_progress is not None:
                 on_progress(job)
             if waiting.succeeded(job):
-                return self.result(job_id)
-            changed: dict[str, Any] = self._send(waiting.long_poll(job, self._http.timeout.read))
+                result: dict[str, Any] = self._send_riding(
+                    outage, lambda: _calls.get_result(job_id)
+                )
+                return result
+            poll = functools.partial(waiting.long_poll, job, self._http.timeout.read)
+            changed: dict[str, Any] = self._send_riding(outage, poll)
             if changed["state"] == job["state"]:
                 time.sleep(waiting.pause_s())
             job = changed
+
+    def _send_riding(self, outage: _calls.Outage, call: Callable[[], Call]) -> Any:
+        """``_send`` of a repeatable read (``call`` builds it anew for each try), riding out
+        an orchestrator that is away for a while (``_calls.Outage``)."""
+        while True:
+            try:
+                answer = self._send(call())
+            except (httpx.TransportError, GpumarketAPIError) as exc:
+                time.sleep(outage.pause_after(exc))
+                continue
+            outage.over()
+            return answer
 
     def generate(
         self,
@@ -222,8 +240,10 @@ class Client:
         ``result`` returns it) and each other job's final view (``state`` failed, cancelled or
         expired). JobTimeout if some are not final within ``timeout_s`` seconds."""
         waiting = _calls.WaitingMany(job_ids, timeout_s)
+        outage = _calls.Outage(waiting.deadline)
+        read_s = self._http.timeout.read
         while not waiting.done:
-            waiting.take(self._send(waiting.next_call(self._http.timeout.read)))
+            waiting.take(self._send_riding(outage, lambda: waiting.next_call(read_s)))
         return waiting.in_order()
 
     def wait_any(
@@ -359,20 +379,35 @@ class AsyncClient:
         ``on_progress`` may be a plain function or a coroutine function. Each request is a
         long-poll held by the orchestrator until the job's state changes."""
         waiting = _calls.Waiting(job_id, timeout_s, poll_s)
-        job = await self.get(job_id)
+        outage = _calls.Outage(waiting.deadline)
+        job: dict[str, Any] = await self._send_riding(outage, lambda: _calls.get_job(job_id))
         while True:
             if on_progress is not None:
                 shown = on_progress(job)
                 if inspect.isawaitable(shown):
                     await shown
             if waiting.succeeded(job):
-                return await self.result(job_id)
-            changed: dict[str, Any] = await self._send(
-                waiting.long_poll(job, self._http.timeout.read)
-            )
+                result: dict[str, Any] = await self._send_riding(
+                    outage, lambda: _calls.get_result(job_id)
+                )
+                return result
+            poll = functools.partial(waiting.long_poll, job, self._http.timeout.read)
+            changed: dict[str, Any] = await self._send_riding(outage, poll)
             if changed["state"] == job["state"]:
                 await asyncio.sleep(waiting.pause_s())
             job = changed
+
+    async def _send_riding(self, outage: _calls.Outage, call: Callable[[], Call]) -> Any:
+        """``_send`` of a repeatable read, riding out an orchestrator that is away for a while
+        (see ``Client._send_riding``)."""
+        while True:
+            try:
+                answer = await self._send(call())
+            except (httpx.TransportError, GpumarketAPIError) as exc:
+                await asyncio.sleep(outage.pause_after(exc))
+                continue
+            outage.over()
+            return answer
 
     async def generate(
         self,
@@ -434,8 +469,10 @@ class AsyncClient:
     ) -> builtins.list[dict[str, Any]]:
         """Wait until every job is final; see ``Client.wait_many``."""
         waiting = _calls.WaitingMany(job_ids, timeout_s)
+        outage = _calls.Outage(waiting.deadline)
+        read_s = self._http.timeout.read
         while not waiting.done:
-            waiting.take(await self._send(waiting.next_call(self._http.timeout.read)))
+            waiting.take(await self._send_riding(outage, lambda: waiting.next_call(read_s)))
         return waiting.in_order()
 
     async def wait_any(
