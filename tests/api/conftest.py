@@ -9,6 +9,7 @@ lets escape, so an accidental 500 fails the test loudly instead of passing as "s
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -238,3 +239,61 @@ def run_live_api(live_services: Services) -> RunApi:
         asyncio.run(_serve(live_services, body))
 
     return run
+
+
+async def call_until_hang_up(
+    app: Any, path: str, body: dict[str, Any], headers: dict[str, str], hang_up: asyncio.Event
+) -> list[dict[str, Any]]:
+    """POST ``body`` to ``path`` straight through ASGI, as a client that closes its connection
+    once ``hang_up`` is set (httpx's transport cannot hang up mid-request). Returns what the
+    app sent back."""
+    sent_body = False
+    answer: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent_body
+        if not sent_body:
+            sent_body = True
+            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        await hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        answer.append(message)
+
+    raw = [(b"host", b"orchestrator.test"), (b"content-type", b"application/json")]
+    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": raw,
+        "client": ("127.0.0.1", 40000),
+        "server": ("orchestrator.test", 80),
+    }
+    await app(scope, receive, send)
+    return answer
+
+
+AppBody = Callable[[Any, Api], Awaitable[None]]
+
+
+def serve_with_app(services: Services, body: AppBody) -> None:
+    """Like ``run_api``, with the app itself handed to ``body`` too (for raw ASGI calls)."""
+
+    async def main() -> None:
+        app = create_app(services.settings, services=services, run_sweeper=False)
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http,
+        ):
+            await body(app, Api(http, services))
+
+    asyncio.run(main())

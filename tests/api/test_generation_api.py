@@ -9,9 +9,20 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
+
+from orchestrator.wiring import Services
 from protocol.signing import output_sha256, recover_result_signer
 from protocol.units import cost_wei
-from tests.api.conftest import Api, RunApi, assert_problem, bearer, inference_spec
+from tests.api.conftest import (
+    Api,
+    RunApi,
+    assert_problem,
+    bearer,
+    call_until_hang_up,
+    inference_spec,
+    serve_with_app,
+)
 from tests.api.test_batches_api import batch_item, signed
 from tests.api.test_metrics_api import scrape, value
 from tests.support import completion, offer
@@ -635,3 +646,45 @@ def test_a_prompt_refused_at_submit_cancels_the_jobs_of_its_list(run_api: RunApi
         assert made["state"] == "cancelled" and made["cost_wei"] in (None, "0")
 
     run_api(body)
+
+
+@pytest.mark.parametrize(
+    ("path", "request_body", "jobs"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}, 1),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Hi"}], "stream": True},
+            1,
+        ),
+        ("/v1/completions", {"prompt": ["One", "Two"]}, 2),
+    ],
+    ids=["chat", "chat-stream-before-its-first-text", "completions-list"],
+)
+def test_a_client_that_hangs_up_while_waiting_cancels_its_jobs_and_pays_nothing(
+    services: Services, path: str, request_body: dict[str, Any], jobs: int
+) -> None:
+    """An OpenAI request whose client closes the connection while its jobs run (a timeout, a
+    dropped network; the ``openai`` client then sends it again) cancels them at once: no one
+    will read the answer, so the client is charged nothing and the worker's lease ends."""
+
+    async def body(app: Any, api: Api) -> None:
+        client, worker = await _market(api)
+        hang_up = asyncio.Event()
+        request = {"model": LLM, "max_tokens": 4, **request_body}
+        call = asyncio.create_task(call_until_hang_up(app, path, request, client, hang_up))
+        leased: list[dict[str, Any]] = []
+        while len(leased) < jobs:
+            leased += await api.lease(worker, max_jobs=jobs)
+            await asyncio.sleep(0.01)
+        hang_up.set()
+        answer = await asyncio.wait_for(call, timeout=5)  # not the result's wait of minutes
+        assert answer[0]["status"] == 499
+        for job in leased:
+            seen = await api.job(client, job["job_id"])
+            assert seen["state"] == "cancelled", seen
+            assert seen["cost_wei"] in (None, "0")
+            late = await api.complete(worker, job["job_id"], 1, _output([5, 6]), units=2)
+            assert late.status_code == 409, late.text  # the worker's lease ended with it
+
+    serve_with_app(services, body)

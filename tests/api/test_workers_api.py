@@ -7,14 +7,21 @@ import json
 import time
 from typing import Any
 
-import httpx
 import pytest
 from eth_account import Account
 
-from orchestrator.app import create_app
 from orchestrator.wiring import Services
 from protocol.signing import output_sha256, recover_result_signer, sign_registration, sign_result
-from tests.api.conftest import BASE_URL, TEXTS, Api, HttpWorker, RunApi, assert_problem, bearer
+from tests.api.conftest import (
+    TEXTS,
+    Api,
+    HttpWorker,
+    RunApi,
+    assert_problem,
+    bearer,
+    call_until_hang_up,
+    serve_with_app,
+)
 from tests.conftest import FakeClock
 from tests.support import EMBED_MODEL, completion, offer, register_request
 
@@ -292,56 +299,24 @@ def test_a_lease_poll_ends_when_its_worker_hangs_up(live_services: Services) -> 
     longer offered work: its poll ends then, not at ``wait_s``, and a job submitted afterwards
     waits for another worker instead of being handed to a closed connection."""
 
-    async def main() -> None:
-        app = create_app(live_services.settings, services=live_services, run_sweeper=False)
-        transport = httpx.ASGITransport(app=app)
-        async with (
-            app.router.lifespan_context(app),
-            httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http,
-        ):
-            api = Api(http, live_services)
-            worker, client = await api.register_worker(), await api.new_client()
-            hang_up, sent = asyncio.Event(), asyncio.Event()
-            answer: list[dict[str, Any]] = []
+    async def body(app: Any, api: Api) -> None:
+        worker, client = await api.register_worker(), await api.new_client()
+        hang_up = asyncio.Event()
+        poll = asyncio.create_task(
+            call_until_hang_up(
+                app, "/v1/workers/lease", {"wait_s": 5, "max_jobs": 1}, worker.headers, hang_up
+            )
+        )
+        await asyncio.wait_for(_listening(api), timeout=5)
+        hang_up.set()
+        answer = await asyncio.wait_for(poll, timeout=3)  # not the 5 s wait_s
+        assert answer[0]["status"] == 200
+        workers = (await api.http.get("/v1/workers", headers=api.operator)).json()
+        assert workers[0]["free_slots"] == 0
+        job = await api.submit(client)
+        assert (await api.job(client, job["id"]))["state"] == "queued"
 
-            async def receive() -> dict[str, Any]:
-                if not sent.is_set():
-                    sent.set()
-                    body = json.dumps({"wait_s": 5, "max_jobs": 1}).encode()
-                    return {"type": "http.request", "body": body, "more_body": False}
-                await hang_up.wait()
-                return {"type": "http.disconnect"}
-
-            async def send(message: dict[str, Any]) -> None:
-                answer.append(message)
-
-            headers = [(b"host", b"orchestrator.test"), (b"content-type", b"application/json")]
-            headers.append((b"authorization", f"Bearer {worker.token}".encode()))
-            scope = {
-                "type": "http",
-                "asgi": {"version": "3.0"},
-                "http_version": "1.1",
-                "method": "POST",
-                "scheme": "http",
-                "path": "/v1/workers/lease",
-                "raw_path": b"/v1/workers/lease",
-                "query_string": b"",
-                "root_path": "",
-                "headers": headers,
-                "client": ("127.0.0.1", 40000),
-                "server": ("orchestrator.test", 80),
-            }
-            poll = asyncio.create_task(app(scope, receive, send))
-            await asyncio.wait_for(_listening(api), timeout=5)
-            hang_up.set()
-            await asyncio.wait_for(poll, timeout=3)  # not the 5 s wait_s
-            assert answer[0]["status"] == 200
-            workers = (await api.http.get("/v1/workers", headers=api.operator)).json()
-            assert workers[0]["free_slots"] == 0
-            job = await api.submit(client)
-            assert (await api.job(client, job["id"]))["state"] == "queued"
-
-    asyncio.run(main())
+    serve_with_app(live_services, body)
 
 
 def test_a_stopping_server_answers_its_open_long_polls_at_once(run_live_api: RunApi) -> None:

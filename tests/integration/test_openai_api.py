@@ -216,6 +216,34 @@ def test_a_client_leaving_mid_stream_cancels_its_job_and_pays_nothing(
         assert job["cost_wei"] in (None, "0")
 
 
+def test_a_client_that_times_out_and_retries_pays_for_nothing_it_abandoned(
+    market: tuple[str, str],
+) -> None:
+    """The official client gives up on a slow answer after its timeout and sends the request
+    again (its default retries): each abandoned job is cancelled when the client hangs up, so
+    a retried request is never charged twice, nor for an answer no one received."""
+    url, key = market
+    with Client(url, key) as sdk:
+        before = {job["id"] for job in sdk.list(limit=200)}
+    with openai.OpenAI(base_url=f"{url}/v1", api_key=key, timeout=1.0, max_retries=1) as c:
+        with pytest.raises(openai.APITimeoutError):
+            c.chat.completions.create(
+                model=LLM,
+                messages=[{"role": "user", "content": "Tell me a long story about a GPU."}],
+                max_tokens=400,
+                temperature=0,
+            )
+    with Client(url, key) as sdk:
+        tried = [job for job in sdk.list(limit=200) if job["id"] not in before]
+        assert len(tried) == 2, tried  # the request and its retry
+        deadline = time.monotonic() + 30
+        while any(job["state"] != "cancelled" for job in tried):
+            assert time.monotonic() < deadline, tried
+            time.sleep(0.2)
+            tried = [sdk.get(job["id"]) for job in tried]
+        assert [job["cost_wei"] in (None, "0") for job in tried] == [True, True]
+
+
 def test_sdk_generate_and_stream(market: tuple[str, str]) -> None:
     url, key = market
     with Client(url, key) as sdk:

@@ -12,13 +12,14 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from orchestrator.api.deps import ClientDep, ServicesDep
+from orchestrator.api.hangup import HangUp
 from orchestrator.api.openai_dialect import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -153,32 +154,55 @@ def _result(services: Services, client: Principal, view: JobView) -> ResultView:
     raise OpenAIError(502, "worker_failed", f"job {view.id} failed: {reason}")
 
 
-async def _wait(services: Services, client: Principal, job_id: str) -> JobView:
+async def _wait(services: Services, client: Principal, job_id: str, request: Request) -> JobView:
+    """The job once final (or ``RESULT_WAIT_S`` passed); a client that hangs up meanwhile
+    cancels it (``_hung_up``)."""
+    key = f"{JOB_KEY_PREFIX}{job_id}"
     deadline = time.monotonic() + RESULT_WAIT_S
     view = await run_in_threadpool(services.jobs.get, client, job_id)
-    while view.state not in FINAL_STATES and (remaining := deadline - time.monotonic()) > 0:
-        await services.hub.watch(f"{JOB_KEY_PREFIX}{job_id}", remaining)
-        view = await run_in_threadpool(services.jobs.get, client, job_id)
+    async with HangUp(request, on_gone=lambda: services.hub.notify_waiting(key)) as line:
+        while view.state not in FINAL_STATES and (remaining := deadline - time.monotonic()) > 0:
+            if line.gone:
+                await _hung_up(services, client, [job_id])
+            await services.hub.watch(key, remaining)
+            view = await run_in_threadpool(services.jobs.get, client, job_id)
     return view
 
 
-async def _before_first_text(services: Services, client: Principal, job_id: str) -> JobState:
+async def _hung_up(services: Services, client: Principal, job_ids: list[str]) -> NoReturn:
+    """The client closed the connection while waiting for these jobs: no one will read their
+    answer (and OpenAI clients send the request again), so each still running is cancelled and
+    charged nothing; one that finished first is paid as any finished job."""
+    for job_id in job_ids:
+        await run_in_threadpool(_cancel_quietly, services, client, job_id, "its client hung up")
+    raise OpenAIError(499, "client_closed_request", "the client closed the connection")
+
+
+async def _before_first_text(
+    services: Services, client: Principal, job_id: str, request: Request
+) -> JobState:
     """The job's state once its first text has come, it has ended, or ``STREAM_OPEN_WAIT_S``
-    passed."""
+    passed; a client that hangs up meanwhile cancels it."""
     deadline = time.monotonic() + STREAM_OPEN_WAIT_S
     state = await job_state(services, client, job_id)
-    while True:
-        streamed = services.streams.read(job_id, None, 0)
-        remaining = deadline - time.monotonic()
-        if state in FINAL_STATES or (streamed and streamed.chunks) or remaining <= 0:
-            return state
-        state = await next_state(services, client, job_id, state, remaining)
+    key = f"{JOB_KEY_PREFIX}{job_id}"
+    async with HangUp(request, on_gone=lambda: services.hub.notify_waiting(key)) as line:
+        while True:
+            streamed = services.streams.read(job_id, None, 0)
+            remaining = deadline - time.monotonic()
+            if state in FINAL_STATES or (streamed and streamed.chunks) or remaining <= 0:
+                return state
+            if line.gone:
+                await _hung_up(services, client, [job_id])
+            state = await next_state(services, client, job_id, state, remaining)
 
 
-def _cancel_quietly(services: Services, client: Principal, job_id: str) -> None:
+def _cancel_quietly(
+    services: Services, client: Principal, job_id: str, why: str = "its stream's client left"
+) -> None:
     try:
         services.jobs.cancel(client, job_id, services.now())
-        log.info("job %s: its stream's client left; cancelled", job_id)
+        log.info("job %s: %s; cancelled", job_id, why)
     except GpumarketError:
         pass  # final already, or being verified: it is paid as any finished job
 
@@ -268,6 +292,7 @@ async def _generate(
                 return await _complete_many(
                     services,
                     client,
+                    request,
                     req,
                     prompts,
                     price_header,
@@ -286,7 +311,7 @@ async def _generate(
         spec = _spec(req, generation, prices, preference)
         job = await run_in_threadpool(_submit, services, client, spec)
         if req.stream:
-            early = await _before_first_text(services, client, job.id)
+            early = await _before_first_text(services, client, job.id, request)
             if early in FINAL_STATES and early is not JobState.SUCCEEDED:
                 view = await run_in_threadpool(services.jobs.get, client, job.id)
                 await run_in_threadpool(_result, services, client, view)  # raises its error
@@ -301,7 +326,7 @@ async def _generate(
             )
             headers = {"X-Gpumarket-Job-Id": job.id, "Cache-Control": "no-cache"}
             return StreamingResponse(relay, media_type="text/event-stream", headers=headers)
-        view = await _wait(services, client, job.id)
+        view = await _wait(services, client, job.id, request)
         result = await run_in_threadpool(_result, services, client, view)
     except OpenAIError as exc:
         return _error(exc)
@@ -313,6 +338,7 @@ async def _generate(
 async def _complete_many(
     services: Services,
     client: Principal,
+    request: Request,
     req: CompletionRequest,
     prompts: list[str],
     price_header: str | None,
@@ -337,7 +363,7 @@ async def _complete_many(
         )
         specs.append(_spec(req, generation, prices, preference))
     job_ids = await run_in_threadpool(_submit_many, services, client, specs)
-    views = await _wait_all(services, client, job_ids)
+    views = await _wait_all(services, client, job_ids, request)
     results = [await run_in_threadpool(_result, services, client, view) for view in views]
     return JSONResponse(completions_body(results, req.model))
 
@@ -361,18 +387,26 @@ def _submit_many(services: Services, client: Principal, specs: list[JobSpec]) ->
     return made
 
 
-async def _wait_all(services: Services, client: Principal, job_ids: list[str]) -> list[JobView]:
-    """The jobs once all are final (or ``RESULT_WAIT_S`` passed), woken as each changes."""
+async def _wait_all(
+    services: Services, client: Principal, job_ids: list[str], request: Request
+) -> list[JobView]:
+    """The jobs once all are final (or ``RESULT_WAIT_S`` passed), woken as each changes; a
+    client that hangs up meanwhile cancels those still running."""
     batch = services.jobs.batch
     deadline = time.monotonic() + RESULT_WAIT_S
     keys = [f"{JOB_KEY_PREFIX}{job_id}" for job_id in job_ids]
     states = await run_in_threadpool(batch.states, client, job_ids)
-    while any(s.state not in FINAL_STATES for s in states):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        await services.hub.watch_any(keys, remaining)
-        states = await run_in_threadpool(batch.states, client, job_ids)
+    async with HangUp(request, on_gone=lambda: services.hub.notify_waiting(keys[0])) as line:
+        while any(s.state not in FINAL_STATES for s in states):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if line.gone:
+                await _hung_up(
+                    services, client, [s.id for s in states if s.state not in FINAL_STATES]
+                )
+            await services.hub.watch_any(keys, remaining)
+            states = await run_in_threadpool(batch.states, client, job_ids)
     return await run_in_threadpool(batch.get, client, job_ids)
 
 
@@ -464,7 +498,7 @@ async def embeddings(
         except ValueError as exc:
             raise _invalid(exc) from None
         job = await run_in_threadpool(_submit, services, client, spec)
-        view = await _wait(services, client, job.id)
+        view = await _wait(services, client, job.id, request)
         result = await run_in_threadpool(_result, services, client, view)
     except OpenAIError as exc:
         return _error(exc)

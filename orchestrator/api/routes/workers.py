@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
 from orchestrator.api.deps import ChallengeLimitDep, RegistrationLimitDep, ServicesDep, WorkerDep
+from orchestrator.api.hangup import HangUp
 from orchestrator.api.openapi import problems
 from orchestrator.api.strict_json import StrictJSONRoute
 from orchestrator.exceptions import GpumarketError
@@ -85,22 +83,21 @@ async def lease(
     deadline = now + min(req.wait_s, services.settings.long_poll_max_s)
     leases, hub = services.leases, services.hub
     listening = True  # until a claim that hands over jobs closes the poll itself
-    gone: asyncio.Task[None] | None = None
+    line: HangUp | None = None  # the worker's connection, watched while the poll waits
     try:
         jobs = await run_in_threadpool(leases.start_poll, worker, req.max_jobs, deadline, now)
         listening = not jobs
         if listening:
             # A worker that hangs up (stopped, killed, its network gone) ends its poll: it is
             # no longer offered work that would be handed to a closed connection.
-            gone = asyncio.create_task(_hung_up(request))
-            gone.add_done_callback(lambda t: None if t.cancelled() else hub.notify(worker.id))
+            line = HangUp(request, on_gone=lambda: hub.notify(worker.id)).start()
         while listening and (remaining := deadline - services.now()) > 0:
-            if hub.closing or (gone is not None and gone.done()):
+            if hub.closing or (line is not None and line.gone):
                 break
             # Woken by an assignment to us, or after a second to look again (jobs assigned by
             # another replica); dispatch itself runs on submit, on poll start and in the sweeper.
             await hub.wait(worker.id, remaining)
-            if hub.closing or (gone is not None and gone.done()):
+            if hub.closing or (line is not None and line.gone):
                 break
             jobs = await run_in_threadpool(
                 leases.claim, worker, req.max_jobs, services.now(), deadline, close_when_leased=True
@@ -108,18 +105,10 @@ async def lease(
             listening = not jobs
         return LeaseResponse(jobs=jobs)
     finally:
-        if gone is not None:
-            gone.cancel()
+        if line is not None:
+            line.stop()
         if listening:
             await run_in_threadpool(leases.close_poll, worker, services.now())
-
-
-async def _hung_up(request: Request) -> None:
-    """Returns when the client closes its connection (the body is already read, so the next
-    ASGI message is the disconnect)."""
-    with contextlib.suppress(OSError):
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
 
 
 @router.post(
