@@ -453,7 +453,10 @@ class JobService:
             return result_view(job, address or "", batch)
 
     @retry_transient
-    def cancel(self, client: Principal, job_id: str, now: float) -> JobView:
+    def cancel(
+        self, client: Principal, job_id: str, now: float, reason: str = "cancelled by the client"
+    ) -> JobView:
+        """Cancel a job not yet final (``reason``: its failure reason, as the client sees it)."""
         with self._store.transaction() as s:
             job = self._owned(s, client, job_id, lock=True)
             if JobState(job.state) in FINAL_STATES:
@@ -463,7 +466,7 @@ class JobService:
                     "the job's work is done and its result is being verified; nothing to cancel"
                 )
             # worker_id stays set: the worker learns of the cancel at its next heartbeat.
-            transition(s, job, JobState.CANCELLED, now, detail="cancelled by the client")
+            transition(s, job, JobState.CANCELLED, now, detail=reason)
         return self.get(client, job_id)
 
     def list(

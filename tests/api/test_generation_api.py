@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.api.routes import openai as openai_routes
 from orchestrator.wiring import Services
 from protocol.signing import output_sha256, recover_result_signer
 from protocol.units import cost_wei
@@ -688,3 +689,69 @@ def test_a_client_that_hangs_up_while_waiting_cancels_its_jobs_and_pays_nothing(
             assert late.status_code == 409, late.text  # the worker's lease ended with it
 
     serve_with_app(services, body)
+
+
+HELLO = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.mark.parametrize(
+    ("path", "request_body", "jobs", "text_first"),
+    [
+        ("/v1/chat/completions", {"messages": HELLO}, 1, False),
+        ("/v1/chat/completions", {"messages": HELLO, "stream": True}, 1, False),
+        ("/v1/chat/completions", {"messages": HELLO, "stream": True}, 1, True),
+        ("/v1/completions", {"prompt": ["One", "Two"]}, 2, False),
+    ],
+    ids=["chat", "stream-before-its-first-text", "stream-relaying", "completions-list"],
+)
+def test_a_stopping_orchestrator_ends_open_requests_cleanly_and_charges_nothing(
+    run_api: RunApi,
+    monkeypatch: pytest.MonkeyPatch,
+    path: str,
+    request_body: dict[str, Any],
+    jobs: int,
+    text_first: bool,
+) -> None:
+    """At shutdown a request still waiting on its jobs gets ``STOPPING_WAIT_S`` for them to
+    finish, then ends inside the server's grace period instead of being cut by it: its jobs
+    are cancelled (nothing charged, the worker's lease ends, the reason says why) and the
+    client is told to send the request again (a 503, or that error as the stream's last
+    event). Cut by the grace period, a stream was left with a traceback and a cancel blamed on
+    the client, and a non-streamed answer was lost while its job went on to be charged."""
+    monkeypatch.setattr(openai_routes, "STOPPING_WAIT_S", 0.2)
+
+    async def body(api: Api) -> None:
+        client, worker = await _market(api)
+        request = {"model": LLM, "max_tokens": 4, **request_body}
+        answer = asyncio.create_task(api.http.post(path, json=request, headers=client))
+        leased: list[dict[str, Any]] = []
+        while len(leased) < jobs:
+            leased += await api.lease(worker, max_jobs=jobs)
+            await asyncio.sleep(0.01)
+        if text_first:
+            sent = await api.http.post(
+                f"/v1/workers/jobs/{leased[0]['job_id']}/stream",
+                json={"attempt": 1, "seq": 0, "text": "Once", "tokens": 1},
+                headers=worker.headers,
+            )
+            assert sent.status_code == 204, sent.text
+            await asyncio.sleep(0.3)  # the stream has opened and relays
+        api.services.hub.close()
+        resp = await asyncio.wait_for(answer, timeout=4)  # inside the 5 s grace period
+        if request_body.get("stream") and text_first:
+            assert resp.status_code == 200
+            events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            assert json.loads(events[-2])["error"]["code"] == "server_stopping"
+        else:
+            assert resp.status_code == 503, resp.text
+            assert resp.json()["error"]["code"] == "server_stopping"
+        for job in leased:
+            seen = await api.job(client, job["job_id"])
+            assert seen["state"] == "cancelled", seen
+            assert seen["failure_reason"] == "cancelled: the orchestrator stopped"
+            assert seen["cost_wei"] in (None, "0")
+            late = await api.complete(worker, job["job_id"], 1, _output([5, 6]), units=2)
+            assert late.status_code == 409, late.text
+
+    run_api(body)

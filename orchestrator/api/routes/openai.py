@@ -54,6 +54,10 @@ router = APIRouter(prefix="/v1", tags=["openai"], include_in_schema=False)
 
 RESULT_WAIT_S = 600.0
 """The longest an OpenAI-style request waits for its job (its deadline is as long)."""
+STOPPING_WAIT_S = 3.0
+"""Once the orchestrator is stopping, how long a request waiting on its jobs still waits in
+case they finish before it gives them up: inside uvicorn's grace period
+(orchestrator/server.py, 5 s), with a wake-up's second to spare."""
 STREAM_OPEN_WAIT_S = 10.0
 """How long a streaming request waits for its job's first text before it answers 200 and
 starts the stream: a job refused within it (a prompt too long for the worker's model, say)
@@ -154,46 +158,78 @@ def _result(services: Services, client: Principal, view: JobView) -> ResultView:
     raise OpenAIError(502, "worker_failed", f"job {view.id} failed: {reason}")
 
 
+_STOPPED = OpenAIError(
+    503,
+    "server_stopping",
+    "the orchestrator is stopping: the request's jobs were cancelled and nothing is charged "
+    "for them; send the request again",
+)
+
+
+class _GiveUp:
+    """When a request waiting on its jobs should give them up: its client hung up (no one
+    will read the answer, and OpenAI clients send the request again after a timeout or a
+    dropped connection), or the orchestrator is stopping and ``STOPPING_WAIT_S`` passed (the
+    grace period would cut the request anyway). Either way the jobs still running are
+    cancelled and charged nothing; one that finished first is paid as any finished job."""
+
+    def __init__(self, services: Services, line: HangUp) -> None:
+        self._hub = services.hub
+        self._line = line
+        self._stop_at: float | None = None
+
+    def why(self) -> OpenAIError | None:
+        if self._line.gone:
+            return OpenAIError(499, "client_closed_request", "the client closed the connection")
+        if not self._hub.closing:
+            return None
+        now = time.monotonic()
+        if self._stop_at is None:
+            self._stop_at = now + STOPPING_WAIT_S
+        return _STOPPED if now >= self._stop_at else None
+
+
+async def _give_up(
+    services: Services, client: Principal, job_ids: list[str], error: OpenAIError
+) -> NoReturn:
+    why = "its client hung up" if error.status == 499 else "the orchestrator stopped"
+    for job_id in job_ids:
+        await run_in_threadpool(_cancel_quietly, services, client, job_id, why)
+    raise error
+
+
 async def _wait(services: Services, client: Principal, job_id: str, request: Request) -> JobView:
-    """The job once final (or ``RESULT_WAIT_S`` passed); a client that hangs up meanwhile
-    cancels it (``_hung_up``)."""
+    """The job once final (or ``RESULT_WAIT_S`` passed), unless given up (``_GiveUp``)."""
     key = f"{JOB_KEY_PREFIX}{job_id}"
     deadline = time.monotonic() + RESULT_WAIT_S
     view = await run_in_threadpool(services.jobs.get, client, job_id)
     async with HangUp(request, on_gone=lambda: services.hub.notify_waiting(key)) as line:
+        give_up = _GiveUp(services, line)
         while view.state not in FINAL_STATES and (remaining := deadline - time.monotonic()) > 0:
-            if line.gone:
-                await _hung_up(services, client, [job_id])
+            if (error := give_up.why()) is not None:
+                await _give_up(services, client, [job_id], error)
             await services.hub.watch(key, remaining)
             view = await run_in_threadpool(services.jobs.get, client, job_id)
     return view
-
-
-async def _hung_up(services: Services, client: Principal, job_ids: list[str]) -> NoReturn:
-    """The client closed the connection while waiting for these jobs: no one will read their
-    answer (and OpenAI clients send the request again), so each still running is cancelled and
-    charged nothing; one that finished first is paid as any finished job."""
-    for job_id in job_ids:
-        await run_in_threadpool(_cancel_quietly, services, client, job_id, "its client hung up")
-    raise OpenAIError(499, "client_closed_request", "the client closed the connection")
 
 
 async def _before_first_text(
     services: Services, client: Principal, job_id: str, request: Request
 ) -> JobState:
     """The job's state once its first text has come, it has ended, or ``STREAM_OPEN_WAIT_S``
-    passed; a client that hangs up meanwhile cancels it."""
+    passed, unless given up (``_GiveUp``)."""
     deadline = time.monotonic() + STREAM_OPEN_WAIT_S
     state = await job_state(services, client, job_id)
     key = f"{JOB_KEY_PREFIX}{job_id}"
     async with HangUp(request, on_gone=lambda: services.hub.notify_waiting(key)) as line:
+        give_up = _GiveUp(services, line)
         while True:
             streamed = services.streams.read(job_id, None, 0)
             remaining = deadline - time.monotonic()
             if state in FINAL_STATES or (streamed and streamed.chunks) or remaining <= 0:
                 return state
-            if line.gone:
-                await _hung_up(services, client, [job_id])
+            if (error := give_up.why()) is not None:
+                await _give_up(services, client, [job_id], error)
             state = await next_state(services, client, job_id, state, remaining)
 
 
@@ -201,7 +237,7 @@ def _cancel_quietly(
     services: Services, client: Principal, job_id: str, why: str = "its stream's client left"
 ) -> None:
     try:
-        services.jobs.cancel(client, job_id, services.now())
+        services.jobs.cancel(client, job_id, services.now(), reason=f"cancelled: {why}")
         log.info("job %s: %s; cancelled", job_id, why)
     except GpumarketError:
         pass  # final already, or being verified: it is paid as any finished job
@@ -220,6 +256,7 @@ async def _relay(
     """SSE chunks: the worker's tokens as they arrive, then the finish, usage and [DONE]."""
     finished = False
     sent = 0
+    stop_at: float | None = None
     try:
         if chat:
             yield sse(chunk_body(job_id, model, chat=True, role=True, text=""))
@@ -235,6 +272,16 @@ async def _relay(
                 break
             if await request.is_disconnected():
                 return
+            if services.hub.closing:  # the grace period would cut the stream: end it first
+                stop_at = stop_at or time.monotonic() + STOPPING_WAIT_S
+                if time.monotonic() >= stop_at:
+                    finished = True
+                    await run_in_threadpool(
+                        _cancel_quietly, services, client, job_id, "the orchestrator stopped"
+                    )
+                    yield sse(_STOPPED.body())
+                    yield sse("[DONE]")
+                    return
             state = await next_state(services, client, job_id, state, RESULT_WAIT_S)
         finished = True
         try:
@@ -391,20 +438,20 @@ async def _wait_all(
     services: Services, client: Principal, job_ids: list[str], request: Request
 ) -> list[JobView]:
     """The jobs once all are final (or ``RESULT_WAIT_S`` passed), woken as each changes; a
-    client that hangs up meanwhile cancels those still running."""
+    request given up meanwhile (``_GiveUp``) cancels those still running."""
     batch = services.jobs.batch
     deadline = time.monotonic() + RESULT_WAIT_S
     keys = [f"{JOB_KEY_PREFIX}{job_id}" for job_id in job_ids]
     states = await run_in_threadpool(batch.states, client, job_ids)
     async with HangUp(request, on_gone=lambda: services.hub.notify_waiting(keys[0])) as line:
+        give_up = _GiveUp(services, line)
         while any(s.state not in FINAL_STATES for s in states):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            if line.gone:
-                await _hung_up(
-                    services, client, [s.id for s in states if s.state not in FINAL_STATES]
-                )
+            if (error := give_up.why()) is not None:
+                running = [s.id for s in states if s.state not in FINAL_STATES]
+                await _give_up(services, client, running, error)
             await services.hub.watch_any(keys, remaining)
             states = await run_in_threadpool(batch.states, client, job_ids)
     return await run_in_threadpool(batch.get, client, job_ids)
