@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from typing import Any
 
 import pytest
 
 from orchestrator.api.routes import openai as openai_routes
-from orchestrator.wiring import Services
+from orchestrator.config import Settings
+from orchestrator.store import Store
+from orchestrator.wiring import Services, build_services
 from protocol.signing import output_sha256, recover_result_signer
 from protocol.units import cost_wei
 from tests.api.conftest import (
@@ -26,6 +29,7 @@ from tests.api.conftest import (
 )
 from tests.api.test_batches_api import batch_item, signed
 from tests.api.test_metrics_api import scrape, value
+from tests.conftest import FakeClock
 from tests.support import completion, offer
 
 LLM = "SmolLM2-135M-Instruct"
@@ -755,3 +759,41 @@ def test_a_stopping_orchestrator_ends_open_requests_cleanly_and_charges_nothing(
             assert late.status_code == 409, late.text
 
     run_api(body)
+
+
+def test_a_stopping_orchestrator_names_a_job_that_finished_first_as_charged(
+    settings: Settings,
+    sqlite_store: Store,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job whose result is held for verification when the orchestrator stops cannot be
+    cancelled: the answer says so (it is charged once verified, its result readable by id)
+    instead of telling the client it was cancelled."""
+    monkeypatch.setattr(openai_routes, "STOPPING_WAIT_S", 0.2)
+    checked = settings.model_copy(update={"verify_rate": 1.0, "verify_rate_new": 1.0})
+    services = build_services(checked, store=sqlite_store, clock=clock, rng=random.Random(7))
+
+    async def body(app: Any, api: Api) -> None:
+        client, worker = await _market(api)
+        await _market(api)  # a second worker, to check the first one's result
+        request = {"model": LLM, "max_tokens": 4, "messages": HELLO}
+        answer = asyncio.create_task(
+            api.http.post("/v1/chat/completions", json=request, headers=client)
+        )
+        leased: list[dict[str, Any]] = []
+        while not leased:
+            leased = await api.lease(worker)
+            await asyncio.sleep(0.01)
+        job_id = leased[0]["job_id"]
+        done = await api.complete(worker, job_id, 1, _output([5, 6]), units=5)
+        assert done.status_code == 200, done.text
+        assert (await api.job(client, job_id))["state"] == "verifying"
+        api.services.hub.close()
+        resp = await asyncio.wait_for(answer, timeout=4)
+        assert resp.status_code == 503, resp.text
+        message = resp.json()["error"]["message"]
+        assert job_id in message and "charged once their results are verified" in message
+        assert (await api.job(client, job_id))["state"] == "verifying"
+
+    serve_with_app(services, body)

@@ -193,9 +193,12 @@ async def _give_up(
     services: Services, client: Principal, job_ids: list[str], error: OpenAIError
 ) -> NoReturn:
     why = "its client hung up" if error.status == 499 else "the orchestrator stopped"
-    for job_id in job_ids:
-        await run_in_threadpool(_cancel_quietly, services, client, job_id, why)
-    raise error
+    kept = [
+        job_id
+        for job_id in job_ids
+        if not await run_in_threadpool(_cancel_quietly, services, client, job_id, why)
+    ]
+    raise error if error.status == 499 else _stopped(kept)
 
 
 async def _wait(services: Services, client: Principal, job_id: str, request: Request) -> JobView:
@@ -235,12 +238,28 @@ async def _before_first_text(
 
 def _cancel_quietly(
     services: Services, client: Principal, job_id: str, why: str = "its stream's client left"
-) -> None:
+) -> bool:
+    """Cancel the job; False if it could not be (final already, or its result is being
+    verified: it is paid as any finished job)."""
     try:
         services.jobs.cancel(client, job_id, services.now(), reason=f"cancelled: {why}")
-        log.info("job %s: %s; cancelled", job_id, why)
     except GpumarketError:
-        pass  # final already, or being verified: it is paid as any finished job
+        return False
+    log.info("job %s: %s; cancelled", job_id, why)
+    return True
+
+
+def _stopped(kept: list[str]) -> OpenAIError:
+    """The answer of a request given up because the orchestrator is stopping; ``kept``: its
+    jobs that could not be cancelled (done, their results being verified)."""
+    if not kept:
+        return _STOPPED
+    return OpenAIError(
+        503,
+        "server_stopping",
+        "the orchestrator is stopping; job(s) " + ", ".join(kept) + " finished first and are "
+        "charged once their results are verified: read them with GET /v1/jobs/{id}/result",
+    )
 
 
 async def _relay(
@@ -276,10 +295,10 @@ async def _relay(
                 stop_at = stop_at or time.monotonic() + STOPPING_WAIT_S
                 if time.monotonic() >= stop_at:
                     finished = True
-                    await run_in_threadpool(
+                    cancelled = await run_in_threadpool(
                         _cancel_quietly, services, client, job_id, "the orchestrator stopped"
                     )
-                    yield sse(_STOPPED.body())
+                    yield sse(_stopped([] if cancelled else [job_id]).body())
                     yield sse("[DONE]")
                     return
             state = await next_state(services, client, job_id, state, RESULT_WAIT_S)
