@@ -5,7 +5,8 @@ the requests in flight to finish; an idle long-poll (a worker waiting for work, 
 for a job) would hold every stop for that whole timeout and then be cancelled with a traceback.
 Here the shutdown first wakes every long-poll (``WakeHub.close``), which answers at once with
 what it has: an empty lease, the job's state so far. Requests doing real work (a result being
-recorded, a stream being relayed) still get the grace period.
+recorded) still get the grace period; OpenAI requests waiting on jobs end inside it
+(``orchestrator/api/routes/openai.py``, ``STOPPING_WAIT_S``).
 """
 
 from __future__ import annotations

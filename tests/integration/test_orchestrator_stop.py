@@ -17,8 +17,7 @@ from gpumarket import Client
 from orchestrator.server import GRACEFUL_SHUTDOWN_S
 from protocol import HardwareDescriptor, Offer
 from tests.integration.conftest import OrchestratorProcess
-from tests.integration.test_orchestrator_crash import _complete
-from tests.support import EMBED_MODEL
+from tests.support import EMBED_MODEL, completion
 from worker.client import OrchestratorClient
 
 pytestmark = pytest.mark.slow
@@ -89,7 +88,10 @@ def test_a_client_waiting_across_a_restart_gets_its_result(
             worker = OrchestratorClient(proc.url, Account.create())
             await worker.register(HardwareDescriptor(), OFFERS, max_concurrency=1)
             [leased] = await worker.lease(max_jobs=1, wait_s=10)
-            await _complete(worker, leased)
+            output = {"embeddings": [[0.5, 0.25]]}
+            price = leased.price_wei_per_unit
+            done = completion(worker, leased.job_id, 1, output, 1, price_wei_per_unit=price)
+            await worker.complete(leased.job_id, done)
             await worker.aclose()
 
         asyncio.run(work())

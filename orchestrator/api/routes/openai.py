@@ -41,8 +41,9 @@ from orchestrator.api.openai_dialect import (
 )
 from orchestrator.api.routes.jobs import job_state, next_state
 from orchestrator.exceptions import GpumarketError
+from orchestrator.server import GRACEFUL_SHUTDOWN_S
 from orchestrator.services.auth import Principal
-from orchestrator.services.wakeups import JOB_KEY_PREFIX
+from orchestrator.services.wakeups import JOB_KEY_PREFIX, WAKE_FALLBACK_S
 from orchestrator.wiring import Services
 from protocol import FINAL_STATES, JobSpec, JobState, JobType, JobView, ResultView
 from protocol.generation import GenerationInput
@@ -54,10 +55,10 @@ router = APIRouter(prefix="/v1", tags=["openai"], include_in_schema=False)
 
 RESULT_WAIT_S = 600.0
 """The longest an OpenAI-style request waits for its job (its deadline is as long)."""
-STOPPING_WAIT_S = 3.0
+STOPPING_WAIT_S = GRACEFUL_SHUTDOWN_S - 2 * WAKE_FALLBACK_S
 """Once the orchestrator is stopping, how long a request waiting on its jobs still waits in
-case they finish before it gives them up: inside uvicorn's grace period
-(orchestrator/server.py, 5 s), with a wake-up's second to spare."""
+case they finish before it gives them up: inside uvicorn's grace period, with a wake-up's
+second to spare."""
 STREAM_OPEN_WAIT_S = 10.0
 """How long a streaming request waits for its job's first text before it answers 200 and
 starts the stream: a job refused within it (a prompt too long for the worker's model, say)
@@ -158,12 +159,8 @@ def _result(services: Services, client: Principal, view: JobView) -> ResultView:
     raise OpenAIError(502, "worker_failed", f"job {view.id} failed: {reason}")
 
 
-_STOPPED = OpenAIError(
-    503,
-    "server_stopping",
-    "the orchestrator is stopping: the request's jobs were cancelled and nothing is charged "
-    "for them; send the request again",
-)
+HUNG_UP = "its client hung up"
+STOPPED = "the orchestrator stopped"
 
 
 class _GiveUp:
@@ -171,34 +168,36 @@ class _GiveUp:
     will read the answer, and OpenAI clients send the request again after a timeout or a
     dropped connection), or the orchestrator is stopping and ``STOPPING_WAIT_S`` passed (the
     grace period would cut the request anyway). Either way the jobs still running are
-    cancelled and charged nothing; one that finished first is paid as any finished job."""
+    cancelled and charged nothing; one that finished first is paid as any finished job.
+    ``line``: the request's connection, where it is watched (a stream watches its own)."""
 
-    def __init__(self, services: Services, line: HangUp) -> None:
+    def __init__(self, services: Services, line: HangUp | None) -> None:
         self._hub = services.hub
         self._line = line
         self._stop_at: float | None = None
 
-    def why(self) -> OpenAIError | None:
-        if self._line.gone:
-            return OpenAIError(499, "client_closed_request", "the client closed the connection")
+    def why(self) -> str | None:
+        """``HUNG_UP``, ``STOPPED``, or None to wait on."""
+        if self._line is not None and self._line.gone:
+            return HUNG_UP
         if not self._hub.closing:
             return None
         now = time.monotonic()
         if self._stop_at is None:
             self._stop_at = now + STOPPING_WAIT_S
-        return _STOPPED if now >= self._stop_at else None
+        return STOPPED if now >= self._stop_at else None
 
 
-async def _give_up(
-    services: Services, client: Principal, job_ids: list[str], error: OpenAIError
-) -> NoReturn:
-    why = "its client hung up" if error.status == 499 else "the orchestrator stopped"
+async def _give_up(services: Services, client: Principal, job_ids: list[str], why: str) -> NoReturn:
+    """Cancel the jobs still running (``why``: ``_GiveUp.why``) and raise the answer."""
     kept = [
         job_id
         for job_id in job_ids
         if not await run_in_threadpool(_cancel_quietly, services, client, job_id, why)
     ]
-    raise error if error.status == 499 else _stopped(kept)
+    if why == HUNG_UP:
+        raise OpenAIError(499, "client_closed_request", "the client closed the connection")
+    raise _stopped(kept)
 
 
 async def _wait(services: Services, client: Principal, job_id: str, request: Request) -> JobView:
@@ -209,8 +208,8 @@ async def _wait(services: Services, client: Principal, job_id: str, request: Req
     async with HangUp(request, on_gone=lambda: services.hub.notify_waiting(key)) as line:
         give_up = _GiveUp(services, line)
         while view.state not in FINAL_STATES and (remaining := deadline - time.monotonic()) > 0:
-            if (error := give_up.why()) is not None:
-                await _give_up(services, client, [job_id], error)
+            if (why := give_up.why()) is not None:
+                await _give_up(services, client, [job_id], why)
             await services.hub.watch(key, remaining)
             view = await run_in_threadpool(services.jobs.get, client, job_id)
     return view
@@ -231,8 +230,8 @@ async def _before_first_text(
             remaining = deadline - time.monotonic()
             if state in FINAL_STATES or (streamed and streamed.chunks) or remaining <= 0:
                 return state
-            if (error := give_up.why()) is not None:
-                await _give_up(services, client, [job_id], error)
+            if (why := give_up.why()) is not None:
+                await _give_up(services, client, [job_id], why)
             state = await next_state(services, client, job_id, state, remaining)
 
 
@@ -253,13 +252,16 @@ def _stopped(kept: list[str]) -> OpenAIError:
     """The answer of a request given up because the orchestrator is stopping; ``kept``: its
     jobs that could not be cancelled (done, their results being verified)."""
     if not kept:
-        return _STOPPED
-    return OpenAIError(
-        503,
-        "server_stopping",
-        "the orchestrator is stopping; job(s) " + ", ".join(kept) + " finished first and are "
-        "charged once their results are verified: read them with GET /v1/jobs/{id}/result",
-    )
+        message = (
+            "the orchestrator is stopping: the request's jobs were cancelled and nothing is "
+            "charged for them; send the request again"
+        )
+    else:
+        message = (
+            f"the orchestrator is stopping; job(s) {', '.join(kept)} finished first and are "
+            "charged once their results are verified: read them with GET /v1/jobs/{id}/result"
+        )
+    return OpenAIError(503, "server_stopping", message)
 
 
 async def _relay(
@@ -275,7 +277,7 @@ async def _relay(
     """SSE chunks: the worker's tokens as they arrive, then the finish, usage and [DONE]."""
     finished = False
     sent = 0
-    stop_at: float | None = None
+    give_up = _GiveUp(services, None)  # a client leaving is seen by is_disconnected
     try:
         if chat:
             yield sse(chunk_body(job_id, model, chat=True, role=True, text=""))
@@ -291,16 +293,14 @@ async def _relay(
                 break
             if await request.is_disconnected():
                 return
-            if services.hub.closing:  # the grace period would cut the stream: end it first
-                stop_at = stop_at or time.monotonic() + STOPPING_WAIT_S
-                if time.monotonic() >= stop_at:
-                    finished = True
-                    cancelled = await run_in_threadpool(
-                        _cancel_quietly, services, client, job_id, "the orchestrator stopped"
-                    )
-                    yield sse(_stopped([] if cancelled else [job_id]).body())
-                    yield sse("[DONE]")
-                    return
+            if give_up.why() == STOPPED:  # the grace period would cut the stream: end it first
+                finished = True
+                cancelled = await run_in_threadpool(
+                    _cancel_quietly, services, client, job_id, STOPPED
+                )
+                yield sse(_stopped([] if cancelled else [job_id]).body())
+                yield sse("[DONE]")
+                return
             state = await next_state(services, client, job_id, state, RESULT_WAIT_S)
         finished = True
         try:
@@ -468,9 +468,9 @@ async def _wait_all(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            if (error := give_up.why()) is not None:
+            if (why := give_up.why()) is not None:
                 running = [s.id for s in states if s.state not in FINAL_STATES]
-                await _give_up(services, client, running, error)
+                await _give_up(services, client, running, why)
             await services.hub.watch_any(keys, remaining)
             states = await run_in_threadpool(batch.states, client, job_ids)
     return await run_in_threadpool(batch.get, client, job_ids)

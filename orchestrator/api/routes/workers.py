@@ -91,13 +91,15 @@ async def lease(
             # A worker that hangs up (stopped, killed, its network gone) ends its poll: it is
             # no longer offered work that would be handed to a closed connection.
             line = HangUp(request, on_gone=lambda: hub.notify(worker.id)).start()
-        while listening and (remaining := deadline - services.now()) > 0:
-            if hub.closing or (line is not None and line.gone):
-                break
+
+        def over() -> bool:  # the server is stopping, or the worker hung up: answer now
+            return hub.closing or (line is not None and line.gone)
+
+        while listening and (remaining := deadline - services.now()) > 0 and not over():
             # Woken by an assignment to us, or after a second to look again (jobs assigned by
             # another replica); dispatch itself runs on submit, on poll start and in the sweeper.
             await hub.wait(worker.id, remaining)
-            if hub.closing or (line is not None and line.gone):
+            if over():
                 break
             jobs = await run_in_threadpool(
                 leases.claim, worker, req.max_jobs, services.now(), deadline, close_when_leased=True
