@@ -82,10 +82,12 @@ class Market:
 
 
 @contextlib.contextmanager
-def _market(tmp_path: Path, job_type: str, price: str, cheat_mode: str) -> Iterator[Market]:
+def _market(
+    tmp_path: Path, job_type: str, price: str, cheat_mode: str, *worker_args: str
+) -> Iterator[Market]:
     """anvil, the contracts, a paying client and the operator's check payer, an orchestrator
     that checks every result of a new worker, and three workers of ``job_type`` (the "cheat"
-    one run as ``cheating_worker CHEAT_MODE``)."""
+    one run as ``cheating_worker CHEAT_MODE``), each also given ``worker_args``."""
     with Anvil() as anvil:
         deployer = Chain.connect(anvil.url, DEPLOYER)
         deployment = deploy(deployer, min_stake_wei=MIN_STAKE, withdraw_delay_s=3600)
@@ -118,6 +120,7 @@ def _market(tmp_path: Path, job_type: str, price: str, cheat_mode: str) -> Itera
                     job_type,
                     "--price",
                     price,
+                    *worker_args,
                     GPUMARKET_WORKER_STAKE_WEI=str(MIN_STAKE),
                     GPUMARKET_WORKER_REDEEM_THRESHOLD_WEI="1",
                     GPUMARKET_WORKER_REDEEM_POLL_S="1",
@@ -285,7 +288,10 @@ TOKEN_PRICE = 10**9  # wei per token
 def test_a_worker_making_up_generated_text_is_caught_by_teacher_forcing_and_slashed(
     tmp_path: Path,
 ) -> None:
-    with _market(tmp_path, "generate", f"generate={TOKEN_PRICE}", "makeup") as market:
+    # One job at a time per worker: a round of three reaches every worker, the cheat too
+    # (with free slots, the fastest one would take the whole round).
+    one_slot = ("--max-concurrency", "1")
+    with _market(tmp_path, "generate", f"generate={TOKEN_PRICE}", "makeup", *one_slot) as market:
         orchestrator, cheat = market.orchestrator, Account.from_key(WORKER_KEYS["cheat"]).address
         with Client(orchestrator.url, orchestrator.new_client_key()) as client:
             client.link_payer(PAYER)

@@ -1,12 +1,14 @@
 """Real processes end to end: an orchestrator and two workers over loopback HTTP, running
-real MiniLM inference and real PyAV transcodes; drain on SIGTERM; survival of an orchestrator
-restart."""
+real MiniLM inference and real PyAV transcodes; then the worker daemon's drain on SIGTERM and
+its survival of an orchestrator restart (with paced stand-in executors: the daemon is under
+test there, not the model)."""
 
 from __future__ import annotations
 
 import math
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -20,6 +22,7 @@ from worker.executors.transcode import make_test_clip
 pytestmark = pytest.mark.slow
 
 JOB_TIMEOUT_S = 120.0
+PACED_JOB_S = 0.5
 
 
 def _embed_job(text: str, **extra: object) -> dict[str, object]:
@@ -32,20 +35,42 @@ def _embed_job(text: str, **extra: object) -> dict[str, object]:
     }
 
 
-@pytest.fixture
-def stack(tmp_path: Path, orchestrator_process: OrchestratorProcess):  # type: ignore[no-untyped-def]
+def _two_workers(
+    tmp_path: Path, orchestrator: OrchestratorProcess, job_s: float | None
+) -> Iterator[tuple[OrchestratorProcess, list[WorkerProcess]]]:
+    """Two ``gpumarket worker run`` processes with 2 slots each: the real executors, or with
+    ``job_s`` the paced stand-ins (the same daemon, no model load)."""
     workers = [
-        WorkerProcess(tmp_path / f"w{i}", orchestrator_process.url, "--max-concurrency", "2")
+        WorkerProcess(tmp_path / f"w{i}", orchestrator.url, "--max-concurrency", "2")
         for i in range(2)
     ]
+    if job_s is not None:
+        workers = [w.paced(job_s) for w in workers]
     for w in workers:
         w.start()
     try:
-        wait_for_workers(orchestrator_process, 2)
-        yield orchestrator_process, workers
+        wait_for_workers(orchestrator, 2)
+        yield orchestrator, workers
     finally:
         for w in workers:
             w.stop()
+
+
+@pytest.fixture
+def stack(
+    tmp_path: Path, orchestrator_process: OrchestratorProcess
+) -> Iterator[tuple[OrchestratorProcess, list[WorkerProcess]]]:
+    """Real workers: MiniLM and PyAV."""
+    yield from _two_workers(tmp_path, orchestrator_process, None)
+
+
+@pytest.fixture
+def paced_stack(
+    tmp_path: Path, orchestrator_process: OrchestratorProcess
+) -> Iterator[tuple[OrchestratorProcess, list[WorkerProcess]]]:
+    """Workers whose jobs take PACED_JOB_S each: what is under test is the daemon (drain,
+    reconnection), not the model."""
+    yield from _two_workers(tmp_path, orchestrator_process, PACED_JOB_S)
 
 
 def test_two_workers_run_inference_and_transcode(stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -97,8 +122,10 @@ def test_two_workers_run_inference_and_transcode(stack, tmp_path: Path) -> None:
         assert result["cost_wei"] == str(1000 * pixels)  # the workers ask 1000 wei per pixel
 
 
-def test_sigterm_drains_then_deregisters(stack) -> None:  # type: ignore[no-untyped-def]
-    proc, workers = stack
+def test_sigterm_drains_then_deregisters(
+    paced_stack: tuple[OrchestratorProcess, list[WorkerProcess]],
+) -> None:
+    proc, workers = paced_stack
     with Client(proc.url, proc.new_client_key()) as client:
         # Enough work that both workers are busy when the signal lands.
         ids = [client.submit(_embed_job(f"sentence {i} " * 40))["id"] for i in range(12)]
@@ -123,8 +150,10 @@ def test_sigterm_drains_then_deregisters(stack) -> None:  # type: ignore[no-unty
     assert sorted(w["status"] for w in listed)[0] == "deregistered"
 
 
-def test_workers_survive_an_orchestrator_restart(stack) -> None:  # type: ignore[no-untyped-def]
-    proc, workers = stack
+def test_workers_survive_an_orchestrator_restart(
+    paced_stack: tuple[OrchestratorProcess, list[WorkerProcess]],
+) -> None:
+    proc, workers = paced_stack
     key = proc.new_client_key()
     with Client(proc.url, key) as client:
         assert client.wait(client.submit(_embed_job("before"))["id"], JOB_TIMEOUT_S)

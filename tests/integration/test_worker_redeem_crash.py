@@ -11,7 +11,6 @@ the model twice per case (what is under test is the redeemer, not the embedding)
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -41,13 +40,6 @@ def _until(check: object, what: str, timeout_s: float = WAIT_S) -> None:
     while not check():  # type: ignore[operator]
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
-
-
-def _paced(worker: WorkerProcess) -> WorkerProcess:
-    """``worker`` run as tests/faults/paced_worker.py (the same options, jobs of 0.05 s)."""
-    worker.args = [sys.executable, "-m", "tests.faults.paced_worker", *worker.args[5:]]
-    worker.env["GPUMARKET_FAULTS_JOB_S"] = "0.05"
-    return worker
 
 
 def _pending_from(w3: Web3, address: str) -> int:
@@ -84,7 +76,9 @@ def test_worker_killed_mid_redemption_is_paid_exactly_once(
             "GPUMARKET_WORKER_JOB_TYPES": '["inference"]',
         }
         price_args = ("--price", f"inference={PRICE}")
-        worker = _paced(WorkerProcess(tmp_path / "w", orchestrator.url, *price_args, **worker_env))
+        worker = WorkerProcess(tmp_path / "w", orchestrator.url, *price_args, **worker_env).paced(
+            0.05
+        )
         try:
             worker.start()
             wait_for_workers(orchestrator, 1)
@@ -118,9 +112,9 @@ def test_worker_killed_mid_redemption_is_paid_exactly_once(
             w3.provider.make_request("evm_setAutomine", [True])  # type: ignore[arg-type]
             w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
 
-            restarted = _paced(
-                WorkerProcess(tmp_path / "w", orchestrator.url, *price_args, **worker_env)
-            )
+            restarted = WorkerProcess(
+                tmp_path / "w", orchestrator.url, *price_args, **worker_env
+            ).paced(0.05)
             restarted.log_path = tmp_path / "w" / "restarted.log"
             restarted.start()
             worker = restarted
