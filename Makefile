@@ -43,11 +43,18 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# The suite runs in TEST_PROCESSES pytest processes (pytest-xdist), a test file per process at
+# a time (--dist loadfile: a module's fixtures are set up once). Most of its time is spent
+# waiting on child processes (orchestrators, workers, anvil, Chromium), so 2 fill this 2-core
+# machine; TEST_PROCESSES=0 runs it in this one process.
+TEST_PROCESSES ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_PROCESSES) --dist loadfile
+
 test: lint browser
-	$(PY) -m pytest
+	$(PYTEST)
 
 test-fast: install browser
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # Fault-injection trials and the long API fuzz (docs/RELIABILITY.md); repeat counts from
 # GPUMARKET_FAULTS_* (defaults: the minimums in the doc). Summary: test-output/faults.json.

@@ -32,7 +32,9 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import re
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,6 +141,7 @@ def _load_pretrained(spec: GenerationSpec) -> tuple[Any, Any]:
         return model, tokenizer
     cached = _cache_folder(spec)
     weights = cached / "weights.pt"
+    stale = cached.exists()  # unless it loads: then it is the cache
     if weights.is_file():
         try:
             config = AutoConfig.from_pretrained(cached, local_files_only=True)
@@ -150,18 +153,33 @@ def _load_pretrained(spec: GenerationSpec) -> tuple[Any, Any]:
     folder, name = spec.path.parent, spec.path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    _write_cache(cached, model, tokenizer, replace=stale)
+    return model, tokenizer
+
+
+def _write_cache(cached: Path, model: Any, tokenizer: Any, *, replace: bool) -> None:
+    """The dequantized model as the folder ``cached``: written whole in a folder of this
+    process's own, then renamed into place, so a crash mid-write leaves no cache and workers
+    converting the same file at once (several on one box) never write into each other's files.
+    A folder already there is another worker's cache, kept, unless ``replace`` (one there
+    before this conversion, which failed to load or was left incomplete)."""
+    partial = cached.with_name(f".{cached.name}.{os.getpid()}.partial")
     try:
-        cached.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         config = model.config.to_dict()
         config.pop("quantization_config", None)
-        (cached / "config.json").write_text(json.dumps(config))
-        tokenizer.save_pretrained(cached)
-        partial = cached / "weights.pt.partial"
-        torch.save(model.state_dict(), partial)
-        partial.replace(weights)  # whole or absent: a crash mid-write leaves no cache
-    except OSError as exc:
+        (partial / "config.json").write_text(json.dumps(config))
+        tokenizer.save_pretrained(partial)
+        torch.save(model.state_dict(), partial / "weights.pt")
+        if replace:
+            shutil.rmtree(cached, ignore_errors=True)
+        if not cached.exists():
+            partial.rename(cached)
+    except OSError as exc:  # a full disk; or another worker renamed its copy in just now
         log.warning("cannot cache the dequantized model in %s: %s", cached, exc)
-    return model, tokenizer
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 _LOADED: dict[tuple[Path, str, Precision], GenerationModel] = {}

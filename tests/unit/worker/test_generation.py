@@ -325,3 +325,69 @@ def test_the_longest_token_is_counted_in_bytes_never_fewer() -> None:
     # Other vocabularies: the UTF-8 length of the spelling, an upper bound ("▁" is 3 bytes).
     sentencepiece = _Vocabulary(["▁héllo"], [], object())
     assert generation.longest_token_bytes(sentencepiece) == len("▁héllo".encode()) == 9
+
+
+# ---- the dequantized model's cache ---------------------------------------------------------
+
+
+class _Config:
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_type": "stand-in", "quantization_config": {"q": 4}}
+
+
+class _Tokenizer:
+    def save_pretrained(self, folder: Path) -> None:
+        (folder / "tokenizer.json").write_text("{}")
+
+
+class _Model:
+    config = _Config()
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict[str, Any]:
+        import torch
+
+        return {"w": torch.full((2,), self.value)}
+
+
+def _cached_value(folder: Path) -> float:
+    import torch
+
+    return float(torch.load(folder / "weights.pt", weights_only=True)["w"][0])
+
+
+def test_the_model_cache_is_written_whole_and_another_workers_copy_is_kept(
+    tmp_path: Path,
+) -> None:
+    cached = tmp_path / "models" / "SmolLM2-abc"
+    generation._write_cache(cached, _Model(1.0), _Tokenizer(), replace=False)
+    assert sorted(p.name for p in cached.iterdir()) == [
+        "config.json",
+        "tokenizer.json",
+        "weights.pt",
+    ]
+    assert "quantization_config" not in json.loads((cached / "config.json").read_text())
+    assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no partial folder left
+    # A second worker that converted the same file meanwhile keeps the first one's cache...
+    generation._write_cache(cached, _Model(2.0), _Tokenizer(), replace=False)
+    assert _cached_value(cached) == 1.0
+    # ...and one whose cache failed to load (or was left incomplete) replaces it.
+    (cached / "weights.pt").write_bytes(b"torn")
+    generation._write_cache(cached, _Model(3.0), _Tokenizer(), replace=True)
+    assert _cached_value(cached) == 3.0
+    assert [p.name for p in cached.parent.iterdir()] == [cached.name]
+
+
+def test_a_cache_that_cannot_be_written_leaves_nothing_behind(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class _FullDisk(_Tokenizer):
+        def save_pretrained(self, folder: Path) -> None:
+            raise OSError(28, "No space left on device")
+
+    cached = tmp_path / "models" / "SmolLM2-abc"
+    generation._write_cache(cached, _Model(1.0), _FullDisk(), replace=False)
+    assert list(cached.parent.iterdir()) == []
+    assert "cannot cache the dequantized model" in caplog.text
