@@ -76,7 +76,7 @@ SLOTS_PER_WORKER = 64
 CLIENT_TASKS = 16
 SUBMIT_BATCH = 100
 """Jobs per submit request (each client task submits its share in such batches)."""
-ROUNDS_FULL = 2
+ROUNDS_FULL = 3
 ROUNDS_QUICK = 1
 CELERY_POOL = "threads"
 CELERY_CONCURRENCY = 16
