@@ -50,6 +50,10 @@ class WakeHub:
             for group in groups:
                 group.event.set()
 
+    def watched(self, key: str) -> bool:
+        """Whether a long-poll waits on ``key`` now (``watch`` or ``watch_any``)."""
+        return key in self._watchers or key in self._groups
+
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 

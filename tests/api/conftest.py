@@ -242,11 +242,16 @@ def run_live_api(live_services: Services) -> RunApi:
 
 
 async def call_until_hang_up(
-    app: Any, path: str, body: dict[str, Any], headers: dict[str, str], hang_up: asyncio.Event
+    app: Any,
+    path: str,
+    body: dict[str, Any] | None,
+    headers: dict[str, str],
+    hang_up: asyncio.Event,
+    query: str = "",
 ) -> list[dict[str, Any]]:
-    """POST ``body`` to ``path`` straight through ASGI, as a client that closes its connection
-    once ``hang_up`` is set (httpx's transport cannot hang up mid-request). Returns what the
-    app sent back."""
+    """POST ``body`` (or, with None, GET) to ``path`` (with ``query``) straight through ASGI,
+    as a client that closes its connection once ``hang_up`` is set (httpx's transport cannot
+    hang up mid-request). Returns what the app sent back."""
     sent_body = False
     answer: list[dict[str, Any]] = []
 
@@ -254,7 +259,8 @@ async def call_until_hang_up(
         nonlocal sent_body
         if not sent_body:
             sent_body = True
-            return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+            data = b"" if body is None else json.dumps(body).encode()
+            return {"type": "http.request", "body": data, "more_body": False}
         await hang_up.wait()
         return {"type": "http.disconnect"}
 
@@ -267,11 +273,11 @@ async def call_until_hang_up(
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "POST",
+        "method": "GET" if body is None else "POST",
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
+        "query_string": query.encode(),
         "root_path": "",
         "headers": raw,
         "client": ("127.0.0.1", 40000),

@@ -8,7 +8,18 @@ from typing import Any
 
 import pytest
 
-from tests.api.conftest import TEXTS, Api, RunApi, assert_problem, bearer, inference_spec
+from orchestrator.services.wakeups import JOB_KEY_PREFIX
+from orchestrator.wiring import Services
+from tests.api.conftest import (
+    TEXTS,
+    Api,
+    RunApi,
+    assert_problem,
+    bearer,
+    call_until_hang_up,
+    inference_spec,
+    serve_with_app,
+)
 from tests.conftest import FakeClock
 from tests.support import EMBED_MODEL, offer
 
@@ -568,3 +579,31 @@ def test_a_job_long_poll_times_out_with_the_state_unchanged(run_live_api: RunApi
         assert resp.status_code == 422
 
     run_live_api(body)
+
+
+def test_a_clients_long_polls_end_when_it_hangs_up(live_services: Services) -> None:
+    """A client that closes its connection mid-wait (a timeout, a retry, a program that quit)
+    ends its long-poll then, on one job and on many: not ``wait_s`` later, after reading the
+    jobs' states every second for no one."""
+
+    async def body(app: Any, api: Api) -> None:
+        client = await api.new_client()
+        job = await api.submit(client)  # no worker: it stays queued
+        key = f"{JOB_KEY_PREFIX}{job['id']}"
+        hub = api.services.hub
+        for path, body, query in (
+            (f"/v1/jobs/{job['id']}", None, "wait_s=5"),
+            ("/v1/jobs/wait", {"job_ids": [job["id"]], "wait_s": 5}, ""),
+        ):
+            hang_up = asyncio.Event()
+            poll = asyncio.create_task(
+                call_until_hang_up(app, path, body, client, hang_up, query=query)
+            )
+            while not hub.watched(key):
+                await asyncio.sleep(0.01)
+            hang_up.set()
+            answer = await asyncio.wait_for(poll, timeout=3)  # not the 5 s wait_s
+            assert answer[0]["status"] == 200, (path, answer)
+            assert not hub.watched(key)
+
+    serve_with_app(live_services, body)

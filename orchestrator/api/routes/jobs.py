@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from orchestrator.api.deps import ClientDep, ServicesDep
+from orchestrator.api.hangup import HangUp
 from orchestrator.api.openapi import problems
 from orchestrator.api.strict_json import StrictJSONRoute
 from orchestrator.services.auth import Principal
@@ -104,7 +106,7 @@ def submit_batch(
 
 @router.post("/wait", responses=problems(400, 401, 404, 413, 422))
 async def wait_jobs(
-    req: JobWaitRequest, client: ClientDep, services: ServicesDep
+    req: JobWaitRequest, client: ClientDep, services: ServicesDep, request: Request
 ) -> JobWaitResponse:
     """Many jobs at once, and a long-poll over them: the answer waits (up to ``wait_s``, at
     most the server's long-poll limit) until ``any`` of them is final, or ``all`` are. It
@@ -119,19 +121,14 @@ async def wait_jobs(
         return not any(final) if req.return_when == "any" else not all(final)
 
     keys = [f"{JOB_KEY_PREFIX}{job_id}" for job_id in dict.fromkeys(req.job_ids)]
-    while waiting(states) and (remaining := deadline - time.monotonic()) > 0:
-        if services.hub.closing:  # the server is stopping: answer with the states so far
-            break
-        fired = await services.hub.watch_any(keys, remaining)
-        # Woken by this replica's commits: they say each job's new state, nothing to read.
-        # Only what they cannot say is read: the jobs another replica changed (no state),
-        # or, after a quiet second, every job.
-        told = {k.removeprefix(JOB_KEY_PREFIX): st for k, st in fired.items() if st is not None}
-        unknown = [k.removeprefix(JOB_KEY_PREFIX) for k, st in fired.items() if st is None]
-        if unknown or not fired:
-            fresh = await run_in_threadpool(batch.states, client, unknown or req.job_ids)
-            told.update({item.id: item.state.value for item in fresh})
-        states = [_newer(item, told.get(item.id)) for item in states]
+    long_poll = waiting(states) and req.wait_s > 0
+    async with _client_line(request, services, keys[0], long_poll) as line:
+        while waiting(states) and (remaining := deadline - time.monotonic()) > 0:
+            if services.hub.closing or line.gone:  # stopping (answer the states so far),
+                break  # or no one is left to answer
+            states = await _next_states(services, client, req.job_ids, keys, states, remaining)
+        if line.gone:  # no one reads this answer: its results are not read either
+            return JobWaitResponse(states=states, jobs=[], results=[])
     final = {item.id: item.state for item in states if item.state in FINAL_STATES}
     succeeded = [i for i, state in final.items() if state is JobState.SUCCEEDED]
     results: list[ResultView] = []
@@ -140,6 +137,45 @@ async def wait_jobs(
     whole = [i for i in final if i not in {r.job_id for r in results}]
     jobs = await run_in_threadpool(batch.get, client, whole) if whole else []
     return JobWaitResponse(states=states, jobs=jobs, results=results)
+
+
+def _client_line(
+    request: Request, services: Services, key: str, waits: bool
+) -> contextlib.AbstractAsyncContextManager[HangUp | _NoLine]:
+    """The client's connection, watched while its long-poll waits (``waits``): a client that
+    hangs up (a timeout, a retry, a closed program) ends the poll, which would otherwise read
+    the store every second for no one until ``wait_s`` (``key``: the wait to wake then)."""
+    if not waits:
+        return contextlib.nullcontext(_NoLine())
+    return HangUp(request, on_gone=lambda: services.hub.notify_waiting(key))
+
+
+class _NoLine:
+    """A long-poll that does not wait: no connection to watch."""
+
+    gone = False
+
+
+async def _next_states(
+    services: Services,
+    client: Principal,
+    job_ids: list[str],
+    keys: list[str],
+    states: list[JobStateItem],
+    remaining: float,
+) -> list[JobStateItem]:
+    """The jobs' states after the next wake-up (or a quiet second)."""
+    batch = services.jobs.batch
+    fired = await services.hub.watch_any(keys, remaining)
+    # Woken by this replica's commits: they say each job's new state, nothing to read.
+    # Only what they cannot say is read: the jobs another replica changed (no state),
+    # or, after a quiet second, every job.
+    told = {k.removeprefix(JOB_KEY_PREFIX): st for k, st in fired.items() if st is not None}
+    unknown = [k.removeprefix(JOB_KEY_PREFIX) for k, st in fired.items() if st is None]
+    if unknown or not fired:
+        fresh = await run_in_threadpool(batch.states, client, unknown or job_ids)
+        told.update({item.id: item.state.value for item in fresh})
+    return [_newer(item, told.get(item.id)) for item in states]
 
 
 def _newer(item: JobStateItem, told: str | None) -> JobStateItem:
@@ -167,6 +203,7 @@ async def get_job(
     job_id: str,
     client: ClientDep,
     services: ServicesDep,
+    request: Request,
     wait_s: Annotated[float, Query(ge=0, le=MAX_JOB_WAIT_S)] = 0.0,
     while_state: JobState | None = None,
 ) -> JobView:
@@ -180,11 +217,14 @@ async def get_job(
     def waiting(state: JobState) -> bool:
         return state is while_state if while_state is not None else state not in FINAL_STATES
 
-    while waiting(view.state) and (remaining := deadline - time.monotonic()) > 0:
-        if services.hub.closing:  # the server is stopping: answer with the job as it is
-            break
-        await services.hub.watch(key, remaining)
-        view = await run_in_threadpool(services.jobs.get, client, job_id)
+    async with _client_line(request, services, key, waiting(view.state) and wait_s > 0) as line:
+        while waiting(view.state) and (remaining := deadline - time.monotonic()) > 0:
+            if services.hub.closing:  # the server is stopping: answer with the job as it is
+                break
+            await services.hub.watch(key, remaining)
+            if line.gone:  # no one is left to answer
+                break
+            view = await run_in_threadpool(services.jobs.get, client, job_id)
     return view
 
 
