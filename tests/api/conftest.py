@@ -199,7 +199,8 @@ ApiBody = Callable[[Api], Awaitable[None]]
 RunApi = Callable[[ApiBody], None]
 
 
-async def _serve(services: Services, body: ApiBody) -> None:
+async def serve(services: Services, body: ApiBody) -> None:
+    """Run ``body`` against an app over ``services`` (the fixtures below, or a test's own)."""
     app = create_app(services.settings, services=services, run_sweeper=False)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -212,7 +213,7 @@ def run_api(services: Services) -> RunApi:
     """Run an async test body against the app over the fake clock (``clock`` fixture)."""
 
     def run(body: ApiBody) -> None:
-        asyncio.run(_serve(services, body))
+        asyncio.run(serve(services, body))
 
     return run
 
@@ -222,7 +223,7 @@ def run_any_api(any_services: Services) -> RunApi:
     """Like ``run_api``, once over SQLite and once over PostgreSQL."""
 
     def run(body: ApiBody) -> None:
-        asyncio.run(_serve(any_services, body))
+        asyncio.run(serve(any_services, body))
 
     return run
 
@@ -236,7 +237,7 @@ def live_services(settings: Settings, sqlite_store: Store) -> Services:
 @pytest.fixture
 def run_live_api(live_services: Services) -> RunApi:
     def run(body: ApiBody) -> None:
-        asyncio.run(_serve(live_services, body))
+        asyncio.run(serve(live_services, body))
 
     return run
 

@@ -19,7 +19,7 @@ from protocol.signing import (
     result_hash,
     sign_result_batch,
 )
-from tests.api.conftest import Api, RunApi, _serve, assert_problem
+from tests.api.conftest import Api, RunApi, assert_problem, serve
 from tests.api.conftest import inference_spec as spec
 from tests.conftest import FakeClock
 from tests.support import offer
@@ -354,7 +354,7 @@ def test_each_job_of_a_batch_is_sampled_and_checked_on_its_own(
             assert job["verification"]["status"] == "passed", job["verification"]
             assert job["cost_wei"] == str(PRICE_WEI)
 
-    asyncio.run(_serve(verifying_services, body))
+    asyncio.run(serve(verifying_services, body))
 
 
 def test_a_jobs_result_is_proven_alone_or_by_its_place_in_a_batch() -> None:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from typing import Any
 
 import pytest
 from eth_account import Account
 
-from orchestrator.wiring import Services
+from orchestrator.config import Settings
+from orchestrator.services.leases import POLL_TTL_S
+from orchestrator.store import Store
+from orchestrator.wiring import Services, build_services
 from protocol.signing import output_sha256, recover_result_signer, sign_registration, sign_result
 from tests.api.conftest import (
     TEXTS,
@@ -20,6 +24,7 @@ from tests.api.conftest import (
     assert_problem,
     bearer,
     call_until_hang_up,
+    serve,
     serve_with_app,
 )
 from tests.conftest import FakeClock
@@ -752,3 +757,23 @@ def test_deregister_ends_the_session_and_requeues_held_jobs(run_api: RunApi) -> 
         assert gone == {worker.address: "deregistered", successor.address: "registered"}
 
     run_api(body)
+
+
+def test_a_lease_poll_longer_than_its_advertisement_is_still_offered_work(
+    settings: Settings, sqlite_store: Store
+) -> None:
+    """A poll renews its worker's advertisement (``POLL_TTL_S`` at a time) while it waits, so
+    a job submitted once the first ``POLL_TTL_S`` is over still goes to it, in the same poll."""
+    wait_s = POLL_TTL_S + 3
+    longer = settings.model_copy(update={"long_poll_max_s": wait_s})
+    services = build_services(longer, store=sqlite_store, clock=time.time, rng=random.Random(7))
+
+    async def body(api: Api) -> None:
+        worker, client = await api.register_worker(), await api.new_client()
+        poll = asyncio.create_task(api.lease(worker, wait_s=wait_s))
+        await asyncio.sleep(POLL_TTL_S + 1)
+        job = await api.submit(client)
+        [leased] = await asyncio.wait_for(poll, timeout=wait_s)
+        assert leased["job_id"] == job["id"]
+
+    asyncio.run(serve(services, body))

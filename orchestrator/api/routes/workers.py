@@ -12,6 +12,7 @@ from orchestrator.api.strict_json import StrictJSONRoute
 from orchestrator.exceptions import GpumarketError
 from orchestrator.services.auth import Principal
 from orchestrator.services.jobs import item_error
+from orchestrator.services.leases import POLL_TTL_S
 from orchestrator.wiring import Services
 from protocol import (
     ChallengeRequest,
@@ -84,6 +85,7 @@ async def lease(
     leases, hub = services.leases, services.hub
     listening = True  # until a claim that hands over jobs closes the poll itself
     line: HangUp | None = None  # the worker's connection, watched while the poll waits
+    renewed = now  # start_poll advertises the free slots for POLL_TTL_S
     try:
         jobs = await run_in_threadpool(leases.start_poll, worker, req.max_jobs, deadline, now)
         listening = not jobs
@@ -101,9 +103,19 @@ async def lease(
             await hub.wait(worker.id, remaining)
             if over():
                 break
+            # The advertisement is renewed once half its time is gone, not at every look: the
+            # renewal writes the worker's row, which waits while its results are recorded.
+            now = services.now()
+            renew = now - renewed >= POLL_TTL_S / 2
             jobs = await run_in_threadpool(
-                leases.claim, worker, req.max_jobs, services.now(), deadline, close_when_leased=True
+                leases.claim,
+                worker,
+                req.max_jobs,
+                now,
+                deadline if renew else None,
+                close_when_leased=True,
             )
+            renewed = now if renew else renewed
             listening = not jobs
         return LeaseResponse(jobs=jobs)
     finally:
