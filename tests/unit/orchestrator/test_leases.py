@@ -160,7 +160,7 @@ def test_dispatch_only_to_workers_with_an_open_poll_and_a_free_slot(
 def test_a_poll_nobody_renews_stops_advertising_within_its_ttl(
     any_services: Services, clock: FakeClock
 ) -> None:
-    """The replica holding a long-poll renews it at each look (claim with poll_until); one
+    """The replica holding a long-poll renews it (claim with poll_until) while it waits; one
     that died does not, and its worker is offered no work past POLL_TTL_S, long before the
     poll's own end."""
     services = any_services
