@@ -20,7 +20,8 @@ of all samples in a run of row b without ``--gil``) or to take the GIL back afte
 call (samples that land on whatever line made it, ``uuid4`` for one), and such samples would
 count as the CPU of the component that waited. What the GIL holder runs is the process's
 Python work; the C work done without the GIL (libpq, the kernel) is split in the same
-proportions. Waits that do hold the GIL (a ``select`` from the event loop) are left out too.
+proportions. Samples that land in a wait anyway (``WAITS``, as the GIL is taken or given back
+around it) are left out too.
 """
 
 from __future__ import annotations

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 
 from starlette.requests import Request
+
+log = logging.getLogger("gpumarket.orchestrator.api")
 
 
 class HangUp:
@@ -31,8 +34,17 @@ class HangUp:
 
     def start(self) -> HangUp:
         self._task = asyncio.create_task(self._until_disconnected())
-        self._task.add_done_callback(lambda t: None if t.cancelled() else self._on_gone())
+        self._task.add_done_callback(self._done)
         return self
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:  # not a hang-up: the request goes on, unwatched
+            log.warning("cannot watch a request's connection: %r", error)
+            return
+        self._on_gone()
 
     def stop(self) -> None:
         if self._task is not None and not self._task.done():
@@ -41,7 +53,9 @@ class HangUp:
     @property
     def gone(self) -> bool:
         task = self._task
-        return task is not None and task.done() and not task.cancelled()
+        return (
+            task is not None and task.done() and not task.cancelled() and task.exception() is None
+        )
 
     async def __aenter__(self) -> HangUp:
         return self.start()

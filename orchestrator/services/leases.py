@@ -71,9 +71,9 @@ log = logging.getLogger("gpumarket.orchestrator.leases")
 PERF_EWMA_ALPHA = 0.3
 OFFERED_MODELS_TTL_S = 1.0  # how stale explain_unplaced's view of live workers' models may be
 # A poll advertises its worker's free slots for this long at a time; the replica holding the
-# long-poll renews it at its first look (claim, at least every second) once half of this is
-# gone. A replica that dies stops renewing, so its workers stop being offered work within this
-# time, not at the poll's end.
+# long-poll renews it at a look (a claim, made a second at most after the last one ended) once
+# the next look might come too late (api/routes/workers.py). A replica that dies stops
+# renewing, so its workers stop being offered work within this time, not at the poll's end.
 POLL_TTL_S = 5.0
 
 

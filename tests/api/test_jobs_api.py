@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.services.wakeups import JOB_KEY_PREFIX
+from orchestrator.services.wakeups import JOB_KEY_PREFIX, WakeHub
 from orchestrator.wiring import Services
 from tests.api.conftest import (
     TEXTS,
@@ -599,11 +599,15 @@ def test_a_clients_long_polls_end_when_it_hangs_up(live_services: Services) -> N
             poll = asyncio.create_task(
                 call_until_hang_up(app, path, body, client, hang_up, query=query)
             )
-            while not hub.watched(key):
-                await asyncio.sleep(0.01)
+            await asyncio.wait_for(_until_watched(hub, key), timeout=5)
             hang_up.set()
             answer = await asyncio.wait_for(poll, timeout=3)  # not the 5 s wait_s
             assert answer[0]["status"] == 200, (path, answer)
             assert not hub.watched(key)
 
     serve_with_app(live_services, body)
+
+
+async def _until_watched(hub: WakeHub, key: str) -> None:
+    while not hub.watched(key):
+        await asyncio.sleep(0.01)

@@ -163,6 +163,7 @@ class WorkerProcess:
         """Run as tests/faults/paced_worker.py instead: the same command and options (the real
         daemon, reports, drain and voucher redeemer) with stand-in executors taking ``job_s``
         per job, for a test of the daemon rather than of the model (no ~13 s model load)."""
+        assert self.args[2] == "gpumarket.cli", "already paced"
         self.args = [sys.executable, "-m", "tests.faults.paced_worker", *self.args[5:]]
         self.env["GPUMARKET_FAULTS_JOB_S"] = str(job_s)
         return self

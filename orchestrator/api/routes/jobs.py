@@ -219,10 +219,10 @@ async def get_job(
 
     async with _client_line(request, services, key, waiting(view.state) and wait_s > 0) as line:
         while waiting(view.state) and (remaining := deadline - time.monotonic()) > 0:
-            if services.hub.closing:  # the server is stopping: answer with the job as it is
-                break
+            if services.hub.closing or line.gone:  # stopping: answer the job as it is;
+                break  # or no one is left to answer
             await services.hub.watch(key, remaining)
-            if line.gone:  # no one is left to answer
+            if line.gone:
                 break
             view = await run_in_threadpool(services.jobs.get, client, job_id)
     return view

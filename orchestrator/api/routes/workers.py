@@ -13,6 +13,7 @@ from orchestrator.exceptions import GpumarketError
 from orchestrator.services.auth import Principal
 from orchestrator.services.jobs import item_error
 from orchestrator.services.leases import POLL_TTL_S
+from orchestrator.services.wakeups import WAKE_FALLBACK_S
 from orchestrator.wiring import Services
 from protocol import (
     ChallengeRequest,
@@ -103,10 +104,16 @@ async def lease(
             await hub.wait(worker.id, remaining)
             if over():
                 break
-            # The advertisement is renewed once half its time is gone, not at every look: the
-            # renewal writes the worker's row, which waits while its results are recorded.
+            # The advertisement (POLL_TTL_S from its last renewal) is renewed when the next
+            # look might come too late for it, not at every look: the renewal writes the
+            # worker's row, which waits while its results are recorded. Looks come a wait
+            # (at most WAKE_FALLBACK_S) after the last one ended; a claim stuck for more than
+            # the margin left (2 s) lets the slots lapse until the next look renews them.
             now = services.now()
-            renew = now - renewed >= POLL_TTL_S / 2
+            renew = (
+                now - renewed >= POLL_TTL_S / 2 - WAKE_FALLBACK_S
+                and renewed + POLL_TTL_S < deadline  # not already advertised to its end
+            )
             jobs = await run_in_threadpool(
                 leases.claim,
                 worker,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -380,14 +381,38 @@ def test_the_model_cache_is_written_whole_and_another_workers_copy_is_kept(
     assert [p.name for p in cached.parent.iterdir()] == [cached.name]
 
 
+@pytest.mark.parametrize(
+    "error",
+    [OSError(28, "No space left on device"), RuntimeError("PytorchStreamWriter failed writing")],
+    ids=["os-error", "torch-runtime-error"],
+)
 def test_a_cache_that_cannot_be_written_leaves_nothing_behind(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, error: Exception
 ) -> None:
     class _FullDisk(_Tokenizer):
         def save_pretrained(self, folder: Path) -> None:
-            raise OSError(28, "No space left on device")
+            raise error
 
     cached = tmp_path / "models" / "SmolLM2-abc"
-    generation._write_cache(cached, _Model(1.0), _FullDisk(), replace=False)
+    generation._write_cache(cached, _Model(1.0), _FullDisk(), replace=False)  # does not raise
     assert list(cached.parent.iterdir()) == []
     assert "cannot cache the dequantized model" in caplog.text
+
+
+def test_folders_of_conversions_that_died_are_removed_and_running_ones_kept(
+    tmp_path: Path,
+) -> None:
+    import os
+
+    cached = tmp_path / "models" / "SmolLM2-abc"
+    died, running = (
+        cached.with_name(".SmolLM2-abc.1.partial"),
+        cached.with_name(".SmolLM2-abc.2.partial"),
+    )
+    for folder in (died, running):
+        folder.mkdir(parents=True)
+        (folder / "weights.pt").write_bytes(b"half")
+    an_hour_ago = time.time() - generation.ABANDONED_AFTER_S - 60
+    os.utime(died, (an_hour_ago, an_hour_ago))
+    generation._write_cache(cached, _Model(1.0), _Tokenizer(), replace=False)
+    assert sorted(p.name for p in cached.parent.iterdir()) == [running.name, cached.name]
