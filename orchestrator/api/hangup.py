@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 from starlette.requests import Request
 
+from orchestrator.services.wakeups import WakeHub
+
 log = logging.getLogger("gpumarket.orchestrator.api")
 
 
@@ -31,6 +33,12 @@ class HangUp:
         self._request = request
         self._on_gone = on_gone
         self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def waking(cls, request: Request, hub: WakeHub, key: str) -> HangUp:
+        """Watches a client's long-poll waiting on ``key``: a hang-up wakes that wait (not
+        started yet: enter it, or ``start``)."""
+        return cls(request, on_gone=lambda: hub.notify_waiting(key))
 
     def start(self) -> HangUp:
         self._task = asyncio.create_task(self._until_disconnected())

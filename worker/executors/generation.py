@@ -171,10 +171,12 @@ def _write_cache(cached: Path, model: Any, tokenizer: Any, *, replace: bool) -> 
     worker's cache, kept, unless ``replace`` (one there before this conversion, which failed
     to load or was left incomplete): that one is renamed aside first, then deleted. The cache
     only saves the next start a conversion: any failure here is logged, never raised."""
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(cached)
-    partial = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=PARTIAL))
+    partial: Path | None = None
     try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(cached)
+        prefix = f".{cached.name}."
+        partial = Path(tempfile.mkdtemp(dir=cached.parent, prefix=prefix, suffix=PARTIAL))
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         (partial / "config.json").write_text(json.dumps(config))
@@ -190,7 +192,8 @@ def _write_cache(cached: Path, model: Any, tokenizer: Any, *, replace: bool) -> 
     except Exception as exc:  # a full disk (torch raises RuntimeError for it), a lost race
         log.warning("cannot cache the dequantized model in %s: %s", cached, exc)
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _remove_abandoned(cached: Path) -> None:

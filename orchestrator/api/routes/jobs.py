@@ -141,19 +141,13 @@ async def wait_jobs(
 
 def _client_line(
     request: Request, services: Services, key: str, waits: bool
-) -> contextlib.AbstractAsyncContextManager[HangUp | _NoLine]:
-    """The client's connection, watched while its long-poll waits (``waits``): a client that
-    hangs up (a timeout, a retry, a closed program) ends the poll, which would otherwise read
-    the store every second for no one until ``wait_s`` (``key``: the wait to wake then)."""
-    if not waits:
-        return contextlib.nullcontext(_NoLine())
-    return HangUp(request, on_gone=lambda: services.hub.notify_waiting(key))
-
-
-class _NoLine:
-    """A long-poll that does not wait: no connection to watch."""
-
-    gone = False
+) -> contextlib.AbstractAsyncContextManager[HangUp]:
+    """The client's connection, watched while its long-poll waits (``waits``; else never
+    ``gone``): a client that hangs up (a timeout, a retry, a closed program) ends the poll,
+    which would otherwise read the store every second for no one until ``wait_s`` (``key``:
+    the wait to wake then)."""
+    line = HangUp.waking(request, services.hub, key)
+    return line if waits else contextlib.nullcontext(line)
 
 
 async def _next_states(

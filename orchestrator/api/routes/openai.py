@@ -205,7 +205,7 @@ async def _wait(services: Services, client: Principal, job_id: str, request: Req
     key = f"{JOB_KEY_PREFIX}{job_id}"
     deadline = time.monotonic() + RESULT_WAIT_S
     view = await run_in_threadpool(services.jobs.get, client, job_id)
-    async with HangUp(request, on_gone=lambda: services.hub.notify_waiting(key)) as line:
+    async with HangUp.waking(request, services.hub, key) as line:
         give_up = _GiveUp(services, line)
         while view.state not in FINAL_STATES and (remaining := deadline - time.monotonic()) > 0:
             if (why := give_up.why()) is not None:
@@ -223,7 +223,7 @@ async def _before_first_text(
     deadline = time.monotonic() + STREAM_OPEN_WAIT_S
     state = await job_state(services, client, job_id)
     key = f"{JOB_KEY_PREFIX}{job_id}"
-    async with HangUp(request, on_gone=lambda: services.hub.notify_waiting(key)) as line:
+    async with HangUp.waking(request, services.hub, key) as line:
         give_up = _GiveUp(services, line)
         while True:
             streamed = services.streams.read(job_id, None, 0)
@@ -462,7 +462,7 @@ async def _wait_all(
     deadline = time.monotonic() + RESULT_WAIT_S
     keys = [f"{JOB_KEY_PREFIX}{job_id}" for job_id in job_ids]
     states = await run_in_threadpool(batch.states, client, job_ids)
-    async with HangUp(request, on_gone=lambda: services.hub.notify_waiting(keys[0])) as line:
+    async with HangUp.waking(request, services.hub, keys[0]) as line:
         give_up = _GiveUp(services, line)
         while any(s.state not in FINAL_STATES for s in states):
             remaining = deadline - time.monotonic()

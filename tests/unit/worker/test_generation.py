@@ -416,3 +416,12 @@ def test_folders_of_conversions_that_died_are_removed_and_running_ones_kept(
     os.utime(died, (an_hour_ago, an_hour_ago))
     generation._write_cache(cached, _Model(1.0), _Tokenizer(), replace=False)
     assert sorted(p.name for p in cached.parent.iterdir()) == [running.name, cached.name]
+
+
+def test_a_cache_folder_that_cannot_be_made_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "models").write_text("a file where the cache folder should be")
+    cached = tmp_path / "models" / "SmolLM2-abc"
+    generation._write_cache(cached, _Model(1.0), _Tokenizer(), replace=False)  # does not raise
+    assert "cannot cache the dequantized model" in caplog.text
