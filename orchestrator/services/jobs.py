@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -53,6 +54,7 @@ from protocol.signing import canonical_json
 
 MAX_LIST_LIMIT = 200
 PAID_DEADLINE_SHARE = 0.5  # of the payer's withdrawal delay
+KNOWN_MODELS_TTL_S = 2.0  # how long a submit trusts the models it last read (KnownModels)
 
 
 def ts(value: float) -> datetime:
@@ -205,6 +207,28 @@ def known_models(session: Session, job_type: JobType) -> set[str]:
     return models
 
 
+class KnownModels:
+    """``known_models``, remembered for ``KNOWN_MODELS_TTL_S``: reading every registered
+    worker's offers for each submit grew with the workers, not with the request. A model in
+    the remembered set is taken; one not in it is read again before it is refused, so a model
+    a worker has just registered is never missed. A model whose last worker has just left
+    stays known up to the TTL longer: its jobs queue with a waiting reason, as they would had
+    they come a moment before it left."""
+
+    def __init__(self) -> None:
+        self._seen: dict[JobType, tuple[float, frozenset[str]]] = {}
+
+    def including(self, session: Session, job_type: JobType, model: str) -> frozenset[str]:
+        """The known models of ``job_type``: the remembered ones when ``model`` is among them
+        (and they are fresh), else read now."""
+        read_at, models = self._seen.get(job_type, (float("-inf"), frozenset()))
+        if model in models and time.monotonic() - read_at < KNOWN_MODELS_TTL_S:
+            return models
+        models = frozenset(known_models(session, job_type))
+        self._seen[job_type] = (time.monotonic(), models)
+        return models
+
+
 def job_spec(spec: JobSpec) -> dict[str, Any]:
     """The stored request of a job (``Job.spec``): input, container and ladder."""
     stored: dict[str, Any] = {
@@ -226,6 +250,7 @@ class JobService:
         self._payments = payments
         self._settings = settings
         self._inputs = inputs
+        self.known_models = KnownModels()
         self.batch = BatchJobs(self, store)
 
     def _request_hash(self, spec: JobSpec) -> str:
@@ -237,7 +262,7 @@ class JobService:
 
     def _validate(self, session: Session, client: Principal, spec: JobSpec) -> None:
         assert spec.model is not None
-        models = known_models(session, spec.type)
+        models = self.known_models.including(session, spec.type, spec.model)
         if spec.model not in models:
             raise InvalidInput(
                 f"unknown {spec.type} model {spec.model!r}; available: {', '.join(sorted(models))}"
@@ -664,16 +689,13 @@ class BatchJobs:
         made: dict[str, JobView] = {}  # idempotency key -> the job this batch made for it
         rows: list[dict[str, Any]] = []  # one multi-row INSERT (the ORM's flush cost more)
         with self._store.transaction() as s:
-            models: dict[JobType, set[str]] = {}
             for p in todo:
                 if p.same_as_earlier:
                     continue
                 spec = p.spec
                 assert spec.model is not None
                 try:
-                    known = models.get(spec.type)
-                    if known is None:
-                        known = models[spec.type] = known_models(s, spec.type)
+                    known = jobs.known_models.including(s, spec.type, spec.model)
                     if spec.model not in known:
                         raise InvalidInput(
                             f"unknown {spec.type} model {spec.model!r}; "

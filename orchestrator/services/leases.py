@@ -43,7 +43,7 @@ from orchestrator.services.matching import (
     exclusion_reason,
     offer_key,
 )
-from orchestrator.services.result_batches import BatchCompletion
+from orchestrator.services.result_batches import BatchCompletion, units_of
 from orchestrator.services.settlement import Payments
 from orchestrator.services.verification import CHECK, VerificationService
 from orchestrator.services.workers import REGISTERED, leased_counts
@@ -233,6 +233,11 @@ class LeaseService(BatchCompletion):
         return assigned
 
     def _dispatch(self, s: Session, now: float) -> list[tuple[str, str]]:
+        # Nothing queued (most lease polls' start, a submit another round has already
+        # placed): no worker row is locked and no candidate built. A job committed after
+        # this look asks for a round of its own once committed, as every submit does.
+        if s.scalar(select(Job.id).where(Job.state == JobState.QUEUED).limit(1)) is None:
+            return []
         workers = list(
             s.scalars(
                 select(Worker)
@@ -424,35 +429,61 @@ class LeaseService(BatchCompletion):
         """The worker is listening until ``until`` with ``free_slots`` free: advertised for
         ``POLL_TTL_S`` at a time, renewed by ``claim(poll_until=until)``."""
         with self._store.transaction() as s:
-            row = s.get(Worker, worker.id, with_for_update=True)
-            assert row is not None
-            row.last_seen_at = now
-            if row.status != REGISTERED:
-                return
+            self._open(s, worker, free_slots, until, now)
+
+    @staticmethod
+    def _open(s: Session, worker: Principal, free_slots: int, until: float, now: float) -> None:
+        """Advertise up to ``free_slots`` (what the worker's ``max_concurrency`` leaves beside
+        the jobs it holds) for ``POLL_TTL_S``, up to ``until``; a worker that is not
+        registered is only marked seen. Core statements: this runs at every poll's start."""
+        row = s.execute(
+            select(Worker.status, Worker.max_concurrency)
+            .where(Worker.id == worker.id)
+            .with_for_update()  # held first, so the count below sees its dispatch's commit
+        ).one()
+        values: dict[str, Any] = {"last_seen_at": now}
+        if row.status == REGISTERED:
             held = leased_counts(s, [worker.id]).get(worker.id, 0)
-            row.free_slots = max(0, min(free_slots, row.max_concurrency - held))
-            row.available_until = min(until, now + POLL_TTL_S)
+            values["free_slots"] = max(0, min(free_slots, row.max_concurrency - held))
+            values["available_until"] = min(until, now + POLL_TTL_S)
+        s.execute(update(Worker).where(Worker.id == worker.id).values(**values))
 
     @retry_transient
     def close_poll(self, worker: Principal, now: float) -> None:
         with self._store.transaction() as s:
-            row = s.get(Worker, worker.id, with_for_update=True)
-            assert row is not None
-            row.available_until = 0.0
-            row.free_slots = 0
-            row.last_seen_at = now
+            self._close(s, worker, now)
 
     def start_poll(
         self, worker: Principal, max_jobs: int, until: float, now: float
     ) -> list[LeasedJob]:
-        """A lease poll's first look: open it, run a dispatch round, claim what it assigned
-        us. Jobs found close the poll in the claim's own transaction (the worker goes away
-        with them); none leave it open for the long-poll."""
-        self.open_poll(worker, max_jobs, until, now)
-        self.dispatch(now)
-        # No renewal: open_poll has just advertised the slots (renewing would write the
+        """A lease poll's first look: jobs already assigned to the worker are handed over
+        at once (closing the poll: the worker goes away with them); otherwise the poll opens
+        (its free slots advertised) in the same transaction, and a dispatch round runs. Jobs
+        that round assigns to this worker are claimed at once; none leave the poll open for
+        the long-poll, which a later assignment wakes (here, or on another replica)."""
+        jobs = self._hand_over_or_open(worker, max_jobs, until, now)
+        if jobs:
+            return jobs
+        if all(worker_id != worker.id for _, worker_id in self.dispatch(now)):
+            return []
+        # No renewal: the poll has just advertised the slots (renewing would write the
         # worker's row again, waiting for any of its results being recorded meanwhile).
         return self.claim(worker, max_jobs, now, close_when_leased=True)
+
+    @retry_transient
+    def _hand_over_or_open(
+        self, worker: Principal, max_jobs: int, until: float, now: float
+    ) -> list[LeasedJob]:
+        """One transaction: the jobs assigned to the worker that it has not received (their
+        poll ended before it claimed them), or, when there are none, ``open_poll``."""
+        with self._store.transaction() as s:
+            rows, lease_until = self._claim_rows(s, worker, max_jobs, now)
+            # Jobs, then the worker's row: the store's lock order.
+            if rows:
+                self._close(s, worker, now)
+            else:
+                self._open(s, worker, max_jobs, until, now)
+        return [self._leased_job(row, lease_until) for row in rows]
 
     @retry_transient
     def claim(
@@ -470,10 +501,29 @@ class LeaseService(BatchCompletion):
         With ``close_when_leased``, a claim that hands over jobs closes the poll instead (as
         ``close_poll``: the worker is no longer listening once it has them)."""
         with self._store.transaction() as s:
-            # Set-based: the columns a lease carries, one UPDATE and one INSERT of events for
-            # all of them (loading and flushing each job through the ORM cost more than the
-            # rest of the poll).
-            rows = s.execute(
+            rows, lease_until = self._claim_rows(s, worker, max_jobs, now)
+            # Jobs, then the worker's row: the store's lock order.
+            if rows and close_when_leased:
+                self._close(s, worker, now)
+            elif poll_until is not None:
+                s.execute(
+                    update(Worker)
+                    .where(Worker.id == worker.id, Worker.available_until > 0)
+                    .values(available_until=min(poll_until, now + POLL_TTL_S))
+                )
+        return [self._leased_job(row, lease_until) for row in rows]
+
+    def _claim_rows(
+        self, s: Session, worker: Principal, max_jobs: int, now: float
+    ) -> tuple[list[Row[Any]], float]:
+        """Mark the worker's assigned, undelivered jobs delivered and running; returns their
+        ``LEASE_COLUMNS`` and the lease's end. Locks only jobs (the store's lock order: the
+        caller may lock the worker's row after)."""
+        # Set-based: the columns a lease carries, one UPDATE and one INSERT of events for all
+        # of them (loading and flushing each job through the ORM cost more than the rest of
+        # the poll).
+        rows = list(
+            s.execute(
                 select(*LEASE_COLUMNS)
                 .where(
                     Job.worker_id == worker.id,
@@ -484,40 +534,37 @@ class LeaseService(BatchCompletion):
                 .limit(max_jobs)
                 .with_for_update(skip_locked=True)
             ).all()
-            lease_until = now + self._settings.lease_ttl_s
-            if rows:
-                # The lease is the start: the job shows RUNNING from the moment the worker
-                # has it, with no round trip of its own (POST .../start stays, idempotent).
-                s.execute(
-                    update(Job)
-                    .where(Job.id.in_([row.id for row in rows]))
-                    .values(
-                        delivered=True,
-                        lease_expires_at=lease_until,
-                        started_at=func.coalesce(Job.started_at, now),
-                        state=JobState.RUNNING.value,
-                        updated_at=now,
-                    )
-                    .execution_options(synchronize_session=False)
+        )
+        lease_until = now + self._settings.lease_ttl_s
+        if rows:
+            # The lease is the start: the job shows RUNNING from the moment the worker has
+            # it, with no round trip of its own (POST .../start stays, idempotent).
+            s.execute(
+                update(Job)
+                .where(Job.id.in_([row.id for row in rows]))
+                .values(
+                    delivered=True,
+                    lease_expires_at=lease_until,
+                    started_at=func.coalesce(Job.started_at, now),
+                    state=JobState.RUNNING.value,
+                    updated_at=now,
                 )
-                for row in rows:
-                    record_transition(
-                        s, row.id, row.attempt, JobState.ASSIGNED, JobState.RUNNING, now, worker.id
-                    )
-            # Jobs, then the worker's row: the store's lock order.
-            if rows and close_when_leased:
-                s.execute(
-                    update(Worker)
-                    .where(Worker.id == worker.id)
-                    .values(available_until=0.0, free_slots=0, last_seen_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            for row in rows:
+                record_transition(
+                    s, row.id, row.attempt, JobState.ASSIGNED, JobState.RUNNING, now, worker.id
                 )
-            elif poll_until is not None:
-                s.execute(
-                    update(Worker)
-                    .where(Worker.id == worker.id, Worker.available_until > 0)
-                    .values(available_until=min(poll_until, now + POLL_TTL_S))
-                )
-        return [self._leased_job(row, lease_until) for row in rows]
+        return rows, lease_until
+
+    @staticmethod
+    def _close(s: Session, worker: Principal, now: float) -> None:
+        """The worker is no longer listening: none of its slots is advertised."""
+        s.execute(
+            update(Worker)
+            .where(Worker.id == worker.id)
+            .values(available_until=0.0, free_slots=0, last_seen_at=now)
+        )
 
     def _leased_job(self, job: Row[Any], lease_expires_at: float) -> LeasedJob:
         """What the worker gets of a job (``job`` has the ``LEASE_COLUMNS``)."""
@@ -595,8 +642,7 @@ class LeaseService(BatchCompletion):
         the job goes back to the queue for another worker."""
         # A check's comparisons (seconds, for video) and the probe of output files are made
         # before the transaction, so the store's write lock is not held for them.
-        self._verification.precompare(job_id, worker.id, req)
-        derived = self._derive_units(job_id, req)
+        derived = self._prepare_results(worker, [(job_id, req)])[job_id]
         refused: str | None = None
         with self._store.transaction() as s:
             job = s.get(Job, job_id, with_for_update=True)
@@ -614,6 +660,8 @@ class LeaseService(BatchCompletion):
             job = self._held_job(s, worker, job_id, req.attempt)
             row = self._lock_workers_for(s, worker, [job])
             output = self._check_result(s, job, row, req, worker)
+            if derived is None:  # no file work: counted from the locked row
+                derived = units_of(job, req, self._blob_path)
             if isinstance(derived, InvalidInput):
                 raise derived
             if req.units != derived:
@@ -645,18 +693,6 @@ class LeaseService(BatchCompletion):
         row = s.get(Worker, worker.id, with_for_update=True, populate_existing=True)
         assert row is not None
         return row
-
-    def _derive_units(self, job_id: str, req: CompleteRequest) -> int | InvalidInput:
-        """The units this result holds, or the reason they cannot be counted (raised only
-        after the result's other checks, so a foreign blob is named as such first)."""
-        with self._store.read() as s:
-            job = s.get(Job, job_id)
-            if job is None:
-                return InvalidInput(f"no job {job_id}")  # _held_job says 404 first
-            try:
-                return billing.derive_units(job, req.output_blobs, self._blob_path, req.output)
-            except InvalidInput as exc:
-                return exc
 
     def _refuse_bill(
         self, s: Session, job: Job, row: Worker, reported: int, derived: int, now: float

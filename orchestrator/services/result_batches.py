@@ -13,7 +13,7 @@ lives here so the per-job lease code stays as it was.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,7 @@ from orchestrator.store.models import Job, ResultBatch, Worker
 from protocol import CompleteRequest, JobState, JobType
 from protocol.batches import BatchCompleteItem, BatchCompleteRequest, BatchResult
 from protocol.signing import recover_result_batch_signer, result_hash
+from protocol.workers import ResultFields
 
 
 class BatchCompletion:
@@ -91,7 +92,7 @@ class BatchCompletion:
         except ValueError as exc:
             raise BadSignature(f"batch signature could not be decoded: {exc}") from exc
         items = {r.job_id: r for r in req.results}
-        derived = self._derive_batch_units(worker, req)
+        derived = self._prepare_results(worker, [(r.job_id, r) for r in req.results])
         outcomes: dict[str, BatchCompleteItem] = {}
         with self._store.transaction() as s:
             # Lock order: the jobs (in id order), then the workers (this one with those the
@@ -161,16 +162,17 @@ class BatchCompletion:
                 raise InvalidInput(f"results[{i}] cannot be hashed: {exc}") from exc
         return hashes
 
-    def _derive_batch_units(
-        self, worker: Principal, req: BatchCompleteRequest
+    def _prepare_results(
+        self, worker: Principal, results: Sequence[tuple[str, ResultFields]]
     ) -> dict[str, int | InvalidInput | None]:
-        """Each item's units as the orchestrator counts them, where that takes file work
+        """Each result's units as the orchestrator counts them, where that takes file work
         (a transcode's renditions probed, an input blob read): done here, before the write
         transaction, so its lock is never held for it. None for the others, which are
         counted from the job rows the transaction locks anyway. A check's comparisons are
-        made ahead too (see ``complete``)."""
+        made ahead too (``VerificationService.precompare``). For one result (``complete``) or
+        a batch's (``complete_batch``): one narrow read either way."""
         derived: dict[str, int | InvalidInput | None] = {}
-        ids = [r.job_id for r in req.results]
+        ids = [job_id for job_id, _ in results]
         with self._store.read() as s:
             kinds = {
                 job_id: (job_type, kind, input_blob)
@@ -195,17 +197,17 @@ class BatchCompletion:
                 if with_files
                 else {}
             )
-        for item in req.results:
-            job = jobs.get(item.job_id)
-            if item.job_id not in kinds:
-                derived[item.job_id] = InvalidInput(f"no job {item.job_id}")
+        for job_id, result in results:
+            job = jobs.get(job_id)
+            if job_id not in kinds:
+                derived[job_id] = InvalidInput(f"no job {job_id}")
             elif job is None:
-                derived[item.job_id] = None  # counted in the transaction
+                derived[job_id] = None  # counted in the transaction
             else:
-                derived[item.job_id] = _units(job, item, self._blob_path)
-        for item in req.results:
-            if item.job_id in kinds and kinds[item.job_id][1] == CHECK:
-                self._verification.precompare(item.job_id, worker.id, _as_complete(item, ""))
+                derived[job_id] = units_of(job, result, self._blob_path)
+        for job_id, result in results:
+            if job_id in kinds and kinds[job_id][1] == CHECK:
+                self._verification.precompare(job_id, worker.id, result)
         return derived
 
     def _complete_item(
@@ -246,7 +248,7 @@ class BatchCompletion:
         req = _as_complete(item, batch.signature)
         output = self._check_result(s, job, row, req, worker, batch_signed=True)
         if derived is None:  # no file work: counted from the locked row
-            derived = _units(job, item, self._blob_path)
+            derived = units_of(job, item, self._blob_path)
         if isinstance(derived, InvalidInput):
             raise derived
         if item.units != derived:
@@ -260,10 +262,12 @@ class BatchCompletion:
         return job
 
 
-def _units(job: Job, item: BatchResult, blob_path: Callable[[str], Path]) -> int | InvalidInput:
-    """The units ``item`` holds (billing.derive_units), or why they cannot be counted."""
+def units_of(
+    job: Job, result: ResultFields, blob_path: Callable[[str], Path]
+) -> int | InvalidInput:
+    """The units ``result`` holds (billing.derive_units), or why they cannot be counted."""
     try:
-        return billing.derive_units(job, item.output_blobs, blob_path, item.output)
+        return billing.derive_units(job, result.output_blobs, blob_path, result.output)
     except InvalidInput as exc:
         return exc
 

@@ -53,7 +53,6 @@ from orchestrator.store import Store
 from orchestrator.store.models import Job, Slash, Worker
 from protocol import (
     FINAL_STATES,
-    CompleteRequest,
     JobState,
     JobType,
     Offer,
@@ -62,6 +61,7 @@ from protocol import (
     VerificationView,
 )
 from protocol.units import MAX_WEI
+from protocol.workers import ResultFields
 
 log = logging.getLogger("gpumarket.orchestrator.verification")
 
@@ -313,7 +313,7 @@ class VerificationService:
             return compare_generations(first.output, second.output)
         return compare_tensors(first.output, second.output, first.precision)
 
-    def precompare(self, check_id: str, worker_id: str, result: CompleteRequest) -> None:
+    def precompare(self, check_id: str, worker_id: str, result: ResultFields) -> None:
         """Make the comparisons a check's completion will need before its transaction starts:
         decoding two transcode ladders takes seconds, which must not be spent holding the
         store's write lock. Nothing is decided here; a result that changes meanwhile (or a

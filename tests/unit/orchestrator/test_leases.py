@@ -209,6 +209,59 @@ def test_a_poll_that_hands_over_jobs_closes_itself_and_one_without_stays_open(
     assert [j.job_id for j in services.leases.claim(worker.principal, 2, clock(), until)] == [third]
 
 
+def test_jobs_assigned_to_a_poll_that_ended_before_claiming_them_go_with_the_next_poll(
+    any_services: Services, clock: FakeClock
+) -> None:
+    """A poll that ends between dispatch and its claim (the worker hung up) leaves its jobs
+    assigned and undelivered: the worker's next poll hands them over at its start, in the
+    transaction that would have opened it, and the worker goes away with them (not listening:
+    the next job waits for its next poll)."""
+    services = any_services
+    client, _ = new_client(services)
+    worker = _worker(services, max_concurrency=4)
+    until = clock() + 60.0
+    services.leases.open_poll(worker.principal, 4, until, clock())
+    first, second = _submit(services, client), _submit(services, client)
+    assert {job for job, _ in services.leases.dispatch(clock())} == {first, second}
+    services.leases.close_poll(worker.principal, clock())
+    third = _submit(services, client)
+
+    leased = services.leases.start_poll(worker.principal, 4, until, clock())
+    assert sorted(j.job_id for j in leased) == sorted([first, second])
+    assert services.jobs.get(client, first).state is JobState.RUNNING
+    assert services.leases.dispatch(clock()) == []
+    assert services.jobs.get(client, third).state is JobState.QUEUED
+    assert [j.job_id for j in services.leases.start_poll(worker.principal, 2, until, clock())] == [
+        third
+    ]
+
+
+def test_a_model_a_worker_has_just_registered_is_known_to_the_next_submit(
+    any_services: Services,
+) -> None:
+    """Submits remember the known models for a moment (KnownModels); a model not among them
+    is read again before it is refused, so a model a worker has just registered is never
+    refused, on the single path or the batch one."""
+    services = any_services
+    client, _ = new_client(services)
+    _submit(services, client)  # the known models are read, and remembered
+    register(services, offers=[offer(model="new-embedder-a")])
+    assert _submit(services, client, model="new-embedder-a")
+    register(services, offers=[offer(model="new-embedder-b")])
+    spec = JobSpec.model_validate(
+        {
+            "type": "inference",
+            "model": "new-embedder-b",
+            "input": {"texts": TEXTS},
+            "max_price_wei_per_unit": 1_000,
+        }
+    )
+    [item] = services.jobs.batch.submit(client, [spec], services.now())
+    assert item.error is None and item.job is not None
+    with pytest.raises(InvalidInput, match="unknown inference model 'nobody-offers-this'"):
+        _submit(services, client, model="nobody-offers-this")
+
+
 def test_a_results_output_is_stored_as_the_canonical_json_its_hash_was_checked_over(
     any_services: Services,
 ) -> None:

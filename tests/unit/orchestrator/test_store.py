@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
+import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -27,11 +28,18 @@ from sqlalchemy.exc import DBAPIError
 
 from orchestrator.config import Settings
 from orchestrator.store import Store
-from orchestrator.store.engine import MIGRATIONS_DIR, PG_MIGRATION_LOCK_ID, normalize_db_url
+from orchestrator.store import engine as engine_module
+from orchestrator.store.engine import (
+    MIGRATIONS_DIR,
+    PG_MIGRATION_LOCK_ID,
+    is_transient,
+    normalize_db_url,
+    retry_transient,
+)
 from orchestrator.store.models import Base, Client, Job, JobEvent, Worker
 from orchestrator.wiring import Services, build_services
 from protocol import JobSpec, JobState
-from tests.conftest import FakeClock
+from tests.conftest import PG_URL, FakeClock
 from tests.support import EMBED_MODEL, TestWorker, agreed_price, completion, new_client, register
 
 BIG_WEI = [0, 1, 10**30 + 7, 2**63, 2**255 + 1, 2**256 - 1]  # 2**256 - 1: the uint256 maximum
@@ -539,3 +547,41 @@ def test_store_rejects_an_unsupported_database(url: str) -> None:
 )
 def test_postgres_urls_get_the_psycopg_driver(given: str, expected: str) -> None:
     assert normalize_db_url(given) == expected
+
+
+def _backend_pid(store: Store) -> int:
+    with store.transaction() as s:
+        return int(s.scalar(text("SELECT pg_backend_pid()")))
+
+
+def _terminate(pid: int) -> None:
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+@pytest.mark.postgres
+def test_a_pooled_connection_that_died_while_idle_is_replaced_before_use(
+    postgresql_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection idle for PG_PING_AFTER_IDLE_S is pinged at checkout, and a dead one is
+    replaced: the transaction runs, on another backend."""
+    dead = _backend_pid(postgresql_store)
+    _terminate(dead)
+    monkeypatch.setattr(engine_module, "PG_PING_AFTER_IDLE_S", 0.0)
+    assert _backend_pid(postgresql_store) != dead
+
+
+@pytest.mark.postgres
+def test_a_connection_used_moments_ago_is_not_pinged_and_a_retry_gets_a_new_one(
+    postgresql_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within PG_PING_AFTER_IDLE_S no ping (the busy path): a connection that died meanwhile
+    fails its statement as a transient error, the pool is invalidated, and the re-run that
+    retry_transient makes runs on a new connection."""
+    monkeypatch.setattr(engine_module, "PG_PING_AFTER_IDLE_S", 3600.0)
+    dead = _backend_pid(postgresql_store)
+    _terminate(dead)
+    with pytest.raises(DBAPIError) as failed:
+        _backend_pid(postgresql_store)
+    assert is_transient(failed.value)
+    assert retry_transient(_backend_pid)(postgresql_store) != dead
