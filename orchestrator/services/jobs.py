@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import and_, insert, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, load_only
+from sqlalchemy.orm import Session, defer, load_only
 
 from orchestrator.config import Settings
 from orchestrator.exceptions import Conflict, GpumarketError, InvalidInput, NotFound
@@ -440,8 +440,13 @@ class JobService:
                 )
             return self._view(s, job)
 
-    def _owned(self, session: Session, client: Principal, job_id: str, *, lock: bool) -> Job:
-        job = session.get(Job, job_id, with_for_update=lock)
+    def _owned(
+        self, session: Session, client: Principal, job_id: str, *, lock: bool, output: bool = True
+    ) -> Job:
+        """The client's job; with ``output=False`` its output is not loaded (a view does not
+        show it, and an embedding's is thousands of numbers to parse)."""
+        options = [] if output else [defer(Job.output)]
+        job = session.get(Job, job_id, with_for_update=lock, options=options)
         if job is None or job.client_id != client.id or job.kind != "job":
             # Someone else's job is reported as missing, so ids cannot be probed.
             raise NotFound(f"no job {job_id} among your jobs")
@@ -456,7 +461,7 @@ class JobService:
 
     def get(self, client: Principal, job_id: str) -> JobView:
         with self._store.read() as s:
-            return self._view(s, self._owned(s, client, job_id, lock=False))
+            return self._view(s, self._owned(s, client, job_id, lock=False, output=False))
 
     def result(self, client: Principal, job_id: str) -> ResultView:
         with self._store.read() as s:
@@ -760,7 +765,9 @@ class BatchJobs:
         with self._store.read() as s:
             found = {
                 job.id: job
-                for job in s.scalars(select(Job).where(Job.id.in_(set(job_ids))))
+                for job in s.scalars(
+                    select(Job).options(defer(Job.output)).where(Job.id.in_(set(job_ids)))
+                )
                 if job.client_id == client.id and job.kind == "job"
             }
             _refuse_missing(job_ids, found)

@@ -43,7 +43,7 @@ from orchestrator.services.matching import (
     exclusion_reason,
     offer_key,
 )
-from orchestrator.services.result_batches import BatchCompletion, units_of
+from orchestrator.services.result_batches import BatchCompletion, needs_preparing, units_of
 from orchestrator.services.settlement import Payments
 from orchestrator.services.verification import CHECK, VerificationService
 from orchestrator.services.workers import REGISTERED, leased_counts
@@ -641,8 +641,26 @@ class LeaseService(BatchCompletion):
         result that reports other units is refused (422), costs the worker reputation, and
         the job goes back to the queue for another worker."""
         # A check's comparisons (seconds, for video) and the probe of output files are made
-        # before the transaction, so the store's write lock is not held for them.
-        derived = self._prepare_results(worker, [(job_id, req)])[job_id]
+        # before the transaction, so the store's write lock is not held for them. Most results
+        # need neither and take one transaction; one that does is learned of from the locked
+        # row, leaves that transaction with nothing written, has them made, and comes back.
+        view = self._complete(worker, job_id, req, now, prepared=None)
+        if view is None:
+            prepared = self._prepare_results(worker, [(job_id, req)])
+            view = self._complete(worker, job_id, req, now, prepared)
+        assert view is not None
+        return view
+
+    def _complete(
+        self,
+        worker: Principal,
+        job_id: str,
+        req: CompleteRequest,
+        now: float,
+        prepared: dict[str, int | InvalidInput | None] | None,
+    ) -> ResultView | None:
+        """``complete``'s transaction; None (nothing done) for a result that needs preparing
+        (``_prepare_results``) when ``prepared`` is None."""
         refused: str | None = None
         with self._store.transaction() as s:
             job = s.get(Job, job_id, with_for_update=True)
@@ -658,8 +676,11 @@ class LeaseService(BatchCompletion):
                     )
                 return result_view(job, self._address(s, worker))
             job = self._held_job(s, worker, job_id, req.attempt)
+            if prepared is None and needs_preparing(job.type, job.kind, job.input_blob):
+                return None
             row = self._lock_workers_for(s, worker, [job])
             output = self._check_result(s, job, row, req, worker)
+            derived = prepared.get(job_id) if prepared is not None else None
             if derived is None:  # no file work: counted from the locked row
                 derived = units_of(job, req, self._blob_path)
             if isinstance(derived, InvalidInput):

@@ -183,7 +183,7 @@ class BatchCompletion:
             with_files = [
                 job_id
                 for job_id, (job_type, _, input_blob) in kinds.items()
-                if job_type == JobType.TRANSCODE or input_blob is not None
+                if _has_files(job_type, input_blob)
             ]
             jobs = (
                 {
@@ -260,6 +260,18 @@ class BatchCompletion:
         job.result_batch_index = index
         self._record_result(s, job, row, req, derived, now, output)
         return job
+
+
+def _has_files(job_type: str, input_blob: str | None) -> bool:
+    """Whether counting a result's units takes file work (a transcode's renditions probed,
+    an input blob read)."""
+    return job_type == JobType.TRANSCODE or input_blob is not None
+
+
+def needs_preparing(job_type: str, kind: str, input_blob: str | None) -> bool:
+    """Whether a result of this job needs ``_prepare_results`` before its transaction: file
+    work to count its units, or a check's comparisons."""
+    return _has_files(job_type, input_blob) or kind == CHECK
 
 
 def units_of(
