@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, defer, load_only
 
@@ -22,7 +22,7 @@ from orchestrator.services.inputs import InputChecks, job_input_key, refused_rea
 from orchestrator.services.lifecycle import NewEvent, record_event, transition
 from orchestrator.services.settlement import Payments
 from orchestrator.store import Store
-from orchestrator.store.engine import retry_transient
+from orchestrator.store.engine import insert_rows, retry_transient
 from orchestrator.store.models import (
     BlobGrant,
     Client,
@@ -712,7 +712,7 @@ class BatchJobs:
                     items[p.index] = JobBatchItem(error=item_error(exc))
                     continue
                 if jobs._payments.enabled:  # the next admission counts this job's budget
-                    s.execute(insert(Job), [row])
+                    insert_rows(s.connection(), Job, [row])
                 else:
                     rows.append(row)
                 job = Job(**row)  # not added: only what the answer shows of it
@@ -721,7 +721,7 @@ class BatchJobs:
                 if p.key is not None:
                     made[p.key] = view
             if rows:
-                s.execute(insert(Job), rows)
+                insert_rows(s.connection(), Job, rows)
         for p in todo:
             if p.same_as_earlier:
                 assert p.key is not None

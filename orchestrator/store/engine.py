@@ -37,18 +37,18 @@ import time
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, insert, text
+from sqlalchemy import Engine, Table, create_engine, event, insert, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestrator.store.models import JobEvent
+from orchestrator.store.models import Base, JobEvent
 
 log = logging.getLogger("gpumarket.orchestrator.store")
 
@@ -250,7 +250,34 @@ def write_pending_events(session: Session) -> None:
     has written the jobs they reference)."""
     rows = session.info.pop(PENDING_EVENTS, None)
     if rows:
-        session.connection().execute(insert(JobEvent), rows)
+        insert_rows(session.connection(), JobEvent, rows)
+
+
+def insert_rows(connection: Connection, model: type[Base], rows: list[dict[str, Any]]) -> None:
+    """INSERT ``rows`` of ``model`` (dicts with the same keys: column names) in one statement.
+
+    On PostgreSQL the rows go as one JSON parameter (``json_populate_recordset``). A multi-row
+    ``INSERT ... VALUES`` of 100 jobs has 3,000 parameters, and psycopg parses such a statement
+    again at every execution (it keeps the parse only for statements of at most 50 parameters
+    and 4 KiB): 5 ms per 100 jobs, about a tenth of the orchestrator's CPU per job in the
+    bench's row b. A statement with one parameter is parsed once, and prepared by the server.
+    Values are what ``json.dumps`` makes of them: wei amounts (Python ints) exact JSON
+    integers, JSON columns nested JSON. Elsewhere (SQLite): SQLAlchemy's multi-row INSERT.
+    """
+    table = cast(Table, model.__table__)
+    if len(rows) < 2 or connection.dialect.name != "postgresql":
+        connection.execute(insert(table), rows)
+        return
+    quote = connection.dialect.identifier_preparer.quote
+    columns = ", ".join(quote(name) for name in rows[0])
+    name = quote(table.name)
+    connection.execute(
+        text(
+            f"INSERT INTO {name} ({columns}) SELECT {columns} "
+            f"FROM json_populate_recordset(NULL::{name}, :rows)"
+        ),
+        {"rows": json.dumps(rows)},
+    )
 
 
 BEFORE_COMMIT = "before_commit"

@@ -585,3 +585,41 @@ def test_a_connection_used_moments_ago_is_not_pinged_and_a_retry_gets_a_new_one(
         _backend_pid(postgresql_store)
     assert is_transient(failed.value)
     assert retry_transient(_backend_pid)(postgresql_store) != dead
+
+
+def test_jobs_submitted_together_read_back_exactly(any_services: Services) -> None:
+    """A batch's jobs and their events go in one INSERT each (on PostgreSQL as one JSON
+    parameter, store/engine.py insert_rows): wei amounts past 2**64, nested JSON, text
+    beyond ASCII, floats, booleans and NULLs read back as they were given."""
+    services = any_services
+    client, _ = new_client(services)
+    price = 2**70 + 3
+    specs = [
+        JobSpec.model_validate(
+            {
+                "type": "inference",
+                "model": EMBED_MODEL,
+                "input": {"texts": [f'naïve café {i} \u2603 "quoted" \\ back']},
+                "max_price_wei_per_unit": price + i,
+                "idempotency_key": f"key-{i}",
+            }
+        )
+        for i in range(3)
+    ]
+    items = services.jobs.batch.submit(client, specs, services.now())
+    ids = [item.job.id for item in items if item.job is not None]
+    assert len(ids) == 3
+    with services.store.read() as s:
+        jobs = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(ids)))}
+        events = Counter(
+            e.job_id for e in s.scalars(select(JobEvent).where(JobEvent.job_id.in_(ids)))
+        )
+    for i, job_id in enumerate(ids):
+        job = jobs[job_id]
+        assert job.max_price_wei_per_unit == price + i
+        assert job.spec["input"]["texts"] == [f'naïve café {i} \u2603 "quoted" \\ back']
+        assert job.idempotency_key == f"key-{i}"
+        assert job.created_at == services.now() and job.deadline_at > job.created_at
+        assert job.delivered is False and job.excluded_workers == [] and job.worker_id is None
+        assert job.state == JobState.QUEUED
+        assert events[job_id] == 1
