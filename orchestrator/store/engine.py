@@ -47,6 +47,7 @@ from sqlalchemy import Engine, Table, create_engine, event, insert, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.schema import CallableColumnDefault, ScalarElementColumnDefault
 
 from orchestrator.store.models import Base, JobEvent
 
@@ -268,6 +269,23 @@ def insert_rows(connection: Connection, model: type[Base], rows: list[dict[str, 
     if len(rows) < 2 or connection.dialect.name != "postgresql":
         connection.execute(insert(table), rows)
         return
+    # The columns' Python-side defaults, which SQLAlchemy's INSERT fills in and a text
+    # statement does not: plain values, and functions of nothing (``default=list``: SQLAlchemy
+    # wraps them to take an execution context, which they ignore).
+    filled: dict[str, Any] = {}
+    for column in table.c:
+        default = column.default
+        if column.name in rows[0] or default is None:
+            continue
+        if isinstance(default, ScalarElementColumnDefault):
+            filled[column.name] = default.arg
+        elif isinstance(default, CallableColumnDefault):
+            filled[column.name] = default.arg(cast(Any, None))
+        else:  # a SQL expression or a sequence: SQLAlchemy's own INSERT
+            connection.execute(insert(table), rows)
+            return
+    if filled:
+        rows = [{**filled, **row} for row in rows]
     quote = connection.dialect.identifier_preparer.quote
     columns = ", ".join(quote(name) for name in rows[0])
     name = quote(table.name)

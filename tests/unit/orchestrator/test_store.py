@@ -587,12 +587,20 @@ def test_a_connection_used_moments_ago_is_not_pinged_and_a_retry_gets_a_new_one(
     assert retry_transient(_backend_pid)(postgresql_store) != dead
 
 
-def test_jobs_submitted_together_read_back_exactly(any_services: Services) -> None:
+def test_jobs_submitted_together_read_back_exactly(
+    any_services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A batch's jobs and their events go in one INSERT each (on PostgreSQL as one JSON
     parameter, store/engine.py insert_rows): wei amounts past 2**64, nested JSON, text
-    beyond ASCII, floats, booleans and NULLs read back as they were given."""
+    beyond ASCII, floats, booleans, NULLs and the columns' defaults read back as they were
+    given. Never job by job: that is the fallback for a batch whose INSERT failed."""
     services = any_services
     client, _ = new_client(services)
+
+    def one_by_one(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the batch's INSERT failed; it fell back to one job at a time")
+
+    monkeypatch.setattr(services.jobs, "submit", one_by_one)
     price = 2**70 + 3
     specs = [
         JobSpec.model_validate(
