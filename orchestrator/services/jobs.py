@@ -218,11 +218,15 @@ class KnownModels:
     def __init__(self) -> None:
         self._seen: dict[JobType, tuple[float, frozenset[str]]] = {}
 
-    def including(self, session: Session, job_type: JobType, model: str) -> frozenset[str]:
+    def including(
+        self, session: Session, job_type: JobType, model: str, *, read_on_miss: bool = True
+    ) -> frozenset[str]:
         """The known models of ``job_type``: the remembered ones when ``model`` is among them
-        (and they are fresh), else read now."""
+        (and they are fresh), else read now. ``read_on_miss=False``: the remembered ones
+        anyway, while fresh (a batch reads them again once, not at every unknown model)."""
         read_at, models = self._seen.get(job_type, (float("-inf"), frozenset()))
-        if model in models and time.monotonic() - read_at < KNOWN_MODELS_TTL_S:
+        fresh = time.monotonic() - read_at < KNOWN_MODELS_TTL_S
+        if fresh and (model in models or not read_on_miss):
             return models
         models = frozenset(known_models(session, job_type))
         self._seen[job_type] = (time.monotonic(), models)
@@ -535,8 +539,9 @@ class BatchJobs:
     """Many jobs in one request: submit (one transaction), and read back together.
 
     Each job keeps what a single submit gives it (its own idempotency key, input checks, price
-    cap and budget admission); what is per request (the client's throttle, the known models,
-    the payer's lock, the transaction) is done once. Answers keep the order asked.
+    cap and budget admission); what is per request (the client's throttle, the known models
+    (``KnownModels``: read again at most once per job type for a batch), the payer's lock, the
+    transaction) is done once. Answers keep the order asked.
 
     Reads of a list of jobs select on the ids alone and check owner, kind and state here:
     with another indexed column in the WHERE clause, SQLite (which keeps no statistics) chose
@@ -694,14 +699,18 @@ class BatchJobs:
         made: dict[str, JobView] = {}  # idempotency key -> the job this batch made for it
         rows: list[dict[str, Any]] = []  # one multi-row INSERT (the ORM's flush cost more)
         with self._store.transaction() as s:
+            read: set[JobType] = set()  # job types whose known models this batch has read
             for p in todo:
                 if p.same_as_earlier:
                     continue
                 spec = p.spec
                 assert spec.model is not None
                 try:
-                    known = jobs.known_models.including(s, spec.type, spec.model)
+                    known = jobs.known_models.including(
+                        s, spec.type, spec.model, read_on_miss=spec.type not in read
+                    )
                     if spec.model not in known:
+                        read.add(spec.type)
                         raise InvalidInput(
                             f"unknown {spec.type} model {spec.model!r}; "
                             f"available: {', '.join(sorted(known))}"

@@ -213,7 +213,7 @@ class LeaseService(BatchCompletion):
     def dispatch(self, now: float) -> list[tuple[str, str]]:
         """Assign queued jobs to available workers; returns (job id, worker id) pairs.
 
-        Every submit and every lease poll asks for a round. A caller that finds another
+        Every submit and every lease poll that opens asks for a round. A caller that finds another
         round already waiting for its turn returns at once with no pairs: that round has not
         read the store yet, so it will see whatever this caller committed before asking.
         Under load this makes one round per turn instead of one per request (each a write
@@ -435,7 +435,7 @@ class LeaseService(BatchCompletion):
     def _open(s: Session, worker: Principal, free_slots: int, until: float, now: float) -> None:
         """Advertise up to ``free_slots`` (what the worker's ``max_concurrency`` leaves beside
         the jobs it holds) for ``POLL_TTL_S``, up to ``until``; a worker that is not
-        registered is only marked seen. Core statements: this runs at every poll's start."""
+        registered is only marked seen. Core statements: this runs at most polls' start."""
         row = s.execute(
             select(Worker.status, Worker.max_concurrency)
             .where(Worker.id == worker.id)

@@ -7,8 +7,9 @@ records one (the same checks, billing, verification sampling and ledger), all in
 transaction, exactly once per (job id, attempt): a replayed batch or job answers its recorded
 result, and a stale attempt is that item's own 409 beside the accepted ones.
 
-``BatchCompletion`` is a part of ``LeaseService`` (it uses the single completion's steps); it
-lives here so the per-job lease code stays as it was.
+``BatchCompletion`` is a part of ``LeaseService`` (it uses the single completion's steps, and
+the single completion uses its ``_prepare_results``, ``needs_preparing`` and ``units_of``);
+it lives here to keep leases.py to the lease's own life.
 """
 
 from __future__ import annotations
@@ -169,8 +170,8 @@ class BatchCompletion:
         (a transcode's renditions probed, an input blob read): done here, before the write
         transaction, so its lock is never held for it. None for the others, which are
         counted from the job rows the transaction locks anyway. A check's comparisons are
-        made ahead too (``VerificationService.precompare``). For one result (``complete``) or
-        a batch's (``complete_batch``): one narrow read either way."""
+        made ahead too (``VerificationService.precompare``). One narrow read, for a batch's
+        results (``complete_batch``) or for a lone one that ``needs_preparing``."""
         derived: dict[str, int | InvalidInput | None] = {}
         ids = [job_id for job_id, _ in results]
         with self._store.read() as s:

@@ -43,13 +43,25 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, Table, create_engine, event, insert, text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Engine,
+    Float,
+    Integer,
+    String,
+    Table,
+    create_engine,
+    event,
+    insert,
+    text,
+)
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, InvalidatePoolError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.schema import CallableColumnDefault, ScalarElementColumnDefault
 
-from orchestrator.store.models import Base, JobEvent
+from orchestrator.store.models import Base, JobEvent, WeiAmount
 
 log = logging.getLogger("gpumarket.orchestrator.store")
 
@@ -255,47 +267,81 @@ def write_pending_events(session: Session) -> None:
 
 
 def insert_rows(connection: Connection, model: type[Base], rows: list[dict[str, Any]]) -> None:
-    """INSERT ``rows`` of ``model`` (dicts with the same keys: column names) in one statement.
+    """INSERT ``rows`` of ``model`` (dicts with the same keys: column names) in one statement,
+    in their order (ids from a sequence follow it).
 
     On PostgreSQL the rows go as one JSON parameter (``json_populate_recordset``). A multi-row
     ``INSERT ... VALUES`` of 100 jobs has 3,000 parameters, and psycopg parses such a statement
     again at every execution (it keeps the parse only for statements of at most 50 parameters
     and 4 KiB): 5 ms per 100 jobs, about a tenth of the orchestrator's CPU per job in the
     bench's row b. A statement with one parameter is parsed once, and prepared by the server.
-    Values are what ``json.dumps`` makes of them: wei amounts (Python ints) exact JSON
-    integers, JSON columns nested JSON. Elsewhere (SQLite): SQLAlchemy's multi-row INSERT.
+    Only for what JSON carries exactly (``_json_rows``): wei amounts as JSON integers, text,
+    finite floats, booleans, JSON values; anything else, and SQLite, take SQLAlchemy's INSERT.
     """
     table = cast(Table, model.__table__)
-    if len(rows) < 2 or connection.dialect.name != "postgresql":
+    payload = _json_rows(table, rows) if connection.dialect.name == "postgresql" else None
+    if payload is None:
         connection.execute(insert(table), rows)
         return
-    # The columns' Python-side defaults, which SQLAlchemy's INSERT fills in and a text
-    # statement does not: plain values, and functions of nothing (``default=list``: SQLAlchemy
-    # wraps them to take an execution context, which they ignore).
-    filled: dict[str, Any] = {}
-    for column in table.c:
-        default = column.default
-        if column.name in rows[0] or default is None:
-            continue
-        if isinstance(default, ScalarElementColumnDefault):
-            filled[column.name] = default.arg
-        elif isinstance(default, CallableColumnDefault):
-            filled[column.name] = default.arg(cast(Any, None))
-        else:  # a SQL expression or a sequence: SQLAlchemy's own INSERT
-            connection.execute(insert(table), rows)
-            return
-    if filled:
-        rows = [{**filled, **row} for row in rows]
     quote = connection.dialect.identifier_preparer.quote
-    columns = ", ".join(quote(name) for name in rows[0])
+    columns = ", ".join(quote(name) for name in payload[0])
     name = quote(table.name)
     connection.execute(
         text(
             f"INSERT INTO {name} ({columns}) SELECT {columns} "
-            f"FROM json_populate_recordset(NULL::{name}, :rows)"
+            f"FROM json_populate_recordset(NULL::{name}, :rows) WITH ORDINALITY AS r "
+            "ORDER BY r.ordinality"
         ),
-        {"rows": json.dumps(rows)},
+        {"rows": payload[1]},
     )
+
+
+# Column types whose values JSON carries exactly into json_populate_recordset (Text and
+# BigInteger are subclasses of String and Integer).
+_JSON_EXACT_TYPES = (String, Integer, Float, Boolean, WeiAmount)
+
+
+def _json_rows(table: Table, rows: list[dict[str, Any]]) -> tuple[list[str], str] | None:
+    """The column names and JSON text of ``rows`` for ``insert_rows``, with the columns'
+    Python-side defaults filled in (SQLAlchemy's INSERT fills them, a text statement does
+    not); None where SQLAlchemy's own INSERT must run: a single row, a column type or value
+    JSON does not carry as SQLAlchemy would bind it (a JSON column's None is JSON null there,
+    SQL NULL here; a ``CanonicalJSON`` keeps its own text there), a non-finite float, or a
+    default that is a SQL expression or takes an execution context."""
+    if len(rows) < 2:
+        return None
+    names = list(rows[0])
+    json_columns = []
+    for name in names:
+        column_type = table.c[name].type
+        if isinstance(column_type, JSON):
+            json_columns.append(name)
+        elif not isinstance(column_type, _JSON_EXACT_TYPES):
+            return None
+    for row in rows:
+        for name in json_columns:
+            if row[name] is None or isinstance(row[name], CanonicalJSON):
+                return None
+    filled: dict[str, Any] = {}
+    for column in table.c:
+        default = column.default
+        if column.name in names or default is None:
+            continue
+        if isinstance(default, ScalarElementColumnDefault):
+            filled[column.name] = default.arg
+            continue
+        # A function of nothing (``default=list``), which SQLAlchemy wraps to take a context.
+        callable_default = default if isinstance(default, CallableColumnDefault) else None
+        made = getattr(callable_default.arg, "__wrapped__", None) if callable_default else None
+        if made is None:
+            return None
+        filled[column.name] = made()
+    if filled:
+        rows = [{**filled, **row} for row in rows]
+    try:
+        return [*filled, *names], json.dumps(rows, allow_nan=False)
+    except (TypeError, ValueError):  # a value JSON cannot carry: SQLAlchemy binds it
+        return None
 
 
 BEFORE_COMMIT = "before_commit"

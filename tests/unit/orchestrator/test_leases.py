@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from orchestrator.config import Settings
 from orchestrator.exceptions import BadSignature, Conflict, Forbidden, InvalidInput
+from orchestrator.services import jobs as jobs_module
 from orchestrator.services.auth import Principal
 from orchestrator.services.leases import POLL_TTL_S, LeaseService
 from orchestrator.store import Store
@@ -28,6 +29,7 @@ from protocol import (
     JobRef,
     JobSpec,
     JobState,
+    JobType,
     LeasedJob,
     ResultView,
     WorkerView,
@@ -237,7 +239,7 @@ def test_jobs_assigned_to_a_poll_that_ended_before_claiming_them_go_with_the_nex
 
 
 def test_a_model_a_worker_has_just_registered_is_known_to_the_next_submit(
-    any_services: Services,
+    any_services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Submits remember the known models for a moment (KnownModels); a model not among them
     is read again before it is refused, so a model a worker has just registered is never
@@ -260,6 +262,19 @@ def test_a_model_a_worker_has_just_registered_is_known_to_the_next_submit(
     assert item.error is None and item.job is not None
     with pytest.raises(InvalidInput, match="unknown inference model 'nobody-offers-this'"):
         _submit(services, client, model="nobody-offers-this")
+
+    reads: list[JobType] = []
+    read = jobs_module.known_models
+
+    def counted(session: Any, job_type: JobType) -> set[str]:
+        reads.append(job_type)
+        return read(session, job_type)
+
+    monkeypatch.setattr(jobs_module, "known_models", counted)
+    unknown = [spec.model_copy(update={"model": f"misspelt-{i}"}) for i in range(20)]
+    items = services.jobs.batch.submit(client, unknown, services.now())
+    assert all(i.error is not None and "unknown inference model" in i.error.detail for i in items)
+    assert len(reads) == 1  # read again once for the batch, not once per unknown model
 
 
 def test_a_results_output_is_stored_as_the_canonical_json_its_hash_was_checked_over(

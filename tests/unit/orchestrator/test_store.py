@@ -555,8 +555,10 @@ def _backend_pid(store: Store) -> int:
 
 
 def _terminate(pid: int) -> None:
+    """End the backend ``pid`` and wait (up to 5 s) until it has exited."""
     with psycopg.connect(PG_URL, autocommit=True) as conn:
-        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        ended = conn.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,)).fetchone()
+        assert ended is not None and ended[0], f"backend {pid} did not exit"
 
 
 @pytest.mark.postgres
@@ -579,12 +581,22 @@ def test_a_connection_used_moments_ago_is_not_pinged_and_a_retry_gets_a_new_one(
     fails its statement as a transient error, the pool is invalidated, and the re-run that
     retry_transient makes runs on a new connection."""
     monkeypatch.setattr(engine_module, "PG_PING_AFTER_IDLE_S", 3600.0)
-    dead = _backend_pid(postgresql_store)
-    _terminate(dead)
+    first = _backend_pid(postgresql_store)
+    _terminate(first)
     with pytest.raises(DBAPIError) as failed:
         _backend_pid(postgresql_store)
     assert is_transient(failed.value)
-    assert retry_transient(_backend_pid)(postgresql_store) != dead
+
+    second = _backend_pid(postgresql_store)  # the pool was invalidated: a new connection
+    _terminate(second)
+    attempts: list[int] = []
+
+    def counted(store: Store) -> int:
+        attempts.append(1)
+        return _backend_pid(store)
+
+    assert retry_transient(counted)(postgresql_store) not in (first, second)
+    assert len(attempts) == 2  # the first met the dead connection; the re-run did not
 
 
 def test_jobs_submitted_together_read_back_exactly(
@@ -609,7 +621,7 @@ def test_jobs_submitted_together_read_back_exactly(
                 "model": EMBED_MODEL,
                 "input": {"texts": [f'naïve café {i} \u2603 "quoted" \\ back']},
                 "max_price_wei_per_unit": price + i,
-                "idempotency_key": f"key-{i}",
+                "idempotency_key": f'clé-{i}-\u2603-"\\',
             }
         )
         for i in range(3)
@@ -619,14 +631,16 @@ def test_jobs_submitted_together_read_back_exactly(
     assert len(ids) == 3
     with services.store.read() as s:
         jobs = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(ids)))}
-        events = Counter(
-            e.job_id for e in s.scalars(select(JobEvent).where(JobEvent.job_id.in_(ids)))
+        history = list(
+            s.scalars(select(JobEvent).where(JobEvent.job_id.in_(ids)).order_by(JobEvent.id))
         )
+    assert [e.job_id for e in history] == ids  # ids follow the rows' order
+    events = Counter(e.job_id for e in history)
     for i, job_id in enumerate(ids):
         job = jobs[job_id]
         assert job.max_price_wei_per_unit == price + i
         assert job.spec["input"]["texts"] == [f'naïve café {i} \u2603 "quoted" \\ back']
-        assert job.idempotency_key == f"key-{i}"
+        assert job.idempotency_key == f'clé-{i}-\u2603-"\\'
         assert job.created_at == services.now() and job.deadline_at > job.created_at
         assert job.delivered is False and job.excluded_workers == [] and job.worker_id is None
         assert job.state == JobState.QUEUED
