@@ -233,7 +233,10 @@ class JobSpec(_Strict):
     )
     deadline_s: float = Field(default=DEFAULT_DEADLINE_S, gt=0, le=MAX_DEADLINE_S)
     preference: Preference = Preference.BALANCED
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=128)
+    # Printable: a control character (NUL above all: PostgreSQL's text refuses it) is a typo.
+    idempotency_key: str | None = Field(
+        default=None, min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$"
+    )
     max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=MAX_ATTEMPTS_LIMIT)
     min_vram_mb: int = Field(default=0, ge=0)
     max_units: int | None = Field(

@@ -339,9 +339,12 @@ def _json_rows(table: Table, rows: list[dict[str, Any]]) -> tuple[list[str], str
     if filled:
         rows = [{**filled, **row} for row in rows]
     try:
-        return [*filled, *names], json.dumps(rows, allow_nan=False)
+        payload = json.dumps(rows, allow_nan=False)
     except (TypeError, ValueError):  # a value JSON cannot carry: SQLAlchemy binds it
         return None
+    # A NUL character (escaped \u0000): a JSON column holds it, but json_populate_recordset
+    # cannot turn it into text on the way there; SQLAlchemy binds the column's JSON whole.
+    return None if "\\u0000" in payload else ([*filled, *names], payload)
 
 
 BEFORE_COMMIT = "before_commit"

@@ -239,6 +239,29 @@ def test_same_idempotency_key_with_another_body_conflicts(run_api: RunApi) -> No
     run_api(body)
 
 
+def test_an_idempotency_key_with_a_control_character_is_refused(run_any_api: RunApi) -> None:
+    """A NUL (PostgreSQL's text refuses it: a database error, a 500, before the key had a
+    pattern) or another control character in a key is the client's typo: a 422 naming the
+    field, on one job or a batch's."""
+
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        for key in ["nul\x00key", "tab\tkey"]:
+            resp = await api.http.post(
+                "/v1/jobs", json=inference_spec(idempotency_key=key), headers=client
+            )
+            assert_problem(resp, 422, "invalid_input", "idempotency_key")
+            resp = await api.http.post(
+                "/v1/jobs/batch",
+                json={"jobs": [inference_spec(idempotency_key=key), inference_spec()]},
+                headers=client,
+            )
+            assert resp.status_code == 422, resp.text
+            assert "idempotency_key" in resp.text
+
+    run_any_api(body)
+
+
 def test_idempotency_header_and_body_key_must_agree(run_api: RunApi) -> None:
     async def body(api: Api) -> None:
         client = await api.new_client()

@@ -645,3 +645,32 @@ def test_jobs_submitted_together_read_back_exactly(
         assert job.delivered is False and job.excluded_workers == [] and job.worker_id is None
         assert job.state == JobState.QUEUED
         assert events[job_id] == 1
+
+
+def test_a_batch_whose_input_holds_a_nul_character_is_stored_whole(
+    any_services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JSON column holds a NUL character, but json_populate_recordset cannot pass one on to
+    it: such rows take SQLAlchemy's INSERT (still one statement, never job by job)."""
+    services = any_services
+    client, _ = new_client(services)
+
+    def one_by_one(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the batch's INSERT failed; it fell back to one job at a time")
+
+    monkeypatch.setattr(services.jobs, "submit", one_by_one)
+    text_with_nul = "before\x00after"
+    spec = JobSpec.model_validate(
+        {
+            "type": "inference",
+            "model": EMBED_MODEL,
+            "input": {"texts": [text_with_nul]},
+            "max_price_wei_per_unit": 1_000,
+        }
+    )
+    items = services.jobs.batch.submit(client, [spec, spec], services.now())
+    ids = [item.job.id for item in items if item.job is not None]
+    assert len(ids) == 2
+    with services.store.read() as s:
+        for job in s.scalars(select(Job).where(Job.id.in_(ids))):
+            assert job.spec["input"]["texts"] == [text_with_nul]
