@@ -298,7 +298,8 @@ class FailRequest(_Strict):
 
     attempt: int = Field(ge=1)
     retryable: bool
-    reason: str = Field(min_length=1, max_length=2000)
+    # Any text but a NUL, which PostgreSQL's text refuses (a traceback's newlines are fine).
+    reason: str = Field(min_length=1, max_length=2000, pattern=r"^[^\x00]+$")
     fault: Fault = Fault.WORKER
 
     @model_validator(mode="after")

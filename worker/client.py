@@ -236,10 +236,10 @@ class OrchestratorClient:
         reason: str,
         fault: Fault = Fault.WORKER,
     ) -> None:
-        """Give a job up, saying whose fault it is (the orchestrator checks the claim)."""
-        request = FailRequest(
-            attempt=attempt, retryable=retryable, reason=reason[:2000], fault=fault
-        )
+        """Give a job up, saying whose fault it is (the orchestrator checks the claim). A NUL
+        in the reason (an error message can carry one) is sent as ``\\0``: it takes no NUL."""
+        said = reason.replace("\x00", "\\0")[:2000] or "no reason given"
+        request = FailRequest(attempt=attempt, retryable=retryable, reason=said, fault=fault)
         await self._post(f"/v1/workers/jobs/{job_id}/fail", request.model_dump())
 
     async def drain(self) -> None:

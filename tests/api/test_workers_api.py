@@ -658,6 +658,31 @@ def test_a_stale_attempt_cannot_complete(run_api: RunApi, clock: FakeClock) -> N
     run_api(body)
 
 
+def test_a_failure_reason_with_a_nul_character_is_refused(run_any_api: RunApi) -> None:
+    """A NUL in a worker's failure reason is a 422 naming the field (stored, it was a database
+    error on PostgreSQL: a 500); the job stays the worker's to report again."""
+
+    async def body(api: Api) -> None:
+        worker = await api.register_worker()
+        client, job = await leased_job(api, worker)
+        job_id = job["job_id"]
+        resp = await api.http.post(
+            f"/v1/workers/jobs/{job_id}/fail",
+            json={"attempt": 1, "retryable": True, "reason": "CUDA\x00 out of memory"},
+            headers=worker.headers,
+        )
+        assert_problem(resp, 422, "invalid_input", "reason")
+        resp = await api.http.post(
+            f"/v1/workers/jobs/{job_id}/fail",
+            json={"attempt": 1, "retryable": True, "reason": "Traceback:\n  line 1\tCUDA"},
+            headers=worker.headers,
+        )
+        assert resp.status_code == 200, resp.text
+        assert (await api.job(client, job_id))["state"] == "queued"
+
+    run_any_api(body)
+
+
 def test_fail_retryable_requeues_and_final_fails(run_api: RunApi) -> None:
     async def body(api: Api) -> None:
         worker = await api.register_worker()

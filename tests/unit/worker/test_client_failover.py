@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
 from collections.abc import AsyncIterator
@@ -132,3 +133,20 @@ def test_workers_spread_over_the_replicas() -> None:
         firsts.add(client.url)
         asyncio.run(client.aclose())
     assert firsts == set(URLS)
+
+
+def test_a_failure_reason_with_a_nul_character_is_sent_without_it() -> None:
+    """The orchestrator refuses a NUL in a failure reason (422); the worker's client sends it
+    as a visible ``\\0`` instead, so the job is still given up."""
+    sent: list[dict[str, object]] = []
+
+    def orchestrator(request: httpx.Request) -> httpx.Response:
+        sent.append(json.loads(request.content))
+        return httpx.Response(200, json={"job_id": "j", "state": "queued"})
+
+    client = OrchestratorClient(
+        "http://orchestrator.test", Account.create(), transport=httpx.MockTransport(orchestrator)
+    )
+    client._token = "session"
+    asyncio.run(client.fail("j", 1, True, "decoder said \x00 here"))
+    assert sent[0]["reason"] == "decoder said \\0 here"
