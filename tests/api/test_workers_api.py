@@ -8,6 +8,7 @@ import random
 import time
 from typing import Any
 
+import httpx
 import pytest
 from eth_account import Account
 
@@ -665,20 +666,16 @@ def test_a_failure_reason_with_a_nul_character_is_refused(run_any_api: RunApi) -
     async def body(api: Api) -> None:
         worker = await api.register_worker()
         client, job = await leased_job(api, worker)
-        job_id = job["job_id"]
-        resp = await api.http.post(
-            f"/v1/workers/jobs/{job_id}/fail",
-            json={"attempt": 1, "retryable": True, "reason": "CUDA\x00 out of memory"},
-            headers=worker.headers,
-        )
-        assert_problem(resp, 422, "invalid_input", "reason")
-        resp = await api.http.post(
-            f"/v1/workers/jobs/{job_id}/fail",
-            json={"attempt": 1, "retryable": True, "reason": "Traceback:\n  line 1\tCUDA"},
-            headers=worker.headers,
-        )
+
+        async def give_up(reason: str) -> httpx.Response:
+            fail = {"attempt": 1, "retryable": True, "reason": reason}
+            path = f"/v1/workers/jobs/{job['job_id']}/fail"
+            return await api.http.post(path, json=fail, headers=worker.headers)
+
+        assert_problem(await give_up("CUDA\x00 out of memory"), 422, "invalid_input", "reason")
+        resp = await give_up("Traceback:\n  line 1\tCUDA")
         assert resp.status_code == 200, resp.text
-        assert (await api.job(client, job_id))["state"] == "queued"
+        assert (await api.job(client, job["job_id"]))["state"] == "queued"
 
     run_any_api(body)
 
