@@ -117,6 +117,19 @@ def discover_generation_models(models_dir: Path | str | None) -> list[Generation
     return specs
 
 
+def generation_device(device: str | None) -> torch.device:
+    """The device generation runs on: the one named, else CUDA when present, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def runnable_precisions(device: torch.device) -> list[Precision]:
+    """What a worker offers for generation on ``device``: fp32 everywhere, and fp16 and bf16
+    on a CUDA GPU (``_torch_dtype`` refuses them on a CPU)."""
+    if device.type == "cuda":
+        return [Precision.FP32, Precision.FP16, Precision.BF16]
+    return [Precision.FP32]
+
+
 def _torch_dtype(precision: Precision, device: torch.device) -> torch.dtype:
     if precision is Precision.FP32:
         return torch.float32
@@ -212,7 +225,7 @@ def load_generation_model(
     spec: GenerationSpec, precision: Precision = Precision.FP32, device: str | None = None
 ) -> GenerationModel:
     """The model, loaded once per process (file, device, precision)."""
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = generation_device(device)
     key = (spec.path, str(target), precision)
     with _LOAD_LOCK:
         loaded = _LOADED.get(key)

@@ -464,16 +464,19 @@ class GenerationPipeline:
         self._token_bytes: dict[str, int] = {}
 
     def capabilities(self) -> list[Capability]:
+        """Each model at each precision its device runs (fp16 and bf16 on a CUDA GPU too)."""
+        precisions = generation.runnable_precisions(generation.generation_device(self.device))
         return [
             Capability(
                 model=name,
-                precision=Precision.FP32,
+                precision=precision,
                 max_batch=self.max_batch,
                 units_per_s=self._measured.get(name),
                 context_tokens=self._context.get(name),
                 max_token_bytes=self._token_bytes.get(name),
             )
             for name in self.specs
+            for precision in precisions
         ]
 
     async def _model(self, name: str, precision: Precision) -> generation.GenerationModel:

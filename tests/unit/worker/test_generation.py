@@ -425,3 +425,25 @@ def test_a_cache_folder_that_cannot_be_made_is_logged_not_raised(
     cached = tmp_path / "models" / "SmolLM2-abc"
     generation._write_cache(cached, _Model(1.0), _Tokenizer(), replace=False)  # does not raise
     assert "cannot cache the dequantized model" in caplog.text
+
+
+def test_a_worker_offers_fp16_and_bf16_generation_on_a_cuda_gpu_and_fp32_on_a_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a CUDA GPU the generation models are offered at fp16 and bf16 beside fp32 (the
+    loader takes those dtypes there); on a CPU at fp32 only, as its loader refuses the others.
+    No GPU here: CUDA's presence is what torch says, so the test says it."""
+    specs = generation.builtin_generation_specs()
+    names = {s.name for s in specs}
+
+    def offered(device: str | None) -> set[tuple[str, Precision]]:
+        pipeline = GenerationPipeline(specs, max_batch=8, max_wait_s=0.05, device=device)
+        return {(c.model, c.precision) for c in pipeline.capabilities()}
+
+    assert offered("cpu") == {(n, Precision.FP32) for n in names}
+    monkeypatch.setattr(generation.torch.cuda, "is_available", lambda: True)
+    both = {Precision.FP32, Precision.FP16, Precision.BF16}
+    assert offered(None) == {(n, p) for n in names for p in both}
+    assert offered("cpu") == {(n, Precision.FP32) for n in names}  # named, not detected
+    with pytest.raises(generation.GenerationError, match="needs a CUDA GPU"):
+        generation._torch_dtype(Precision.FP16, generation.generation_device("cpu"))
