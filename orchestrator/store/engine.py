@@ -192,10 +192,10 @@ def _postgres_engine(url: str, schema: str | None) -> Engine:
         max_overflow=10,
         connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S, "options": options},
     )
-    # Many rows inserted at once (a batch's jobs, a transaction's history events) go as one
-    # INSERT ... VALUES (...), (...) per 1,000 rows, as psycopg2's dialect does: psycopg 3's
-    # executemany sends a statement per row (pipelined), each parsed, bound and run by the
-    # server. Measured on row b of the bench: 16 statements per job -> 6.4.
+    # Many rows inserted through SQLAlchemy (what insert_rows leaves to it, and other tables)
+    # go as one INSERT ... VALUES (...), (...) per 1,000 rows, as psycopg2's dialect does:
+    # psycopg 3's executemany sends a statement per row (pipelined), each parsed, bound and
+    # run by the server. Measured on row b of the bench: 16 statements per job -> 6.4.
     engine.dialect.use_insertmanyvalues_wo_returning = True
     _ping_when_idle(engine)
     return engine
