@@ -114,7 +114,7 @@ def transcode_units(blobs: list[OutputBlob], blob_path: Callable[[str], Path]) -
     return total
 
 
-def inference_units(job: Job, blob_path: Callable[[str], Path]) -> int:
+def inference_units(job: JobRow, blob_path: Callable[[str], Path]) -> int:
     """Input items of an inference job: inline texts or tensor rows, else those in its JSON
     input blob; InvalidInput when the input blob cannot be counted."""
     inline: Any = (job.spec or {}).get("input")
@@ -140,7 +140,7 @@ def _item_count(body: Any) -> int:
     return len(items) if isinstance(items, list) else 0
 
 
-def generation_units(job: Job, output: dict[str, Any] | None) -> int:
+def generation_units(job: JobRow, output: dict[str, Any] | None) -> int:
     """Tokens a generation result bills: its prompt tokens + its completion tokens. The
     completion tokens must be the token ids it holds, no more than the job's ``max_tokens``;
     the prompt tokens at most the bound taken at submit. What a count cannot show (a prompt
@@ -198,7 +198,7 @@ def agreed_prompt_price(job: JobRow, offer: Offer) -> int | None:
     return offer.prompt_price if job.type == JobType.GENERATE else None
 
 
-def prompt_units(job: Job, output: dict[str, Any] | None) -> int:
+def prompt_units(job: JobRow, output: dict[str, Any] | None) -> int:
     """The units of a result billed at the prompt price: a generate result's prompt tokens
     (``output.usage.prompt_tokens``), 0 for other jobs."""
     if job.type != JobType.GENERATE:
@@ -207,7 +207,7 @@ def prompt_units(job: Job, output: dict[str, Any] | None) -> int:
     return usage.prompt_tokens if usage is not None else 0
 
 
-def check_prompt_units(job: Job, reported: int, output: dict[str, Any] | None) -> None:
+def check_prompt_units(job: JobRow, reported: int, output: dict[str, Any] | None) -> None:
     """InvalidInput unless ``reported`` (the result's signed ``prompt_units``) is what its
     output holds."""
     held = prompt_units(job, output)
@@ -227,7 +227,7 @@ def signed_prompt_price(job: JobRow) -> int:
     return job.prompt_price_wei_per_unit or job.price_wei_per_unit or 0
 
 
-def job_cost_wei(job: Job, units: int, prompt: int) -> int:
+def job_cost_wei(job: JobRow, units: int, prompt: int) -> int:
     """What a result of ``units`` units, ``prompt`` of them prompt tokens, costs at the
     job's agreed prices (wei, exact)."""
     assert job.price_wei_per_unit is not None
@@ -243,7 +243,7 @@ def cost_bound_wei(job: Job) -> int:
 
 
 def derive_units(
-    job: Job,
+    job: JobRow,
     output_blobs: list[OutputBlob] | None,
     blob_path: Callable[[str], Path],
     output: dict[str, Any] | None = None,

@@ -27,6 +27,7 @@ from orchestrator.config import Settings
 from orchestrator.exceptions import BadSignature, Conflict, Forbidden, InvalidInput, NotFound
 from orchestrator.services import billing, reputation
 from orchestrator.services.auth import Principal
+from orchestrator.services.billing import JobRow
 from orchestrator.services.blame import Blame
 from orchestrator.services.jobs import result_view, ts
 from orchestrator.services.lifecycle import (
@@ -66,6 +67,7 @@ from protocol import (
 )
 from protocol.signing import canonical_json, output_sha256, recover_result_signer
 from protocol.units import MAX_WEI
+from protocol.workers import ResultFields
 
 log = logging.getLogger("gpumarket.orchestrator.leases")
 PERF_EWMA_ALPHA = 0.3
@@ -749,8 +751,11 @@ class LeaseService(BatchCompletion):
         units: int,
         now: float,
         output: CanonicalJSON | None,
+        *,
+        drawn: bool | None = None,
     ) -> None:
-        """Record a checked result (``output``: what ``_check_result`` returned)."""
+        """Record a checked result (``output``: what ``_check_result`` returned; ``drawn``:
+        whether it came up for a check, when the caller has drawn it)."""
         job.skipped_renditions = self._check_ladder(job, req)
         job.output = output
         job.output_blobs = (
@@ -771,18 +776,13 @@ class LeaseService(BatchCompletion):
         for blob in req.output_blobs or []:
             if s.get(BlobGrant, (blob.sha256, f"client:{job.client_id}")) is None:
                 s.add(BlobGrant(sha256=blob.sha256, principal=f"client:{job.client_id}"))
-        if self._verification.sample(s, job, row, now):
+        if self._verification.sample(s, job, row, now, drawn=drawn):
             # Held, unpaid, until a check on another worker agrees (services/verification).
             transition(s, job, JobState.VERIFYING, now, detail="sampled for verification")
         else:
             transition(s, job, JobState.SUCCEEDED, now)
             self._payments.record(s, job, row.address, now)
-        row.jobs_succeeded += 1
-        row.last_seen_at = now
-        reputation.record(
-            row, reputation.Event.SUCCEEDED, now, self._settings.reputation_half_life_s
-        )
-        self._record_perf(row, job, req)
+        self._count_success(row, job, req, now)
         self._blame.completed(s, job, now)
         if job.kind == CHECK:
             self._verification.check_completed(s, job, now)
@@ -793,9 +793,9 @@ class LeaseService(BatchCompletion):
     def _check_result(
         self,
         s: Session,
-        job: Job,
+        job: JobRow,
         row: Worker,
-        req: CompleteRequest,
+        req: ResultFields,
         worker: Principal,
         *,
         batch_signed: bool = False,
@@ -828,6 +828,7 @@ class LeaseService(BatchCompletion):
         billing.check_prompt_units(job, req.prompt_units, req.output)
         if batch_signed:  # the batch's signature was recovered once, over every result in it
             return output
+        assert isinstance(req, CompleteRequest)  # a lone result carries its own signature
         try:
             signer = recover_result_signer(
                 job.id,
@@ -850,7 +851,7 @@ class LeaseService(BatchCompletion):
             )
         return output
 
-    def _check_cap(self, job: Job, units: int) -> None:
+    def _check_cap(self, job: JobRow, units: int) -> None:
         """The derived units fit the agreed price (uint256 wei) and the client's max_units."""
         assert job.price_wei_per_unit is not None
         if units * max(job.price_wei_per_unit, billing.signed_prompt_price(job)) > MAX_WEI:
@@ -888,7 +889,16 @@ class LeaseService(BatchCompletion):
                 skipped.append({"name": name, "reason": reason})
         return skipped
 
-    def _record_perf(self, row: Worker, job: Job, req: CompleteRequest) -> None:
+    def _count_success(self, row: Worker, job: JobRow, result: ResultFields, now: float) -> None:
+        """The worker's counters, reputation and measured speed after a recorded result."""
+        row.jobs_succeeded += 1
+        row.last_seen_at = now
+        reputation.record(
+            row, reputation.Event.SUCCEEDED, now, self._settings.reputation_half_life_s
+        )
+        self._record_perf(row, job, result)
+
+    def _record_perf(self, row: Worker, job: JobRow, req: ResultFields) -> None:
         if req.units <= 0:
             return
         key = offer_key(job.type, job.model, job.precision)

@@ -70,9 +70,11 @@ def record_transition(
     detail: str | None = None,
 ) -> None:
     """The bookkeeping of ``transition`` for a job changed by a set-based UPDATE (which set
-    its state and ``updated_at`` from ``current``, checked by its WHERE clause): the event,
-    and the note that wakes those waiting on it. Not for final states."""
-    if to not in ALLOWED.get(current, frozenset()) or to in FINAL_STATES:
+    its state and ``updated_at`` from ``current``, checked by its WHERE clause or under the
+    row's lock): the event, and the note that wakes those waiting on it. Of the final states
+    only SUCCEEDED, whose UPDATE also set ``finished_at``."""
+    final = to in FINAL_STATES and to is not JobState.SUCCEEDED
+    if to not in ALLOWED.get(current, frozenset()) or final:
         raise Conflict(f"job {job_id} is {current}; it cannot become {to} here")
     session.info.setdefault(CHANGED_JOBS, {})[job_id] = to.value
     record_event(

@@ -15,22 +15,28 @@ it lives here to keep leases.py to the lease's own life.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session, load_only
 
 from orchestrator.exceptions import BadSignature, Conflict, GpumarketError, InvalidInput, NotFound
 from orchestrator.services import billing
 from orchestrator.services.auth import Principal, new_id
+from orchestrator.services.billing import JobRow
 from orchestrator.services.jobs import item_error
+from orchestrator.services.lifecycle import record_transition
+from orchestrator.services.matching import co2_grams
+from orchestrator.services.settlement import Payments
 from orchestrator.services.verification import CHECK, VerificationService
 from orchestrator.store import Store
-from orchestrator.store.engine import CanonicalJSON, retry_transient
+from orchestrator.store.engine import CanonicalJSON, retry_transient, update_rows
 from orchestrator.store.models import Job, ResultBatch, Worker
 from protocol import CompleteRequest, JobState, JobType
 from protocol.batches import BatchCompleteItem, BatchCompleteRequest, BatchResult
+from protocol.jobs import LEASED_STATES
 from protocol.signing import recover_result_batch_signer, result_hash
 from protocol.workers import ResultFields
 
@@ -41,6 +47,7 @@ class BatchCompletion:
     _store: Store
     _blob_path: Callable[[str], Path]
     _verification: VerificationService
+    _payments: Payments
 
     if TYPE_CHECKING:  # the single completion's steps, defined in LeaseService
 
@@ -49,9 +56,9 @@ class BatchCompletion:
         def _check_result(
             self,
             s: Session,
-            job: Job,
+            job: JobRow,
             row: Worker,
-            req: CompleteRequest,
+            req: ResultFields,
             worker: Principal,
             *,
             batch_signed: bool = False,
@@ -61,7 +68,11 @@ class BatchCompletion:
             self, s: Session, job: Job, row: Worker, reported: int, derived: int, now: float
         ) -> None: ...
 
-        def _check_cap(self, job: Job, units: int) -> None: ...
+        def _check_cap(self, job: JobRow, units: int) -> None: ...
+
+        def _count_success(
+            self, row: Worker, job: JobRow, result: ResultFields, now: float
+        ) -> None: ...
 
         def _lock_workers_for(
             self, s: Session, worker: Principal, jobs: Iterable[Job]
@@ -76,6 +87,8 @@ class BatchCompletion:
             units: int,
             now: float,
             output: CanonicalJSON | None,
+            *,
+            drawn: bool | None = None,
         ) -> None: ...
 
     @retry_transient
@@ -97,13 +110,29 @@ class BatchCompletion:
         outcomes: dict[str, BatchCompleteItem] = {}
         with self._store.transaction() as s:
             # Lock order: the jobs (in id order), then the workers (this one with those the
-            # results' verdicts and blame touch, in id order).
-            jobs = {
-                j.id: j
-                for j in s.scalars(
-                    select(Job).where(Job.id.in_(items)).order_by(Job.id).with_for_update()
+            # results' verdicts and blame touch, in id order). The jobs are locked and read as
+            # plain rows: most results are recorded set-based from them (``_complete_plain``);
+            # the others are loaded as ORM objects and recorded as ``complete`` records one.
+            locked = {
+                r.id: r
+                for r in s.execute(
+                    select(*COMPLETION_COLUMNS)
+                    .where(Job.id.in_(items))
+                    .order_by(Job.id)
+                    .with_for_update()
                 )
             }
+            plain = {
+                job_id
+                for job_id, job in locked.items()
+                if _is_plain(job, worker.id, items[job_id], derived[job_id])
+            }
+            others = [job_id for job_id in locked if job_id not in plain]
+            jobs = (
+                {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(others)))}
+                if others
+                else {}
+            )
             row = self._lock_workers_for(s, worker, jobs.values())
             if signer != row.address:
                 raise BadSignature(
@@ -118,8 +147,25 @@ class BatchCompletion:
                 result_hashes=hashes,
                 created_at=now,
             )
+            writes: list[dict[str, Any]] = []
             for index, item in enumerate(req.results):
                 try:
+                    drawn: bool | None = None
+                    if item.job_id in plain:
+                        done = self._complete_plain(
+                            s, row, locked[item.job_id], item, index, batch, now, worker
+                        )
+                        if isinstance(done, dict):
+                            writes.append(done)
+                            outcomes[item.job_id] = BatchCompleteItem(
+                                job_id=item.job_id,
+                                state=JobState.SUCCEEDED,
+                                cost_wei=done["cost_wei"],
+                            )
+                            continue
+                        # Misbilled, or drawn for a check: recorded as the others are.
+                        drawn = done is _Plain.DRAWN or None
+                        jobs[item.job_id] = s.get_one(Job, item.job_id)  # locked above
                     view = self._complete_item(
                         s,
                         worker,
@@ -130,6 +176,7 @@ class BatchCompletion:
                         batch,
                         derived[item.job_id],
                         now,
+                        drawn=drawn,
                     )
                 except GpumarketError as exc:
                     outcomes[item.job_id] = BatchCompleteItem(
@@ -139,9 +186,65 @@ class BatchCompletion:
                 outcomes[item.job_id] = BatchCompleteItem(
                     job_id=item.job_id, state=JobState(view.state), cost_wei=view.cost_wei
                 )
-            if any(j.result_batch_id == batch.id for j in jobs.values()):
+            if writes:
+                update_rows(s.connection(), Job, writes)
+            if writes or any(j.result_batch_id == batch.id for j in jobs.values()):
                 s.add(batch)
         return [outcomes[r.job_id] for r in req.results]
+
+    def _complete_plain(
+        self,
+        s: Session,
+        row: Worker,
+        job: Row[Any],
+        item: BatchResult,
+        index: int,
+        batch: ResultBatch,
+        now: float,
+        worker: Principal,
+    ) -> dict[str, Any] | _Plain:
+        """One result of a plain job (``_is_plain``), inside the batch's transaction: the
+        checks ``_complete_item`` makes, and the job's new column values for one UPDATE of
+        the batch's jobs (the event, the ledger entry and the worker's counters recorded as
+        ``_record_result`` records them). A result that bills other units, or that comes up
+        for a check, is left to ``_complete_item`` (``_Plain``): nothing is written here."""
+        _check_prices(job, item, index)
+        output = self._check_result(s, job, row, item, worker, batch_signed=True)
+        derived = units_of(job, item, self._blob_path)
+        if isinstance(derived, InvalidInput):
+            raise derived
+        if item.units != derived:
+            return _Plain.MISBILLED
+        self._check_cap(job, derived)
+        if self._verification.draw(row, now):
+            return _Plain.DRAWN
+        cost = billing.job_cost_wei(job, derived, item.prompt_units)
+        record_transition(
+            s, job.id, job.attempt, JobState(job.state), JobState.SUCCEEDED, now, job.worker_id
+        )
+        paid = _Paid(job.id, job.attempt, job.payer_address, cost)
+        self._payments.record(s, paid, row.address, now)
+        self._count_success(row, job, item, now)
+        return {
+            "id": job.id,
+            "state": JobState.SUCCEEDED.value,
+            "updated_at": now,
+            "finished_at": now,
+            "output": output,
+            "output_sha256": item.output_sha256,
+            "signature": batch.signature,
+            "duration_s": item.duration_s,
+            "energy_j": item.energy_j,
+            "energy_source": item.energy_source,
+            "units": derived,
+            "prompt_units": item.prompt_units,
+            "cost_wei": cost,
+            "co2_g": co2_grams(item.energy_j, row.carbon_intensity_g_per_kwh),
+            "lease_expires_at": None,
+            "started_at": job.started_at if job.started_at is not None else now - item.duration_s,
+            "result_batch_id": batch.id,
+            "result_batch_index": index,
+        }
 
     @staticmethod
     def _batch_hashes(req: BatchCompleteRequest) -> list[str]:
@@ -222,8 +325,11 @@ class BatchCompletion:
         batch: ResultBatch,
         derived: int | InvalidInput | None,
         now: float,
+        *,
+        drawn: bool | None = None,
     ) -> Job:
-        """One result of a batch, inside its transaction: ``complete``'s checks and record.
+        """One result of a batch, inside its transaction: ``complete``'s checks and record
+        (``drawn``: whether it came up for a check, when ``_complete_plain`` drew it).
         Returns the job as recorded (now, or by an earlier report of the same result)."""
         if job is None:
             raise NotFound(f"no job {item.job_id}")
@@ -236,16 +342,7 @@ class BatchCompletion:
                 raise Conflict(f"job {job.id} was already completed with another output or units")
             return job
         job = self._holding(s, worker, job, item.attempt)  # locked with the batch's jobs
-        if item.price_wei_per_unit != job.price_wei_per_unit:
-            raise InvalidInput(
-                f"results[{index}] is signed at {item.price_wei_per_unit} wei per unit; "
-                f"job {job.id} was leased at {job.price_wei_per_unit}"
-            )
-        if item.prompt_price_wei_per_unit != billing.signed_prompt_price(job):
-            raise InvalidInput(
-                f"results[{index}] is signed at {item.prompt_price_wei_per_unit} wei per prompt "
-                f"token; job {job.id} was leased at {billing.signed_prompt_price(job)}"
-            )
+        _check_prices(job, item, index)
         req = _as_complete(item, batch.signature)
         output = self._check_result(s, job, row, req, worker, batch_signed=True)
         if derived is None:  # no file work: counted from the locked row
@@ -259,7 +356,7 @@ class BatchCompletion:
         self._check_cap(job, derived)
         job.result_batch_id = batch.id
         job.result_batch_index = index
-        self._record_result(s, job, row, req, derived, now, output)
+        self._record_result(s, job, row, req, derived, now, output, drawn=drawn)
         return job
 
 
@@ -276,7 +373,7 @@ def needs_preparing(job_type: str, kind: str, input_blob: str | None) -> bool:
 
 
 def units_of(
-    job: Job, result: ResultFields, blob_path: Callable[[str], Path]
+    job: JobRow, result: ResultFields, blob_path: Callable[[str], Path]
 ) -> int | InvalidInput:
     """The units ``result`` holds (billing.derive_units), or why they cannot be counted."""
     try:
@@ -291,3 +388,79 @@ def _as_complete(item: BatchResult, signature: str) -> CompleteRequest:
         name: getattr(item, name) for name in CompleteRequest.model_fields if name != "signature"
     }
     return CompleteRequest.model_construct(**{**fields, "signature": signature})
+
+
+COMPLETION_COLUMNS = (
+    Job.id,
+    Job.type,
+    Job.kind,
+    Job.state,
+    Job.worker_id,
+    Job.attempt,
+    Job.model,
+    Job.precision,
+    Job.spec,
+    Job.input_blob,
+    Job.price_wei_per_unit,
+    Job.prompt_price_wei_per_unit,
+    Job.max_units,
+    Job.payer_address,
+    Job.input_claims,
+    Job.started_at,
+    Job.output_blobs,
+    Job.skipped_renditions,
+)
+"""The columns of a job a batch's transaction locks and reads: what ``_is_plain`` and
+``_complete_plain`` look at."""
+
+
+class _Plain(Enum):
+    """Why ``_complete_plain`` left a result to ``_complete_item``."""
+
+    MISBILLED = "misbilled"  # other units than it holds: refused, the job re-queued
+    DRAWN = "drawn"  # came up for a check: held in VERIFYING, a check job queued
+
+
+class _Paid(NamedTuple):
+    """What ``Payments.record`` reads of a job recorded set-based."""
+
+    id: str
+    attempt: int
+    payer_address: str | None
+    cost_wei: int
+
+
+def _is_plain(
+    job: Row[Any], worker_id: str, item: BatchResult, derived: int | InvalidInput | None
+) -> bool:
+    """Whether ``item`` is the first report of a leased job's inline result that only this
+    worker's row and the job's own row record: no file work or check comparisons (``derived``
+    None), not a check, no input claims (blame), no files (grants), not a replay or a stale
+    attempt. ``_complete_plain`` records those; the rest go through ``_complete_item``."""
+    return (
+        derived is None
+        and job.kind == "job"
+        and job.state in LEASED_STATES
+        and job.worker_id == worker_id
+        and job.attempt == item.attempt
+        and job.type != JobType.TRANSCODE
+        and not job.input_claims
+        and job.output_blobs is None
+        and job.skipped_renditions is None
+        and item.output is not None
+        and not item.skipped_renditions
+    )
+
+
+def _check_prices(job: JobRow, item: BatchResult, index: int) -> None:
+    """The batch item is signed at the prices the job was leased at."""
+    if item.price_wei_per_unit != job.price_wei_per_unit:
+        raise InvalidInput(
+            f"results[{index}] is signed at {item.price_wei_per_unit} wei per unit; "
+            f"job {job.id} was leased at {job.price_wei_per_unit}"
+        )
+    if item.prompt_price_wei_per_unit != billing.signed_prompt_price(job):
+        raise InvalidInput(
+            f"results[{index}] is signed at {item.prompt_price_wei_per_unit} wei per prompt "
+            f"token; job {job.id} was leased at {billing.signed_prompt_price(job)}"
+        )

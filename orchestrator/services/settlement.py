@@ -71,6 +71,22 @@ class SignedVoucher:
     signature: str
 
 
+class PaidJob(Protocol):
+    """What ``Payments.record`` reads of a job: a ``Job``, or a job recorded set-based."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def attempt(self) -> int: ...
+
+    @property
+    def payer_address(self) -> str | None: ...
+
+    @property
+    def cost_wei(self) -> int | None: ...
+
+
 class Payments(Protocol):
     """The settlement seam: ``NoPayments`` for a free orchestrator, ``ChainPayments`` on chain."""
 
@@ -84,7 +100,7 @@ class Payments(Protocol):
         self, s: Session, client: Client, max_cost_wei: int, now: float, how: str | None = None
     ) -> str | None: ...
 
-    def record(self, s: Session, job: Job, payee: str, now: float) -> None: ...
+    def record(self, s: Session, job: PaidJob, payee: str, now: float) -> None: ...
 
     def budget(self, s: Session, payer: str) -> Budget | None: ...
 
@@ -128,7 +144,7 @@ class NoPayments:
     ) -> str | None:
         return None
 
-    def record(self, s: Session, job: Job, payee: str, now: float) -> None:
+    def record(self, s: Session, job: PaidJob, payee: str, now: float) -> None:
         return None
 
     def budget(self, s: Session, payer: str) -> Budget | None:
@@ -270,7 +286,7 @@ class ChainPayments:
             )
         return payer
 
-    def record(self, s: Session, job: Job, payee: str, now: float) -> None:
+    def record(self, s: Session, job: PaidJob, payee: str, now: float) -> None:
         """Ledger entry and new cumulative voucher, in the caller's transaction."""
         payer, amount = job.payer_address, job.cost_wei or 0
         if payer is None or amount <= 0:

@@ -152,13 +152,21 @@ class VerificationService:
             return max(cfg.verify_rate, cfg.verify_rate_new)
         return cfg.verify_rate
 
-    def sample(self, s: Session, job: Job, worker: Worker, now: float) -> bool:
-        """Decide whether to check ``job`` (just completed by ``worker``); if so, queue the
-        check and return True: the caller then holds the job in VERIFYING, unpaid."""
+    def draw(self, worker: Worker, now: float) -> bool:
+        """Whether the result ``worker`` has just reported comes up for a check (a draw at its
+        ``rate_for``); ``sample`` makes it unless told its outcome."""
+        rate = self.rate_for(worker, now)
+        return rate > 0 and self._rng.random() < rate
+
+    def sample(
+        self, s: Session, job: Job, worker: Worker, now: float, *, drawn: bool | None = None
+    ) -> bool:
+        """Decide whether to check ``job`` (just completed by ``worker``; ``drawn``: the
+        outcome of its ``draw``, when the caller made it); if so, queue the check and return
+        True: the caller then holds the job in VERIFYING, unpaid."""
         if job.kind != "job":
             return False
-        rate = self.rate_for(worker, now)
-        if rate <= 0 or self._rng.random() >= rate:
+        if not (self.draw(worker, now) if drawn is None else drawn):
             return False
         if not self._another_worker_offers(s, job, exclude=[worker.id]):
             return False  # nobody could re-run it: checking would only delay the client

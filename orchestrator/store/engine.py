@@ -51,10 +51,12 @@ from sqlalchemy import (
     Integer,
     String,
     Table,
+    bindparam,
     create_engine,
     event,
     insert,
     text,
+    update,
 )
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import DBAPIError, InvalidatePoolError
@@ -296,18 +298,59 @@ def insert_rows(connection: Connection, model: type[Base], rows: list[dict[str, 
     )
 
 
+def update_rows(connection: Connection, model: type[Base], rows: list[dict[str, Any]]) -> None:
+    """UPDATE rows of ``model`` by their ``id`` (each dict: ``id`` and the same other column
+    names, the new values), in one statement; the ids must differ.
+
+    On PostgreSQL the rows go as one JSON parameter, as ``insert_rows``'s do (``UPDATE ...
+    FROM json_populate_recordset``): an executemany UPDATE is one statement per row there, each
+    with its own parse and bind. Elsewhere, and for values JSON does not carry exactly,
+    SQLAlchemy's executemany UPDATE."""
+    table = cast(Table, model.__table__)
+    names = [name for name in rows[0] if name != "id"]
+    payload = (
+        _json_rows(table, rows, fill_defaults=False)
+        if connection.dialect.name == "postgresql"
+        else None
+    )
+    if payload is None:
+        statement = (
+            update(table)
+            .where(table.c.id == bindparam("key_id"))
+            .values({name: bindparam(f"new_{name}", type_=table.c[name].type) for name in names})
+        )
+        connection.execute(
+            statement,
+            [{"key_id": row["id"], **{f"new_{n}": row[n] for n in names}} for row in rows],
+        )
+        return
+    quote = connection.dialect.identifier_preparer.quote
+    name = quote(table.name)
+    sets = ", ".join(f"{quote(column)} = r.{quote(column)}" for column in names)
+    connection.execute(
+        text(
+            f"UPDATE {name} SET {sets} FROM json_populate_recordset(NULL::{name}, :rows) AS r "
+            f"WHERE {name}.id = r.id"
+        ),
+        {"rows": payload[1]},
+    )
+
+
 # Column types whose values JSON carries exactly into json_populate_recordset (Text and
 # BigInteger are subclasses of String and Integer).
 _JSON_EXACT_TYPES = (String, Integer, Float, Boolean, WeiAmount)
 
 
-def _json_rows(table: Table, rows: list[dict[str, Any]]) -> tuple[list[str], str] | None:
-    """The column names and JSON text of ``rows`` for ``insert_rows``, with the columns'
-    Python-side defaults filled in (SQLAlchemy's INSERT fills them, a text statement does
-    not); None where SQLAlchemy's own INSERT must run: a single row, a column type or value
-    JSON does not carry as SQLAlchemy would bind it (a JSON column's None is JSON null there,
-    SQL NULL here; a ``CanonicalJSON`` keeps its own text there), a non-finite float, or a
-    default that is a SQL expression or takes an execution context."""
+def _json_rows(
+    table: Table, rows: list[dict[str, Any]], *, fill_defaults: bool = True
+) -> tuple[list[str], str] | None:
+    """The column names and JSON text of ``rows`` for ``insert_rows`` (with the columns'
+    Python-side defaults filled in: SQLAlchemy's INSERT fills them, a text statement does not)
+    or ``update_rows`` (``fill_defaults`` False); None where SQLAlchemy's own statement must
+    run: a single row, a column type or value JSON does not carry as SQLAlchemy would bind it
+    (a JSON column's None is JSON null there, SQL NULL here), a non-finite float, or a default
+    that is a SQL expression or takes an execution context. A ``CanonicalJSON`` value goes in
+    as its own text, as ``store_json`` writes it."""
     if len(rows) < 2:
         return None
     names = list(rows[0])
@@ -318,14 +361,17 @@ def _json_rows(table: Table, rows: list[dict[str, Any]]) -> tuple[list[str], str
             json_columns.append(name)
         elif not isinstance(column_type, _JSON_EXACT_TYPES):
             return None
+    made_text: set[str] = set()  # JSON columns with a CanonicalJSON in some row
     for row in rows:
         for name in json_columns:
-            if row[name] is None or isinstance(row[name], CanonicalJSON):
+            if row[name] is None:
                 return None
+            if isinstance(row[name], CanonicalJSON):
+                made_text.add(name)
     filled: dict[str, Any] = {}
     for column in table.c:
         default = column.default
-        if column.name in names or default is None:
+        if not fill_defaults or column.name in names or default is None:
             continue
         if isinstance(default, ScalarElementColumnDefault):
             filled[column.name] = default.arg
@@ -339,12 +385,31 @@ def _json_rows(table: Table, rows: list[dict[str, Any]]) -> tuple[list[str], str
     if filled:
         rows = [{**filled, **row} for row in rows]
     try:
-        payload = json.dumps(rows, allow_nan=False)
+        if made_text:
+            payload = "[" + ",".join(_row_json(row, made_text) for row in rows) + "]"
+        else:
+            payload = json.dumps(rows, allow_nan=False)
     except (TypeError, ValueError):  # a value JSON cannot carry: SQLAlchemy binds it
         return None
     # A NUL character (escaped \u0000): a JSON column holds it, but json_populate_recordset
     # cannot turn it into text on the way there; SQLAlchemy binds the column's JSON whole.
     return None if "\\u0000" in payload else ([*filled, *names], payload)
+
+
+def _row_json(row: dict[str, Any], made_text: set[str]) -> str:
+    """One row as a JSON object, the ``made_text`` columns' CanonicalJSON values as their own
+    text (valid JSON: the canonical form a result's hash was checked over)."""
+    rest = json.dumps({k: v for k, v in row.items() if k not in made_text}, allow_nan=False)
+    spliced = ",".join(
+        f"{json.dumps(name)}:"
+        + (
+            row[name].text
+            if isinstance(row[name], CanonicalJSON)
+            else json.dumps(row[name], allow_nan=False)
+        )
+        for name in made_text
+    )
+    return rest[:-1] + ("," if rest != "{}" else "") + spliced + "}"
 
 
 BEFORE_COMMIT = "before_commit"

@@ -256,6 +256,57 @@ def test_batch_completion_is_exactly_once_per_job_and_proves_each_result(
     run_any_api(body)
 
 
+def test_a_batch_records_each_result_as_a_lone_completion_does(
+    run_any_api: RunApi, clock: FakeClock
+) -> None:
+    """A batch's plain results are recorded set-based (one UPDATE of the batch's jobs); what
+    they leave in the store is what ``complete`` leaves for the same result, column by
+    column, with the same history."""
+
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        worker = await api.register_worker([offer(price=PRICE_WEI)], max_concurrency=8)
+        jobs = [one_text(t) for t in ("alone", "in a batch", "beside it")]
+        await post_batch(api, client, jobs)
+        leased = {j["job_id"]: j for j in await api.lease(worker, max_jobs=8)}
+        alone, *batched = sorted(leased)
+        clock.advance(2.5)
+        resp = await api.complete(worker, alone, 1, units=1)
+        assert resp.status_code == 200, resp.text
+        items = [
+            {**batch_item(leased[job_id]), "duration_s": 0.5, "energy_j": 2.0} for job_id in batched
+        ]
+        resp = await api.http.post(
+            "/v1/workers/results", json=signed(items, worker.account), headers=worker.headers
+        )
+        assert [r["state"] for r in resp.json()["results"]] == ["succeeded"] * 2, resp.text
+
+        differ = {"id", "request_hash", "spec", "signature", "result_batch_id"}
+        differ |= {"result_batch_index"}
+        with api.services.store.read() as s:
+            rows = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(leased)))}
+            history = {
+                job_id: [
+                    (e.attempt, e.state, e.worker_id, e.at)
+                    for e in s.scalars(
+                        select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+                    )
+                ]
+                for job_id in leased
+            }
+        columns = [c.key for c in Job.__table__.columns if c.key not in differ]
+        expected = {c: getattr(rows[alone], c) for c in columns}
+        assert expected["state"] == "succeeded" and expected["cost_wei"] == PRICE_WEI
+        for job_id in batched:
+            assert {c: getattr(rows[job_id], c) for c in columns} == expected
+            assert history[job_id] == history[alone]
+            assert rows[job_id].result_batch_index == batched.index(job_id)
+        assert rows[batched[0]].result_batch_id == rows[batched[1]].result_batch_id
+        assert rows[alone].result_batch_id is None
+
+    run_any_api(body)
+
+
 def test_batch_completion_refuses_a_bad_signature_whole_and_bad_items_alone(
     run_any_api: RunApi,
 ) -> None:

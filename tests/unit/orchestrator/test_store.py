@@ -32,13 +32,16 @@ from orchestrator.store import engine as engine_module
 from orchestrator.store.engine import (
     MIGRATIONS_DIR,
     PG_MIGRATION_LOCK_ID,
+    CanonicalJSON,
     is_transient,
     normalize_db_url,
     retry_transient,
+    update_rows,
 )
 from orchestrator.store.models import Base, Client, Job, JobEvent, Worker
 from orchestrator.wiring import Services, build_services
 from protocol import JobSpec, JobState
+from protocol.signing import canonical_json
 from tests.conftest import PG_URL, FakeClock
 from tests.support import EMBED_MODEL, TestWorker, agreed_price, completion, new_client, register
 
@@ -645,6 +648,62 @@ def test_jobs_submitted_together_read_back_exactly(
         assert job.delivered is False and job.excluded_workers == [] and job.worker_id is None
         assert job.state == JobState.QUEUED
         assert events[job_id] == 1
+
+
+def test_rows_updated_together_read_back_exactly(any_services: Services) -> None:
+    """``update_rows`` (a batch's results, recorded set-based; on PostgreSQL one JSON
+    parameter): wei amounts past 2**64, a result's canonical JSON kept as its text, text
+    beyond ASCII, floats and NULLs read back as given, each row by its own id. Rows JSON
+    cannot carry (a NUL character) take SQLAlchemy's executemany UPDATE, with the same
+    result."""
+    services = any_services
+    client, _ = new_client(services)
+    spec = JobSpec.model_validate(
+        {
+            "type": "inference",
+            "model": EMBED_MODEL,
+            "input": {"texts": ["a"]},
+            "max_price_wei_per_unit": 1_000,
+        }
+    )
+    items = services.jobs.batch.submit(client, [spec] * 4, services.now())
+    ids = [item.job.id for item in items if item.job is not None]
+    wei = 2**70 + 3
+
+    def output(i: int, text: str) -> CanonicalJSON:
+        value = {"embeddings": [[0.5, -1e-300 * i]], "note": text}
+        return CanonicalJSON(value, canonical_json(value).decode())
+
+    def rows(job_ids: list[str], text: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": job_id,
+                "cost_wei": wei + i,
+                "output": output(i, text),
+                "energy_source": f"é{i}",
+                "duration_s": 0.1 * i,
+                "lease_expires_at": None,
+            }
+            for i, job_id in enumerate(job_ids)
+        ]
+
+    as_json = rows(ids[:2], 'naïve \u2603 "quoted" \\ back')
+    with_nul = rows(ids[2:], "before\x00after")
+    assert engine_module._json_rows(Job.__table__, as_json, fill_defaults=False) is not None
+    assert engine_module._json_rows(Job.__table__, with_nul, fill_defaults=False) is None
+    with services.store.transaction() as s:
+        update_rows(s.connection(), Job, as_json)
+        update_rows(s.connection(), Job, with_nul)
+    with services.store.read() as s:
+        jobs = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(ids)))}
+    for row in as_json + with_nul:
+        job = jobs[row["id"]]
+        assert job.cost_wei == row["cost_wei"]
+        assert job.output == dict(row["output"])
+        assert job.energy_source == row["energy_source"]
+        assert job.duration_s == row["duration_s"]
+        assert job.lease_expires_at is None
+        assert job.state == JobState.QUEUED  # untouched columns stay
 
 
 def test_a_batch_whose_input_holds_a_nul_character_is_stored_whole(
