@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Row
+from sqlalchemy import Row, case
 
 from orchestrator.exceptions import InvalidInput
 from orchestrator.store.models import Job
@@ -189,8 +189,26 @@ def prompt_token_bound(job: JobRow) -> int | None:
 def token_bounds(job: JobRow) -> tuple[int, int]:
     """A generate job's most prompt tokens and most completion tokens (max_tokens); (0, 0)
     for other jobs."""
-    bound = prompt_token_bound(job)
-    return (0, 0) if bound is None else (bound, _max_tokens(job))
+    return token_bounds_of(job.type, job.max_units, _max_tokens(job))
+
+
+def token_bounds_of(
+    job_type: str, max_units: int | None, max_tokens: int | None
+) -> tuple[int, int]:
+    """``token_bounds`` from a job's type, ``max_units`` and max_tokens (``MAX_TOKENS``)."""
+    if job_type != JobType.GENERATE or max_units is None:
+        return (0, 0)
+    tokens = max_tokens or 0
+    return (max(max_units - tokens, 0), tokens)
+
+
+MAX_TOKENS = case(
+    (Job.type == JobType.GENERATE.value, Job.spec["input"]["max_tokens"].as_integer()),
+    else_=None,
+).label("max_tokens")
+"""A generate job's max_tokens, read in SQL (NULL for other jobs): a dispatch round reads it
+of every queued job it looks at, without decoding their specs (an inference job's holds all
+its texts)."""
 
 
 def agreed_prompt_price(job: JobRow, offer: Offer) -> int | None:

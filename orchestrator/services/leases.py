@@ -100,7 +100,7 @@ DISPATCH_COLUMNS = (
     Job.max_price_wei_per_unit,
     Job.max_prompt_price_wei_per_unit,
     Job.max_units,
-    Job.spec,  # a generation's max_tokens (billing.token_bounds)
+    billing.MAX_TOKENS,  # a generation's (billing.token_bounds_of); not the whole spec
     Job.preference,
     Job.min_vram_mb,
     Job.units,
@@ -142,9 +142,11 @@ def _candidate(
 
 
 def _needs(
-    job: Job | Row[Any], now: float, retry_excluded_after_s: float, min_reputation: float = 0.0
+    job: Row[Any], now: float, retry_excluded_after_s: float, min_reputation: float = 0.0
 ) -> JobNeeds:
-    prompt_units, completion_units = billing.token_bounds(job)
+    """What a queued job (``DISPATCH_COLUMNS``) needs of a worker."""
+    bounds = billing.token_bounds_of(job.type, job.max_units, job.max_tokens)
+    prompt_units, completion_units = bounds
     return JobNeeds(
         type=JobType(job.type),
         model=job.model,

@@ -13,13 +13,14 @@ from typing import Any
 
 import pytest
 from eth_account import Account
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from orchestrator.config import Settings
 from orchestrator.exceptions import BadSignature, Conflict, Forbidden, InvalidInput
+from orchestrator.services import billing
 from orchestrator.services import jobs as jobs_module
 from orchestrator.services.auth import Principal
-from orchestrator.services.leases import POLL_TTL_S, LeaseService
+from orchestrator.services.leases import DISPATCH_COLUMNS, POLL_TTL_S, LeaseService
 from orchestrator.store import Store
 from orchestrator.store.models import Job
 from orchestrator.wiring import Services, build_services
@@ -294,6 +295,41 @@ def test_a_results_output_is_stored_as_the_canonical_json_its_hash_was_checked_o
         raw = s.execute(query, {"id": job_id}).scalar_one()
     assert hashlib.sha256(raw.encode()).hexdigest() == result.output_sha256
     assert services.jobs.result(client, job_id).output == _output(0.1)
+
+
+def test_a_dispatch_round_reads_a_generations_max_tokens_without_its_spec(
+    any_services: Services,
+) -> None:
+    """A dispatch round weighs a generate job's prompt and completion prices by its bounds;
+    it reads max_tokens in SQL (``billing.MAX_TOKENS``), not the whole spec: the same figure
+    as the spec holds, and none for other jobs."""
+    services = any_services
+    llm = "SmolLM2-135M-Instruct"
+    register(services, offers=[offer(), offer(model=llm, job_type="generate")])
+    client, _ = new_client(services)
+    chat = JobSpec.model_validate(
+        {
+            "type": "generate",
+            "model": llm,
+            "generation": {"prompt": "Hello there", "max_tokens": 37},
+            "max_price_wei_per_unit": 1_000,
+        }
+    )
+    generate, _ = services.jobs.submit(client, chat, services.now())
+    embed = _submit(services, client)
+    with services.store.read() as s:
+        rows = {
+            r.id: r
+            for r in s.execute(
+                select(*DISPATCH_COLUMNS, Job.spec).where(Job.id.in_([generate.id, embed]))
+            )
+        }
+    assert rows[generate.id].max_tokens == 37 == billing.token_bounds(rows[generate.id])[1]
+    assert billing.token_bounds_of(
+        "generate", rows[generate.id].max_units, rows[generate.id].max_tokens
+    ) == billing.token_bounds(rows[generate.id])
+    assert rows[embed].max_tokens is None
+    assert billing.token_bounds_of("inference", rows[embed].max_units, None) == (0, 0)
 
 
 def test_dispatch_never_exceeds_max_concurrency(services: Services, clock: FakeClock) -> None:
