@@ -349,6 +349,29 @@ def test_dispatch_never_exceeds_max_concurrency(services: Services, clock: FakeC
     assert _dispatch_to(services, worker) == {}
 
 
+def test_a_round_reads_on_past_queued_jobs_no_free_worker_can_take(
+    any_services: Services, clock: FakeClock
+) -> None:
+    """A round reads queued jobs a few times its free slots at a time (``_queued``); when
+    none of them fits a free worker it reads on, after the last one seen (ties on the
+    submission time broken by id), and places the job behind them in the same round."""
+    services = any_services
+    client, _ = new_client(services)
+    worker = _worker(services, price=100, max_concurrency=1)
+    too_cheap = [_submit(services, client, max_price_wei_per_unit=50) for _ in range(40)]
+    clock.advance(1)
+    placeable = _submit(services, client)
+    with services.store.read() as s:
+        reasons = s.scalars(select(Job.waiting_reason).where(Job.id.in_(too_cheap))).all()
+    assert reasons == [None] * 40  # so the round meets them first
+    _poll(services, worker, slots=1)
+    assigned = services.leases.dispatch(services.now())
+    assert assigned == [(placeable, worker.principal.id)]
+    with services.store.read() as s:
+        reasons = s.scalars(select(Job.waiting_reason).where(Job.id.in_(too_cheap))).all()
+    assert len(reasons) == 40 and all(r and "above the job's 50" in r for r in reasons)
+
+
 def test_a_job_is_handed_out_once(services: Services) -> None:
     client, _ = new_client(services)
     worker = _worker(services)
