@@ -59,7 +59,7 @@ from bench.table import Row, ratio, section_main
 from gpumarket.sdk import AsyncClient
 from protocol.signing import (
     output_sha256,
-    recover_result_batch_signer,
+    recover_job_result_signer,
     result_hash,
     sign_registration,
     sign_result_batch,
@@ -355,16 +355,19 @@ def _check_results(results: Sequence[dict[str, Any]], workers: Sequence[Scripted
         ):
             raise RuntimeError(f"job {result['job_id']}: bad result {result}")
         proof = result["batch"]
-        mine = result_hash(
+        if proof is None:
+            raise RuntimeError(f"job {result['job_id']}: not reported in a batch")
+        signer = recover_job_result_signer(
             result["job_id"],
             result["attempt"],
             result["output_sha256"],
             result["units"],
             int(result["price_wei_per_unit"]),
+            proof["signature"],
+            batch_index=proof["index"],
+            batch_count=proof["count"],
+            batch_path=proof["path"],
         )
-        if proof is None or proof["result_hashes"][proof["index"]] != mine:
-            raise RuntimeError(f"job {result['job_id']}: not in its signed batch")
-        signer = recover_result_batch_signer(proof["result_hashes"], proof["signature"])
         if signer not in addresses or signer != result["worker_address"]:
             raise RuntimeError(f"job {result['job_id']}: signed by {signer}")
 

@@ -472,12 +472,15 @@ class SkippedRendition(_Strict):
 
 class ResultBatchProof(BaseModel):
     """How a result reported in a batch is signed: ``signature`` (EIP-712 ``ResultBatch``) is
-    over ``result_hashes``, and this job's ``Result`` struct hash is ``result_hashes[index]``
-    (protocol/signing.py): the job's result is proven without the other jobs' outputs."""
+    over the Merkle root of the batch's ``count`` result hashes, and this job's ``Result``
+    struct hash, at ``index``, leads to that root along ``path`` (protocol/signing.py,
+    ``recover_job_result_signer``): the job's result is proven alone, without the other
+    jobs' outputs or hashes, in log2(count) hashes."""
 
     signature: str
-    result_hashes: list[str]
     index: int
+    count: int
+    path: list[str]
 
 
 class ResultView(BaseModel):

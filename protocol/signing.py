@@ -171,11 +171,19 @@ def recover_result_signer(
 
 
 # -- result batches ---------------------------------------------------------------------------
-# A worker reporting many results signs them once: EIP-712 over the list of the per-job
-# ``Result`` struct hashes (hashStruct, the same struct ``sign_result`` signs). One job's
-# result is still proven alone: its fields give its hash, the hash sits in the signed list.
+# A worker reporting many results signs them once: EIP-712 over the Merkle root of the per-job
+# ``Result`` struct hashes (hashStruct, the same struct ``sign_result`` signs), in the batch's
+# order, and their count. One job's result is still proven alone, in O(log n): its fields give
+# its hash, and the hashes on its path (``result_path``) lead from it to the signed root.
+# The tree: each level pairs its nodes in order, keccak256(left || right); an odd node out at
+# the end of a level goes up unchanged. One result: the root is its hash.
 
-RESULT_BATCH_TYPES = {"ResultBatch": [{"name": "results", "type": "bytes32[]"}]}
+RESULT_BATCH_TYPES = {
+    "ResultBatch": [
+        {"name": "resultsRoot", "type": "bytes32"},
+        {"name": "count", "type": "uint32"},
+    ]
+}
 _RESULT_TYPE_HASH = keccak(
     text="Result(string jobId,uint32 attempt,bytes32 outputSha256,uint64 units,"
     "uint256 priceWeiPerUnit,uint64 promptUnits,uint256 promptPriceWeiPerUnit)"
@@ -219,27 +227,102 @@ def result_hash(
     return "0x" + keccak(encoded).hex()
 
 
-def _result_batch_message(result_hashes: list[str]) -> SignableMessage:
+class ResultTree:
+    """The Merkle tree of a batch's result hashes (see above): its root, and each result's
+    path to it. Built once per batch (n - 1 hashes), then each path costs O(log n)."""
+
+    def __init__(self, result_hashes: list[str]) -> None:
+        if not result_hashes:
+            raise ValueError("a result batch holds at least one result")
+        level = [_hash32(h) for h in result_hashes]
+        self.levels = [level]
+        while len(level) > 1:
+            level = [
+                keccak(level[i] + level[i + 1]) if i + 1 < len(level) else level[i]
+                for i in range(0, len(level), 2)
+            ]
+            self.levels.append(level)
+        self.count = len(result_hashes)
+        self.root = "0x" + level[0].hex()
+
+    def path(self, index: int) -> list[str]:
+        """The sibling hashes from result ``index`` up to the root (none where a node went up
+        unchanged)."""
+        if not 0 <= index < self.count:
+            raise ValueError(f"index {index} is outside a batch of {self.count}")
+        path = []
+        for level in self.levels[:-1]:
+            sibling = index ^ 1
+            if sibling < len(level):
+                path.append("0x" + level[sibling].hex())
+            index //= 2
+        return path
+
+
+def root_from_path(result_hash_hex: str, index: int, count: int, path: list[str]) -> str:
+    """The root that result ``index`` of a batch of ``count``, with hash ``result_hash_hex``,
+    leads to along ``path`` (``ResultTree.path``). ValueError when the path does not fit the
+    place: too short, too long, or an index outside the batch."""
+    if not 0 <= index < count or count > 2**32 - 1:
+        raise ValueError(f"index {index} is outside a batch of {count}")
+    node = _hash32(result_hash_hex)
+    steps = iter(path)
+    size = count
+    while size > 1:
+        if index % 2 == 1 or index + 1 < size:
+            sibling = next(steps, None)
+            if sibling is None:
+                raise ValueError(f"the path is too short for result {index} of {count}")
+            pair = (_hash32(sibling), node) if index % 2 == 1 else (node, _hash32(sibling))
+            node = keccak(pair[0] + pair[1])
+        index //= 2
+        size = (size + 1) // 2
+    if next(steps, None) is not None:
+        raise ValueError(f"the path is too long for a batch of {count}")
+    return "0x" + node.hex()
+
+
+def _hash32(value: str) -> bytes:
+    try:
+        raw = bytes.fromhex(value.removeprefix("0x"))
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a hex hash") from exc
+    if len(raw) != 32:
+        raise ValueError(f"{value!r} is not 32 bytes")
+    return raw
+
+
+def _result_batch_message(root: str, count: int) -> SignableMessage:
     message = {
         "domain": RESULT_DOMAIN,
         "types": RESULT_BATCH_TYPES,
         "primaryType": "ResultBatch",
-        "message": {"results": [bytes.fromhex(h.removeprefix("0x")) for h in result_hashes]},
+        "message": {"resultsRoot": _hash32(root), "count": count},
     }
     return encode_typed_data(full_message=message)
 
 
 def sign_result_batch(private_key: str | bytes, result_hashes: list[str]) -> str:
-    """One EIP-712 signature (0x-hex) over the ordered list of ``result_hash`` values."""
-    signed = Account.sign_message(_result_batch_message(result_hashes), private_key=private_key)
+    """One EIP-712 signature (0x-hex) over the Merkle root and count of the ordered list of
+    ``result_hash`` values."""
+    tree = ResultTree(result_hashes)
+    message = _result_batch_message(tree.root, tree.count)
+    signed = Account.sign_message(message, private_key=private_key)
     return "0x" + bytes(signed.signature).hex().removeprefix("0x")
 
 
 def recover_result_batch_signer(result_hashes: list[str], signature: str) -> str:
     """Address (checksummed) that signed the batch; ValueError on a malformed one."""
+    tree = ResultTree(result_hashes)
+    return recover_result_root_signer(tree.root, tree.count, signature)
+
+
+def recover_result_root_signer(root: str, count: int, signature: str) -> str:
+    """Address (checksummed) that signed a batch's root and count; ValueError on a malformed
+    signature or root."""
     try:
-        message = _result_batch_message(result_hashes)
-    except (ValueError, TypeError) as exc:
+        message = _result_batch_message(root, count)
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ValueError(f"result batch cannot be encoded: {exc}") from exc
     return _recover(message, signature)
 
@@ -251,21 +334,24 @@ def recover_job_result_signer(
     units: int,
     price_wei_per_unit: int,
     signature: str,
-    result_hashes: list[str] | None = None,
-    index: int | None = None,
     *,
     prompt_units: int = 0,
     prompt_price_wei_per_unit: int = 0,
+    batch_index: int | None = None,
+    batch_count: int | None = None,
+    batch_path: list[str] | None = None,
 ) -> str:
     """Address (checksummed) that signed one job's result, as a result view carries it:
-    signed alone, or in a batch (``result_hashes`` and the job's ``index`` from its ``batch``
-    proof; the job's own hash must sit there). ValueError when the proof does not hold."""
+    signed alone, or in a batch (``batch_index``, ``batch_count`` and ``batch_path`` from its
+    ``batch`` proof: the job's own hash must lead along the path to the signed root).
+    ValueError when the proof does not hold."""
     prompt = {"prompt_units": prompt_units, "prompt_price_wei_per_unit": prompt_price_wei_per_unit}
-    if result_hashes is None:
+    if batch_path is None:
         return recover_result_signer(
             job_id, attempt, output_sha256_hex, units, price_wei_per_unit, signature, **prompt
         )
+    if batch_index is None or batch_count is None:
+        raise ValueError(f"job {job_id}'s batch proof needs its index and the batch's count")
     mine = result_hash(job_id, attempt, output_sha256_hex, units, price_wei_per_unit, **prompt)
-    if index is None or not 0 <= index < len(result_hashes) or result_hashes[index] != mine:
-        raise ValueError(f"job {job_id}'s result hash is not at index {index} of its batch")
-    return recover_result_batch_signer(result_hashes, signature)
+    root = root_from_path(mine, batch_index, batch_count, batch_path)
+    return recover_result_root_signer(root, batch_count, signature)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 import time
@@ -52,7 +53,7 @@ from protocol import (
 )
 from protocol.batches import ItemError, JobBatchItem, JobStateItem
 from protocol.jobs import ResultBatchProof
-from protocol.signing import canonical_json
+from protocol.signing import ResultTree, canonical_json
 
 MAX_LIST_LIMIT = 200
 PAID_DEADLINE_SHARE = 0.5  # of the payer's withdrawal delay
@@ -177,14 +178,25 @@ def result_view(job: JobRow, worker_address: str, batch: ResultBatch | None = No
         skipped_renditions=[SkippedRendition.model_validate(r) for r in job.skipped_renditions]
         if job.skipped_renditions is not None
         else None,
-        batch=ResultBatchProof(
-            signature=batch.signature,
-            result_hashes=list(batch.result_hashes),
-            index=job.result_batch_index,
-        )
+        batch=_batch_proof(batch, job.result_batch_index)
         if batch is not None and job.result_batch_index is not None
         else None,
     )
+
+
+def _batch_proof(batch: ResultBatch, index: int) -> ResultBatchProof:
+    """Result ``index``'s proof in ``batch``: its path to the signed root."""
+    tree = _result_tree(batch.id, tuple(batch.result_hashes))
+    return ResultBatchProof(
+        signature=batch.signature, index=index, count=tree.count, path=tree.path(index)
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _result_tree(batch_id: str, result_hashes: tuple[str, ...]) -> ResultTree:
+    """A batch's Merkle tree, built once for all its results' reads (n - 1 hashes), not once
+    per result (``batch_id`` keys it; the hashes never change)."""
+    return ResultTree(list(result_hashes))
 
 
 def _encode_cursor(job: Job) -> str:

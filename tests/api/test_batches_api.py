@@ -4,6 +4,7 @@ under one signature (exactly once per job), and a lease that marks its jobs runn
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import pytest
@@ -14,9 +15,11 @@ from sqlalchemy import func, select
 from orchestrator.store.models import Job, JobEvent, ResultBatch
 from orchestrator.wiring import Services
 from protocol.signing import (
+    ResultTree,
     output_sha256,
-    recover_result_batch_signer,
+    recover_job_result_signer,
     result_hash,
+    root_from_path,
     sign_result_batch,
 )
 from tests.api.conftest import Api, RunApi, assert_problem, serve
@@ -211,17 +214,24 @@ def test_batch_completion_is_exactly_once_per_job_and_proves_each_result(
         assert "attempt 1" in outcomes[2]["error"]["detail"]
         assert outcomes[2]["job_id"] == stale_job["id"]
 
-        # Each result proves itself: its hash is in the list the batch signature covers.
+        # Each result proves itself: its hash leads along its path to the signed root.
         result = (await api.http.get(f"/v1/jobs/{ids[0]}/result", headers=client)).json()
         proof = result["batch"]
         assert result["signature"] == proof["signature"] == request["signature"]
-        mine = result_hash(
-            ids[0], 1, result["output_sha256"], result["units"], int(result["price_wei_per_unit"])
+        assert proof["index"] == [i["job_id"] for i in items].index(ids[0])
+        assert proof["count"] == 3 and len(proof["path"]) == 2  # of 3: two hashes
+        signer = recover_job_result_signer(
+            ids[0],
+            1,
+            result["output_sha256"],
+            result["units"],
+            int(result["price_wei_per_unit"]),
+            proof["signature"],
+            batch_index=proof["index"],
+            batch_count=proof["count"],
+            batch_path=proof["path"],
         )
-        assert proof["result_hashes"][proof["index"]] == mine
-        assert recover_result_batch_signer(proof["result_hashes"], proof["signature"]) == (
-            worker.address
-        )
+        assert signer == worker.address
         assert result["cost_wei"] == str(PRICE_WEI)
 
         def snapshot() -> tuple[int, int, int]:
@@ -415,11 +425,40 @@ def test_a_jobs_result_is_proven_alone_or_by_its_place_in_a_batch() -> None:
     digest = output_sha256({"embeddings": [[1.0]]})
     alone = sign_result(account.key, "j1", 1, digest, 1, PRICE_WEI)
     assert recover_job_result_signer("j1", 1, digest, 1, PRICE_WEI, alone) == account.address
-    hashes = [result_hash(j, 1, digest, 1, PRICE_WEI) for j in ("j0", "j1")]
+    hashes = [result_hash(j, 1, digest, 1, PRICE_WEI) for j in ("j0", "j1", "j2")]
     together = sign_result_batch(account.key, hashes)
-    proven = recover_job_result_signer("j1", 1, digest, 1, PRICE_WEI, together, hashes, 1)
-    assert proven == account.address
-    with pytest.raises(ValueError, match="not at index 0"):
-        recover_job_result_signer("j1", 1, digest, 1, PRICE_WEI, together, hashes, 0)
-    with pytest.raises(ValueError, match="not at index 1"):  # another price, another hash
-        recover_job_result_signer("j1", 1, digest, 1, PRICE_WEI + 1, together, hashes, 1)
+    tree = ResultTree(hashes)
+
+    def signer(job_id: str, index: int, price: int = PRICE_WEI, **proof: Any) -> str:
+        given = {"batch_index": index, "batch_count": 3, "batch_path": tree.path(index)}
+        return recover_job_result_signer(
+            job_id, 1, digest, 1, price, together, **{**given, **proof}
+        )
+
+    assert all(signer(f"j{i}", i) == account.address for i in range(3))
+    assert signer("j1", 0) != account.address  # another place, another root
+    assert signer("j1", 1, PRICE_WEI + 1) != account.address  # another price, another hash
+    assert signer("j1", 1, batch_count=4) != account.address  # the count is signed too
+    with pytest.raises(ValueError, match="too long"):
+        signer("j2", 2, batch_path=tree.path(1))  # j2 goes up alone: one hash on its path
+    with pytest.raises(ValueError, match="too short"):
+        signer("j1", 1, batch_path=[])
+    with pytest.raises(ValueError, match="outside"):
+        signer("j1", 3)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 8, 13, 256])
+def test_a_batch_tree_proves_each_of_its_results_in_log2_hashes(count: int) -> None:
+    """Every result of a batch of any size leads to the root along its path, of at most
+    ceil(log2(count)) hashes; a path never proves another result or another place."""
+    hashes = [result_hash(f"job{i}", 1, "ab" * 32, 1, PRICE_WEI) for i in range(count)]
+    tree = ResultTree(hashes)
+    assert len(set(tree.levels[0])) == count
+    for index, mine in enumerate(hashes):
+        path = tree.path(index)
+        assert len(path) <= math.ceil(math.log2(count))
+        assert root_from_path(mine, index, count, path) == tree.root
+        other = hashes[(index + 1) % count]
+        if count > 1:
+            assert root_from_path(other, index, count, path) != tree.root
+    assert ResultTree(hashes[:1]).root == hashes[0]

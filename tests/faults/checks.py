@@ -90,8 +90,9 @@ def _check_result(market: Market, spec: dict[str, Any], job: dict[str, Any]) -> 
         first["units"],
         int(first["price_wei_per_unit"]),
         first["signature"],
-        proof.get("result_hashes"),
-        proof.get("index"),
+        batch_index=proof.get("index"),
+        batch_count=proof.get("count"),
+        batch_path=proof.get("path"),
     )
     assert signer == first["worker_address"], f"job {job['id']}: result not signed by its worker"
     if spec["type"] == "inference":

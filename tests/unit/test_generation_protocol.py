@@ -155,7 +155,8 @@ def test_the_signed_result_commits_to_both_counts_and_both_prices() -> None:
     hashes = [result_hash(j, 1, digest, 7, 7, **terms) for j in ("a", "job")]
     assert hashes[1] != result_hash("job", 1, digest, 7, 7)
     batch = sign_result_batch(account.key, hashes)
-    proven = recover_job_result_signer("job", 1, digest, 7, 7, batch, hashes, 1, **terms)
+    proof = {"batch_index": 1, "batch_count": 2, "batch_path": [hashes[0]]}
+    proven = recover_job_result_signer("job", 1, digest, 7, 7, batch, **terms, **proof)
     assert proven == account.address
-    with pytest.raises(ValueError, match="not at index 1"):
-        recover_job_result_signer("job", 1, digest, 7, 7, batch, hashes, 1, prompt_units=2)
+    other = recover_job_result_signer("job", 1, digest, 7, 7, batch, prompt_units=2, **proof)
+    assert other != account.address

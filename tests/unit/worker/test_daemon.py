@@ -39,9 +39,8 @@ from orchestrator.wiring import Services, build_services
 from protocol import JobType, LeasedJob, Offer, Precision
 from protocol.signing import (
     output_sha256,
-    recover_result_batch_signer,
+    recover_job_result_signer,
     recover_result_signer,
-    result_hash,
 )
 from protocol.workers import EnergySource
 from tests.support import EMBED_MODEL, damaged_clip, hardware, video_clip
@@ -524,10 +523,17 @@ def test_results_ready_together_are_reported_in_one_request_under_one_signature(
                 for job_id in jobs:
                     result = await market.result(job_id)
                     proof = result["batch"]
-                    assert len(proof["result_hashes"]) == 4
-                    mine = result_hash(job_id, 1, result["output_sha256"], *_billed(result))
-                    assert proof["result_hashes"][proof["index"]] == mine
-                    signer = recover_result_batch_signer(proof["result_hashes"], proof["signature"])
+                    assert proof["count"] == 4 and len(proof["path"]) == 2  # log2(4)
+                    signer = recover_job_result_signer(
+                        job_id,
+                        1,
+                        result["output_sha256"],
+                        *_billed(result),
+                        proof["signature"],
+                        batch_index=proof["index"],
+                        batch_count=proof["count"],
+                        batch_path=proof["path"],
+                    )
                     assert signer == worker.address == result["worker_address"]
 
     run(body)
