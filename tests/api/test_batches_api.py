@@ -97,6 +97,9 @@ def test_batch_submit_answers_each_job_or_its_own_error(run_any_api: RunApi) -> 
         assert "idempotency key 'k1' was already used" in clash["error"]["detail"]
         assert same["created"] is False and same["job"]["id"] == first["job"]["id"]
         assert fourth["created"] and fourth["job"]["id"] != first["job"]["id"]
+        # Each answer shows the job as the store has it (read back, nothing changed since).
+        for made in (first, fourth):
+            assert made["job"] == await api.job(client, made["job"]["id"])
 
         # The same batch again: nothing new; each key names the job it made.
         again = await post_batch(api, client, jobs)
