@@ -783,7 +783,9 @@ class BatchJobs:
         """Of these jobs, those still queued, with why they wait (one narrow read)."""
         with self._store.read() as s:
             rows = s.execute(
-                select(Job.id, Job.waiting_reason, Job.state).where(Job.id.in_(job_ids))
+                select(Job.id, Job.waiting_reason, Job.state).where(
+                    self._store.among(Job.id, job_ids)
+                )
             )
             return {job_id: reason for job_id, reason, state in rows if state == JobState.QUEUED}
 
@@ -795,7 +797,7 @@ class BatchJobs:
                 job_id: state
                 for job_id, state, owner, kind in s.execute(
                     select(Job.id, Job.state, Job.client_id, Job.kind).where(
-                        Job.id.in_(set(job_ids))
+                        self._store.among(Job.id, set(job_ids))
                     )
                 )
                 if owner == client.id and kind == "job"
@@ -809,14 +811,18 @@ class BatchJobs:
             found = {
                 job.id: job
                 for job in s.scalars(
-                    select(Job).options(defer(Job.output)).where(Job.id.in_(set(job_ids)))
+                    select(Job)
+                    .options(defer(Job.output))
+                    .where(self._store.among(Job.id, set(job_ids)))
                 )
                 if job.client_id == client.id and job.kind == "job"
             }
             _refuse_missing(job_ids, found)
             events: dict[str, list[JobEvent]] = {}
             for event in s.scalars(
-                select(JobEvent).where(JobEvent.job_id.in_(found)).order_by(JobEvent.id)
+                select(JobEvent)
+                .where(self._store.among(JobEvent.job_id, found))
+                .order_by(JobEvent.id)
             ):
                 events.setdefault(event.job_id, []).append(event)
             worker_ids = {j.worker_id for j in found.values() if j.worker_id}
@@ -835,7 +841,9 @@ class BatchJobs:
             # loader on each of them, per object (half of this read's time for no-op jobs).
             done = [
                 job
-                for job in s.execute(select(*RESULT_COLUMNS).where(Job.id.in_(set(job_ids))))
+                for job in s.execute(
+                    select(*RESULT_COLUMNS).where(self._store.among(Job.id, set(job_ids)))
+                )
                 if job.client_id == client.id
                 and job.kind == "job"
                 and job.state == JobState.SUCCEEDED

@@ -323,7 +323,7 @@ class LeaseService(BatchCompletion):
         for (worker_id, price, prompt_price), job_ids in placed.items():
             s.execute(
                 update(Job)
-                .where(Job.id.in_(job_ids))
+                .where(self._store.among(Job.id, job_ids))
                 .values(
                     waiting_reason=None,
                     worker_id=worker_id,
@@ -574,7 +574,7 @@ class LeaseService(BatchCompletion):
             # it, with no round trip of its own (POST .../start stays, idempotent).
             s.execute(
                 update(Job)
-                .where(Job.id.in_([row.id for row in rows]))
+                .where(self._store.among(Job.id, [row.id for row in rows]))
                 .values(
                     delivered=True,
                     lease_expires_at=lease_until,

@@ -117,7 +117,7 @@ class BatchCompletion:
                 r.id: r
                 for r in s.execute(
                     select(*COMPLETION_COLUMNS)
-                    .where(Job.id.in_(items))
+                    .where(self._store.among(Job.id, items))
                     .order_by(Job.id)
                     .with_for_update()
                 )
@@ -129,7 +129,7 @@ class BatchCompletion:
             }
             others = [job_id for job_id in locked if job_id not in plain]
             jobs = (
-                {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(others)))}
+                {j.id: j for j in s.scalars(select(Job).where(self._store.among(Job.id, others)))}
                 if others
                 else {}
             )
@@ -281,7 +281,9 @@ class BatchCompletion:
             kinds = {
                 job_id: (job_type, kind, input_blob)
                 for job_id, job_type, kind, input_blob in s.execute(
-                    select(Job.id, Job.type, Job.kind, Job.input_blob).where(Job.id.in_(ids))
+                    select(Job.id, Job.type, Job.kind, Job.input_blob).where(
+                        self._store.among(Job.id, ids)
+                    )
                 )
             }
             with_files = [

@@ -706,6 +706,30 @@ def test_rows_updated_together_read_back_exactly(any_services: Services) -> None
         assert job.state == JobState.QUEUED  # untouched columns stay
 
 
+def test_among_selects_the_rows_named_with_one_parameter_on_postgresql(
+    any_services: Services,
+) -> None:
+    """``Store.among`` is ``IN`` on SQLite and ``= ANY(array)`` on PostgreSQL: the same rows
+    (none for no values), and on PostgreSQL one parameter whatever the number of values."""
+    services = any_services
+    store = services.store
+    client, _ = new_client(services)
+    spec = JobSpec.model_validate(
+        {"type": "inference", "model": EMBED_MODEL, "input": {"texts": ["a"]}}
+        | {"max_price_wei_per_unit": 1_000}
+    )
+    items = services.jobs.batch.submit(client, [spec] * 5, services.now())
+    ids = [item.job.id for item in items if item.job is not None]
+    with store.read() as s:
+        for wanted in ([], ids[:1], ids[1:4], [*ids, "no-such-job"]):
+            query = select(Job.id).where(store.among(Job.id, wanted))
+            assert sorted(s.scalars(query)) == sorted(set(wanted) & set(ids))
+            sql = str(query.compile(dialect=s.get_bind().dialect))
+            assert ("= ANY (" in sql) is store.is_postgres and (" IN " in sql) is not (
+                store.is_postgres
+            )
+
+
 def test_a_batch_whose_input_holds_a_nul_character_is_stored_whole(
     any_services: Services, monkeypatch: pytest.MonkeyPatch
 ) -> None:
