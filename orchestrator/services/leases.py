@@ -479,7 +479,14 @@ class LeaseService(BatchCompletion):
             held = leased_counts(s, [worker.id]).get(worker.id, 0)
             values["free_slots"] = max(0, min(free_slots, row.max_concurrency - held))
             values["available_until"] = min(until, now + POLL_TTL_S)
-        s.execute(update(Worker).where(Worker.id == worker.id).values(**values))
+        s.execute(
+            update(Worker)
+            .where(Worker.id == worker.id)
+            .values(**values)
+            # No Worker object is loaded in a poll's transactions: nothing to keep in step
+            # (the ORM's default compiled an evaluator of the SET clause at every poll).
+            .execution_options(synchronize_session=False)
+        )
 
     @retry_transient
     def close_poll(self, worker: Principal, now: float) -> None:
@@ -543,6 +550,7 @@ class LeaseService(BatchCompletion):
                     update(Worker)
                     .where(Worker.id == worker.id, Worker.available_until > 0)
                     .values(available_until=min(poll_until, now + POLL_TTL_S))
+                    .execution_options(synchronize_session=False)  # as in _open
                 )
         return [self._leased_job(row, lease_until) for row in rows]
 
@@ -597,6 +605,7 @@ class LeaseService(BatchCompletion):
             update(Worker)
             .where(Worker.id == worker.id)
             .values(available_until=0.0, free_slots=0, last_seen_at=now)
+            .execution_options(synchronize_session=False)  # as in _open
         )
 
     def _leased_job(self, job: Row[Any], lease_expires_at: float) -> LeasedJob:
