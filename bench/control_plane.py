@@ -364,7 +364,8 @@ def _check_results(results: Sequence[dict[str, Any]], workers: Sequence[Scripted
             result["units"],
             int(result["price_wei_per_unit"]),
             proof["signature"],
-            batch_index=proof["index"],
+            proof.get("result_hashes"),
+            proof["index"],
             batch_count=proof["count"],
             batch_path=proof["path"],
         )

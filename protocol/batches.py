@@ -104,8 +104,9 @@ class BatchResult(ResultFields):
 
 
 class BatchCompleteRequest(_Strict):
-    """Results reported together under one EIP-712 ``ResultBatch`` signature over the list of
-    per-job ``Result`` struct hashes, in this order (protocol/signing.py, ``result_hash``)."""
+    """Results reported together under one EIP-712 ``ResultBatch`` signature over the Merkle
+    root of the per-job ``Result`` struct hashes, in this order, and their count
+    (protocol/signing.py, ``result_hash``, ``sign_result_batch``)."""
 
     results: list[BatchResult] = Field(min_length=1, max_length=MAX_RESULT_BATCH)
     signature: str = Field(pattern=r"^0x[0-9a-fA-F]{130}$")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -475,12 +475,16 @@ class ResultBatchProof(BaseModel):
     over the Merkle root of the batch's ``count`` result hashes, and this job's ``Result``
     struct hash, at ``index``, leads to that root along ``path`` (protocol/signing.py,
     ``recover_job_result_signer``): the job's result is proven alone, without the other
-    jobs' outputs or hashes, in log2(count) hashes."""
+    jobs' outputs or hashes, in log2(count) hashes. A batch signed over its list of hashes
+    (``scheme`` "list": workers from before the Merkle root, and results stored then) carries
+    ``result_hashes`` instead of ``path``, this job's hash at ``index``."""
 
+    scheme: Literal["merkle", "list"] = "merkle"
     signature: str
     index: int
     count: int
-    path: list[str]
+    path: list[str] | None = None
+    result_hashes: list[str] | None = None
 
 
 class ResultView(BaseModel):

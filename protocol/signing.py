@@ -184,6 +184,12 @@ RESULT_BATCH_TYPES = {
         {"name": "count", "type": "uint32"},
     ]
 }
+LIST_SCHEME = "list"
+MERKLE_SCHEME = "merkle"
+# Until 2026-12 a batch was signed over the list of hashes itself (``ResultBatch(bytes32[]
+# results)``), which each result then carried whole as its proof. The orchestrator still takes
+# such batches from workers that sign them so, and proves the results stored so.
+LIST_RESULT_BATCH_TYPES = {"ResultBatch": [{"name": "results", "type": "bytes32[]"}]}
 _RESULT_TYPE_HASH = keccak(
     text="Result(string jobId,uint32 attempt,bytes32 outputSha256,uint64 units,"
     "uint256 priceWeiPerUnit,uint64 promptUnits,uint256 promptPriceWeiPerUnit)"
@@ -317,6 +323,32 @@ def recover_result_batch_signer(result_hashes: list[str], signature: str) -> str
     return recover_result_root_signer(tree.root, tree.count, signature)
 
 
+def _result_list_message(result_hashes: list[str]) -> SignableMessage:
+    message = {
+        "domain": RESULT_DOMAIN,
+        "types": LIST_RESULT_BATCH_TYPES,
+        "primaryType": "ResultBatch",
+        "message": {"results": [_hash32(h) for h in result_hashes]},
+    }
+    return encode_typed_data(full_message=message)
+
+
+def sign_result_list(private_key: str | bytes, result_hashes: list[str]) -> str:
+    """A batch signed as before the Merkle root (``LIST_SCHEME``): over the list itself."""
+    signed = Account.sign_message(_result_list_message(result_hashes), private_key=private_key)
+    return "0x" + bytes(signed.signature).hex().removeprefix("0x")
+
+
+def recover_result_list_signer(result_hashes: list[str], signature: str) -> str:
+    """Address that signed the list of hashes itself (``LIST_SCHEME``); ValueError on a
+    malformed signature or hash."""
+    try:
+        message = _result_list_message(result_hashes)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"result batch cannot be encoded: {exc}") from exc
+    return _recover(message, signature)
+
+
 def recover_result_root_signer(root: str, count: int, signature: str) -> str:
     """Address (checksummed) that signed a batch's root and count; ValueError on a malformed
     signature or root."""
@@ -334,24 +366,31 @@ def recover_job_result_signer(
     units: int,
     price_wei_per_unit: int,
     signature: str,
+    result_hashes: list[str] | None = None,
+    index: int | None = None,
     *,
     prompt_units: int = 0,
     prompt_price_wei_per_unit: int = 0,
-    batch_index: int | None = None,
     batch_count: int | None = None,
     batch_path: list[str] | None = None,
 ) -> str:
     """Address (checksummed) that signed one job's result, as a result view carries it:
-    signed alone, or in a batch (``batch_index``, ``batch_count`` and ``batch_path`` from its
-    ``batch`` proof: the job's own hash must lead along the path to the signed root).
-    ValueError when the proof does not hold."""
+    signed alone; in a batch, by its ``index`` and the ``batch_count`` and ``batch_path`` of
+    its ``batch`` proof (the job's own hash must lead along the path to the signed root); or
+    in a batch signed over its list (``LIST_SCHEME``: ``result_hashes``, where the job's own
+    hash must sit at ``index``). ValueError when the proof does not hold."""
     prompt = {"prompt_units": prompt_units, "prompt_price_wei_per_unit": prompt_price_wei_per_unit}
-    if batch_path is None:
+    if result_hashes is None and batch_path is None:
         return recover_result_signer(
             job_id, attempt, output_sha256_hex, units, price_wei_per_unit, signature, **prompt
         )
-    if batch_index is None or batch_count is None:
-        raise ValueError(f"job {job_id}'s batch proof needs its index and the batch's count")
     mine = result_hash(job_id, attempt, output_sha256_hex, units, price_wei_per_unit, **prompt)
-    root = root_from_path(mine, batch_index, batch_count, batch_path)
+    if result_hashes is not None:
+        if index is None or not 0 <= index < len(result_hashes) or result_hashes[index] != mine:
+            raise ValueError(f"job {job_id}'s result hash is not at index {index} of its batch")
+        return recover_result_list_signer(result_hashes, signature)
+    assert batch_path is not None
+    if index is None or batch_count is None:
+        raise ValueError(f"job {job_id}'s batch proof needs its index and the batch's count")
+    root = root_from_path(mine, index, batch_count, batch_path)
     return recover_result_root_signer(root, batch_count, signature)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,7 +55,7 @@ from protocol import (
 )
 from protocol.batches import ItemError, JobBatchItem, JobStateItem
 from protocol.jobs import ResultBatchProof
-from protocol.signing import ResultTree, canonical_json
+from protocol.signing import LIST_SCHEME, ResultTree, canonical_json
 
 MAX_LIST_LIMIT = 200
 PAID_DEADLINE_SHARE = 0.5  # of the payer's withdrawal delay
@@ -186,18 +187,39 @@ def result_view(job: JobRow, worker_address: str, batch: ResultBatch | None = No
 
 
 def _batch_proof(batch: ResultBatch, index: int) -> ResultBatchProof:
-    """Result ``index``'s proof in ``batch``: its path to the signed root."""
-    tree = _result_tree(batch.id, tuple(batch.result_hashes))
-    return ResultBatchProof(
-        signature=batch.signature, index=index, count=tree.count, path=tree.path(index)
-    )
+    """Result ``index``'s proof in ``batch``: its path to the signed root, or for a batch
+    signed over its list (``LIST_SCHEME``) the list itself."""
+    count = len(batch.result_hashes)
+    if batch.scheme == LIST_SCHEME:
+        hashes = list(batch.result_hashes)
+        return ResultBatchProof(
+            scheme="list", signature=batch.signature, index=index, count=count, result_hashes=hashes
+        )
+    path = _result_tree(batch).path(index)
+    return ResultBatchProof(signature=batch.signature, index=index, count=count, path=path)
 
 
-@functools.lru_cache(maxsize=256)
-def _result_tree(batch_id: str, result_hashes: tuple[str, ...]) -> ResultTree:
-    """A batch's Merkle tree, built once for all its results' reads (n - 1 hashes), not once
-    per result (``batch_id`` keys it; the hashes never change)."""
-    return ResultTree(list(result_hashes))
+_TREES: OrderedDict[str, ResultTree] = OrderedDict()
+_TREES_LOCK = threading.Lock()
+TREES_KEPT = 256
+"""Batches whose Merkle trees are kept (``_result_tree``): a tree is built once for all its
+results' reads (n - 1 hashes), not once per result."""
+
+
+def _result_tree(batch: ResultBatch) -> ResultTree:
+    """``batch``'s Merkle tree, from the last ``TREES_KEPT`` built (a batch's hashes never
+    change, so its id keys it)."""
+    with _TREES_LOCK:
+        tree = _TREES.get(batch.id)
+        if tree is not None:
+            _TREES.move_to_end(batch.id)
+            return tree
+    tree = ResultTree(list(batch.result_hashes))
+    with _TREES_LOCK:
+        _TREES[batch.id] = tree
+        while len(_TREES) > TREES_KEPT:
+            _TREES.popitem(last=False)
+    return tree
 
 
 def _encode_cursor(job: Job) -> str:

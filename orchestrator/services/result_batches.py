@@ -1,8 +1,9 @@
 """Results reported in a batch: many jobs' results in one request, under one signature.
 
 A worker whose jobs finished together reports them in one ``POST /v1/workers/results``: one
-EIP-712 ``ResultBatch`` signature over the list of the jobs' ``Result`` struct hashes
-(protocol/signing.py), recovered once. Each job is then recorded as ``LeaseService.complete``
+EIP-712 ``ResultBatch`` signature over the Merkle root of the jobs' ``Result`` struct hashes
+and their count (protocol/signing.py; or over the list itself, from a worker that signs as
+before), recovered once. Each job is then recorded as ``LeaseService.complete``
 records one (the same checks, billing, verification sampling and ledger), all in one
 transaction, exactly once per (job id, attempt): a replayed batch or job answers its recorded
 result, and a stale attempt is that item's own 409 beside the accepted ones.
@@ -37,7 +38,13 @@ from orchestrator.store.models import Job, ResultBatch, Worker
 from protocol import CompleteRequest, JobState, JobType
 from protocol.batches import BatchCompleteItem, BatchCompleteRequest, BatchResult
 from protocol.jobs import LEASED_STATES
-from protocol.signing import recover_result_batch_signer, result_hash
+from protocol.signing import (
+    LIST_SCHEME,
+    MERKLE_SCHEME,
+    recover_result_batch_signer,
+    recover_result_list_signer,
+    result_hash,
+)
 from protocol.workers import ResultFields
 
 
@@ -99,7 +106,8 @@ class BatchCompletion:
         ``complete`` would (exactly once per job and attempt: a replayed item returns its
         recorded result). An item that cannot be taken (a stale attempt, a foreign job, other
         units) gets its own error beside the accepted ones. The signature (EIP-712
-        ``ResultBatch`` over the items' ``Result`` struct hashes) is recovered once."""
+        ``ResultBatch`` over the Merkle root of the items' ``Result`` struct hashes and their
+        count) is recovered once."""
         hashes = self._batch_hashes(req)
         try:
             signer = recover_result_batch_signer(hashes, req.signature)
@@ -134,11 +142,15 @@ class BatchCompletion:
                 else {}
             )
             row = self._lock_workers_for(s, worker, jobs.values())
-            if signer != row.address:
+            scheme = MERKLE_SCHEME
+            if signer != row.address and _list_signer(hashes, req.signature) == row.address:
+                scheme = LIST_SCHEME  # a worker that signs as before the Merkle root
+            elif signer != row.address:
                 raise BadSignature(
                     f"result batch is signed by {signer}, not by this worker's address "
-                    f"{row.address}; sign the list of result hashes (protocol/signing.py, "
-                    "result_hash) with the worker's key"
+                    f"{row.address}; sign the Merkle root of the result hashes and their "
+                    "count (protocol/signing.py, result_hash, sign_result_batch) with the "
+                    "worker's key"
                 )
             batch = ResultBatch(
                 id=new_id(),
@@ -146,26 +158,39 @@ class BatchCompletion:
                 signature=req.signature,
                 result_hashes=hashes,
                 created_at=now,
+                scheme=scheme,
             )
+            # The plain results first, written by one UPDATE before any other result is
+            # recorded: what the others' records read of the jobs (a payer's budget, say)
+            # then sees those jobs as they now are.
             writes: list[dict[str, Any]] = []
+            drawn: dict[str, bool | None] = {}  # plain results left to the others' way
             for index, item in enumerate(req.results):
+                if item.job_id not in plain:
+                    continue
                 try:
-                    drawn: bool | None = None
-                    if item.job_id in plain:
-                        done = self._complete_plain(
-                            s, row, locked[item.job_id], item, index, batch, now, worker
-                        )
-                        if isinstance(done, dict):
-                            writes.append(done)
-                            outcomes[item.job_id] = BatchCompleteItem(
-                                job_id=item.job_id,
-                                state=JobState.SUCCEEDED,
-                                cost_wei=done["cost_wei"],
-                            )
-                            continue
-                        # Misbilled, or drawn for a check: recorded as the others are.
-                        drawn = done is _Plain.DRAWN or None
-                        jobs[item.job_id] = s.get_one(Job, item.job_id)  # locked above
+                    done = self._complete_plain(
+                        s, row, locked[item.job_id], item, index, batch, now, worker
+                    )
+                except GpumarketError as exc:
+                    outcomes[item.job_id] = BatchCompleteItem(
+                        job_id=item.job_id, error=item_error(exc)
+                    )
+                    continue
+                if isinstance(done, dict):
+                    writes.append(done)
+                    outcomes[item.job_id] = BatchCompleteItem(
+                        job_id=item.job_id, state=JobState.SUCCEEDED, cost_wei=done["cost_wei"]
+                    )
+                else:  # misbilled, or drawn for a check: recorded as the others are
+                    drawn[item.job_id] = done is _Plain.DRAWN or None
+                    jobs[item.job_id] = s.get_one(Job, item.job_id)  # locked above
+            if writes:
+                update_rows(s.connection(), Job, writes)
+            for index, item in enumerate(req.results):
+                if item.job_id in outcomes:
+                    continue
+                try:
                     view = self._complete_item(
                         s,
                         worker,
@@ -176,7 +201,7 @@ class BatchCompletion:
                         batch,
                         derived[item.job_id],
                         now,
-                        drawn=drawn,
+                        drawn=drawn.get(item.job_id),
                     )
                 except GpumarketError as exc:
                     outcomes[item.job_id] = BatchCompleteItem(
@@ -186,8 +211,6 @@ class BatchCompletion:
                 outcomes[item.job_id] = BatchCompleteItem(
                     job_id=item.job_id, state=JobState(view.state), cost_wei=view.cost_wei
                 )
-            if writes:
-                update_rows(s.connection(), Job, writes)
             if writes or any(j.result_batch_id == batch.id for j in jobs.values()):
                 s.add(batch)
         return [outcomes[r.job_id] for r in req.results]
@@ -219,12 +242,12 @@ class BatchCompletion:
         if self._verification.draw(row, now):
             return _Plain.DRAWN
         cost = billing.job_cost_wei(job, derived, item.prompt_units)
-        record_transition(
-            s, job.id, job.attempt, JobState(job.state), JobState.SUCCEEDED, now, job.worker_id
-        )
         paid = _Paid(job.id, job.attempt, job.payer_address, cost)
         self._payments.record(s, paid, row.address, now)
         self._count_success(row, job, item, now)
+        record_transition(  # last: its wake-up is for a job whose record is all made
+            s, job.id, job.attempt, JobState(job.state), JobState.SUCCEEDED, now, job.worker_id
+        )
         return {
             "id": job.id,
             "state": JobState.SUCCEEDED.value,
@@ -360,6 +383,14 @@ class BatchCompletion:
         job.result_batch_index = index
         self._record_result(s, job, row, req, derived, now, output, drawn=drawn)
         return job
+
+
+def _list_signer(hashes: list[str], signature: str) -> str | None:
+    """Who signed the batch over its list of hashes (``LIST_SCHEME``), if it decodes so."""
+    try:
+        return recover_result_list_signer(hashes, signature)
+    except ValueError:
+        return None
 
 
 def _has_files(job_type: str, input_blob: str | None) -> bool:

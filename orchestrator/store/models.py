@@ -338,8 +338,10 @@ class Replica(Base):
 
 
 class ResultBatch(Base):
-    """Results a worker reported together: one EIP-712 signature over the ordered list of the
-    jobs' ``Result`` struct hashes (protocol/signing.py); each job keeps its index into it."""
+    """Results a worker reported together: one EIP-712 signature over the Merkle root of the
+    ordered list of the jobs' ``Result`` struct hashes and their count (``scheme`` "merkle"),
+    or, from workers that sign as before, over the list itself ("list"; protocol/signing.py);
+    each job keeps its index into it."""
 
     __tablename__ = "result_batches"
 
@@ -348,3 +350,4 @@ class ResultBatch(Base):
     signature: Mapped[str] = mapped_column(String(132))
     result_hashes: Mapped[list[Any]] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)
+    scheme: Mapped[str] = mapped_column(String(8), default="merkle", server_default="list")

@@ -12,6 +12,8 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from sqlalchemy import func, select
 
+from orchestrator.services import result_batches
+from orchestrator.store import engine
 from orchestrator.store.models import Job, JobEvent, ResultBatch
 from orchestrator.wiring import Services
 from protocol.signing import (
@@ -21,6 +23,7 @@ from protocol.signing import (
     result_hash,
     root_from_path,
     sign_result_batch,
+    sign_result_list,
 )
 from tests.api.conftest import Api, RunApi, assert_problem, serve
 from tests.api.conftest import inference_spec as spec
@@ -222,6 +225,7 @@ def test_batch_completion_is_exactly_once_per_job_and_proves_each_result(
         proof = result["batch"]
         assert result["signature"] == proof["signature"] == request["signature"]
         assert proof["index"] == [i["job_id"] for i in items].index(ids[0])
+        assert proof["scheme"] == "merkle" and proof["result_hashes"] is None
         assert proof["count"] == 3 and len(proof["path"]) == 2  # of 3: two hashes
         signer = recover_job_result_signer(
             ids[0],
@@ -230,7 +234,7 @@ def test_batch_completion_is_exactly_once_per_job_and_proves_each_result(
             result["units"],
             int(result["price_wei_per_unit"]),
             proof["signature"],
-            batch_index=proof["index"],
+            index=proof["index"],
             batch_count=proof["count"],
             batch_path=proof["path"],
         )
@@ -270,11 +274,18 @@ def test_batch_completion_is_exactly_once_per_job_and_proves_each_result(
 
 
 def test_a_batch_records_each_result_as_a_lone_completion_does(
-    run_any_api: RunApi, clock: FakeClock
+    run_any_api: RunApi, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch's plain results are recorded set-based (one UPDATE of the batch's jobs); what
     they leave in the store is what ``complete`` leaves for the same result, column by
     column, with the same history."""
+    updated: list[list[str]] = []
+
+    def update_rows(connection: Any, model: Any, rows: list[dict[str, Any]]) -> None:
+        updated.append([row["id"] for row in rows])
+        engine.update_rows(connection, model, rows)
+
+    monkeypatch.setattr(result_batches, "update_rows", update_rows)
 
     async def body(api: Api) -> None:
         client = await api.new_client()
@@ -293,6 +304,7 @@ def test_a_batch_records_each_result_as_a_lone_completion_does(
             "/v1/workers/results", json=signed(items, worker.account), headers=worker.headers
         )
         assert [r["state"] for r in resp.json()["results"]] == ["succeeded"] * 2, resp.text
+        assert updated == [batched]  # both set-based, in one UPDATE
 
         differ = {"id", "request_hash", "spec", "signature", "result_batch_id"}
         differ |= {"result_batch_index"}
@@ -316,6 +328,53 @@ def test_a_batch_records_each_result_as_a_lone_completion_does(
             assert rows[job_id].result_batch_index == batched.index(job_id)
         assert rows[batched[0]].result_batch_id == rows[batched[1]].result_batch_id
         assert rows[alone].result_batch_id is None
+
+    run_any_api(body)
+
+
+def test_a_worker_that_signs_a_batchs_list_is_still_taken_and_proven(
+    run_any_api: RunApi,
+) -> None:
+    """A worker from before the Merkle root signs its batch over the list of result hashes:
+    the batch is taken, kept as a "list" batch, and each result's proof is that list (its
+    hash at its index), as results stored before the change are proven."""
+
+    async def body(api: Api) -> None:
+        client = await api.new_client()
+        worker = await api.register_worker([offer(price=PRICE_WEI)], max_concurrency=8)
+        await post_batch(api, client, [one_text("a"), one_text("b")])
+        items = [batch_item(j) for j in await api.lease(worker, max_jobs=8)]
+        merkle = signed(items, worker.account)
+        request = {
+            "results": items,
+            "signature": sign_result_list(
+                worker.account.key,
+                [result_hash(i["job_id"], 1, i["output_sha256"], 1, PRICE_WEI) for i in items],
+            ),
+        }
+        assert request["signature"] != merkle["signature"]
+        resp = await api.http.post("/v1/workers/results", json=request, headers=worker.headers)
+        assert [r["state"] for r in resp.json()["results"]] == ["succeeded"] * 2, resp.text
+        for index, item in enumerate(items):
+            result = (
+                await api.http.get(f"/v1/jobs/{item['job_id']}/result", headers=client)
+            ).json()
+            proof = result["batch"]
+            assert proof["scheme"] == "list" and proof["path"] is None
+            assert proof["index"] == index and proof["count"] == 2
+            signer = recover_job_result_signer(
+                item["job_id"],
+                1,
+                result["output_sha256"],
+                1,
+                PRICE_WEI,
+                proof["signature"],
+                proof["result_hashes"],
+                proof["index"],
+            )
+            assert signer == worker.address
+        with api.services.store.read() as s:
+            assert s.scalars(select(ResultBatch.scheme)).all() == ["list"]
 
     run_any_api(body)
 
@@ -433,7 +492,7 @@ def test_a_jobs_result_is_proven_alone_or_by_its_place_in_a_batch() -> None:
     tree = ResultTree(hashes)
 
     def signer(job_id: str, index: int, price: int = PRICE_WEI, **proof: Any) -> str:
-        given = {"batch_index": index, "batch_count": 3, "batch_path": tree.path(index)}
+        given = {"index": index, "batch_count": 3, "batch_path": tree.path(index)}
         return recover_job_result_signer(
             job_id, 1, digest, 1, price, together, **{**given, **proof}
         )

@@ -90,7 +90,8 @@ def _check_result(market: Market, spec: dict[str, Any], job: dict[str, Any]) -> 
         first["units"],
         int(first["price_wei_per_unit"]),
         first["signature"],
-        batch_index=proof.get("index"),
+        proof.get("result_hashes"),
+        proof.get("index"),
         batch_count=proof.get("count"),
         batch_path=proof.get("path"),
     )

@@ -155,7 +155,7 @@ def test_the_signed_result_commits_to_both_counts_and_both_prices() -> None:
     hashes = [result_hash(j, 1, digest, 7, 7, **terms) for j in ("a", "job")]
     assert hashes[1] != result_hash("job", 1, digest, 7, 7)
     batch = sign_result_batch(account.key, hashes)
-    proof = {"batch_index": 1, "batch_count": 2, "batch_path": [hashes[0]]}
+    proof = {"index": 1, "batch_count": 2, "batch_path": [hashes[0]]}
     proven = recover_job_result_signer("job", 1, digest, 7, 7, batch, **terms, **proof)
     assert proven == account.address
     other = recover_job_result_signer("job", 1, digest, 7, 7, batch, prompt_units=2, **proof)

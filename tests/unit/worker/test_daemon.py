@@ -530,7 +530,7 @@ def test_results_ready_together_are_reported_in_one_request_under_one_signature(
                         result["output_sha256"],
                         *_billed(result),
                         proof["signature"],
-                        batch_index=proof["index"],
+                        index=proof["index"],
                         batch_count=proof["count"],
                         batch_path=proof["path"],
                     )
