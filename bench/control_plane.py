@@ -645,7 +645,8 @@ def measure(quick: bool) -> list[Row]:
         f"{SUBMIT_BATCH} and waiting with long-polls over their jobs, {WORKERS} scripted "
         f"workers x {SLOTS_PER_WORKER} slots reporting each lease's jobs in one signed batch; "
         "per job gpumarket keeps a row with its state machine and 4 history events and its "
-        "result's hash in the signed list; Celery keeps a Redis message and a result key",
+        "result's hash under the batch's signed Merkle root; Celery keeps a Redis message and "
+        "a result key",
         celery_reason or f"Celery {celery_version()}",
     ]
     sqlite_notes = [
