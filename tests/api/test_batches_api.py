@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 from typing import Any
 
 import pytest
@@ -429,8 +430,6 @@ def test_batch_completion_refuses_a_bad_signature_whole_and_bad_items_alone(
 
 @pytest.fixture
 def verifying_services(tmp_path: Any, sqlite_store: Any, clock: FakeClock) -> Services:
-    import random
-
     from orchestrator.config import Settings
     from orchestrator.wiring import build_services
 
@@ -444,9 +443,22 @@ def verifying_services(tmp_path: Any, sqlite_store: Any, clock: FakeClock) -> Se
     return build_services(settings, store=sqlite_store, clock=clock, rng=random.Random(7))
 
 
+class CountingRandom(random.Random):
+    """Counts the draws made of it."""
+
+    draws = 0
+
+    def random(self) -> float:
+        self.draws += 1
+        return super().random()
+
+
 def test_each_job_of_a_batch_is_sampled_and_checked_on_its_own(
     verifying_services: Services,
 ) -> None:
+    rng = CountingRandom(7)
+    verifying_services.verification._rng = rng
+
     async def body(api: Api) -> None:
         client = await api.new_client()
         first = await api.register_worker([offer(price=PRICE_WEI)], max_concurrency=8)
@@ -461,6 +473,7 @@ def test_each_job_of_a_batch_is_sampled_and_checked_on_its_own(
             headers=first.headers,
         )
         assert [r["state"] for r in resp.json()["results"]] == ["verifying"] * 2
+        assert rng.draws == 2  # one draw per result (the set-based path's, not again)
 
         # The other worker runs the two checks and reports them in one batch too: they agree.
         checks = await api.lease(second, max_jobs=8)
