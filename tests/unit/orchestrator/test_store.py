@@ -23,7 +23,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Numeric, String, func, inspect, select, text
+from sqlalchemy import Numeric, String, Text, cast, func, inspect, select, text
 from sqlalchemy.exc import DBAPIError
 
 from orchestrator.config import Settings
@@ -696,10 +696,12 @@ def test_rows_updated_together_read_back_exactly(any_services: Services) -> None
         update_rows(s.connection(), Job, with_nul)
     with services.store.read() as s:
         jobs = {j.id: j for j in s.scalars(select(Job).where(Job.id.in_(ids)))}
+        texts = dict(s.execute(select(Job.id, cast(Job.output, Text)).where(Job.id.in_(ids))).all())
     for row in as_json + with_nul:
         job = jobs[row["id"]]
         assert job.cost_wei == row["cost_wei"]
         assert job.output == dict(row["output"])
+        assert texts[job.id] == row["output"].text  # the canonical text, as it was hashed
         assert job.energy_source == row["energy_source"]
         assert job.duration_s == row["duration_s"]
         assert job.lease_expires_at is None
