@@ -188,7 +188,8 @@ class Job(Base):
     # The verification record (protocol.VerificationView as JSON) of a sampled job.
     verification: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # A result reported in a batch: the batch (its signature is ``signature``) and this job's
-    # place in its signed list of result hashes.
+    # place in its list of result hashes (whose Merkle root, or for a "list" batch the list
+    # itself, the signature covers).
     result_batch_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     result_batch_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
