@@ -174,7 +174,7 @@ def recover_result_signer(
 # A worker reporting many results signs them once: EIP-712 over the Merkle root of the per-job
 # ``Result`` struct hashes (hashStruct, the same struct ``sign_result`` signs), in the batch's
 # order, and their count. One job's result is still proven alone, in O(log n): its fields give
-# its hash, and the hashes on its path (``result_path``) lead from it to the signed root.
+# its hash, and the hashes on its path (``ResultTree.path``) lead from it to the signed root.
 # The tree: each level pairs its nodes in order, keccak256(left || right); an odd node out at
 # the end of a level goes up unchanged. One result: the root is its hash.
 
